@@ -1,0 +1,3 @@
+from livecam.cli import app
+
+app(prog_name="livecam")

@@ -1,0 +1,215 @@
+"""Audio sources that fill an AudioRing: a live microphone, or a file paced in real time."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from livecam.audio.clock import AudioClock
+from livecam.audio.files import read_audio
+from livecam.audio.ring import AudioRing
+from livecam.constants import HOP_LENGTH, SAMPLE_RATE
+
+log = logging.getLogger(__name__)
+
+BLOCK = HOP_LENGTH  # 20 ms capture blocks: small enough for low latency
+STALL_S = 1.0  # no audio for this long means the device stopped
+RETRY_S = 2.0
+
+
+class AudioDeviceError(Exception):
+    """No usable microphone, with a message fit for the user."""
+
+
+@dataclass
+class SourceStats:
+    blocks: int = 0
+    overruns: int = 0  # blocks the sound card reported as overflowed (samples lost)
+    level_db: float = -120.0  # RMS level of the newest block, dBFS
+    problem: str = ""  # why audio is not flowing right now, empty when fine
+
+
+def _db(block: np.ndarray) -> float:
+    return 10 * math.log10(float(np.mean(block * block)) + 1e-12)
+
+
+def input_devices() -> list[dict]:
+    """PortAudio input devices as dicts with index, name, channels, default_samplerate."""
+    import sounddevice as sd
+
+    found = []
+    for index, dev in enumerate(sd.query_devices()):
+        if dev["max_input_channels"] > 0:
+            found.append(
+                {
+                    "index": index,
+                    "name": dev["name"],
+                    "channels": dev["max_input_channels"],
+                    "default_samplerate": dev["default_samplerate"],
+                }
+            )
+    return found
+
+
+def resolve_input_device(spec: str | None) -> tuple[int | None, str]:
+    """Pick an input device by index or by (part of) its name; None means the default."""
+    import sounddevice as sd
+
+    devices = input_devices()
+    if not devices:
+        raise AudioDeviceError(
+            "no microphone found: PortAudio sees no input device. Plug one in, or check that "
+            "PulseAudio/PipeWire is running (`pactl list short sources`)."
+        )
+    if spec is None:
+        try:
+            index = sd.default.device[0]
+            if index is None or index < 0:
+                index = sd.query_devices(kind="input")["index"]
+        except Exception:
+            index = devices[0]["index"]
+        match = [d for d in devices if d["index"] == index] or devices[:1]
+        return match[0]["index"], match[0]["name"]
+    match = [d for d in devices if spec.isdigit() and d["index"] == int(spec)]
+    match = match or [d for d in devices if spec.lower() in d["name"].lower()]
+    if not match:
+        names = ", ".join(f"{d['index']}: {d['name']}" for d in devices)
+        raise AudioDeviceError(
+            f"no microphone matches {spec!r}. Available inputs: {names}. "
+            "List them with `livecam devices`."
+        )
+    return match[0]["index"], match[0]["name"]
+
+
+class MicSource:
+    """Captures the microphone with a sounddevice callback that only copies into the ring."""
+
+    def __init__(self, ring: AudioRing, clock: AudioClock, device: str | None = None) -> None:
+        self.ring, self.clock = ring, clock
+        self.device_index, self.name = resolve_input_device(device)
+        self.stats = SourceStats()
+        self.latency_s = 0.0
+        self.finished = False  # a microphone never runs out
+        self._stream = None
+        self._last_block = time.monotonic()
+        self._next_retry = 0.0
+
+    def _callback(self, indata, frames, time_info, status) -> None:
+        if status.input_overflow:
+            self.stats.overruns += 1
+        block = indata[:, 0]
+        self.ring.write(block)
+        self.clock.on_block(self.ring.end)
+        self.stats.blocks += 1
+        self.stats.level_db = _db(block)
+        self._last_block = time.monotonic()
+
+    def start(self) -> None:
+        import sounddevice as sd
+
+        try:
+            self._stream = sd.InputStream(
+                samplerate=SAMPLE_RATE,
+                channels=1,
+                dtype="float32",
+                blocksize=BLOCK,
+                device=self.device_index,
+                callback=self._callback,
+                latency="low",
+            )
+            self._stream.start()
+        except sd.PortAudioError as exc:
+            self._stream = None
+            raise AudioDeviceError(f"cannot open microphone {self.name!r}: {exc}") from None
+        self.latency_s = float(self._stream.latency)
+        self._fill_gap()
+        self._last_block = time.monotonic()
+        self.stats.problem = ""
+
+    def _fill_gap(self) -> None:
+        """Silence for the time the device was away, so sample numbers keep matching time."""
+        if self.clock.started:
+            gap = int(self.clock.stream_time() * SAMPLE_RATE) - self.ring.end
+            if gap > 0:
+                self.ring.write(np.zeros(min(gap, self.ring.capacity), dtype=np.float32))
+
+    def poll(self) -> None:
+        """Called periodically: notices a stalled or unplugged device and reopens it."""
+        now = time.monotonic()
+        if now - self._last_block < STALL_S:
+            self.stats.problem = ""
+            return
+        self.stats.problem = f"microphone {self.name!r} delivers no audio (unplugged?)"
+        if now < self._next_retry:
+            return
+        self._next_retry = now + RETRY_S
+        log.warning("%s; reopening it", self.stats.problem)
+        self.stop()
+        try:
+            self.device_index, self.name = resolve_input_device(self.name)
+            self.start()
+        except AudioDeviceError as exc:
+            log.warning("%s", exc)
+
+    def stop(self) -> None:
+        if self._stream is not None:
+            try:
+                self._stream.abort()
+                self._stream.close()
+            except Exception as exc:  # a device that vanished can fail to close
+                log.debug("closing the input stream failed: %s", exc)
+            self._stream = None
+
+
+class FileSource:
+    """Plays an audio file into the ring at real-time pace, as if it came from a microphone."""
+
+    def __init__(self, ring: AudioRing, clock: AudioClock, path: Path, loop: bool = False):
+        self.ring, self.clock = ring, clock
+        self.samples = read_audio(path)
+        self.name = f"file {Path(path).name}"
+        self.loop = loop
+        self.stats = SourceStats()
+        self.latency_s = 0.0
+        self.finished = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="file-audio", daemon=True)
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.samples) / SAMPLE_RATE
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        start = time.monotonic()
+        pos = 0
+        while not self._stop.is_set():
+            if pos >= len(self.samples):
+                if not self.loop:
+                    self.finished = True
+                    return
+                pos = 0
+            block = self.samples[pos : pos + BLOCK]
+            pos += len(block)
+            written = self.ring.end + len(block)
+            self._stop.wait(max(0.0, start + written / SAMPLE_RATE - time.monotonic()))
+            self.ring.write(block)
+            self.clock.on_block(self.ring.end)
+            self.stats.blocks += 1
+            self.stats.level_db = _db(block)
+
+    def poll(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=1)

@@ -1,0 +1,74 @@
+"""Run-time lite face: blend the nearest bank patches and paste them into the still.
+
+Only the mouth and eye ROIs are touched per call; everything is precomputed in
+float32 (patches premultiplied by their masks, the base times 1 - mask), so a call is
+a handful of cv2 multiply-adds over two small ROIs.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from livecam.avatar.model import Avatar, PatchBank
+
+
+def _grid_pos(value: float, lo: float, hi: float, n: int) -> tuple[int, float]:
+    """Lower level index and fraction toward the next level on a uniform grid."""
+    if n == 1:
+        return 0, 0.0
+    pos = (min(max(value, lo), hi) - lo) / (hi - lo) * (n - 1)
+    i = min(int(pos), n - 2)
+    return i, pos - i
+
+
+class _BankPaster:
+    def __init__(self, bank: PatchBank, base: np.ndarray) -> None:
+        w, h = bank.size
+        self.rows, self.cols = slice(bank.y, bank.y + h), slice(bank.x, bank.x + w)
+        mask = bank.mask.astype(np.float32)
+        self.premult = bank.patches.astype(np.float32) * mask  # (na, nb, h, w, 3)
+        roi = base[self.rows, self.cols].astype(np.float32)
+        self.base_term = roi * (1.0 - mask)
+        self.acc = np.empty_like(self.base_term)
+        self.shape = bank.patches.shape[:2]
+
+    def paste(self, out: np.ndarray, ia: int, ta: float, ib: int, tb: float) -> None:
+        np.copyto(self.acc, self.base_term)
+        for da, wa in ((0, 1.0 - ta), (1, ta)):
+            for db, wb in ((0, 1.0 - tb), (1, tb)):
+                wt = wa * wb
+                if wt > 0.0:
+                    cv2.scaleAdd(self.premult[ia + da, ib + db], wt, self.acc, dst=self.acc)
+        # convertScaleAbs rounds and saturates to uint8 (values here are >= 0)
+        out[self.rows, self.cols] = cv2.convertScaleAbs(self.acc)
+
+
+class FaceRenderer:
+    """Renders avatar frames for (openness, width, blink).
+
+    render() returns a buffer owned by the renderer: the next call overwrites it, so
+    copy it if you keep it. Not thread-safe; use one renderer per thread.
+    """
+
+    def __init__(self, avatar: Avatar) -> None:
+        self.avatar = avatar
+        self._out = np.ascontiguousarray(avatar.image).copy()
+        self._mouth = _BankPaster(avatar.mouth, avatar.image)
+        self._eyes = _BankPaster(avatar.eyes, avatar.image)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        h, w, c = self._out.shape
+        return h, w, c
+
+    def render(self, openness: float, width: float, blink: float) -> np.ndarray:
+        """openness in [0, 1] (0 = closed), width in [-1, 1] (-1 "oo", +1 "ee"),
+        blink in [0, 1] (1 = eyes shut). Values outside are clipped."""
+        na, nw = self._mouth.shape
+        io, to = _grid_pos(openness, 0.0, 1.0, na)
+        iw, tw = _grid_pos(width, -1.0, 1.0, nw)
+        self._mouth.paste(self._out, io, to, iw, tw)
+        ib, tb = _grid_pos(blink, 0.0, 1.0, self._eyes.shape[0])
+        self._eyes.paste(self._out, ib, tb, 0, 0.0)
+        return self._out

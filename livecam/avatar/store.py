@@ -1,0 +1,317 @@
+"""Avatar cache: prepare once per photo, verify on load, rebuild when stale or damaged.
+
+Layout: cache_root()/avatars/NAME/{manifest.json, arrays.npz}. The manifest records the
+format version, source path and sha256, build parameters and one sha256 per array, so a
+stale or corrupt cache is detected and rebuilt, never silently used. Bundled avatars
+(avatars/NAME/avatar.toml plus a photo) are prepared automatically on first use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import tomllib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from livecam.avatar.eyes import build_eye_bank
+from livecam.avatar.landmarks import NoFaceError, detect_face
+from livecam.avatar.model import Avatar, BankParams, PatchBank
+from livecam.avatar.mouth import build_mouth_bank
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MAX_HEIGHT = 720  # stills are downscaled to at most this height at prepare time
+ENGINES = ["lite"]
+MANIFEST, ARRAYS = "manifest.json", "arrays.npz"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class AvatarError(Exception):
+    """A user-facing avatar problem; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class AvatarInfo:
+    name: str
+    kind: str  # "bundled" | "prepared"
+    status: str  # "ready" | "not prepared" | "stale"
+    source: Path | None
+    description: str
+
+
+def cache_root() -> Path:
+    """$LIVECAM_CACHE_DIR, else $XDG_CACHE_HOME/livecam, else ~/.cache/livecam."""
+    if env := os.environ.get("LIVECAM_CACHE_DIR"):
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "livecam"
+
+
+def bundled_root() -> Path:
+    """$LIVECAM_AVATARS_DIR, else the repository's avatars/ folder."""
+    if env := os.environ.get("LIVECAM_AVATARS_DIR"):
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "avatars"
+
+
+def avatar_dir(name: str) -> Path:
+    _check_name(name)
+    return cache_root() / "avatars" / name
+
+
+def build_params() -> dict[str, Any]:
+    return {**BankParams().as_dict(), "max_height": MAX_HEIGHT}
+
+
+def _check_name(name: str) -> None:
+    if not _NAME_RE.match(name):
+        raise AvatarError(
+            f"invalid avatar name {name!r}: use letters, digits, '-', '_' or '.' (max 64)"
+        )
+
+
+def _bundled(name: str) -> dict[str, Any] | None:
+    """The bundled avatar.toml for name (with 'source' made absolute), or None."""
+    path = bundled_root() / name / "avatar.toml"
+    if not path.is_file():
+        return None
+    with path.open("rb") as fh:
+        meta = tomllib.load(fh)
+    meta["source"] = path.parent / meta["source"]
+    return meta
+
+
+def _bundled_names() -> list[str]:
+    root = bundled_root()
+    return sorted(p.parent.name for p in root.glob("*/avatar.toml")) if root.is_dir() else []
+
+
+def _cached_names() -> list[str]:
+    root = cache_root() / "avatars"
+    return sorted(p.parent.name for p in root.glob("*/" + MANIFEST)) if root.is_dir() else []
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sha256_array(a: np.ndarray) -> str:
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def read_image(path: Path) -> np.ndarray:
+    """A BGR uint8 still, downscaled to MAX_HEIGHT if taller."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR) if path.is_file() else None
+    if image is None:
+        raise AvatarError(f"cannot read image {path}: not a readable image file")
+    if image.shape[0] > MAX_HEIGHT:
+        scale = MAX_HEIGHT / image.shape[0]
+        size = (max(1, round(image.shape[1] * scale)), MAX_HEIGHT)
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    return image
+
+
+def build_avatar(name: str, source: Path) -> Avatar:
+    """Detect the face and render the lite banks (no cache involved)."""
+    image = read_image(source)
+    try:
+        det = detect_face(image)
+    except NoFaceError:
+        raise AvatarError(
+            f"no face found in {source}: use a photo with one clearly visible, frontal face"
+        ) from None
+    warnings = []
+    if det.faces_found > 1:
+        warnings.append(f"{det.faces_found} faces found in {source}; using the largest one")
+        log.warning(warnings[-1])
+    params = BankParams()
+    mouth = build_mouth_bank(image, det.landmarks, params)
+    eyes = build_eye_bank(image, det.landmarks, params, max_y=mouth.y)
+    return Avatar(name, image, det.landmarks, mouth, eyes, warnings)
+
+
+def _to_arrays(av: Avatar) -> dict[str, np.ndarray]:
+    arrays = {"image": av.image, "landmarks": av.landmarks.astype(np.float32)}
+    for key, bank in (("mouth", av.mouth), ("eyes", av.eyes)):
+        arrays[f"{key}_patches"] = bank.patches
+        arrays[f"{key}_mask"] = bank.mask.astype(np.float32)
+        arrays[f"{key}_xy"] = np.array([bank.x, bank.y], np.int32)
+    return arrays
+
+
+def _from_arrays(name: str, arrays: dict[str, np.ndarray], warnings: list[str]) -> Avatar:
+    def bank(key: str) -> PatchBank:
+        x, y = (int(v) for v in arrays[f"{key}_xy"])
+        return PatchBank(x, y, arrays[f"{key}_patches"], arrays[f"{key}_mask"])
+
+    return Avatar(name, arrays["image"], arrays["landmarks"], bank("mouth"), bank("eyes"), warnings)
+
+
+def _write_cache(av: Avatar, source: Path, kind: str, description: str) -> None:
+    """Write manifest + arrays into a temp dir, then swap it in (atomic for readers)."""
+    final = avatar_dir(av.name)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    arrays = _to_arrays(av)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "name": av.name,
+        "kind": kind,
+        "description": description,
+        "source": str(source.resolve()),
+        "source_sha256": _sha256_file(source),
+        "params": build_params(),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "engines": ENGINES,
+        "arrays": {k: _sha256_array(v) for k, v in arrays.items()},
+        "warnings": av.warnings,
+    }
+    tmp = Path(tempfile.mkdtemp(prefix=f".{av.name}.tmp-", dir=final.parent))
+    try:
+        np.savez(tmp / ARRAYS, **arrays)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        old = final.with_name(f".{av.name}.old-{os.getpid()}")
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_manifest(name: str) -> dict[str, Any] | None:
+    try:
+        return json.loads((avatar_dir(name) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _stale_reason(manifest: dict[str, Any], source: Path) -> str | None:
+    """Why the cache no longer matches its source and parameters (None: it matches)."""
+    if manifest.get("format_version") != FORMAT_VERSION:
+        return f"cache format {manifest.get('format_version')} != {FORMAT_VERSION}"
+    if manifest.get("params") != build_params():
+        return "build parameters changed"
+    if not source.is_file():
+        return f"source {source} is missing"
+    if manifest.get("source_sha256") != _sha256_file(source):
+        return f"source {source} changed"
+    return None
+
+
+def _load_cache(name: str, manifest: dict[str, Any]) -> Avatar:
+    """Load and verify the arrays; raises ValueError (with the reason) if damaged."""
+    try:
+        with np.load(avatar_dir(name) / ARRAYS, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except Exception as exc:  # zip, zlib, header or I/O errors all mean "damaged"
+        raise ValueError(f"unreadable {ARRAYS}: {exc}") from exc
+    expected = manifest.get("arrays", {})
+    if set(arrays) != set(expected):
+        raise ValueError("array set differs from the manifest")
+    for key, arr in arrays.items():
+        if _sha256_array(arr) != expected[key]:
+            raise ValueError(f"checksum mismatch in {key}")
+    return _from_arrays(name, arrays, list(manifest.get("warnings", [])))
+
+
+def _source_of(name: str, manifest: dict[str, Any] | None) -> tuple[Path, str, str]:
+    """(source path, kind, description) for a known avatar, else AvatarError."""
+    if manifest is not None and manifest.get("kind") == "prepared":
+        return Path(manifest["source"]), "prepared", str(manifest.get("description", ""))
+    meta = _bundled(name)
+    if meta is not None:
+        return Path(meta["source"]), "bundled", str(meta.get("description", ""))
+    if manifest is not None and "source" in manifest:
+        return Path(manifest["source"]), "prepared", str(manifest.get("description", ""))
+    names = sorted(set(_bundled_names()) | set(_cached_names()))
+    raise AvatarError(
+        f"unknown avatar {name!r}; available: {', '.join(names) or 'none'}. "
+        f"Make one with `livecam avatars prepare {name} --from PHOTO`"
+    )
+
+
+def prepare_avatar(name: str, source: Path, *, force: bool = False) -> Avatar:
+    """Build (or reuse, unless force) the cache for `name` from the photo `source`."""
+    _check_name(name)
+    source = Path(source)
+    manifest = _read_manifest(name)
+    meta = _bundled(name)
+    is_bundled = meta is not None and Path(meta["source"]).resolve() == source.resolve()
+    kind = "bundled" if is_bundled else "prepared"
+    description = str(meta.get("description", "")) if is_bundled and meta else ""
+    if not force and manifest is not None and manifest.get("kind") == kind:
+        same_source = Path(manifest.get("source", "")) == source.resolve()
+        if same_source and _stale_reason(manifest, source) is None:
+            try:
+                return _load_cache(name, manifest)
+            except ValueError as exc:
+                log.warning("avatar %r cache damaged (%s); rebuilding", name, exc)
+    avatar = build_avatar(name, source)
+    _write_cache(avatar, source, kind, description)
+    return avatar
+
+
+def load_avatar(name: str) -> Avatar:
+    """The cached avatar, rebuilt from its source if missing, stale or damaged."""
+    _check_name(name)
+    manifest = _read_manifest(name)
+    source, kind, description = _source_of(name, manifest)
+    if manifest is None:
+        reason = "not prepared yet"
+    else:
+        reason = _stale_reason(manifest, source)
+        if reason is None:
+            try:
+                return _load_cache(name, manifest)
+            except ValueError as exc:
+                reason = f"cache damaged: {exc}"
+    if not source.is_file():
+        raise AvatarError(
+            f"avatar {name!r} must be rebuilt ({reason}) but its source photo {source} is "
+            f"gone: run `livecam avatars prepare {name} --from PHOTO`"
+        )
+    if manifest is not None:
+        log.warning("avatar %r: %s; rebuilding from %s", name, reason, source)
+    avatar = build_avatar(name, source)
+    _write_cache(avatar, source, kind, description)
+    return avatar
+
+
+def list_avatars() -> list[AvatarInfo]:
+    """Bundled and prepared avatars with their cache status (no array verification)."""
+    out = []
+    for name in sorted(set(_bundled_names()) | set(_cached_names())):
+        manifest = _read_manifest(name)
+        source, kind, description = _source_of(name, manifest)
+        if manifest is None:
+            status = "not prepared"
+        else:
+            status = "ready" if _stale_reason(manifest, source) is None else "stale"
+        out.append(AvatarInfo(name, kind, status, source, description))
+    return out
+
+
+def remove_avatar(name: str) -> None:
+    """Delete an avatar's cache (a bundled avatar is prepared again on next use)."""
+    path = avatar_dir(name)
+    if not path.is_dir():
+        raise AvatarError(f"avatar {name!r} has no cache in {path.parent}")
+    shutil.rmtree(path)

@@ -1,0 +1,66 @@
+"""`livecam bench`: engine, compositing and render speed, as a JSON-ready dict."""
+
+from __future__ import annotations
+
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from livecam.audio.files import read_audio
+from livecam.avatar.store import load_avatar
+from livecam.session import build_compositor, build_engine, render_audio
+from livecam.sinks import open_sink
+from livecam.sinks.memory import MemorySink
+
+SAMPLE_AUDIO = Path(__file__).parent / "samples" / "jfk.wav"
+
+
+def _percentiles(values_ms: list[float]) -> dict[str, float]:
+    p50, p95, p99 = np.percentile(values_ms, [50, 95, 99])
+    return {"p50": round(float(p50), 3), "p95": round(float(p95), 3), "p99": round(float(p99), 3)}
+
+
+def run_bench(
+    engine_name: str, avatar_name: str, audio_path: Path | None, fps: float, width: int, height: int
+) -> dict:
+    audio_path = audio_path or SAMPLE_AUDIO
+    audio = read_audio(audio_path)
+    avatar = load_avatar(avatar_name)
+
+    def fresh():
+        return (
+            build_engine(engine_name, avatar, fps),
+            build_compositor(avatar, width, height, fps),
+        )
+
+    # 1. engine + compositing per frame, no encoding (memory sink)
+    engine, compositor = fresh()
+    memory = render_audio(audio, engine, compositor, MemorySink(width, height, fps))
+    # 2. the full offline render to an mp4, encoding and muxing included
+    engine, compositor = fresh()
+    with tempfile.TemporaryDirectory() as tmp:
+        sink, _ = open_sink("file", width=width, height=height, fps=fps, out=Path(tmp) / "b.mp4")
+        t0 = time.perf_counter()
+        rendered = render_audio(audio, engine, compositor, sink)
+        render_s = time.perf_counter() - t0
+    return {
+        "engine": engine_name,
+        "avatar": avatar_name,
+        "size": f"{width}x{height}",
+        "fps": fps,
+        "audio": str(audio_path),
+        "audio_seconds": round(rendered.audio_seconds, 3),
+        "frames": rendered.frames,
+        "frame_ms": _percentiles(memory.frame_ms),
+        "frames_per_second_no_encoding": round(memory.frames / memory.seconds, 1),
+        "render_seconds": round(render_s, 3),
+        "render_realtime_factor": round(render_s / rendered.audio_seconds, 3),
+        "machine": {
+            "cpu_count": __import__("os").cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+    }

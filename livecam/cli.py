@@ -1,0 +1,243 @@
+"""The `livecam` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from livecam.constants import DEFAULT_AVATAR, DEFAULT_FPS, DEFAULT_HEIGHT, DEFAULT_WIDTH
+
+app = typer.Typer(
+    help="Turn your microphone into a talking face on a virtual webcam.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+avatars_app = typer.Typer(help="List, prepare, show and remove avatars.", no_args_is_help=True)
+app.add_typer(avatars_app, name="avatars")
+
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from livecam.audio.files import AudioFileError
+    from livecam.audio.sources import AudioDeviceError
+    from livecam.avatar.store import AvatarError
+    from livecam.session import EngineError
+    from livecam.sinks.base import SinkError
+
+    return AudioFileError, AudioDeviceError, AvatarError, EngineError, SinkError
+
+
+def _run(action: Callable[[], int | None]) -> None:
+    """Run a command; user-facing errors become one clear line and exit code 1."""
+    try:
+        code = action()
+    except _user_errors() as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    raise typer.Exit(code or 0)
+
+
+def _parse_size(size: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise typer.BadParameter(f"{size!r} is not WIDTHxHEIGHT, e.g. 1280x720") from None
+    if width < 64 or height < 64 or width % 2 or height % 2:
+        raise typer.BadParameter("width and height must be even and at least 64")
+    return width, height
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False):
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False)],
+    )
+
+
+AvatarOpt = Annotated[str, typer.Option(help="Avatar name (see `livecam avatars list`).")]
+EngineOpt = Annotated[str, typer.Option(help="Lip-sync engine: lite (CPU, default).")]
+FpsOpt = Annotated[float, typer.Option(help="Camera frame rate.")]
+SizeOpt = Annotated[str, typer.Option(help="Camera frame size WIDTHxHEIGHT.")]
+IdleOpt = Annotated[bool, typer.Option("--idle/--no-idle", help="Blinks and head sway.")]
+
+
+@app.command()
+def start(
+    avatar: AvatarOpt = DEFAULT_AVATAR,
+    engine: EngineOpt = "lite",
+    sink: Annotated[str, typer.Option(help="auto | virtualcam | preview | file")] = "auto",
+    device: Annotated[str | None, typer.Option(help="Microphone name or index.")] = None,
+    audio: Annotated[Path | None, typer.Option(help="Drive from an audio file instead.")] = None,
+    loop: Annotated[bool, typer.Option(help="Repeat the --audio file.")] = False,
+    camera: Annotated[str | None, typer.Option(help="Virtual camera, e.g. /dev/video10.")] = None,
+    camera_backend: Annotated[str | None, typer.Option(help="pyvirtualcam backend.")] = None,
+    fps: FpsOpt = DEFAULT_FPS,
+    size: SizeOpt = f"{DEFAULT_WIDTH}x{DEFAULT_HEIGHT}",
+    port: Annotated[int, typer.Option(help="Preview port on 127.0.0.1.")] = 8080,
+    out: Annotated[Path | None, typer.Option(help="Output mp4 for --sink file.")] = None,
+    idle: IdleOpt = True,
+    dashboard: Annotated[bool, typer.Option("--dashboard/--no-dashboard")] = True,
+    duration: Annotated[float | None, typer.Option(help="Stop after N seconds.")] = None,
+) -> None:
+    """Run the live camera: microphone in, talking avatar out."""
+    from livecam.live import LiveOptions, run
+
+    width, height = _parse_size(size)
+    opts = LiveOptions(
+        avatar=avatar,
+        engine=engine,
+        sink=sink,
+        mic=device,
+        audio_file=audio,
+        loop=loop,
+        camera=camera,
+        camera_backend=camera_backend,
+        width=width,
+        height=height,
+        fps=fps,
+        port=port,
+        out=out,
+        idle_motion=idle,
+        dashboard=dashboard and sys.stdout.isatty(),
+        duration=duration,
+    )
+    _run(lambda: run(opts, console))
+
+
+@app.command()
+def render(
+    audio: Annotated[Path, typer.Option(help="Speech audio file (WAV/FLAC/OGG).")],
+    out: Annotated[Path, typer.Option(help="Output mp4.")],
+    avatar: AvatarOpt = DEFAULT_AVATAR,
+    engine: EngineOpt = "lite",
+    fps: FpsOpt = DEFAULT_FPS,
+    size: SizeOpt = f"{DEFAULT_WIDTH}x{DEFAULT_HEIGHT}",
+    idle: IdleOpt = True,
+) -> None:
+    """Render an audio file to an mp4 offline, as fast as the machine allows."""
+    from livecam.audio.files import read_audio
+    from livecam.avatar.store import load_avatar
+    from livecam.session import build_compositor, build_engine, render_audio
+    from livecam.sinks import open_sink
+
+    width, height = _parse_size(size)
+
+    def action() -> None:
+        samples = read_audio(audio)
+        face = load_avatar(avatar)
+        eng = build_engine(engine, face, fps, idle)
+        comp = build_compositor(face, width, height, fps, idle)
+        sink, _ = open_sink("file", width=width, height=height, fps=fps, out=out)
+        result = render_audio(samples, eng, comp, sink)
+        console.print(
+            f"wrote {out}: {result.frames} frames, {result.audio_seconds:.1f} s of "
+            f"audio in {result.seconds:.1f} s "
+            f"({result.audio_seconds / result.seconds:.1f}x real time)"
+        )
+
+    _run(action)
+
+
+@app.command()
+def devices() -> None:
+    """List microphones (audio input devices)."""
+    from livecam.audio.sources import input_devices
+
+    table = Table("index", "name", "channels", "default rate")
+    for dev in input_devices():
+        table.add_row(
+            str(dev["index"]),
+            dev["name"],
+            str(dev["channels"]),
+            f"{dev['default_samplerate']:.0f} Hz",
+        )
+    console.print(table)
+
+
+@app.command()
+def bench(
+    engine: EngineOpt = "lite",
+    avatar: AvatarOpt = DEFAULT_AVATAR,
+    audio: Annotated[Path | None, typer.Option(help="Speech to render (default: bundled).")] = None,
+    fps: FpsOpt = DEFAULT_FPS,
+    size: SizeOpt = f"{DEFAULT_WIDTH}x{DEFAULT_HEIGHT}",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+) -> None:
+    """Measure engine, compositing and render speed."""
+    from livecam.bench import run_bench
+
+    width, height = _parse_size(size)
+
+    def action() -> None:
+        report = run_bench(engine, avatar, audio, fps, width, height)
+        if as_json:
+            print(json.dumps(report, indent=2))
+        else:
+            console.print_json(json.dumps(report))
+
+    _run(action)
+
+
+@avatars_app.command("list")
+def avatars_list() -> None:
+    """Bundled and prepared avatars."""
+    from livecam.avatar.store import list_avatars
+
+    table = Table("name", "kind", "status", "source", "description")
+    for info in list_avatars():
+        table.add_row(info.name, info.kind, info.status, str(info.source), info.description)
+    console.print(table)
+
+
+@avatars_app.command("prepare")
+def avatars_prepare(
+    name: str,
+    source: Annotated[Path, typer.Option("--from", help="A photo with one frontal face.")],
+    force: Annotated[bool, typer.Option(help="Rebuild even if the cache is fresh.")] = False,
+) -> None:
+    """Detect the face in a photo and build the avatar cache."""
+    from livecam.avatar.store import prepare_avatar
+
+    def action() -> None:
+        prepared = prepare_avatar(name, source, force=force)
+        for warning in prepared.warnings:
+            err_console.print(f"[yellow]warning:[/] {warning}")
+        console.print(f"avatar {name!r} ready: start it with `livecam start --avatar {name}`")
+
+    _run(action)
+
+
+@avatars_app.command("show")
+def avatars_show(name: str, out: Annotated[Path, typer.Option(help="Write a PNG here.")]) -> None:
+    """Write the avatar's neutral frame and mouth shapes as a PNG contact sheet."""
+    from livecam.avatar.preview import contact_sheet
+    from livecam.avatar.store import load_avatar
+
+    def action() -> None:
+        import cv2
+
+        cv2.imwrite(str(out), contact_sheet(load_avatar(name)))
+        console.print(f"wrote {out}")
+
+    _run(action)
+
+
+@avatars_app.command("remove")
+def avatars_remove(name: str) -> None:
+    """Delete a prepared avatar's cache."""
+    from livecam.avatar.store import remove_avatar
+
+    _run(lambda: remove_avatar(name))

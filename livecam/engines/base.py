@@ -1,0 +1,26 @@
+"""The engine contract: audio in the ring + frame indices -> avatar-size face images."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from livecam.audio.ring import AudioRing
+
+
+class Engine(Protocol):
+    name: str
+    tier: str  # the active quality tier, shown on the dashboard
+
+    def samples_needed(self, frame: int) -> int:
+        """Absolute sample index (exclusive) the ring must reach before `frame` can be made."""
+        ...
+
+    def generate(self, ring: AudioRing, frames: range) -> list[np.ndarray]:
+        """Face images (avatar-size, uint8 BGR, each a new array) for consecutive frames."""
+        ...
+
+    def generate_silent(self, frames: range) -> list[np.ndarray]:
+        """Idle faces for frames whose audio never arrived (stalled or missing microphone)."""
+        ...

@@ -1,0 +1,76 @@
+"""The lite engine: spectral mouth features driving a precomputed bank of mouth shapes.
+
+No weights and no torch: it runs on any CPU. Features are streamed hop by hop from the ring, so
+offline rendering and live capture produce identical frames for identical audio.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from livecam.audio.ring import AudioRing
+from livecam.avatar.face import FaceRenderer
+from livecam.avatar.model import Avatar
+from livecam.constants import HOP_LENGTH, HOPS_PER_SECOND
+from livecam.engines.lite_features import LiteFeatures
+from livecam.pipeline import idle
+
+TRACK_HOPS = 10 * HOPS_PER_SECOND  # keep 10 s of per-hop features, enough for any lateness
+
+
+class LiteEngine:
+    name = "lite"
+    tier = "full"
+
+    def __init__(self, avatar: Avatar, fps: float, idle_motion: bool = True) -> None:
+        self.fps = fps
+        self.idle_motion = idle_motion
+        self.renderer = FaceRenderer(avatar)
+        self.features = LiteFeatures()
+        self._fed = 0  # absolute sample index up to which audio went into the features
+        self._track = np.zeros((TRACK_HOPS, 3), dtype=np.float32)  # ring of hop features
+
+    def _hop_position(self, frame: int) -> float:
+        """Fractional hop index at the centre of a frame's time span."""
+        return (frame + 0.5) / self.fps * HOPS_PER_SECOND
+
+    def samples_needed(self, frame: int) -> int:
+        last_hop = math.floor(self._hop_position(frame)) + 1
+        return (last_hop + 1) * HOP_LENGTH  # hop h is complete once (h + 1) hops arrived
+
+    def _feed(self, ring: AudioRing, upto: int) -> None:
+        if self._fed < ring.start:  # fell more than the ring's length behind: resume there
+            hop = -(-ring.start // HOP_LENGTH)
+            self.features.restart_at(hop)
+            self._fed = hop * HOP_LENGTH
+        if upto <= self._fed:
+            return
+        first = self.features.hops_done
+        hops = self.features.push(ring.read(self._fed, upto))
+        self._fed = upto
+        idx = np.arange(first, first + len(hops)) % TRACK_HOPS
+        self._track[idx] = hops
+
+    def mouth(self, frame: int) -> tuple[float, float]:
+        """(openness, width) at the frame's centre, interpolated between hops."""
+        pos = self._hop_position(frame)
+        h = math.floor(pos)
+        frac = pos - h
+        if h + 1 >= self.features.hops_done or h < self.features.hops_done - TRACK_HOPS:
+            return 0.0, 0.0
+        a, b = self._track[h % TRACK_HOPS], self._track[(h + 1) % TRACK_HOPS]
+        value = a[:2] * (1 - frac) + b[:2] * frac
+        return float(value[0]), float(value[1])
+
+    def _face(self, frame: int, openness: float, width: float) -> np.ndarray:
+        eyes = idle.blink(frame / self.fps) if self.idle_motion else 0.0
+        return self.renderer.render(openness, width, eyes).copy()
+
+    def generate(self, ring: AudioRing, frames: range) -> list[np.ndarray]:
+        self._feed(ring, self.samples_needed(frames[-1]))
+        return [self._face(k, *self.mouth(k)) for k in frames]
+
+    def generate_silent(self, frames: range) -> list[np.ndarray]:
+        return [self._face(k, 0.0, 0.0) for k in frames]

@@ -1,0 +1,156 @@
+"""`livecam start`: wires source, engine, compositor and sink into a running pipeline."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+
+from livecam import dashboard
+from livecam.audio.clock import AudioClock
+from livecam.audio.ring import AudioRing
+from livecam.audio.sources import FileSource, MicSource
+from livecam.avatar.store import load_avatar
+from livecam.constants import SAMPLE_RATE
+from livecam.pipeline.runner import Pipeline, PipelineConfig
+from livecam.session import build_compositor, build_engine
+from livecam.sinks import open_sink
+
+log = logging.getLogger(__name__)
+
+RING_SECONDS = 30  # audio history kept: far more than any playout delay
+STATUS_LOG_EVERY_S = 60.0
+
+
+@dataclass(frozen=True)
+class LiveOptions:
+    avatar: str
+    engine: str = "lite"
+    sink: str = "auto"
+    mic: str | None = None
+    audio_file: Path | None = None
+    loop: bool = False
+    camera: str | None = None
+    camera_backend: str | None = None
+    width: int = 1280
+    height: int = 720
+    fps: float = 30
+    port: int = 8080
+    out: Path | None = None
+    idle_motion: bool = True
+    dashboard: bool = True
+    duration: float | None = None  # stop after this many seconds
+
+
+def build_pipeline(opts: LiveOptions) -> Pipeline:
+    """Everything is loaded and opened here, before any frame flows: errors surface early."""
+    avatar = load_avatar(opts.avatar)
+    engine = build_engine(opts.engine, avatar, opts.fps, opts.idle_motion)
+    compositor = build_compositor(avatar, opts.width, opts.height, opts.fps, opts.idle_motion)
+    ring, clock = AudioRing(RING_SECONDS * SAMPLE_RATE), AudioClock()
+    if opts.audio_file is not None:
+        source = FileSource(ring, clock, opts.audio_file, loop=opts.loop)
+    else:
+        source = MicSource(ring, clock, opts.mic)
+    sink, warnings = open_sink(
+        opts.sink,
+        width=opts.width,
+        height=opts.height,
+        fps=opts.fps,
+        device=opts.camera,
+        backend=opts.camera_backend,
+        port=opts.port,
+        out=opts.out,
+    )
+    for warning in warnings + avatar.warnings:
+        log.warning("%s", warning)
+    pipeline = Pipeline(
+        PipelineConfig(fps=opts.fps, avatar=opts.avatar),
+        ring,
+        clock,
+        source,
+        engine,
+        compositor,
+        sink,
+    )
+    pipeline.warnings.extend(warnings)
+    return pipeline
+
+
+def run(opts: LiveOptions, console: Console) -> int:
+    """Runs until Ctrl-C, SIGTERM, --duration, or the end of an --audio file."""
+    pipeline = build_pipeline(opts)
+    stop = threading.Event()
+    previous = {
+        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    deadline = time.monotonic() + opts.duration if opts.duration else None
+    try:
+        pipeline.start()
+        log.info(
+            "running: camera %s, microphone %s, latency ~%.0f ms",
+            pipeline.sink.name,
+            pipeline.source.name,
+            pipeline.latency_s() * 1e3,
+        )
+        _loop(pipeline, stop, deadline, console if opts.dashboard else None)
+    finally:
+        pipeline.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    snap = pipeline.snapshot()
+    log.info(
+        "stopped: %d frames shown (%.1f%% repeated), %d generated, %d skipped late",
+        snap.frames_shown,
+        100 * snap.repeat_ratio,
+        snap.frames_generated,
+        snap.frames_skipped,
+    )
+    if pipeline.error is not None:
+        raise pipeline.error
+    return 0
+
+
+def _loop(
+    pipeline: Pipeline, stop: threading.Event, deadline: float | None, console: Console | None
+) -> None:
+    def done() -> bool:
+        expired = deadline is not None and time.monotonic() >= deadline
+        return stop.is_set() or not pipeline.running or expired or pipeline.finished()
+
+    if console is None:  # headless (systemd): a status line in the log now and then
+        next_log = time.monotonic() + STATUS_LOG_EVERY_S
+        while not stop.wait(0.25) and not done():
+            pipeline.source.poll()
+            if time.monotonic() >= next_log:
+                next_log += STATUS_LOG_EVERY_S
+                _log_status(pipeline)
+        return
+    with Live(
+        dashboard.render(pipeline.snapshot()),
+        console=console,
+        refresh_per_second=4,
+        transient=False,
+    ) as live:
+        while not stop.wait(0.25) and not done():
+            pipeline.source.poll()
+            live.update(dashboard.render(pipeline.snapshot()))
+
+
+def _log_status(pipeline: Pipeline) -> None:
+    s = pipeline.snapshot()
+    log.info(
+        "status: %.1f/%g fps shown, %.1f%% repeated, latency %.0f ms, %d overruns%s",
+        s.shown_fps,
+        s.target_fps,
+        100 * s.repeat_ratio,
+        s.latency_ms,
+        s.audio_overruns,
+        "".join(f"; {w}" for w in s.warnings),
+    )

@@ -1,0 +1,76 @@
+"""Assembles engines and compositors for an avatar; shared by start, render and bench."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from livecam.audio.ring import AudioRing
+from livecam.avatar.model import Avatar
+from livecam.constants import SAMPLE_RATE
+from livecam.engines.base import Engine
+from livecam.pipeline.compositor import Compositor
+from livecam.sinks.base import Sink
+
+ENGINES = ("lite",)
+
+
+class EngineError(Exception):
+    """An engine that cannot run here, with a message fit for the user."""
+
+
+def build_engine(name: str, avatar: Avatar, fps: float, idle_motion: bool = True) -> Engine:
+    if name == "lite":
+        from livecam.engines.lite import LiteEngine
+
+        return LiteEngine(avatar, fps, idle_motion=idle_motion)
+    raise EngineError(f"unknown engine {name!r}: choose one of {', '.join(ENGINES)}")
+
+
+def build_compositor(
+    avatar: Avatar, width: int, height: int, fps: float, idle_motion: bool = True
+) -> Compositor:
+    marks = avatar.landmarks
+    brow_y = float(marks[17:27, 1].min())
+    chin = marks[8]
+    face_height = float(chin[1] - brow_y)
+    pivot = (float(marks[27:36, 0].mean()), float(chin[1] + 0.4 * face_height))  # the neck
+    return Compositor(avatar.image, pivot, face_height, width, height, fps, idle_motion)
+
+
+@dataclass(frozen=True)
+class RenderResult:
+    frames: int
+    seconds: float  # wall time spent
+    audio_seconds: float
+    frame_ms: list[float]  # engine + compositing time per frame
+
+
+def render_audio(
+    audio: np.ndarray, engine: Engine, compositor: Compositor, sink: Sink, batch: int = 8
+) -> RenderResult:
+    """Offline: every frame of the audio through engine and compositor into the sink."""
+    fps = compositor.fps
+    n_frames = math.ceil(len(audio) / SAMPLE_RATE * fps)
+    pad = max(0, engine.samples_needed(n_frames - 1) - len(audio))
+    ring = AudioRing(len(audio) + pad)
+    ring.write(audio)
+    ring.write(np.zeros(pad, dtype=np.float32))
+    frame_ms: list[float] = []
+    start = time.perf_counter()
+    for first in range(0, n_frames, batch):
+        frames = range(first, min(n_frames, first + batch))
+        t0 = time.perf_counter()
+        faces = engine.generate(ring, frames)
+        per_face = (time.perf_counter() - t0) / len(frames)
+        for k, face in zip(frames, faces, strict=True):
+            t1 = time.perf_counter()
+            canvas = compositor.compose(face, k)
+            frame_ms.append((per_face + time.perf_counter() - t1) * 1e3)
+            a, b = round(k * SAMPLE_RATE / fps), round((k + 1) * SAMPLE_RATE / fps)
+            sink.send(canvas, audio[a:b])
+    sink.close()
+    return RenderResult(n_frames, time.perf_counter() - start, len(audio) / SAMPLE_RATE, frame_ms)

@@ -1,0 +1,62 @@
+"""Small helpers shared by tests: audio clips, the mouth-motion metric, mp4 probing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import cv2
+import numpy as np
+import soundfile as sf
+
+from livecam.constants import SAMPLE_RATE
+
+
+def write_clip(path: Path, audio: np.ndarray) -> Path:
+    sf.write(str(path), audio, SAMPLE_RATE)
+    return path
+
+
+def probe(path: Path) -> dict:
+    """ffprobe's view of a media file: streams and format."""
+    out = subprocess.run(
+        ["ffprobe", "-v", "error", "-show_streams", "-show_format", "-of", "json", str(path)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return json.loads(out.stdout)
+
+
+def read_frames(path: Path) -> list[np.ndarray]:
+    capture = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        frames.append(frame)
+    capture.release()
+    return frames
+
+
+def loudness_per_frame(audio: np.ndarray, fps: float, n_frames: int) -> np.ndarray:
+    """RMS of the audio under each video frame."""
+    out = np.zeros(n_frames)
+    for k in range(n_frames):
+        a, b = round(k * SAMPLE_RATE / fps), round((k + 1) * SAMPLE_RATE / fps)
+        chunk = audio[a:b]
+        out[k] = np.sqrt(np.mean(chunk**2)) if len(chunk) else 0.0
+    return out
+
+
+def mouth_box_on_canvas(avatar, compositor, pad: float = 0.3) -> tuple[slice, slice]:
+    """The avatar's lip box mapped into the camera frame, padded for the jaw drop."""
+    x, y, w, h = avatar.mouth_box()
+    corners = np.array(
+        [[x - pad * w, y - pad * h, 1], [x + w * (1 + pad), y + h * (1 + 3 * pad), 1]]
+    )
+    (x0, y0), (x1, y1) = (corners @ compositor.transform(0).T).astype(int)
+    return slice(y0, y1), slice(x0, x1)

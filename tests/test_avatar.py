@@ -1,0 +1,271 @@
+"""Avatar side of the lite engine: landmarks, mouth/blink banks, renderer, cache."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from livecam.avatar import store
+from livecam.avatar.face import FaceRenderer
+from livecam.avatar.landmarks import NoFaceError, detect_face
+from livecam.avatar.model import Avatar
+from livecam.avatar.store import (
+    AvatarError,
+    build_avatar,
+    list_avatars,
+    load_avatar,
+    prepare_avatar,
+    remove_avatar,
+)
+
+AVATARS = Path(__file__).resolve().parents[1] / "avatars"
+PHOTOS = {
+    "portrait": AVATARS / "portrait" / "portrait.jpg",
+    "astronaut": AVATARS / "astronaut" / "astronaut.png",
+}
+
+
+@pytest.fixture(scope="module", params=sorted(PHOTOS))
+def built(request: pytest.FixtureRequest) -> Avatar:
+    """Both bundled photos, built once per module without touching any cache."""
+    return build_avatar(request.param, PHOTOS[request.param])
+
+
+@pytest.fixture()
+def cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    monkeypatch.setenv("LIVECAM_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def face_crop(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small face photo (a crop of portrait.jpg): fast to prepare."""
+    image = cv2.imread(str(PHOTOS["portrait"]))
+    path = tmp_path_factory.mktemp("photo") / "me.png"
+    cv2.imwrite(str(path), cv2.resize(image[40:400, 150:480], (165, 180)))
+    return path
+
+
+def _inner_lips(avatar: Avatar) -> np.ndarray:
+    """Boolean mask of the photo's inner-lip polygon (teeth in both bundled photos)."""
+    mask = np.zeros(avatar.image.shape[:2], np.uint8)
+    cv2.fillPoly(mask, [np.round(avatar.landmarks[60:68]).astype(np.int32)], 1)
+    return mask.astype(bool)
+
+
+def _teeth_and_dark(image: np.ndarray, region: np.ndarray) -> tuple[float, float]:
+    hsv = cv2.cvtColor(image, cv2.COLOR_BGR2HSV)
+    s, v = hsv[..., 1][region].astype(int), hsv[..., 2][region].astype(int)
+    return float(((s < 40) & (v > 150)).mean()), float((v < 60).mean())
+
+
+# landmarks
+
+
+@pytest.mark.parametrize("name", sorted(PHOTOS))
+def test_landmarks_on_bundled_photos(name: str) -> None:
+    det = detect_face(cv2.imread(str(PHOTOS[name])))
+    assert det.landmarks.shape == (68, 2) and det.landmarks.dtype == np.float32
+    x, y, w, h = det.box
+    assert w > 60 and h > 60  # the real face, not the small false one
+    if name == "astronaut":
+        assert det.faces_found >= 2  # the known false face; the largest was taken
+    mouth = det.landmarks[48:68]
+    assert (mouth[:, 1] > y + h / 2).all() and (mouth[:, 1] < y + h * 1.2).all()
+    assert (mouth[:, 0] > x).all() and (mouth[:, 0] < x + w).all()
+
+
+def test_no_face_raises(cache: Path, tmp_path: Path) -> None:
+    gradient = np.tile(np.linspace(0, 255, 320, dtype=np.uint8), (240, 1))
+    image = cv2.merge([gradient, gradient, gradient])
+    with pytest.raises(NoFaceError):
+        detect_face(image)
+    path = tmp_path / "wall.png"
+    cv2.imwrite(str(path), image)
+    with pytest.raises(AvatarError, match=r"no face found in .*wall\.png"):
+        prepare_avatar("wall", path)
+
+
+def test_unreadable_photo(cache: Path, tmp_path: Path) -> None:
+    path = tmp_path / "broken.jpg"
+    path.write_bytes(b"not an image")
+    with pytest.raises(AvatarError, match=r"broken\.jpg"):
+        prepare_avatar("broken", path)
+
+
+# banks and renderer
+
+
+def test_bank_layout(built: Avatar) -> None:
+    for bank in (built.mouth, built.eyes):
+        w, h = bank.size
+        assert bank.patches.dtype == np.uint8 and bank.mask.shape == (h, w, 1)
+        assert bank.x + w <= built.image.shape[1] and bank.y + h <= built.image.shape[0]
+        assert bank.mask.max() == pytest.approx(1.0) and bank.mask[0].max() == 0.0
+    assert built.eyes.y + built.eyes.size[1] <= built.mouth.y  # ROIs do not overlap
+    x, _, w, _ = built.mouth_box()
+    assert built.mouth.x <= x and x + w <= built.mouth.x + built.mouth.size[0]
+
+
+def test_closed_lips_at_zero_open_mouth_at_one(built: Avatar) -> None:
+    region = _inner_lips(built)
+    teeth_photo, _ = _teeth_and_dark(built.image, region)
+    assert teeth_photo > 0.25  # both photos smile with teeth showing
+    renderer = FaceRenderer(built)
+    teeth0, dark0 = _teeth_and_dark(renderer.render(0.0, 0.0, 0.0), region)
+    assert teeth0 < 0.05 and dark0 < 0.02  # lips meet: no teeth, no mouth cavity
+    x, y, w, h = built.mouth_box()
+    lips = np.zeros(region.shape, bool)
+    lips[y : y + h + w // 2, x : x + w] = True  # room for the jaw drop
+    dark = [_teeth_and_dark(renderer.render(o, 0.0, 0.0), lips)[1] for o in np.linspace(0, 1, 6)]
+    assert all(b > a for a, b in itertools.pairwise(dark)), dark
+    assert dark[-1] > 0.05, dark  # a visibly open mouth
+
+
+def test_render_is_deterministic_and_local(built: Avatar) -> None:
+    renderer = FaceRenderer(built)
+    neutral = renderer.render(0.0, 0.0, 0.0).copy()
+    assert neutral.shape == built.image.shape and neutral.dtype == np.uint8
+    rng = np.random.default_rng(1)
+    for o, w, b in rng.uniform([0, -1, 0], [1, 1, 1], size=(20, 3)):
+        frame = renderer.render(o, w, b)
+    assert not np.array_equal(frame, neutral)
+    again = renderer.render(0.0, 0.0, 0.0)
+    assert np.array_equal(again, neutral)
+    touched = np.zeros(neutral.shape[:2], bool)
+    for bank in (built.mouth, built.eyes):
+        w, h = bank.size
+        touched[bank.y : bank.y + h, bank.x : bank.x + w] = True
+    assert np.array_equal(neutral[~touched], built.image[~touched])
+    clipped = renderer.render(5.0, -7.0, 2.0).copy()
+    assert np.array_equal(clipped, renderer.render(1.0, -1.0, 1.0))
+
+
+def test_blink_closes_the_eyes(built: Avatar) -> None:
+    renderer = FaceRenderer(built)
+    open_eyes = renderer.render(0.0, 0.0, 0.0).copy()
+    shut = renderer.render(0.0, 0.0, 1.0)
+    lm = built.landmarks
+    for upper, lower in (([37, 38], [41, 40]), ([43, 44], [47, 46])):
+        xy = np.round((lm[upper] * 0.35 + lm[lower] * 0.65).mean(0)).astype(int)
+        # the iris (dark) is covered by eyelid skin (brighter)
+        assert int(shut[xy[1], xy[0]].sum()) > int(open_eyes[xy[1], xy[0]].sum()) + 60
+
+
+# cache
+
+
+def test_cache_round_trip(cache: Path, face_crop: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = prepare_avatar("me", face_crop)
+    manifest = json.loads((cache / "avatars" / "me" / "manifest.json").read_text())
+    assert manifest["engines"] == ["lite"] and manifest["kind"] == "prepared"
+    assert set(manifest["arrays"]) >= {"image", "mouth_patches", "eyes_patches"}
+
+    def no_build(*args: object) -> None:
+        raise AssertionError("cache should have been used")
+
+    monkeypatch.setattr(store, "build_avatar", no_build)
+    second = load_avatar("me")
+    assert np.array_equal(first.image, second.image)
+    assert np.array_equal(first.mouth.patches, second.mouth.patches)
+    assert np.array_equal(first.eyes.mask, second.eyes.mask)
+    assert (second.mouth.x, second.mouth.y) == (first.mouth.x, first.mouth.y)
+    assert [(a.name, a.kind, a.status) for a in list_avatars() if a.name == "me"] == [
+        ("me", "prepared", "ready")
+    ]
+
+
+def test_corrupt_cache_is_rebuilt(
+    cache: Path, face_crop: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = prepare_avatar("me", face_crop)
+    npz = cache / "avatars" / "me" / "arrays.npz"
+    data = bytearray(npz.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 64):
+        data[i] ^= 0xFF
+    npz.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        again = load_avatar("me")
+    assert "damaged" in caplog.text
+    assert np.array_equal(first.mouth.patches, again.mouth.patches)
+    npz.write_bytes(b"garbage")
+    assert np.array_equal(load_avatar("me").image, first.image)
+
+
+def test_stale_cache_is_rebuilt(
+    cache: Path, face_crop: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    photo = tmp_path / "mine.png"
+    shutil.copy(face_crop, photo)
+    prepare_avatar("mine", photo)
+    image = cv2.imread(str(photo))
+    cv2.imwrite(str(photo), cv2.flip(image, 1))  # new source bytes
+    assert [a.status for a in list_avatars() if a.name == "mine"] == ["stale"]
+    with caplog.at_level(logging.WARNING):
+        flipped = load_avatar("mine")
+    assert "changed" in caplog.text
+    assert np.array_equal(flipped.image, cv2.flip(image, 1))
+
+    manifest_path = cache / "avatars" / "mine" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["format_version"] = 0
+    manifest_path.write_text(json.dumps(manifest))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        load_avatar("mine")
+    assert "format" in caplog.text
+    assert json.loads(manifest_path.read_text())["format_version"] == store.FORMAT_VERSION
+
+
+def test_missing_source_says_how_to_fix(cache: Path, face_crop: Path, tmp_path: Path) -> None:
+    photo = tmp_path / "gone.png"
+    shutil.copy(face_crop, photo)
+    prepare_avatar("gone", photo)
+    photo.unlink()
+    with pytest.raises(AvatarError, match=r"livecam avatars prepare gone --from PHOTO"):
+        load_avatar("gone")
+
+
+def test_unknown_avatar_lists_names(cache: Path) -> None:
+    with pytest.raises(AvatarError, match="astronaut, portrait"):
+        load_avatar("nobody")
+    with pytest.raises(AvatarError, match="invalid avatar name"):
+        load_avatar("../etc")
+
+
+def test_bundled_avatar_prepared_on_first_use_and_removed(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundled = tmp_path / "bundled"
+    (bundled / "bob").mkdir(parents=True)
+    image = cv2.resize(cv2.imread(str(PHOTOS["portrait"]))[40:400, 150:480], (165, 180))
+    cv2.imwrite(str(bundled / "bob" / "bob.jpg"), image)
+    (bundled / "bob" / "avatar.toml").write_text(
+        'name = "bob"\nsource = "bob.jpg"\ndescription = "test face"\nlicense = "PD"\n'
+    )
+    monkeypatch.setenv("LIVECAM_AVATARS_DIR", str(bundled))
+    assert [(a.name, a.kind, a.status) for a in list_avatars()] == [
+        ("bob", "bundled", "not prepared")
+    ]
+    avatar = load_avatar("bob")
+    assert avatar.image.shape == image.shape
+    assert list_avatars()[0].status == "ready"
+    remove_avatar("bob")
+    assert list_avatars()[0].status == "not prepared"
+    with pytest.raises(AvatarError):
+        remove_avatar("bob")
+
+
+def test_tall_photos_are_downscaled(cache: Path, face_crop: Path, tmp_path: Path) -> None:
+    image = cv2.imread(str(face_crop))
+    big = cv2.resize(image, None, fx=5, fy=5)
+    path = tmp_path / "big.png"
+    cv2.imwrite(str(path), big)
+    assert store.read_image(path).shape[0] == store.MAX_HEIGHT

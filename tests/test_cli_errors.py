@@ -1,0 +1,101 @@
+"""Bad input: one clear line on stderr, a non-zero exit, no traceback."""
+
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from tests.conftest import JFK
+from tests.helpers import write_clip
+
+
+def livecam(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "livecam", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+def test_photo_without_a_face(tmp_path):
+    photo = tmp_path / "wall.png"
+    gradient = np.tile(np.linspace(40, 200, 400, dtype=np.uint8), (300, 1))
+    cv2.imwrite(str(photo), cv2.merge([gradient] * 3))
+    result = livecam("avatars", "prepare", "wall", "--from", str(photo))
+    assert_clean_failure(result, "no face found in", str(photo))
+
+
+def test_unreadable_photo(tmp_path):
+    photo = tmp_path / "broken.jpg"
+    photo.write_bytes(b"not an image")
+    assert_clean_failure(livecam("avatars", "prepare", "x", "--from", str(photo)), str(photo))
+
+
+def test_unreadable_audio_file(tmp_path):
+    bad = tmp_path / "notes.wav"
+    bad.write_text("these are not samples")
+    result = livecam("render", "--audio", str(bad), "--out", str(tmp_path / "o.mp4"))
+    assert_clean_failure(result, "cannot read audio from", str(bad))
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_empty_audio_file(tmp_path):
+    empty = write_clip(tmp_path / "empty.wav", np.zeros(0, dtype=np.float32))
+    result = livecam("render", "--audio", str(empty), "--out", str(tmp_path / "o.mp4"))
+    assert_clean_failure(result, "contains no samples")
+
+
+def test_missing_audio_file(tmp_path):
+    result = livecam("start", "--audio", str(tmp_path / "nope.wav"), "--sink", "memory")
+    assert_clean_failure(result, "audio file not found")
+
+
+def test_missing_camera_device():
+    result = livecam(
+        "start",
+        "--audio",
+        str(JFK),
+        "--sink",
+        "virtualcam",
+        "--camera",
+        "/dev/video99",
+        "--no-dashboard",
+        "--duration",
+        "1",
+    )
+    assert_clean_failure(result, "/dev/video99", "modprobe v4l2loopback")
+
+
+def test_unknown_avatar():
+    assert_clean_failure(
+        livecam("render", "--avatar", "nobody", "--audio", str(JFK), "--out", "/tmp/x.mp4"),
+        "nobody",
+        "astronaut",
+    )
+
+
+@pytest.mark.usefixtures("pulse_mic")
+def test_missing_microphone():
+    result = livecam(
+        "start",
+        "--device",
+        "no-such-microphone",
+        "--sink",
+        "memory",
+        "--no-dashboard",
+        "--duration",
+        "1",
+    )
+    assert_clean_failure(result, "no microphone matches 'no-such-microphone'", "livecam devices")
+
+
+def test_bad_size_option():
+    result = livecam("render", "--audio", str(JFK), "--out", "/tmp/x.mp4", "--size", "big")
+    assert result.returncode == 2 and "WIDTHxHEIGHT" in result.stderr + result.stdout

@@ -1,0 +1,29 @@
+from livecam.audio.clock import AudioClock
+from livecam.constants import SAMPLE_RATE
+
+
+def test_origin_ignores_delivery_jitter():
+    clock = AudioClock()
+    for n, jitter in enumerate([0.0, 0.012, 0.003, 0.02, 0.001]):
+        end = (n + 1) * 320
+        clock.on_block(end, arrival=100.0 + end / SAMPLE_RATE + jitter)
+    assert abs(clock.origin() - 100.0) < 1e-9
+    assert abs(clock.stream_time(now=105.0) - 5.0) < 1e-9
+
+
+def test_follows_sound_card_drift():
+    clock = AudioClock(window=50)
+    rate_error = 1.001  # the card runs 0.1 % slow relative to the system clock
+    for n in range(2000):
+        end = (n + 1) * 320
+        clock.on_block(end, arrival=end / SAMPLE_RATE * rate_error)
+    now = 2000 * 320 / SAMPLE_RATE * rate_error
+    assert abs(clock.stream_time(now) - 2000 * 320 / SAMPLE_RATE) < 0.002
+
+
+def test_seed_is_replaced_by_the_first_block():
+    clock = AudioClock()
+    clock.seed(50.0)
+    assert clock.started and clock.origin() == 50.0
+    clock.on_block(320, arrival=51.02)
+    assert abs(clock.origin() - 51.0) < 1e-9

@@ -1,0 +1,72 @@
+from rich.console import Console
+
+from livecam import dashboard
+from livecam.pipeline.stats import Snapshot
+
+
+def _snapshot(**kw) -> Snapshot:
+    base = dict(
+        avatar="astronaut",
+        engine="lite",
+        tier="full",
+        sink="virtual camera /dev/video10",
+        source="pulse",
+        target_fps=30,
+        shown_fps=29.9,
+        generated_fps=30.1,
+        frames_shown=900,
+        frames_new=880,
+        frames_repeated=20,
+        frames_generated=880,
+        frames_skipped=3,
+        frames_silent=0,
+        queue_depth=2,
+        queue_capacity=8,
+        queue_drops=0,
+        late_ticks=0,
+        audio_overruns=1,
+        level_db=-18.0,
+        latency_ms=112.0,
+        playout_delay_ms=95.0,
+        stages_ms={"generate": (0.8, 1.2), "compose": (1.9, 2.4)},
+        uptime_s=75,
+    )
+    return Snapshot(**{**base, **kw})
+
+
+def _text(snapshot: Snapshot) -> str:
+    console = Console(record=True, width=110, color_system=None)
+    console.print(dashboard.render(snapshot))
+    return console.export_text()
+
+
+def test_dashboard_shows_the_numbers_users_need():
+    text = _text(_snapshot())
+    for expected in (
+        "astronaut",
+        "lite",
+        "/dev/video10",
+        "pulse",
+        "29.9 shown",
+        "30 target",
+        "30.1 generated",
+        "2.2%",
+        "112 ms",
+        "2/8 frames",
+        "generate",
+        "1.20",
+        "compose",
+        "2.40",
+        "-18.0 dBFS",
+        "up 1:15",
+        "1 audio overruns",
+    ):
+        assert expected in text, expected
+
+
+def test_dashboard_shows_warnings_and_meter_extremes():
+    text = _text(_snapshot(warnings=("microphone 'USB' delivers no audio",), level_db=-120))
+    assert "⚠ microphone 'USB' delivers no audio" in text
+    assert "-99.0 dBFS" in text and "█" not in text
+    loud = _text(_snapshot(level_db=0.0))
+    assert loud.count("█") == dashboard.METER_WIDTH

@@ -1,0 +1,36 @@
+import numpy as np
+import pytest
+
+from livecam.audio.ring import AudioRing
+
+
+def test_reads_by_absolute_index_across_wraparound():
+    ring = AudioRing(10)
+    stream = np.arange(37, dtype=np.float32)
+    for start in range(0, 37, 7):  # blocks that straddle the wrap point
+        ring.write(stream[start : start + 7])
+    assert ring.end == 37 and ring.start == 27
+    np.testing.assert_array_equal(ring.read(27, 37), stream[27:37])
+    np.testing.assert_array_equal(ring.read(30, 33), stream[30:33])
+
+
+def test_overwritten_and_future_spans_raise():
+    ring = AudioRing(8)
+    ring.write(np.ones(20, dtype=np.float32))
+    with pytest.raises(IndexError, match="overwritten"):
+        ring.read(5, 15)
+    with pytest.raises(IndexError, match="only 20 captured"):
+        ring.read(15, 21)
+
+
+def test_negative_indices_read_as_silence():
+    ring = AudioRing(8)
+    ring.write(np.full(4, 2.0, dtype=np.float32))
+    np.testing.assert_array_equal(ring.read(-3, 2), [0, 0, 0, 2, 2])
+
+
+def test_block_larger_than_capacity_keeps_the_newest_samples():
+    ring = AudioRing(5)
+    ring.write(np.arange(12, dtype=np.float32))
+    assert ring.end == 12
+    np.testing.assert_array_equal(ring.read(7, 12), [7, 8, 9, 10, 11])

@@ -1,0 +1,113 @@
+"""Browser preview sink: real HTTP on a free localhost port."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import cv2
+import numpy as np
+import pytest
+
+from livecam.sinks import SinkError
+from livecam.sinks.preview import BOUNDARY, PreviewSink
+
+W, H, FPS = 160, 120, 30
+NO_AUDIO = np.zeros(0, np.float32)
+BGR = (200, 60, 20)
+
+
+@pytest.fixture
+def sink() -> Iterator[PreviewSink]:
+    s = PreviewSink(W, H, FPS, port=0)
+    yield s
+    s.close()
+
+
+def solid(color: tuple[int, int, int] = BGR) -> np.ndarray:
+    return np.full((H, W, 3), color, np.uint8)
+
+
+def get(url: str) -> tuple[str, bytes]:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.headers["Content-Type"], r.read()
+
+
+def test_page_and_single_frame(sink: PreviewSink) -> None:
+    assert sink.url.startswith("http://127.0.0.1:") and sink.port != 0
+    ctype, page = get(sink.url)
+    assert ctype.startswith("text/html") and b"<img" in page and b"livecam" in page
+    sink.send(solid(), NO_AUDIO)
+    ctype, body = get(sink.url + "frame.jpg")
+    assert ctype == "image/jpeg"
+    img = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR)
+    assert img.shape == (H, W, 3)
+    assert np.abs(img.reshape(-1, 3).mean(0) - BGR).max() < 8
+
+
+def test_jpeg_encoded_lazily_once_per_frame(sink: PreviewSink) -> None:
+    for _ in range(5):
+        sink.send(solid(), NO_AUDIO)
+    assert sink.jpeg_encodes == 0  # nobody asked yet
+    get(sink.url + "frame.jpg")
+    get(sink.url + "frame.jpg")
+    assert sink.jpeg_encodes == 1
+
+
+def read_part(conn: socket.socket) -> bytes:
+    """Read the HTTP head and the first multipart JPEG from a raw socket."""
+    f = conn.makefile("rb")
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        head += f.readline()
+    assert b"multipart/x-mixed-replace; boundary=" + BOUNDARY.encode() in head
+    assert f.readline().strip() == b"--" + BOUNDARY.encode()
+    headers = {}
+    while (line := f.readline().strip()) != b"":
+        key, value = line.split(b":", 1)
+        headers[key.strip().lower()] = value.strip()
+    assert headers[b"content-type"] == b"image/jpeg"
+    return f.read(int(headers[b"content-length"]))
+
+
+def open_stream(sink: PreviewSink) -> socket.socket:
+    conn = socket.create_connection(("127.0.0.1", sink.port), timeout=5)
+    conn.sendall(b"GET /stream.mjpg HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    return conn
+
+
+def test_stream_first_part(sink: PreviewSink) -> None:
+    sink.send(solid((10, 240, 10)), NO_AUDIO)
+    with open_stream(sink) as conn:
+        jpeg = read_part(conn)
+    img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert img.shape == (H, W, 3) and img[..., 1].mean() > 200
+
+
+def test_close_disconnects_a_stalled_client() -> None:
+    sink = PreviewSink(640, 480, FPS, port=0)
+    noise = np.random.default_rng(0).integers(0, 256, (480, 640, 3), np.uint8)
+    conn = open_stream(sink)  # never reads: the server's writes back up (~300 kB a frame)
+    for _ in range(40):
+        sink.send(noise, NO_AUDIO)  # must not block on the slow client
+        time.sleep(0.01)
+    closer = threading.Thread(target=sink.close)
+    closer.start()
+    closer.join(timeout=5)
+    assert not closer.is_alive(), "close() hung on a stalled client"
+    assert not sink._server.clients, "a client thread outlived close()"
+    assert conn.recv(65536)  # data queued before the cut is still readable
+    conn.close()
+
+
+def test_port_in_use(sink: PreviewSink) -> None:
+    with pytest.raises(SinkError, match=rf"port {sink.port} .*already in use.*--port"):
+        PreviewSink(W, H, FPS, port=sink.port)
+
+
+def test_wrong_frame_size(sink: PreviewSink) -> None:
+    with pytest.raises(ValueError, match=r"frame must be a \(120, 160, 3\)"):
+        sink.send(np.zeros((H + 1, W, 3), np.uint8), NO_AUDIO)
