@@ -68,7 +68,7 @@ def build_pipeline(opts: LiveOptions) -> Pipeline:
         port=opts.port,
         out=opts.out,
     )
-    for warning in warnings + avatar.warnings:
+    for warning in warnings:
         log.warning("%s", warning)
     pipeline = Pipeline(
         PipelineConfig(fps=opts.fps, avatar=opts.avatar),

@@ -12,7 +12,7 @@ from livecam.audio.ring import AudioRing
 from livecam.avatar.model import Avatar
 from livecam.constants import SAMPLE_RATE
 from livecam.engines.base import Engine
-from livecam.pipeline.compositor import Compositor
+from livecam.pipeline.compositor import Compositor, webcam_framing
 from livecam.sinks.base import Sink
 
 ENGINES = ("lite",)
@@ -33,12 +33,8 @@ def build_engine(name: str, avatar: Avatar, fps: float, idle_motion: bool = True
 def build_compositor(
     avatar: Avatar, width: int, height: int, fps: float, idle_motion: bool = True
 ) -> Compositor:
-    marks = avatar.landmarks
-    brow_y = float(marks[17:27, 1].min())
-    chin = marks[8]
-    face_height = float(chin[1] - brow_y)
-    pivot = (float(marks[27:36, 0].mean()), float(chin[1] + 0.4 * face_height))  # the neck
-    return Compositor(avatar.image, pivot, face_height, width, height, fps, idle_motion)
+    framing = webcam_framing(avatar.landmarks, avatar.image.shape, width / height)
+    return Compositor(avatar.image, framing, width, height, fps, idle_motion)
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,10 @@ def pulse_mic():
     Yields the sink name: `paplay --device=SINK file.wav` then speaks into the microphone.
     """
     _ensure_pulseaudio()
+    # a null sink left idle suspends, and its monitor then delivers nothing, unlike a real mic
+    subprocess.run(
+        ["pactl", "unload-module", "module-suspend-on-idle"], capture_output=True, timeout=10
+    )
     name = f"livecam_test_{uuid.uuid4().hex[:6]}"
     modules = [
         _pactl(

@@ -11,6 +11,16 @@ from tests.conftest import JFK
 FPS = 30
 
 
+def _wait_for_audio(pipeline, timeout: float = 8.0) -> None:
+    """PulseAudio's ALSA plugin sometimes takes seconds to deliver a new stream's first block;
+    livecam reopens a silent device after 3 s, so audio must flow within a few seconds."""
+    deadline = time.monotonic() + timeout
+    while pipeline.source.stats.blocks < 10:
+        assert time.monotonic() < deadline, "the microphone delivered no audio"
+        time.sleep(0.05)
+        pipeline.source.poll()
+
+
 def test_microphone_drives_the_pipeline(pulse_mic):
     pipeline = build_pipeline(
         LiveOptions(
@@ -20,6 +30,8 @@ def test_microphone_drives_the_pipeline(pulse_mic):
     levels = []
     pipeline.start()
     try:
+        _wait_for_audio(pipeline)
+        blocks_before = pipeline.source.stats.blocks
         player = subprocess.Popen(["paplay", f"--device={pulse_mic}", str(JFK)])
         deadline = time.monotonic() + 8
         while time.monotonic() < deadline:
@@ -31,7 +43,7 @@ def test_microphone_drives_the_pipeline(pulse_mic):
     finally:
         pipeline.stop()
     assert pipeline.error is None
-    assert snap.source != "" and pipeline.source.stats.blocks > 6 * 50  # 20 ms blocks
+    assert snap.source != "" and pipeline.source.stats.blocks - blocks_before > 7 * 50  # 20 ms
     assert max(levels) > -30  # the speech reached the microphone
     speech = pipeline.ring.read(pipeline.ring.end - 5 * 16000, pipeline.ring.end)
     assert np.sqrt(np.mean(speech**2)) > 0.01
@@ -43,3 +55,37 @@ def test_microphone_drives_the_pipeline(pulse_mic):
         for k in range(snap.frames_generated - 60, snap.frames_generated)
     ]
     assert max(opened) > 0 or max(levels) < -30
+
+
+def _watch(pipeline, seconds: float) -> list:
+    snaps = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        pipeline.source.poll()
+        snaps.append(pipeline.snapshot())
+    return snaps
+
+
+def test_suspended_microphone_gives_idle_frames_and_recovers(pulse_mic):
+    source = f"{pulse_mic}_mic"
+    pipeline = build_pipeline(
+        LiveOptions(avatar="astronaut", sink="memory", width=320, height=240, dashboard=False)
+    )
+    pipeline.start()
+    try:
+        _wait_for_audio(pipeline)
+        subprocess.run(["pactl", "suspend-source", source, "1"], check=True, timeout=10)
+        during = _watch(pipeline, 2.0)
+        subprocess.run(["pactl", "suspend-source", source, "0"], check=True, timeout=10)
+        after = _watch(pipeline, 2.0)
+    finally:
+        subprocess.run(["pactl", "suspend-source", source, "0"], timeout=10)
+        pipeline.stop()
+    assert any("delivered no audio" in w for w in during[-1].warnings), [
+        (s.frames_generated, s.frames_silent, s.warnings) for s in during[::4]
+    ]
+    assert during[-1].frames_silent - during[0].frames_silent > 0.5 * 30  # idle frames
+    assert during[-1].shown_fps > 25  # the camera never stopped
+    assert after[-1].frames_generated - after[0].frames_generated > 30  # audio flows again
+    assert not after[-1].warnings

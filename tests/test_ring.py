@@ -34,3 +34,16 @@ def test_block_larger_than_capacity_keeps_the_newest_samples():
     ring.write(np.arange(12, dtype=np.float32))
     assert ring.end == 12
     np.testing.assert_array_equal(ring.read(7, 12), [7, 8, 9, 10, 11])
+
+
+@pytest.mark.parametrize("gap", [3, 8, 25])
+def test_write_silence_advances_like_zeros(gap):
+    ring, reference = AudioRing(8), AudioRing(8)
+    for r in (ring, reference):
+        r.write(np.arange(1, 6, dtype=np.float32))
+    ring.write_silence(gap)
+    reference.write(np.zeros(gap, dtype=np.float32))
+    assert ring.end == reference.end
+    np.testing.assert_array_equal(
+        ring.read(ring.start, ring.end), reference.read(ring.start, ring.end)
+    )

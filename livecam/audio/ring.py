@@ -47,6 +47,16 @@ class AudioRing:
             self._buf[: len(samples) - first] = samples[first:]
             self._end += skipped + len(samples)
 
+    def write_silence(self, count: int) -> None:
+        """Append `count` zero samples (a gap in capture) without allocating them."""
+        with self._lock:
+            kept = min(count, self.capacity)
+            pos = (self._end + count - kept) % self.capacity
+            first = min(kept, self.capacity - pos)
+            self._buf[pos : pos + first] = 0
+            self._buf[: kept - first] = 0
+            self._end += count
+
     def read(self, start: int, stop: int) -> np.ndarray:
         """Copy of samples [start, stop); indices before 0 read as silence."""
         if stop < start:

@@ -19,8 +19,10 @@ from livecam.constants import HOP_LENGTH, SAMPLE_RATE
 log = logging.getLogger(__name__)
 
 BLOCK = HOP_LENGTH  # 20 ms capture blocks: small enough for low latency
-STALL_S = 1.0  # no audio for this long means the device stopped
+STALL_S = 1.0  # no audio for this long: tell the user the device stopped
+REOPEN_S = 3.0  # no audio for this long: close and reopen the device (then every RETRY_S)
 RETRY_S = 2.0
+GAP_FILL_S = 0.5  # delivery this far behind the clock resumed after a gap: fill with silence
 
 
 class AudioDeviceError(Exception):
@@ -37,6 +39,17 @@ class SourceStats:
 
 def _db(block: np.ndarray) -> float:
     return 10 * math.log10(float(np.mean(block * block)) + 1e-12)
+
+
+def deliver(ring: AudioRing, clock: AudioClock, block: np.ndarray, now: float) -> None:
+    """Append a captured block. A gap in delivery (a stalled or slow-starting device) becomes
+    silence, so sample numbers keep matching wall time and lip sync survives the gap."""
+    if clock.started:
+        behind = (now - clock.origin()) * SAMPLE_RATE - (ring.end + len(block))
+        if behind > GAP_FILL_S * SAMPLE_RATE:
+            ring.write_silence(int(behind))
+    ring.write(block)
+    clock.on_block(ring.end, now)
 
 
 def input_devices() -> list[dict]:
@@ -103,12 +116,12 @@ class MicSource:
     def _callback(self, indata, frames, time_info, status) -> None:
         if status.input_overflow:
             self.stats.overruns += 1
+        now = time.monotonic()
         block = indata[:, 0]
-        self.ring.write(block)
-        self.clock.on_block(self.ring.end)
+        deliver(self.ring, self.clock, block, now)
         self.stats.blocks += 1
         self.stats.level_db = _db(block)
-        self._last_block = time.monotonic()
+        self._last_block = now
 
     def start(self) -> None:
         import sounddevice as sd
@@ -128,25 +141,20 @@ class MicSource:
             self._stream = None
             raise AudioDeviceError(f"cannot open microphone {self.name!r}: {exc}") from None
         self.latency_s = float(self._stream.latency)
-        self._fill_gap()
         self._last_block = time.monotonic()
         self.stats.problem = ""
-
-    def _fill_gap(self) -> None:
-        """Silence for the time the device was away, so sample numbers keep matching time."""
-        if self.clock.started:
-            gap = int(self.clock.stream_time() * SAMPLE_RATE) - self.ring.end
-            if gap > 0:
-                self.ring.write(np.zeros(min(gap, self.ring.capacity), dtype=np.float32))
 
     def poll(self) -> None:
         """Called periodically: notices a stalled or unplugged device and reopens it."""
         now = time.monotonic()
-        if now - self._last_block < STALL_S:
+        silent_for = now - self._last_block
+        if silent_for < STALL_S:
             self.stats.problem = ""
             return
-        self.stats.problem = f"microphone {self.name!r} delivers no audio (unplugged?)"
-        if now < self._next_retry:
+        self.stats.problem = (
+            f"microphone {self.name!r} delivered no audio for {silent_for:.0f} s (unplugged?)"
+        )
+        if silent_for < REOPEN_S or now < self._next_retry:
             return
         self._next_retry = now + RETRY_S
         log.warning("%s; reopening it", self.stats.problem)
@@ -201,8 +209,7 @@ class FileSource:
             pos += len(block)
             written = self.ring.end + len(block)
             self._stop.wait(max(0.0, start + written / SAMPLE_RATE - time.monotonic()))
-            self.ring.write(block)
-            self.clock.on_block(self.ring.end)
+            deliver(self.ring, self.clock, block, time.monotonic())
             self.stats.blocks += 1
             self.stats.level_db = _db(block)
 

@@ -2,25 +2,53 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 
 from livecam.pipeline import idle
 
+FACE_SHARE = 0.33  # brow-to-chin height as a share of the frame height: webcam framing
+EYES_AT = 0.42  # eye line this far down the frame
+MAX_ZOOM = 2.0  # never enlarge the photo more than this
+
+
+@dataclass(frozen=True)
+class Framing:
+    """Which part of the avatar image the camera shows, and where the head pivots."""
+
+    crop: tuple[float, float, float, float]  # x, y, w, h in avatar pixels
+    pivot: tuple[float, float]  # the neck, for head sway
+    face_height: float  # brow to chin, avatar pixels
+
+
+def webcam_framing(landmarks: np.ndarray, image_shape: tuple[int, ...], aspect: float) -> Framing:
+    """Head-and-shoulders framing like a webcam's, within the photo's limits."""
+    img_h = image_shape[0]
+    brow_y = float(landmarks[17:27, 1].min())
+    chin_x, chin_y = (float(v) for v in landmarks[8])
+    face_height = chin_y - brow_y
+    eye_y = float(landmarks[36:48, 1].mean())
+    centre_x = float(landmarks[27:36, 0].mean())
+    crop_h = min(float(img_h), max(face_height / FACE_SHARE, img_h / MAX_ZOOM))
+    y0 = min(max(eye_y - EYES_AT * crop_h, 0.0), img_h - crop_h)
+    crop_w = crop_h * aspect
+    pivot = (chin_x, chin_y + 0.4 * face_height)
+    return Framing((centre_x - crop_w / 2, y0, crop_w, crop_h), pivot, face_height)
+
 
 class Compositor:
-    """Fits an avatar-size image into a (height, width) canvas over a blurred backdrop.
+    """Draws the avatar image into a (height, width) canvas over a blurred backdrop.
 
-    The avatar is scaled to the canvas height (or width, if that is the tighter fit) and
-    centred; the sides are filled with a blurred, darkened copy of the photo so the frame
-    has no hard borders. Head sway rotates about a point below the face (the neck).
+    The framing's crop fills the canvas; where the photo ends, a blurred, darkened copy of
+    it continues so the frame has no empty borders. Head sway rotates about the neck.
     """
 
     def __init__(
         self,
         avatar_image: np.ndarray,
-        pivot: tuple[float, float],
-        face_height: float,
+        framing: Framing,
         width: int,
         height: int,
         fps: float,
@@ -28,27 +56,26 @@ class Compositor:
     ) -> None:
         self.width, self.height, self.fps = width, height, fps
         self.idle_motion = idle_motion
-        h, w = avatar_image.shape[:2]
-        self.scale = min(width / w, height / h)
-        self.offset = ((width - w * self.scale) / 2, (height - h * self.scale) / 2)
-        self.pivot = pivot
-        self.face_height = face_height
-        self.backdrop = _backdrop(avatar_image, width, height)
-        # warp only into the columns the avatar can reach, plus room for the sway
+        self.framing = framing
+        x, y, _, h = framing.crop
+        scale = height / h
+        self._fit = np.array([[scale, 0, -x * scale], [0, scale, -y * scale], [0, 0, 1]])
+        self.backdrop = _backdrop(avatar_image, self._fit[:2], width, height)
+        # warp only into the columns the photo can reach, plus room for the sway
         margin = int(0.03 * width)
-        self._x0 = max(0, int(self.offset[0]) - margin)
-        self._x1 = min(width, int(self.offset[0] + w * self.scale) + margin)
+        left, right = -x * scale, (avatar_image.shape[1] - x) * scale
+        self._x0 = int(min(max(0, left - margin), width - 2))
+        self._x1 = int(max(min(width, right + margin), self._x0 + 2))
 
     def transform(self, frame_index: int) -> np.ndarray:
         """2x3 affine map from avatar pixels to canvas pixels for a frame."""
         angle, dx, dy, zoom = (
-            idle.sway(frame_index / self.fps) if self.idle_motion else (0, 0, 0, 1)
+            idle.sway(frame_index / self.fps) if self.idle_motion else (0.0, 0.0, 0.0, 1.0)
         )
-        m = cv2.getRotationMatrix2D(self.pivot, angle, zoom)
-        m[0, 2] += dx * self.face_height
-        m[1, 2] += dy * self.face_height
-        fit = np.array([[self.scale, 0, self.offset[0]], [0, self.scale, self.offset[1]]])
-        return fit @ np.vstack([m, [0, 0, 1]])
+        sway = cv2.getRotationMatrix2D(self.framing.pivot, angle, zoom)
+        sway[0, 2] += dx * self.framing.face_height
+        sway[1, 2] += dy * self.framing.face_height
+        return (self._fit @ np.vstack([sway, [0, 0, 1]]))[:2]
 
     def compose(self, image: np.ndarray, frame_index: int) -> np.ndarray:
         """A new canvas (height, width, 3) uint8 BGR with the avatar image placed."""
@@ -66,13 +93,11 @@ class Compositor:
         return out
 
 
-def _backdrop(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    h, w = image.shape[:2]
-    cover = max(width / w, height / h)
-    big = cv2.resize(image, (round(w * cover), round(h * cover)), interpolation=cv2.INTER_AREA)
-    y0, x0 = (big.shape[0] - height) // 2, (big.shape[1] - width) // 2
-    crop = big[y0 : y0 + height, x0 : x0 + width]
-    small = cv2.resize(crop, (width // 8, height // 8), interpolation=cv2.INTER_AREA)
+def _backdrop(image: np.ndarray, fit: np.ndarray, width: int, height: int) -> np.ndarray:
+    filled = cv2.warpAffine(
+        image, fit, (width, height), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REFLECT
+    )
+    small = cv2.resize(filled, (width // 8, height // 8), interpolation=cv2.INTER_AREA)
     blurred = cv2.GaussianBlur(small, (0, 0), 4)
     out = cv2.resize(blurred, (width, height), interpolation=cv2.INTER_LINEAR)
     return (out * 0.6).astype(np.uint8)
