@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
@@ -17,10 +18,11 @@ class Engine(Protocol):
         """Absolute sample index (exclusive) the ring must reach before `frame` can be made."""
         ...
 
-    def generate(self, ring: AudioRing, frames: range) -> list[np.ndarray]:
-        """Face images (avatar-size, uint8 BGR, each a new array) for consecutive frames."""
+    def generate(self, ring: AudioRing, frames: Sequence[int]) -> list[np.ndarray]:
+        """Face images (avatar-size, uint8 BGR, each a new array) for increasing frame indices
+        (consecutive, or every n-th when the scheduler strides)."""
         ...
 
-    def generate_silent(self, frames: range) -> list[np.ndarray]:
+    def generate_silent(self, frames: Sequence[int]) -> list[np.ndarray]:
         """Idle faces for frames whose audio never arrived (stalled or missing microphone)."""
         ...

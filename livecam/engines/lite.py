@@ -7,6 +7,7 @@ offline rendering and live capture produce identical frames for identical audio.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -68,9 +69,9 @@ class LiteEngine:
         eyes = idle.blink(frame / self.fps) if self.idle_motion else 0.0
         return self.renderer.render(openness, width, eyes).copy()
 
-    def generate(self, ring: AudioRing, frames: range) -> list[np.ndarray]:
+    def generate(self, ring: AudioRing, frames: Sequence[int]) -> list[np.ndarray]:
         self._feed(ring, self.samples_needed(frames[-1]))
         return [self._face(k, *self.mouth(k)) for k in frames]
 
-    def generate_silent(self, frames: range) -> list[np.ndarray]:
+    def generate_silent(self, frames: Sequence[int]) -> list[np.ndarray]:
         return [self._face(k, 0.0, 0.0) for k in frames]
