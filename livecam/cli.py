@@ -91,6 +91,9 @@ def start(
     idle: IdleOpt = True,
     dashboard: Annotated[bool, typer.Option("--dashboard/--no-dashboard")] = True,
     duration: Annotated[float | None, typer.Option(help="Stop after N seconds.")] = None,
+    simulate_load: Annotated[
+        float | None, typer.Option(help="Testing: each frame costs FACTOR frame budgets.")
+    ] = None,
 ) -> None:
     """Run the live camera: microphone in, talking avatar out."""
     from livecam.live import LiveOptions, run
@@ -113,6 +116,7 @@ def start(
         idle_motion=idle,
         dashboard=dashboard and sys.stdout.isatty(),
         duration=duration,
+        simulate_load=simulate_load,
     )
     _run(lambda: run(opts, console))
 

@@ -34,7 +34,8 @@ def render(s: Snapshot) -> Panel:
     info.add_column(style="bold cyan", justify="right")
     info.add_column()
     info.add_row("avatar", s.avatar)
-    info.add_row("engine", f"{s.engine} (tier {s.tier})")
+    every = "every frame" if s.stride == 1 else f"every {s.stride}. frame"
+    info.add_row("engine", f"{s.engine} · tier {s.tier} · {every} · batch {s.batch}")
     info.add_row("camera", s.sink)
     info.add_row("microphone", s.source)
     info.add_row("level", level_meter(s.level_db))
@@ -45,10 +46,16 @@ def render(s: Snapshot) -> Panel:
             f" / {s.target_fps:g} target, {s.generated_fps:5.1f} generated",
         ),
     )
-    info.add_row("repeated", f"{s.repeat_ratio:6.1%} of {s.frames_shown} frames shown")
+    info.add_row(
+        "reused",
+        f"{s.skip_ratio:6.1%} of {s.frames_shown} frames shown reuse a mouth "
+        f"({s.frames_held} held by stride, {s.frames_repeated} late)",
+    )
+    measured = s.stages_ms.get("latency")
+    seen = f"; shown frames {measured[0]:.0f}/{measured[1]:.0f} ms p50/p95" if measured else ""
     info.add_row(
         "latency",
-        f"{s.latency_ms:5.0f} ms mic-to-frame (playout delay {s.playout_delay_ms:.0f} ms)",
+        f"{s.latency_ms:5.0f} ms mic-to-frame (playout delay {s.playout_delay_ms:.0f} ms{seen})",
     )
     info.add_row("queue", f"{s.queue_depth}/{s.queue_capacity} frames, {s.queue_drops} dropped")
     info.add_row(
@@ -63,6 +70,8 @@ def render(s: Snapshot) -> Panel:
     stages.add_column("p50 ms", justify="right")
     stages.add_column("p95 ms", justify="right")
     for name, (p50, p95) in sorted(s.stages_ms.items()):
+        if name == "latency":
+            continue
         stages.add_row(name, f"{p50:.2f}", f"{p95:.2f}")
 
     parts: list = [info, Text(), stages]

@@ -18,6 +18,7 @@ from livecam.audio.ring import AudioRing
 from livecam.audio.sources import FileSource, MicSource
 from livecam.avatar.store import load_avatar
 from livecam.constants import SAMPLE_RATE
+from livecam.engines.simulated import SimulatedLoad
 from livecam.pipeline.runner import Pipeline, PipelineConfig
 from livecam.session import build_compositor, build_engine
 from livecam.sinks import open_sink
@@ -46,12 +47,15 @@ class LiveOptions:
     idle_motion: bool = True
     dashboard: bool = True
     duration: float | None = None  # stop after this many seconds
+    simulate_load: float | None = None  # make generation take this many frame budgets
 
 
 def build_pipeline(opts: LiveOptions) -> Pipeline:
     """Everything is loaded and opened here, before any frame flows: errors surface early."""
     avatar = load_avatar(opts.avatar)
     engine = build_engine(opts.engine, avatar, opts.fps, opts.idle_motion)
+    if opts.simulate_load:
+        engine = SimulatedLoad(engine, opts.simulate_load, opts.fps)
     compositor = build_compositor(avatar, opts.width, opts.height, opts.fps, opts.idle_motion)
     ring, clock = AudioRing(RING_SECONDS * SAMPLE_RATE), AudioClock()
     if opts.audio_file is not None:

@@ -23,11 +23,13 @@ TRACK_HOPS = 10 * HOPS_PER_SECOND  # keep 10 s of per-hop features, enough for a
 
 class LiteEngine:
     name = "lite"
-    tier = "full"
+    tiers = ("full", "nearest")  # nearest: snap to the closest bank shape instead of blending
+    batch_sizes = (1, 2, 4)
 
     def __init__(self, avatar: Avatar, fps: float, idle_motion: bool = True) -> None:
         self.fps = fps
         self.idle_motion = idle_motion
+        self.tier = self.tiers[0]
         self.renderer = FaceRenderer(avatar)
         self.features = LiteFeatures()
         self._fed = 0  # absolute sample index up to which audio went into the features
@@ -65,8 +67,17 @@ class LiteEngine:
         value = a[:2] * (1 - frac) + b[:2] * frac
         return float(value[0]), float(value[1])
 
+    def set_tier(self, tier: str) -> None:
+        if tier not in self.tiers:
+            raise ValueError(f"unknown tier {tier!r} for the lite engine: {self.tiers}")
+        self.tier = tier
+
     def _face(self, frame: int, openness: float, width: float) -> np.ndarray:
         eyes = idle.blink(frame / self.fps) if self.idle_motion else 0.0
+        if self.tier == "nearest":
+            n_open, n_width = self.renderer.avatar.mouth.patches.shape[:2]
+            openness = round(openness * (n_open - 1)) / (n_open - 1)
+            width = round((width + 1) / 2 * (n_width - 1)) / (n_width - 1) * 2 - 1
         return self.renderer.render(openness, width, eyes).copy()
 
     def generate(self, ring: AudioRing, frames: Sequence[int]) -> list[np.ndarray]:

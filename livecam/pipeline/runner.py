@@ -1,9 +1,11 @@
-"""The live pipeline: generation worker thread -> bounded frame buffer -> fixed-rate output.
+"""The live pipeline: generation worker thread -> bounded face buffer -> fixed-rate output.
 
 Frame k shows the mouth for stream time [k/fps, (k+1)/fps) and goes on the camera when the
 stream clock reaches k/fps + playout_delay. The output thread never waits for the worker: at
-each tick it shows the newest frame that is due, or repeats the previous one (counted). The
-worker never works on frames that can no longer be shown in time: it jumps forward instead.
+each tick it composes the newest face that is due (head motion stays smooth even when the
+mouth is generated only every n-th frame) or repeats the previous one (counted). The worker
+never works on frames that can no longer be shown in time: it jumps forward instead, and the
+scheduler picks tier, stride and batch so that it keeps up.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -24,15 +27,15 @@ from livecam.audio.sources import BLOCK, SourceStats
 from livecam.constants import SAMPLE_RATE
 from livecam.engines.base import Engine
 from livecam.pipeline.compositor import Compositor
+from livecam.pipeline.scheduler import Mode, Scheduler
 from livecam.pipeline.stats import Counters, Snapshot
 from livecam.sinks.base import Sink
 
 log = logging.getLogger(__name__)
 
-FRAME_BUFFER = 8  # generated frames waiting for their tick; oldest dropped beyond this
-STALL_GRACE_S = 0.25  # audio this late means the source stalled: show idle frames
+FACE_BUFFER = 16  # generated faces waiting for their tick; oldest dropped beyond this
+STALL_GRACE_S = 0.25  # the capture stream this far behind the clock: the source stalled
 MARGIN_S = 0.01
-GENERATION_BUDGET_S = 0.015  # assumed generation time before it has been measured
 
 
 class AudioSource(Protocol):
@@ -50,7 +53,6 @@ class AudioSource(Protocol):
 class PipelineConfig:
     fps: float
     avatar: str
-    max_batch: int = 1
 
 
 class Pipeline:
@@ -69,20 +71,27 @@ class Pipeline:
         self.engine, self.compositor, self.sink = engine, compositor, sink
         self.counters = Counters()
         self.warnings: list[str] = []
-        self.playout_delay = self._derive_playout_delay()
-        self._frames: collections.deque[tuple[int, np.ndarray]] = collections.deque()
-        self._frames_lock = threading.Lock()
+        self.scheduler = Scheduler(
+            config.fps,
+            getattr(engine, "tiers", (engine.tier,)),
+            getattr(engine, "batch_sizes", (1,)),
+            self._base_delay(),
+        )
+        self.playout_delay = self.scheduler.playout_delay
+        self._faces: collections.deque[tuple[int, np.ndarray]] = collections.deque()
+        self._faces_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._last_frame: np.ndarray | None = None
+        self._shown: tuple[int, np.ndarray] | None = None
         self._audio_sent: int | None = None  # stream sample handed to the sink so far
         self._started_at = 0.0
+        self.on_tick: Callable[[int, float], None] | None = None  # (due frame, now) hook
         self.error: BaseException | None = None
 
-    def _derive_playout_delay(self) -> float:
-        """Look-ahead + one audio block + generation time + margin, in seconds after k/fps."""
-        needed = self.engine.samples_needed(1000) / SAMPLE_RATE - 1000 / self.cfg.fps
-        return needed + BLOCK / SAMPLE_RATE + GENERATION_BUDGET_S + MARGIN_S
+    def _base_delay(self) -> float:
+        """Frame length + engine look-ahead + one capture block + margin, after k/fps."""
+        lookahead = self.engine.samples_needed(1000) / SAMPLE_RATE - 1000 / self.cfg.fps
+        return lookahead + BLOCK / SAMPLE_RATE + MARGIN_S
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -94,11 +103,11 @@ class Pipeline:
             thread.start()
             self._threads.append(thread)
 
-    def _guard(self, target):
+    def _guard(self, target: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
             try:
                 target()
-            except BaseException as exc:  # surfaced by wait()/stop() in the main thread
+            except BaseException as exc:  # surfaced through .error to the main thread
                 log.exception("pipeline thread %s failed", threading.current_thread().name)
                 self.error = exc
                 self._stop.set()
@@ -123,7 +132,6 @@ class Pipeline:
         last_frame = math.ceil(self.ring.end / SAMPLE_RATE * self.cfg.fps) - 1
         return self._due_frame(time.monotonic()) >= last_frame
 
-    # -- timing ------------------------------------------------------------------------------
     def _due_frame(self, now: float) -> int:
         return math.floor((self.clock.stream_time(now) - self.playout_delay) * self.cfg.fps)
 
@@ -132,71 +140,68 @@ class Pipeline:
         next_frame = 0
         while not self._stop.is_set():
             now = time.monotonic()
+            mode = self.scheduler.mode
             due = self._due_frame(now)
-            if next_frame <= due:  # too late to be shown: never work on stale frames
-                self.counters.frames_skipped += due + 1 - next_frame
-                next_frame = due + 1
-            ready = self.ring.end
-            if self.engine.samples_needed(next_frame) <= ready:
-                batch = self._ready_batch(next_frame, ready)
-                self._produce(batch, silent=False)
+            first = max(next_frame, due + 1)  # never work on frames too late to be shown
+            first = -(-first // mode.stride) * mode.stride  # strided frames are aligned
+            self.counters.frames_skipped += max(0, due + 1 - next_frame)
+            batch = range(first, first + mode.batch * mode.stride, mode.stride)
+            if self.engine.samples_needed(batch[-1]) <= self.ring.end:
+                self._generate(batch, mode)
                 next_frame = batch[-1] + 1
-            elif self._source_stalled(now):  # idle frames, made just in time for their tick
-                if next_frame <= due + 1:
-                    self._produce(range(next_frame, next_frame + 1), silent=True)
-                    next_frame += 1
+            elif self._source_stalled(now):  # idle faces, made just in time for their tick
+                if first <= due + mode.stride:
+                    self._push(range(first, first + 1), self.engine.generate_silent([first]))
+                    self.counters.frames_silent += 1
+                    next_frame = first + 1
                 else:
                     self._stop.wait(0.5 / self.cfg.fps)
             else:
-                wait = self.engine.samples_needed(next_frame) / SAMPLE_RATE
+                wait = self.engine.samples_needed(batch[-1]) / SAMPLE_RATE
                 wait -= self.clock.stream_time(now)
                 self._stop.wait(min(max(wait, 0.002), 0.02))
 
-    def _ready_batch(self, first: int, ready: int) -> range:
-        last = first
-        while (
-            last + 1 < first + self.cfg.max_batch and self.engine.samples_needed(last + 1) <= ready
-        ):
-            last += 1
-        return range(first, last + 1)
+    def _generate(self, frames: range, mode: Mode) -> None:
+        if getattr(self.engine, "tier", mode.tier) != mode.tier:
+            self.engine.set_tier(mode.tier)
+        t0 = time.perf_counter()
+        faces = self.engine.generate(self.ring, frames)
+        seconds = time.perf_counter() - t0
+        self.counters.time_stage("generate", seconds / len(frames))
+        self._push(frames, faces)
+        self.counters.frames_generated += len(frames)
+        for _ in frames:
+            self.counters.generated_rate.tick()
+        if self.scheduler.observe(mode, seconds):
+            new = self.scheduler.mode
+            self.playout_delay = self.scheduler.playout_delay
+            log.info(
+                "scheduler: tier %s, every %d. frame, batch %d, playout delay %.0f ms",
+                new.tier,
+                new.stride,
+                new.batch,
+                self.playout_delay * 1e3,
+            )
 
     def _source_stalled(self, now: float) -> bool:
         """The capture stream is this far behind the clock: the device stopped delivering."""
         return self.clock.stream_time(now) - self.ring.end / SAMPLE_RATE > STALL_GRACE_S
 
-    def _produce(self, frames: range, silent: bool) -> None:
-        t0 = time.perf_counter()
-        faces = (
-            self.engine.generate_silent(frames)
-            if silent
-            else self.engine.generate(self.ring, frames)
-        )
-        t1 = time.perf_counter()
-        canvases = [self.compositor.compose(face, k) for k, face in zip(frames, faces, strict=True)]
-        t2 = time.perf_counter()
-        c = self.counters
-        c.time_stage("generate", (t1 - t0) / len(frames))
-        c.time_stage("compose", (t2 - t1) / len(frames))
-        with self._frames_lock:
-            for k, canvas in zip(frames, canvases, strict=True):
-                if len(self._frames) >= FRAME_BUFFER:
-                    self._frames.popleft()
-                    c.queue_drops += 1
-                self._frames.append((k, canvas))
-        if silent:
-            c.frames_silent += len(frames)
-        else:
-            c.frames_generated += len(frames)
-        for _ in frames:
-            c.generated_rate.tick()
+    def _push(self, frames: range | list[int], faces: list[np.ndarray]) -> None:
+        with self._faces_lock:
+            for k, face in zip(frames, faces, strict=True):
+                if len(self._faces) >= FACE_BUFFER:
+                    self._faces.popleft()
+                    self.counters.queue_drops += 1
+                self._faces.append((k, face))
 
     # -- output clock ------------------------------------------------------------------------
     def _take_due(self, due: int) -> tuple[int, np.ndarray] | None:
-        """Newest frame with index <= due; older ones are discarded (they were superseded)."""
+        """Newest face with index <= due; older ones are discarded (they were superseded)."""
         found = None
-        with self._frames_lock:
-            while self._frames and self._frames[0][0] <= due:
-                found = self._frames.popleft()
+        with self._faces_lock:
+            while self._faces and self._faces[0][0] <= due:
+                found = self._faces.popleft()
         return found
 
     def _output(self) -> None:
@@ -208,29 +213,37 @@ class Pipeline:
                 break
             now = time.monotonic()
             due = self._due_frame(now)
-            self._show(due, self._take_due(due), now)
+            self._show(due, now)
             next_tick += period
             if now - next_tick > period:  # fell a whole frame behind: resync, never burst
                 self.counters.late_ticks += 1
                 next_tick = now + period
 
-    def _show(self, due: int, item: tuple[int, np.ndarray] | None, now: float) -> None:
+    def _show(self, due: int, now: float) -> None:
         c = self.counters
-        if item is not None and item[0] == due:
+        item = self._take_due(due)
+        if item is not None:
+            self._shown = item
+        if self._shown is None:  # nothing generated yet: the idle face
+            self._shown = (due, self.engine.generate_silent([max(due, 0)])[0])
+        index, face = self._shown
+        if index == due:
             c.frames_new += 1
+        elif due - index < self.scheduler.mode.stride and item is None:
+            c.frames_held += 1  # between strided frames: the mouth holds, the head moves
         else:
             c.frames_repeated += 1
-        if item is not None:
-            self._last_frame = item[1]
-        if self._last_frame is None:
-            self._last_frame = self.compositor.compose(
-                self.engine.generate_silent(range(0, 1))[0], 0
-            )
         t0 = time.perf_counter()
-        self.sink.send(self._last_frame, self._audio_until(due))
-        c.time_stage("sink", time.perf_counter() - t0)
+        frame = self.compositor.compose(face, due)
+        t1 = time.perf_counter()
+        self.sink.send(frame, self._audio_until(due))
+        c.time_stage("compose", t1 - t0)
+        c.time_stage("sink", time.perf_counter() - t1)
+        c.time_stage("latency", self.clock.stream_time(now) - index / self.cfg.fps)
         c.frames_shown += 1
         c.shown_rate.tick(now)
+        if self.on_tick is not None:
+            self.on_tick(index, now)
 
     def _audio_until(self, due: int) -> np.ndarray:
         """The captured audio up to the end of the due frame, for sinks that record it."""
@@ -254,10 +267,13 @@ class Pipeline:
         warnings = list(self.warnings)
         if self.source.stats.problem:
             warnings.append(self.source.stats.problem + ": showing idle frames")
+        mode = self.scheduler.mode
         return Snapshot(
             avatar=self.cfg.avatar,
             engine=self.engine.name,
-            tier=self.engine.tier,
+            tier=mode.tier,
+            stride=mode.stride,
+            batch=mode.batch,
             sink=self.sink.name,
             source=self.source.name,
             target_fps=self.cfg.fps,
@@ -265,12 +281,13 @@ class Pipeline:
             generated_fps=c.generated_rate.rate(now),
             frames_shown=c.frames_shown,
             frames_new=c.frames_new,
+            frames_held=c.frames_held,
             frames_repeated=c.frames_repeated,
             frames_generated=c.frames_generated,
             frames_skipped=c.frames_skipped,
             frames_silent=c.frames_silent,
-            queue_depth=len(self._frames),
-            queue_capacity=FRAME_BUFFER,
+            queue_depth=len(self._faces),
+            queue_capacity=FACE_BUFFER,
             queue_drops=c.queue_drops,
             late_ticks=c.late_ticks,
             audio_overruns=self.source.stats.overruns,

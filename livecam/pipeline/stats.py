@@ -54,6 +54,8 @@ class Snapshot:
     avatar: str
     engine: str
     tier: str
+    stride: int
+    batch: int
     sink: str
     source: str
     target_fps: float
@@ -61,7 +63,8 @@ class Snapshot:
     generated_fps: float
     frames_shown: int
     frames_new: int
-    frames_repeated: int
+    frames_held: int  # between strided frames: mouth held, head still moving
+    frames_repeated: int  # the due face was not ready in time
     frames_generated: int
     frames_skipped: int
     frames_silent: int
@@ -81,6 +84,12 @@ class Snapshot:
     def repeat_ratio(self) -> float:
         return self.frames_repeated / self.frames_shown if self.frames_shown else 0.0
 
+    @property
+    def skip_ratio(self) -> float:
+        """Share of shown frames whose mouth was not generated for them (held or repeated)."""
+        reused = self.frames_held + self.frames_repeated
+        return reused / self.frames_shown if self.frames_shown else 0.0
+
 
 @dataclass
 class Counters:
@@ -88,6 +97,7 @@ class Counters:
 
     frames_shown: int = 0
     frames_new: int = 0
+    frames_held: int = 0
     frames_repeated: int = 0
     frames_generated: int = 0
     frames_skipped: int = 0

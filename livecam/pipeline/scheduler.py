@@ -1,0 +1,154 @@
+"""Adaptive generation: picks quality tier, stride and batch so the generator keeps up.
+
+A mode is (tier, stride, batch): generate every `stride`-th frame, `batch` frames per engine
+call, with the engine at `tier`. The scheduler keeps a moving estimate of each call's cost,
+and the predicted utilisation of a mode is cost / (time the batch covers on the camera). It
+steps down the quality ladder quickly when the generator falls behind and back up slowly
+when there is headroom (hysteresis), and derives the playout delay from the active mode.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+STRIDES = (1, 2, 3, 4, 6)
+TARGET_UTILISATION = 0.75  # plan modes to use at most this share of the frame time
+STEP_DOWN_AT = 0.95  # measured utilisation above this: the generator is falling behind
+STEP_UP_BELOW = 0.45  # below this for STEP_UP_AFTER_S: try the next better mode
+STEP_UP_AFTER_S = 3.0
+EWMA = 0.2  # weight of the newest cost measurement
+TIER_PRIOR = 0.7  # an unmeasured tier is assumed this much cheaper than the one above it
+BATCH_OVERHEAD_PRIOR = 0.5  # an unmeasured batch size: assume this share of a call is fixed
+LATENCY_CEILING_S = 0.25  # prefer a coarser stride to a batch that delays more than this
+RECALIBRATE_AFTER = 10  # calls in a mode before its measured p95 may raise the playout delay
+
+
+@dataclass(frozen=True)
+class Mode:
+    tier: str
+    stride: int
+    batch: int
+
+
+class Scheduler:
+    def __init__(
+        self,
+        fps: float,
+        tiers: tuple[str, ...],
+        batch_sizes: tuple[int, ...],
+        base_delay_s: float,
+        initial_cost_s: float = 0.01,
+    ) -> None:
+        self.fps = fps
+        self.tiers = tiers
+        self.batch_sizes = batch_sizes
+        self.base_delay_s = base_delay_s
+        self.ladder = [(tier, stride) for stride in STRIDES for tier in tiers]
+        self.level = 0
+        self._cost: dict[tuple[str, int], float] = {(tiers[0], batch_sizes[0]): initial_cost_s}
+        self._recent: collections.deque[float] = collections.deque(maxlen=30)
+        self._calm_since: float | None = None
+        self.mode = Mode(tiers[0], 1, batch_sizes[0])
+        self.changes = 0
+        self._derive_delay()
+
+    # -- cost model ---------------------------------------------------------------------------
+    def cost(self, tier: str, batch: int) -> float:
+        """Estimated seconds per engine call; unmeasured batches scale linearly (pessimistic)."""
+        if (tier, batch) in self._cost:
+            return self._cost[(tier, batch)]
+        rank = self.tiers.index
+        source = min({t for t, _ in self._cost}, key=lambda t: abs(rank(t) - rank(tier)))
+        known = [(b, c) for (t, b), c in self._cost.items() if t == source]
+        b0, c0 = min(known, key=lambda bc: abs(bc[0] - batch))
+        scale = BATCH_OVERHEAD_PRIOR + (1 - BATCH_OVERHEAD_PRIOR) * batch / b0
+        return c0 * scale * TIER_PRIOR ** (rank(tier) - rank(source))
+
+    def utilisation(self, mode: Mode, cost: float | None = None) -> float:
+        cost = self.cost(mode.tier, mode.batch) if cost is None else cost
+        return cost * self.fps / (mode.batch * mode.stride)
+
+    def _generation_allowance(self) -> float:
+        """p95 of the mode's recent calls, or its estimated cost before there are any."""
+        estimate = self.cost(self.mode.tier, self.mode.batch)
+        if len(self._recent) < RECALIBRATE_AFTER:
+            return estimate * 1.3
+        return float(np.percentile(list(self._recent), 95)) * 1.1
+
+    def _derive_delay(self) -> None:
+        """Audio of a batch's last frame must arrive, then the batch must be generated."""
+        self._allowance = self._generation_allowance()
+        wait = (self.mode.batch - 1) * self.mode.stride / self.fps
+        self.playout_delay = self.base_delay_s + wait + self._allowance
+
+    def _predicted_delay(self, mode: Mode) -> float:
+        wait = (mode.batch - 1) * mode.stride / self.fps
+        return self.base_delay_s + wait + 1.3 * self.cost(mode.tier, mode.batch)
+
+    def _plan(self, level: int) -> Mode | None:
+        """The lowest-latency batch that keeps the ladder level under the target load and
+        under the latency ceiling."""
+        tier, stride = self.ladder[level]
+        for batch in self.batch_sizes:
+            mode = Mode(tier, stride, batch)
+            if self.utilisation(mode) <= TARGET_UTILISATION:
+                return mode if self._predicted_delay(mode) <= LATENCY_CEILING_S else None
+        return None
+
+    # -- feedback -----------------------------------------------------------------------------
+    def observe(self, mode: Mode, seconds: float, now: float | None = None) -> bool:
+        """Record one engine call; returns True when the mode (and playout delay) changed."""
+        key = (mode.tier, mode.batch)
+        old = self._cost.get(key, seconds)
+        self._cost[key] = old + EWMA * (seconds - old)
+        self._recent.append(seconds)
+        now = time.monotonic() if now is None else now
+        if len(self._recent) == RECALIBRATE_AFTER or (
+            len(self._recent) > RECALIBRATE_AFTER
+            and self._generation_allowance() > 1.2 * self._allowance
+        ):  # the first real measurements, or slower than the delay allows: re-derive it
+            self._derive_delay()
+            self.changes += 1
+            return True
+        measured = self.utilisation(self.mode, seconds)
+        if measured > STEP_DOWN_AT and self.utilisation(self.mode) > TARGET_UTILISATION:
+            return self._step_down()
+        if self.utilisation(self.mode) < STEP_UP_BELOW:
+            self._calm_since = self._calm_since or now
+            if now - self._calm_since >= STEP_UP_AFTER_S:
+                self._calm_since = now
+                return self._step_up()
+        else:
+            self._calm_since = None
+        return False
+
+    def _step_down(self) -> bool:
+        for level in range(self.level, len(self.ladder)):
+            mode = self._plan(level)
+            if mode is not None and mode != self.mode:
+                return self._switch(level, mode)
+        last = len(self.ladder) - 1
+        tier, stride = self.ladder[last]
+        return self._switch(last, Mode(tier, stride, self.batch_sizes[-1]))
+
+    def _step_up(self) -> bool:
+        if self.level == 0 and self.mode.batch == self.batch_sizes[0]:
+            return False
+        for level in range(self.level + 1):
+            mode = self._plan(level)
+            if mode is not None:
+                return mode != self.mode and self._switch(level, mode)
+        return False
+
+    def _switch(self, level: int, mode: Mode) -> bool:
+        if mode == self.mode:
+            return False
+        self.level, self.mode = level, mode
+        self._recent.clear()
+        self._derive_delay()
+        self.changes += 1
+        return True

@@ -1,0 +1,59 @@
+"""The scheduler's decisions, driven with synthetic engine costs (no clocks involved)."""
+
+from livecam.pipeline.scheduler import STEP_UP_AFTER_S, Mode, Scheduler
+
+FPS = 30
+BUDGET = 1 / FPS
+
+
+def _drive(scheduler: Scheduler, cost_of, seconds: float, start: float = 0.0) -> float:
+    """Feed calls at the pace the current mode implies; returns the end time."""
+    now = start
+    while now < start + seconds:
+        mode = scheduler.mode
+        scheduler.observe(mode, cost_of(mode), now=now)
+        now += mode.batch * mode.stride / FPS
+    return now
+
+
+def test_fast_engine_stays_at_full_quality():
+    s = Scheduler(FPS, ("full", "nearest"), (1, 2, 4), base_delay_s=0.08)
+    _drive(s, lambda m: 0.2 * BUDGET, 10)
+    assert s.mode == Mode("full", 1, 1)
+    assert s.changes <= 1  # the delay was calibrated once from real measurements
+    assert 0.08 + 0.2 * BUDGET < s.playout_delay < 0.08 + 0.5 * BUDGET
+
+
+def test_overload_steps_down_until_it_keeps_up():
+    s = Scheduler(FPS, ("full", "nearest"), (1,), base_delay_s=0.08)
+    costs = {"full": 3 * BUDGET, "nearest": 1.8 * BUDGET}
+    _drive(s, lambda m: costs[m.tier], 10)
+    mode = s.mode
+    assert costs[mode.tier] * FPS / (mode.batch * mode.stride) <= 0.75
+    assert mode.stride in (3, 4)
+
+
+def test_batching_is_used_when_it_pays():
+    s = Scheduler(FPS, ("full",), (1, 2, 4, 8), base_delay_s=0.08)
+    _drive(s, lambda m: 0.8 * BUDGET + 0.2 * BUDGET * m.batch, 10)  # a GPU-like cost curve
+    assert s.mode.stride == 1 and s.mode.batch > 1
+
+
+def test_headroom_steps_back_up_only_after_a_calm_period():
+    s = Scheduler(FPS, ("full", "nearest"), (1,), base_delay_s=0.08)
+    end = _drive(s, lambda m: 3 * BUDGET, 5)  # a load spike
+    low = s.mode
+    assert low.stride > 1
+    end = _drive(s, lambda m: 0.1 * BUDGET, STEP_UP_AFTER_S * 0.5, start=end)
+    assert s.mode == low  # hysteresis: not yet
+    _drive(s, lambda m: 0.1 * BUDGET, STEP_UP_AFTER_S * 4, start=end)
+    assert s.mode == Mode("full", 1, 1)
+
+
+def test_playout_delay_covers_batch_wait_and_generation_time():
+    s = Scheduler(FPS, ("full",), (1, 4), base_delay_s=0.08)
+    _drive(s, lambda m: 0.9 * BUDGET + 0.1 * BUDGET * m.batch, 10)
+    mode = s.mode
+    wait = (mode.batch - 1) * mode.stride / FPS
+    assert s.playout_delay >= 0.08 + wait + 0.9 * BUDGET
+    assert s.playout_delay < 0.08 + wait + 3 * BUDGET
