@@ -24,9 +24,28 @@ def _percentiles(values_ms: list[float]) -> dict[str, float]:
 
 
 def run_bench(
-    engine_name: str, avatar_name: str, audio_path: Path | None, fps: float, width: int, height: int
+    engine_name: str,
+    avatar_name: str,
+    audio_path: Path | None,
+    fps: float,
+    width: int,
+    height: int,
+    models_dir: Path | None = None,
+    device: str | None = None,
+    random_weights: bool = False,
 ) -> dict:
     audio_path = audio_path or SAMPLE_AUDIO
+    if engine_name == "musetalk":  # per-stage model timings instead of a render
+        from livecam.musetalk.bench import run_musetalk_bench
+        from livecam.musetalk.weights import WeightsError
+        from livecam.session import EngineError
+
+        try:
+            return run_musetalk_bench(
+                avatar_name, audio_path, fps, models_dir, device, random_weights
+            )
+        except WeightsError as exc:
+            raise EngineError(str(exc)) from None
     audio = read_audio(audio_path)
     avatar = load_avatar(avatar_name)
 

@@ -15,6 +15,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from livecam.constants import DEFAULT_AVATAR, DEFAULT_FPS, DEFAULT_HEIGHT, DEFAULT_WIDTH
+from livecam.musetalk.cli import ModelsDirOpt, features_command, models_app
 
 app = typer.Typer(
     help="Turn your microphone into a talking face on a virtual webcam.",
@@ -23,6 +24,8 @@ app = typer.Typer(
 )
 avatars_app = typer.Typer(help="List, prepare, show and remove avatars.", no_args_is_help=True)
 app.add_typer(avatars_app, name="avatars")
+app.add_typer(models_app, name="models")
+app.command("features")(features_command)
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
@@ -31,11 +34,12 @@ err_console = Console(stderr=True, soft_wrap=True)
 def _user_errors() -> tuple[type[Exception], ...]:
     from livecam.audio.files import AudioFileError
     from livecam.audio.sources import AudioDeviceError
+    from livecam.audio.virtual_mic import VirtualMicError
     from livecam.avatar.store import AvatarError
     from livecam.session import EngineError
     from livecam.sinks.base import SinkError
 
-    return AudioFileError, AudioDeviceError, AvatarError, EngineError, SinkError
+    return AudioFileError, AudioDeviceError, AvatarError, EngineError, SinkError, VirtualMicError
 
 
 def _run(action: Callable[[], int | None]) -> None:
@@ -68,7 +72,12 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug lo
 
 
 AvatarOpt = Annotated[str, typer.Option(help="Avatar name (see `livecam avatars list`).")]
-EngineOpt = Annotated[str, typer.Option(help="Lip-sync engine: lite (CPU, default).")]
+EngineOpt = Annotated[
+    str, typer.Option(help="Lip-sync engine: lite (CPU, default) | musetalk (neural, GPU).")
+]
+TorchDeviceOpt = Annotated[
+    str | None, typer.Option(help="musetalk: torch device, cuda | cpu (default: auto).")
+]
 FpsOpt = Annotated[float, typer.Option(help="Camera frame rate.")]
 SizeOpt = Annotated[str, typer.Option(help="Camera frame size WIDTHxHEIGHT.")]
 IdleOpt = Annotated[bool, typer.Option("--idle/--no-idle", help="Blinks and head sway.")]
@@ -94,6 +103,11 @@ def start(
     simulate_load: Annotated[
         float | None, typer.Option(help="Testing: each frame costs FACTOR frame budgets.")
     ] = None,
+    models_dir: ModelsDirOpt = None,
+    torch_device: TorchDeviceOpt = None,
+    virtual_mic: Annotated[
+        bool, typer.Option(help='Publish "LiveCam Microphone": your voice in step with the face.')
+    ] = False,
 ) -> None:
     """Run the live camera: microphone in, talking avatar out."""
     from livecam.live import LiveOptions, run
@@ -117,6 +131,9 @@ def start(
         dashboard=dashboard and sys.stdout.isatty(),
         duration=duration,
         simulate_load=simulate_load,
+        virtual_mic=virtual_mic,
+        models_dir=models_dir,
+        torch_device=torch_device,
     )
     _run(lambda: run(opts, console))
 
@@ -130,6 +147,8 @@ def render(
     fps: FpsOpt = DEFAULT_FPS,
     size: SizeOpt = f"{DEFAULT_WIDTH}x{DEFAULT_HEIGHT}",
     idle: IdleOpt = True,
+    models_dir: ModelsDirOpt = None,
+    torch_device: TorchDeviceOpt = None,
 ) -> None:
     """Render an audio file to an mp4 offline, as fast as the machine allows."""
     from livecam.audio.files import read_audio
@@ -142,7 +161,12 @@ def render(
     def action() -> None:
         samples = read_audio(audio)
         face = load_avatar(avatar)
-        eng = build_engine(engine, face, fps, idle)
+        options = None
+        if engine == "musetalk":
+            from livecam.musetalk.engine import MuseTalkOptions
+
+            options = MuseTalkOptions(models_dir, torch_device, features="offline")
+        eng = build_engine(engine, face, fps, idle, options)
         comp = build_compositor(face, width, height, fps, idle)
         sink, _ = open_sink("file", width=width, height=height, fps=fps, out=out)
         result = render_audio(samples, eng, comp, sink)
@@ -179,14 +203,49 @@ def bench(
     fps: FpsOpt = DEFAULT_FPS,
     size: SizeOpt = f"{DEFAULT_WIDTH}x{DEFAULT_HEIGHT}",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+    models_dir: ModelsDirOpt = None,
+    torch_device: TorchDeviceOpt = None,
+    random_weights: Annotated[
+        bool, typer.Option(help="musetalk: full-size random weights (no download needed).")
+    ] = False,
+    latency: Annotated[
+        bool, typer.Option(help="Measure mic-to-frame latency (file source and PulseAudio).")
+    ] = False,
+    bursts: Annotated[int, typer.Option(help="With --latency: how many sound bursts.")] = 15,
+    soak: Annotated[
+        float | None, typer.Option(help="Run the live pipeline this many seconds and report.")
+    ] = None,
+    simulate_load: Annotated[
+        float | None, typer.Option(help="With --soak/--latency: each frame costs FACTOR budgets.")
+    ] = None,
 ) -> None:
-    """Measure engine, compositing and render speed."""
+    """Measure engine, compositing and render speed (or live latency, or a long run)."""
     from livecam.bench import run_bench
 
     width, height = _parse_size(size)
 
     def action() -> None:
-        report = run_bench(engine, avatar, audio, fps, width, height)
+        if latency or soak:
+            from livecam.bench_live import live_report
+            from livecam.live import LiveOptions
+
+            opts = LiveOptions(
+                avatar=avatar,
+                engine=engine,
+                width=width,
+                height=height,
+                fps=fps,
+                dashboard=False,
+                simulate_load=simulate_load,
+            )
+            report = live_report(opts, latency, soak, bursts)
+        else:
+            extra = {
+                "models_dir": models_dir,
+                "device": torch_device,
+                "random_weights": random_weights,
+            }
+            report = run_bench(engine, avatar, audio, fps, width, height, **extra)
         if as_json:
             print(json.dumps(report, indent=2))
         else:

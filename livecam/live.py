@@ -16,6 +16,7 @@ from livecam import dashboard
 from livecam.audio.clock import AudioClock
 from livecam.audio.ring import AudioRing
 from livecam.audio.sources import FileSource, MicSource
+from livecam.audio.virtual_mic import DESCRIPTION, VirtualMic
 from livecam.avatar.store import load_avatar
 from livecam.constants import SAMPLE_RATE
 from livecam.engines.simulated import SimulatedLoad
@@ -48,12 +49,20 @@ class LiveOptions:
     dashboard: bool = True
     duration: float | None = None  # stop after this many seconds
     simulate_load: float | None = None  # make generation take this many frame budgets
+    virtual_mic: bool = False  # publish the delayed "LiveCam Microphone"
+    models_dir: Path | None = None  # musetalk weights
+    torch_device: str | None = None  # musetalk: cuda | cpu (default: auto)
 
 
 def build_pipeline(opts: LiveOptions) -> Pipeline:
     """Everything is loaded and opened here, before any frame flows: errors surface early."""
     avatar = load_avatar(opts.avatar)
-    engine = build_engine(opts.engine, avatar, opts.fps, opts.idle_motion)
+    options = None
+    if opts.engine == "musetalk":
+        from livecam.musetalk.engine import MuseTalkOptions
+
+        options = MuseTalkOptions(opts.models_dir, opts.torch_device, features="streaming")
+    engine = build_engine(opts.engine, avatar, opts.fps, opts.idle_motion, options)
     if opts.simulate_load:
         engine = SimulatedLoad(engine, opts.simulate_load, opts.fps)
     compositor = build_compositor(avatar, opts.width, opts.height, opts.fps, opts.idle_motion)
@@ -95,8 +104,12 @@ def run(opts: LiveOptions, console: Console) -> int:
         sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
     }
     deadline = time.monotonic() + opts.duration if opts.duration else None
+    virtual_mic = VirtualMic(pipeline.ring, pipeline.clock, pipeline.audio_delay_s)
     try:
         pipeline.start()
+        if opts.virtual_mic:
+            virtual_mic.start()
+            log.info("virtual microphone %r is ready: select it in the meeting app", DESCRIPTION)
         log.info(
             "running: camera %s, microphone %s, latency ~%.0f ms",
             pipeline.sink.name,
@@ -105,6 +118,7 @@ def run(opts: LiveOptions, console: Console) -> int:
         )
         _loop(pipeline, stop, deadline, console if opts.dashboard else None)
     finally:
+        virtual_mic.stop()
         pipeline.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -15,19 +16,41 @@ from livecam.engines.base import Engine
 from livecam.pipeline.compositor import Compositor, webcam_framing
 from livecam.sinks.base import Sink
 
-ENGINES = ("lite",)
+ENGINES = ("lite", "musetalk")
 
 
 class EngineError(Exception):
     """An engine that cannot run here, with a message fit for the user."""
 
 
-def build_engine(name: str, avatar: Avatar, fps: float, idle_motion: bool = True) -> Engine:
+def build_engine(
+    name: str, avatar: Avatar, fps: float, idle_motion: bool = True, options: Any = None
+) -> Engine:
+    """`options`: engine-specific settings (musetalk: a MuseTalkOptions; None: defaults)."""
     if name == "lite":
         from livecam.engines.lite import LiteEngine
 
         return LiteEngine(avatar, fps, idle_motion=idle_motion)
+    elif name == "musetalk":
+        return _build_musetalk(avatar, fps, idle_motion, options)
     raise EngineError(f"unknown engine {name!r}: choose one of {', '.join(ENGINES)}")
+
+
+def _build_musetalk(avatar: Avatar, fps: float, idle_motion: bool, options: Any) -> Engine:
+    from livecam.musetalk.engine import MuseTalkEngine, MuseTalkOptions
+    from livecam.musetalk.manifest import default_models_dir
+    from livecam.musetalk.models import load_models, random_models
+    from livecam.musetalk.weights import WeightsError
+
+    opts = options or MuseTalkOptions()
+    try:
+        if opts.random_weights:
+            models = random_models(opts.device)
+        else:
+            models = load_models(opts.models_dir or default_models_dir(), opts.device)
+        return MuseTalkEngine(avatar, fps, models, opts, idle_motion=idle_motion)
+    except (WeightsError, ValueError) as exc:
+        raise EngineError(str(exc)) from None
 
 
 def build_compositor(

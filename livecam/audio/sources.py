@@ -18,7 +18,7 @@ from livecam.constants import HOP_LENGTH, SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
-BLOCK = HOP_LENGTH  # 20 ms capture blocks: small enough for low latency
+BLOCK = HOP_LENGTH // 2  # 10 ms capture blocks: each one adds its length to the latency
 STALL_S = 1.0  # no audio for this long: tell the user the device stopped
 REOPEN_S = 3.0  # no audio for this long: close and reopen the device (then every RETRY_S)
 RETRY_S = 2.0

@@ -25,6 +25,10 @@ class LiteEngine:
     name = "lite"
     tiers = ("full", "nearest")  # nearest: snap to the closest bank shape instead of blending
     batch_sizes = (1, 2, 4)
+    # A sound's onset shows as a visibly opening mouth this long after its frame is due:
+    # half an analysis window, the attack smoothing, and on average half a frame (measured
+    # with `livecam bench --latency`). The virtual microphone adds it to its delay.
+    response_s = 0.05
 
     def __init__(self, avatar: Avatar, fps: float, idle_motion: bool = True) -> None:
         self.fps = fps
@@ -35,13 +39,13 @@ class LiteEngine:
         self._fed = 0  # absolute sample index up to which audio went into the features
         self._track = np.zeros((TRACK_HOPS, 3), dtype=np.float32)  # ring of hop features
 
-    def _hop_position(self, frame: int) -> float:
-        """Fractional hop index at the centre of a frame's time span."""
-        return (frame + 0.5) / self.fps * HOPS_PER_SECOND
+    def _hop(self, frame: int) -> int:
+        """The newest hop whose centre lies within the frame's span: the freshest mouth state
+        for it, and no look-ahead beyond the half analysis window."""
+        return math.floor((frame + 1) / self.fps * HOPS_PER_SECOND - 1e-9)
 
     def samples_needed(self, frame: int) -> int:
-        last_hop = math.floor(self._hop_position(frame)) + 1
-        return (last_hop + 1) * HOP_LENGTH  # hop h is complete once (h + 1) hops arrived
+        return (self._hop(frame) + 1) * HOP_LENGTH  # hop h is complete once (h + 1) hops arrived
 
     def _feed(self, ring: AudioRing, upto: int) -> None:
         if self._fed < ring.start:  # fell more than the ring's length behind: resume there
@@ -57,14 +61,11 @@ class LiteEngine:
         self._track[idx] = hops
 
     def mouth(self, frame: int) -> tuple[float, float]:
-        """(openness, width) at the frame's centre, interpolated between hops."""
-        pos = self._hop_position(frame)
-        h = math.floor(pos)
-        frac = pos - h
-        if h + 1 >= self.features.hops_done or h < self.features.hops_done - TRACK_HOPS:
+        """(openness, width) for a frame; closed if its hop is not (or no longer) known."""
+        h = self._hop(frame)
+        if not self.features.hops_done - TRACK_HOPS <= h < self.features.hops_done:
             return 0.0, 0.0
-        a, b = self._track[h % TRACK_HOPS], self._track[(h + 1) % TRACK_HOPS]
-        value = a[:2] * (1 - frac) + b[:2] * frac
+        value = self._track[h % TRACK_HOPS]
         return float(value[0]), float(value[1])
 
     def set_tier(self, tier: str) -> None:

@@ -44,7 +44,7 @@ class LiteFeatureConfig:
     range_db: float = 24.0  # loudness range below the recent peak mapped onto openness
     max_open: float = 0.85  # openness at the speaker's peak loudness
     hangover_hops: int = 4  # keep the gate open this long after speech stops
-    attack_s: float = 0.025
+    attack_s: float = 0.02
     release_s: float = 0.07
     width_s: float = 0.08
     floor_rise_db_per_s: float = 1.5  # how fast the noise floor may rise

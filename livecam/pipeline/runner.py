@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 FACE_BUFFER = 16  # generated faces waiting for their tick; oldest dropped beyond this
 STALL_GRACE_S = 0.25  # the capture stream this far behind the clock: the source stalled
-MARGIN_S = 0.01
+MARGIN_S = 0.005  # scheduling jitter of the worker thread
 
 
 class AudioSource(Protocol):
@@ -257,6 +257,11 @@ class Pipeline:
         return self.ring.read(start, end)
 
     # -- status ------------------------------------------------------------------------------
+    def audio_delay_s(self) -> float:
+        """How far to delay the microphone so that it sounds in step with the camera."""
+        response = getattr(self.engine, "response_s", 0.0)
+        return self.playout_delay + self.sink.latency_s + response
+
     def latency_s(self) -> float:
         """Estimated mic-to-camera latency: capture + playout delay + the sink's own."""
         return self.source.latency_s + self.playout_delay + self.sink.latency_s

@@ -23,7 +23,7 @@ STEP_UP_AFTER_S = 3.0
 EWMA = 0.2  # weight of the newest cost measurement
 TIER_PRIOR = 0.7  # an unmeasured tier is assumed this much cheaper than the one above it
 BATCH_OVERHEAD_PRIOR = 0.5  # an unmeasured batch size: assume this share of a call is fixed
-LATENCY_CEILING_S = 0.25  # prefer a coarser stride to a batch that delays more than this
+LATENCY_CEILING_S = 0.2  # prefer a coarser stride to a batch that delays more than this
 RECALIBRATE_AFTER = 10  # calls in a mode before its measured p95 may raise the playout delay
 
 

@@ -1,0 +1,136 @@
+"""A "LiveCam Microphone": the microphone delayed to match the camera, via PulseAudio/PipeWire.
+
+A meeting app hears the raw microphone at once but sees the mouth only after the pipeline's
+latency. Selecting this virtual microphone instead makes picture and sound arrive together:
+livecam creates a null sink plus a source remapped from its monitor, and plays the captured
+audio into the sink, delayed by the camera's latency. Both are removed on exit, and left-overs
+of a crashed run are removed at the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+
+from livecam.audio.clock import AudioClock
+from livecam.audio.ring import AudioRing
+from livecam.constants import SAMPLE_RATE
+
+log = logging.getLogger(__name__)
+
+SINK = "livecam_mic_sink"
+SOURCE = "livecam_mic"
+DESCRIPTION = "LiveCam Microphone"
+BLOCK = 160  # 10 ms output blocks
+
+
+class VirtualMicError(Exception):
+    """The virtual microphone cannot be created, with a message fit for the user."""
+
+
+def _pactl(*args: str) -> str:
+    result = subprocess.run(["pactl", *args], capture_output=True, text=True, timeout=10)
+    if result.returncode != 0:
+        raise VirtualMicError(f"`pactl {' '.join(args)}` failed: {result.stderr.strip()}")
+    return result.stdout.strip()
+
+
+def remove_stale() -> int:
+    """Unload virtual-microphone modules left by a previous run; returns how many."""
+    removed = 0
+    for line in _pactl("list", "short", "modules").splitlines():
+        module_id, _, rest = line.partition("\t")
+        if f"sink_name={SINK}" in rest or f"source_name={SOURCE}" in rest:
+            subprocess.run(["pactl", "unload-module", module_id], capture_output=True, timeout=10)
+            removed += 1
+    return removed
+
+
+class VirtualMic:
+    """Plays ring audio into the LiveCam Microphone, `delay()` seconds behind capture.
+
+    The output callback asks which ring samples are due at the moment its buffer will be
+    heard (PortAudio's DAC time), so the delay holds exactly and never accumulates.
+    """
+
+    def __init__(self, ring: AudioRing, clock: AudioClock, delay: Callable[[], float]) -> None:
+        self.ring, self.clock, self.delay = ring, clock, delay
+        self._modules: list[str] = []
+        self._stream = None
+
+    def start(self) -> None:
+        if shutil.which("pactl") is None:
+            raise VirtualMicError(
+                "--virtual-mic needs pactl: sudo apt-get install pulseaudio-utils"
+            )
+        if subprocess.run(["pactl", "info"], capture_output=True, timeout=10).returncode != 0:
+            raise VirtualMicError(
+                "--virtual-mic needs a running PulseAudio or PipeWire "
+                "(pipewire-pulse) server; `pactl info` failed"
+            )
+        if remove_stale():
+            log.warning("removed a virtual microphone left over by an earlier run")
+        self._modules.append(
+            _pactl(
+                "load-module", "module-null-sink", f"sink_name={SINK}",
+                f"sink_properties='device.description=\"{DESCRIPTION} (feed)\"'",
+            )
+        )  # fmt: skip
+        self._modules.append(
+            _pactl(
+                "load-module", "module-remap-source", f"master={SINK}.monitor",
+                f"source_name={SOURCE}",
+                f"source_properties='device.description=\"{DESCRIPTION}\"'",
+            )
+        )  # fmt: skip
+        self._open_stream()
+
+    def _open_stream(self) -> None:
+        import sounddevice as sd
+
+        previous = os.environ.get("PULSE_SINK")
+        os.environ["PULSE_SINK"] = SINK  # libpulse reads it when the stream connects
+        try:
+            self._stream = sd.OutputStream(
+                samplerate=SAMPLE_RATE,
+                channels=1,
+                dtype="float32",
+                blocksize=BLOCK,
+                latency="low",
+                callback=self._callback,
+            )
+            self._stream.start()
+        except sd.PortAudioError as exc:
+            self.stop()
+            raise VirtualMicError(f"cannot play into the virtual microphone: {exc}") from None
+        finally:
+            if previous is None:
+                os.environ.pop("PULSE_SINK", None)
+            else:
+                os.environ["PULSE_SINK"] = previous
+
+    def _callback(self, outdata, frames, time_info, status) -> None:
+        ahead = time_info.outputBufferDacTime - time_info.currentTime
+        if not 0 < ahead < 1:  # a host without DAC timing: use the stream's latency
+            ahead = self._stream.latency if self._stream is not None else 0.0
+        outdata[:, 0] = 0.0
+        if not self.clock.started:
+            return
+        heard_at = time.monotonic() + ahead
+        first = round((heard_at - self.delay() - self.clock.origin()) * SAMPLE_RATE)
+        lo, hi = max(first, self.ring.start, 0), min(first + frames, self.ring.end)
+        if hi > lo:
+            outdata[lo - first : hi - first, 0] = self.ring.read(lo, hi)
+
+    def stop(self) -> None:
+        if self._stream is not None:
+            self._stream.abort()
+            self._stream.close()
+            self._stream = None
+        for module in reversed(self._modules):
+            subprocess.run(["pactl", "unload-module", module], capture_output=True, timeout=10)
+        self._modules.clear()

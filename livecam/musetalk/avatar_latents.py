@@ -1,0 +1,169 @@
+"""Per-avatar MuseTalk data: face crop box, 256x256 crop, its two VAE latents, blend mask.
+
+Box (as MuseTalk v1.5 computes it from the 68 landmarks): x from the landmarks' extent,
+bottom = lowest landmark + `extra_margin` (10 px), top = nose point 29 mirrored above by the
+nose-to-chin distance. The UNet input is cat(latent of the crop with its lower half zeroed,
+latent of the full crop): (1, 8, 32, 32). The blend mask (our replacement for MuseTalk's
+face-parsing mask) covers the jaw polygon below the crop's middle line, feathered.
+
+Cached next to the avatar cache (musetalk.npz + musetalk.json) with one sha256 per array and
+the VAE weights' hash, so a changed avatar or VAE is noticed and the data rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from livecam.avatar.store import avatar_dir
+
+log = logging.getLogger(__name__)
+
+FACE_SIZE = 256
+EXTRA_MARGIN = 10  # v1.5: extra pixels below the chin
+FORMAT_VERSION = 1
+NPZ, MANIFEST = "musetalk.npz", "musetalk.json"
+
+
+@dataclass
+class AvatarLatents:
+    box: tuple[int, int, int, int]  # x1, y1, x2, y2 in avatar image coords
+    crop: np.ndarray  # (256, 256, 3) uint8 BGR
+    latents: np.ndarray  # (1, 8, 32, 32) float32: masked-crop latent, full-crop latent
+    mask: np.ndarray  # (y2 - y1, x2 - x1, 1) float32 in [0, 1]
+
+
+def face_box(landmarks: np.ndarray, shape: tuple[int, ...], margin: int = EXTRA_MARGIN) -> tuple:
+    pts = np.asarray(landmarks).astype(np.int32)  # MuseTalk truncates to int as well
+    h, w = shape[:2]
+    nose_y = int(pts[29, 1])
+    chin_y = int(pts[:, 1].max())
+    top = nose_y - (chin_y - nose_y)
+    x1, x2 = int(pts[:, 0].min()), int(pts[:, 0].max())
+    box = (max(x1, 0), max(top, 0), min(x2, w), min(chin_y + margin, h))
+    if box[2] - box[0] < 8 or box[3] - box[1] < 8:
+        raise ValueError(f"face box {box} is too small for MuseTalk")
+    return box
+
+
+def crop_face(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    x1, y1, x2, y2 = box
+    crop = image[y1:y2, x1:x2]
+    return cv2.resize(crop, (FACE_SIZE, FACE_SIZE), interpolation=cv2.INTER_LANCZOS4)
+
+
+def blend_mask(landmarks: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """Feathered lower-face mask in box coordinates: the jaw polygon below the box middle."""
+    x1, y1, x2, y2 = box
+    bw, bh = x2 - x1, y2 - y1
+    pts = np.asarray(landmarks, dtype=np.float32) - (x1, y1)
+    mid = bh * 0.5
+    jaw = pts[1:16].copy()
+    jaw[:, 1] = np.maximum(jaw[:, 1], mid)
+    poly = np.vstack([[jaw[0, 0], mid], jaw, [jaw[-1, 0], mid]]).round().astype(np.int32)
+    mask = np.zeros((bh, bw), np.float32)
+    cv2.fillPoly(mask, [poly], 1.0)
+    # pull the edge inwards, then feather, so the seam fades inside the face
+    k = max(3, int(0.04 * bw) | 1)
+    mask = cv2.erode(mask, np.ones((k, k), np.uint8))
+    sigma = max(1.0, 0.035 * bw)
+    mask = cv2.GaussianBlur(mask, (0, 0), sigma)
+    return mask[..., None]
+
+
+def to_vae_input(crops_bgr: np.ndarray, lower_half_zeroed: bool) -> torch.Tensor:
+    """(B, 256, 256, 3) uint8 BGR -> (B, 3, 256, 256) RGB in [-1, 1] (MuseTalk's preprocessing)."""
+    x = torch.from_numpy(crops_bgr[..., ::-1].copy()).permute(0, 3, 1, 2).float() / 255.0
+    if lower_half_zeroed:
+        x[:, :, FACE_SIZE // 2 :] = 0.0  # zeroed before normalization, as MuseTalk does
+    return x * 2.0 - 1.0
+
+
+@torch.inference_mode()
+def encode_latents(vae: torch.nn.Module, crop: np.ndarray) -> np.ndarray:
+    """(1, 8, 32, 32): [masked crop latent, full crop latent], scaled by the VAE's factor.
+
+    MuseTalk samples the latent distribution; the mean is used here so results are
+    deterministic (the posterior's std is tiny for this VAE).
+    """
+    p = next(vae.parameters())
+    scale = float(vae.config.scaling_factor)
+    out = []
+    for half in (True, False):
+        x = to_vae_input(crop[None], half).to(p.device, p.dtype)
+        out.append(vae.encode(x).latent_dist.mean * scale)
+    return torch.cat(out, dim=1).float().cpu().numpy()
+
+
+def _sha(a: np.ndarray) -> str:
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _key(image: np.ndarray, landmarks: np.ndarray, vae_id: str) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "image": _sha(image),
+        "landmarks": _sha(np.asarray(landmarks, np.float32)),
+        "vae": vae_id,
+        "extra_margin": EXTRA_MARGIN,
+    }
+
+
+def _load(folder: Path, key: dict) -> AvatarLatents | None:
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        if manifest.get("key") != key:
+            return None
+        with np.load(folder / NPZ, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except Exception:  # missing, unreadable or damaged: rebuild
+        return None
+    if {k: _sha(v) for k, v in arrays.items()} != manifest.get("arrays"):
+        log.warning("musetalk avatar data in %s damaged; rebuilding", folder)
+        return None
+    box = tuple(int(v) for v in arrays["box"])
+    return AvatarLatents(box, arrays["crop"], arrays["latents"], arrays["mask"])  # type: ignore[arg-type]
+
+
+def _save(folder: Path, key: dict, data: AvatarLatents) -> None:
+    arrays = {
+        "box": np.array(data.box, np.int32),
+        "crop": data.crop,
+        "latents": data.latents,
+        "mask": data.mask,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{NPZ}.{os.getpid()}.tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, folder / NPZ)
+    manifest = {"key": key, "arrays": {k: _sha(v) for k, v in arrays.items()}}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def prepare_latents(
+    name: str, image: np.ndarray, landmarks: np.ndarray, vae: torch.nn.Module, vae_id: str
+) -> AvatarLatents:
+    """Cached MuseTalk data for an avatar's neutral frame, built on first use."""
+    key = _key(image, landmarks, vae_id)
+    folder = avatar_dir(name)
+    cached = _load(folder, key)
+    if cached is not None:
+        return cached
+    box = face_box(landmarks, image.shape)
+    crop = crop_face(image, box)
+    data = AvatarLatents(box, crop, encode_latents(vae, crop), blend_mask(landmarks, box))
+    try:
+        _save(folder, key, data)
+    except OSError as exc:  # a read-only cache is not fatal: the data is in memory
+        log.warning("could not cache musetalk avatar data in %s: %s", folder, exc)
+    return data

@@ -1,0 +1,121 @@
+"""`livecam models list|download|verify` and `livecam features`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from livecam.musetalk.manifest import COMPONENTS, default_models_dir
+
+models_app = typer.Typer(help="List, download and verify the musetalk weights.",
+                         no_args_is_help=True)  # fmt: skip
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
+
+ModelsDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Models folder (default $LIVECAM_MODELS_DIR or ~/.local/share/livecam/models)."
+    ),
+]
+
+
+def _dir(models_dir: Path | None) -> Path:
+    return models_dir or default_models_dir()
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(1)
+
+
+def _size(n: int | None) -> str:
+    return "?" if n is None else f"{n / 1e6:,.1f} MB"
+
+
+@models_app.command("list")
+def models_list(models_dir: ModelsDirOpt = None) -> None:
+    """What the musetalk engine needs, where it comes from, and what is present."""
+    root = _dir(models_dir)
+    table = Table("path", "source", "size", "sha256", "license", "present")
+    for comp in COMPONENTS:
+        for f in comp.files:
+            path = comp.local_path(root, f)
+            table.add_row(
+                str(path.relative_to(root)) + (" (optional)" if comp.optional else ""),
+                comp.repo,
+                "~" + _size(f.approx_bytes),
+                f.sha256[:12] if f.sha256 else "unknown",
+                comp.license,
+                "yes" if path.is_file() else "no",
+            )
+    console.print(f"models dir: {root}")
+    console.print(table)
+
+
+@models_app.command("download")
+def models_download(
+    models_dir: ModelsDirOpt = None,
+    optional: Annotated[bool, typer.Option(help="Also the tiny decoder (taesd).")] = True,
+) -> None:
+    """Download the weights from Hugging Face (resumable; respects HF_HUB_OFFLINE)."""
+    from livecam.musetalk.download import DownloadError, download
+
+    root = _dir(models_dir)
+    try:
+        files = download(root, include_optional=optional, report=console.print)
+    except DownloadError as exc:
+        _fail(str(exc))
+    console.print(f"{len(files)} files ready in {root}: check them with `livecam models verify`")
+
+
+@models_app.command("verify")
+def models_verify(
+    models_dir: ModelsDirOpt = None,
+    load: Annotated[bool, typer.Option(help="Load each model and check its shapes.")] = True,
+) -> None:
+    """Check the weights: present, loadable, shape-compatible, official hashes."""
+    from livecam.musetalk.download import verify
+
+    root = _dir(models_dir)
+    rows, results, ok = verify(root, load=load)
+    table = Table("component", "file", "size", "sha256 vs release")
+    labels = {"official": "matches", "mismatch": "[red]MISMATCH[/]", "-": "-",
+              "unknown": "not checked (no official hash recorded)"}  # fmt: skip
+    for row in rows:
+        size = _size(row.size) if row.present else "[red]missing[/]"
+        table.add_row(row.component, str(row.path.relative_to(root)), size, labels[row.hash_status])
+    console.print(table)
+    for name, result in results.items():
+        console.print(f"{name}: {result}", highlight=False)
+    if not ok:
+        _fail(f"the musetalk weights in {root} are not usable: run `livecam models download`")
+    console.print(f"[green]ok[/]: the musetalk weights in {root} are usable")
+
+
+def features_command(
+    audio: Annotated[Path, typer.Argument(help="Speech audio file.")],
+    out: Annotated[Path, typer.Option(help="Output .npy: float32 [T, 50, 384].")],
+    models_dir: ModelsDirOpt = None,
+    streaming: Annotated[bool, typer.Option(help="The live sliding-window path.")] = False,
+    fps: Annotated[float, typer.Option(help="Video frame rate.")] = 25.0,
+    torch_device: Annotated[str | None, typer.Option(help="cuda | cpu (default: auto).")] = None,
+) -> None:
+    """Write MuseTalk's per-frame whisper features of an audio file (for debugging)."""
+    import numpy as np
+
+    from livecam.audio.files import AudioFileError, read_audio
+    from livecam.musetalk.features import compute_features
+    from livecam.musetalk.weights import WeightsError
+
+    try:
+        samples = read_audio(audio)
+        feats = compute_features(_dir(models_dir), samples, fps, streaming, torch_device)
+    except (AudioFileError, WeightsError) as exc:
+        _fail(str(exc))
+    np.save(out, feats)
+    console.print(f"wrote {out}: {feats.shape} float32 ({'streaming' if streaming else 'offline'})")

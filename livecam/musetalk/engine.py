@@ -1,0 +1,214 @@
+"""The musetalk engine: whisper features -> single-step UNet in VAE latent space -> decode.
+
+Per generate call: the voice gate decides which frames speak (silence keeps the avatar's
+closed-mouth neutral frame: MuseTalk itself keeps moving its mouth in silence); the speaking
+frames' features come from the feature source (streaming or offline); the UNet and decoder run
+in fixed batch shapes (1, 2, 4, 8: a short batch is padded, so no shape is ever new after the
+warm-up); the 256x256 faces are resized into the face box and blended with the feathered
+lower-face mask. No disk I/O and no image encoding happen here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from livecam.audio.ring import AudioRing
+from livecam.avatar.face import FaceRenderer
+from livecam.avatar.model import Avatar
+from livecam.constants import HOP_LENGTH, HOPS_PER_SECOND
+from livecam.engines.lite_features import LiteFeatures
+from livecam.musetalk.avatar_latents import prepare_latents
+from livecam.musetalk.features import WINDOW_STEPS, OfflineFeatures, StreamingFeatures
+from livecam.musetalk.models import MuseTalkModels
+from livecam.pipeline import idle
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZES = (1, 2, 4, 8)
+GATE_HOPS = 3  # the gate averages voicing over +-3 hops (140 ms): a soft fade in and out
+
+
+@dataclass(frozen=True)
+class MuseTalkOptions:
+    models_dir: Path | None = None  # None: $LIVECAM_MODELS_DIR or the user data dir
+    device: str | None = None  # "cuda", "cpu", None: cuda when available
+    features: str = "streaming"  # "streaming" (live) | "offline" (render: whole clip)
+    tier: str = "full"  # "full" (VAE decoder) | "tiny" (TAESD)
+    random_weights: bool = False  # full-size random models (benchmarks only)
+    warmup: bool | None = None  # None: every batch shape on CUDA, batch 1 on CPU
+    context_s: float = 8.0  # streaming encoder window
+
+
+def positional_encoding(length: int, dim: int) -> torch.Tensor:
+    """(length, dim): sin on even channels, cos on odd, as MuseTalk's PositionalEncoding."""
+    pos = torch.arange(length, dtype=torch.float32)[:, None]
+    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    pe = torch.zeros(length, dim)
+    pe[:, 0::2] = torch.sin(pos * div)
+    pe[:, 1::2] = torch.cos(pos * div)
+    return pe
+
+
+class VoiceGate:
+    """Per-frame speech weight 0..1 from the lite engine's voice activity, streamed by hop."""
+
+    def __init__(self, fps: float, track_hops: int = 10 * HOPS_PER_SECOND) -> None:
+        self.fps = fps
+        self.features = LiteFeatures()
+        self._fed = 0
+        self._voiced = np.zeros(track_hops, np.float32)
+
+    def _centre(self, frame: int) -> int:
+        return math.floor((frame + 0.5) / self.fps * HOPS_PER_SECOND)
+
+    def samples_needed(self, frame: int) -> int:
+        return (self._centre(frame) + GATE_HOPS + 2) * HOP_LENGTH
+
+    def levels(self, ring: AudioRing, frames: Sequence[int]) -> list[float]:
+        upto = self.samples_needed(frames[-1])
+        if self._fed < ring.start:  # fell behind the ring: resume at its oldest sample
+            hop = -(-ring.start // HOP_LENGTH)
+            self.features.restart_at(hop)
+            self._fed = hop * HOP_LENGTH
+        if upto > self._fed:
+            first = self.features.hops_done
+            hops = self.features.push(ring.read(self._fed, upto))
+            self._fed = upto
+            idx = np.arange(first, first + len(hops)) % len(self._voiced)
+            self._voiced[idx] = hops[:, 2]
+        done, n = self.features.hops_done, len(self._voiced)
+        out = []
+        for frame in frames:
+            c = self._centre(frame)
+            hops = [h for h in range(c - GATE_HOPS, c + GATE_HOPS + 1) if done - n <= h < done]
+            out.append(float(np.mean(self._voiced[np.array(hops) % n])) if hops else 0.0)
+        return out
+
+
+class MuseTalkEngine:
+    name = "musetalk"
+    batch_sizes = BATCH_SIZES
+
+    def __init__(
+        self,
+        avatar: Avatar,
+        fps: float,
+        models: MuseTalkModels,
+        options: MuseTalkOptions | None = None,
+        idle_motion: bool = True,
+    ) -> None:
+        opts = options or MuseTalkOptions()
+        self.fps, self.idle_motion, self.models = fps, idle_motion, models
+        self.device, self.dtype = models.device, models.dtype
+        self.renderer = FaceRenderer(avatar)
+        neutral = self.renderer.render(0.0, 0.0, 0.0).copy()  # closed mouth, open eyes
+        self.data = prepare_latents(
+            avatar.name, neutral, avatar.landmarks, models.vae, models.vae_id
+        )
+        self._latents = torch.from_numpy(self.data.latents).to(self.device, self.dtype)
+        self._pe = positional_encoding(WINDOW_STEPS * 5, models.whisper.dim).to(self.device)
+        self._t0 = torch.zeros((), dtype=torch.long, device=self.device)
+        x1, y1, x2, y2 = self.data.box
+        self._rows, self._cols, self._size = slice(y1, y2), slice(x1, x2), (x2 - x1, y2 - y1)
+        self._mask3 = np.repeat(self.data.mask, 3, axis=2)  # (h, w, 3) float32
+        self.gate = VoiceGate(fps)
+        if opts.features == "offline":
+            self.source: OfflineFeatures | StreamingFeatures = OfflineFeatures(models.whisper, fps)
+        else:
+            self.source = StreamingFeatures(models.whisper, fps, context_s=opts.context_s)
+        self.tier = "full"
+        self.set_tier(opts.tier)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # safe: every shape is one of BATCH_SIZES
+        warm = opts.warmup if opts.warmup is not None else True
+        if warm:
+            self.warm_up(BATCH_SIZES if self.device.type == "cuda" else (1,))
+
+    @property
+    def tiers(self) -> tuple[str, ...]:
+        return ("full", "tiny") if self.models.taesd is not None else ("full",)
+
+    def set_tier(self, name: str) -> None:
+        if name not in self.tiers:
+            raise ValueError(f"tier {name!r} not available here: choose one of {self.tiers}")
+        self.tier = name
+
+    def warm_up(self, sizes: Sequence[int]) -> None:
+        feats = torch.zeros((1, WINDOW_STEPS * 5, self.models.whisper.dim), device=self.device)
+        for tier in self.tiers if self.device.type == "cuda" else (self.tier,):
+            for b in sizes:
+                self._decode(self._unet(self._pad(feats, b)), tier)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def samples_needed(self, frame: int) -> int:
+        return max(self.source.samples_needed(frame), self.gate.samples_needed(frame))
+
+    @staticmethod
+    def padded_size(n: int) -> int:
+        return next(b for b in BATCH_SIZES if b >= n)
+
+    def _pad(self, feats: torch.Tensor, size: int) -> torch.Tensor:
+        if len(feats) == size:
+            return feats
+        return torch.cat([feats, feats[-1:].expand(size - len(feats), -1, -1)])
+
+    def _unet(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, 50, D) float32 features -> (B, 4, 32, 32) latents."""
+        cond = (feats + self._pe).to(self.dtype)
+        x = self._latents.expand(len(feats), -1, -1, -1)  # (B, 8, 32, 32)
+        return self.models.unet(x, self._t0, encoder_hidden_states=cond).sample
+
+    def _decode(self, latents: torch.Tensor, tier: str | None = None) -> torch.Tensor:
+        """(B, 4, 32, 32) -> (B, 256, 256, 3) uint8 BGR, still on the device."""
+        vae = self.models.taesd if (tier or self.tier) == "tiny" else self.models.vae
+        image = vae.decode(latents / float(vae.config.scaling_factor)).sample  # [-1, 1] RGB
+        image = ((image.float() + 1.0) * 127.5).clamp(0, 255).round().to(torch.uint8)
+        return image.permute(0, 2, 3, 1).flip(-1)
+
+    @torch.inference_mode()
+    def faces(self, feats: torch.Tensor) -> np.ndarray:
+        """(n, 50, D) features -> (n, 256, 256, 3) uint8 BGR faces, in fixed batch shapes."""
+        out = []
+        top = BATCH_SIZES[-1]
+        for i in range(0, len(feats), top):
+            chunk = feats[i : i + top]
+            batch = self._pad(chunk, self.padded_size(len(chunk)))
+            out.append(self._decode(self._unet(batch))[: len(chunk)])
+        return torch.cat(out).cpu().numpy()
+
+    def _base(self, frame: int) -> np.ndarray:
+        eyes = idle.blink(frame / self.fps) if self.idle_motion else 0.0
+        return self.renderer.render(0.0, 0.0, eyes).copy()
+
+    def paste(self, image: np.ndarray, face: np.ndarray, weight: float) -> None:
+        """Blend a 256x256 face into the face box of `image` (in place)."""
+        roi = image[self._rows, self._cols]
+        face = cv2.resize(face, self._size, interpolation=cv2.INTER_LINEAR)
+        mask = self._mask3 if weight >= 1.0 else self._mask3 * np.float32(weight)
+        blended = roi + (face.astype(np.float32) - roi) * mask
+        np.copyto(roi, blended + 0.5, casting="unsafe")  # rounds: values are >= 0
+
+    def generate(self, ring: AudioRing, frames: Sequence[int]) -> list[np.ndarray]:
+        weights = self.gate.levels(ring, frames)
+        speaking = [k for k, w in zip(frames, weights, strict=True) if w > 0.0]
+        faces = self.faces(self.source.features(ring, speaking)) if speaking else None
+        out, j = [], 0
+        for k, w in zip(frames, weights, strict=True):
+            image = self._base(k)
+            if w > 0.0:
+                self.paste(image, faces[j], w)
+                j += 1
+            out.append(image)
+        return out
+
+    def generate_silent(self, frames: Sequence[int]) -> list[np.ndarray]:
+        return [self._base(k) for k in frames]

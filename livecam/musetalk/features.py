@@ -1,0 +1,262 @@
+"""whisper-tiny encoder features, per video frame, as MuseTalk v1.5 defines them.
+
+Offline (MuseTalk's definition): the audio is cut into 30 s segments, each padded to 30 s and
+turned into a log-mel (3000 mel frames); the encoder's 5 hidden states (embedding output and
+the 4 layers, the last one layer-normed) are stacked per step: (1500, 5, 384) per segment, 50
+steps per second. The step sequence is trimmed to the audio's length, padded with
+2 * ceil(50 / fps) zero steps on the left and 3 times that on the right, and frame i takes
+the 10 steps starting at floor(i * 50 / fps) of the padded sequence (at 25 fps: 80 ms before
+the frame to 80 ms after it), flattened time-major to (50, 384).
+
+Streaming: the encoder runs on a fixed-length window of recent audio (left context, ending at
+the newest sample a frame needs), once per generate call. Windows stay inside the offline
+30 s segment grid and take the positional embedding of their place in the segment, so a step
+gets the same position as offline (whisper's embedding output, one of the 5 states, is
+mostly position); what differs is only the context: none to the right of the newest sample.
+Step outputs are cached by absolute step index: the encoder runs once per generate call
+(a feature step of several frames), not once per frame.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from livecam.audio.ring import AudioRing
+from livecam.constants import SAMPLE_RATE, exact_div
+
+STEPS_PER_SECOND = 50  # whisper encoder output rate
+STEP_SAMPLES = exact_div(SAMPLE_RATE, STEPS_PER_SECOND)  # 320
+MEL_HOP = exact_div(STEP_SAMPLES, 2)  # 160: the encoder's second conv has stride 2
+SEGMENT_SAMPLES = 30 * SAMPLE_RATE  # whisper's 30 s input
+SEGMENT_STEPS = exact_div(SEGMENT_SAMPLES, STEP_SAMPLES)  # 1500
+WINDOW_STEPS = 10  # steps per frame: 2 * (2 left + 2 right + 1)
+N_STATES = 5  # embedding output + 4 encoder layers
+
+
+def pad_steps(fps: float) -> tuple[int, int]:
+    """(left, right) zero steps padded around the step sequence, as MuseTalk does."""
+    per_frame = math.ceil(STEPS_PER_SECOND / fps)
+    return 2 * per_frame, 3 * 2 * per_frame
+
+
+def frame_steps(frame: int, fps: float) -> tuple[int, int]:
+    """[lo, hi) absolute step indices (negative = left padding) that frame `frame` uses."""
+    left, _ = pad_steps(fps)
+    lo = math.floor(frame * (STEPS_PER_SECOND / fps)) - left
+    return lo, lo + WINDOW_STEPS
+
+
+@torch.inference_mode()
+def encoder_states(encoder: torch.nn.Module, mel: torch.Tensor, position: int = 0) -> torch.Tensor:
+    """(B, 80, N) log-mel -> (B, N // 2, 5, D): the 5 hidden states of a WhisperEncoder.
+
+    Same arithmetic as the encoder's own forward with output_hidden_states, but any even N
+    up to 3000 is accepted: the positional embedding is sliced from `position` (the
+    window's step offset inside its 30 s segment), for the streaming window.
+    """
+    x = torch.nn.functional.gelu(encoder.conv1(mel))
+    x = torch.nn.functional.gelu(encoder.conv2(x)).permute(0, 2, 1)  # (B, N/2, D)
+    x = x + encoder.embed_positions.weight[position : position + x.shape[1]]
+    states = [x]
+    for layer in encoder.layers:
+        x = layer(x, None)
+        states.append(x)
+    states[-1] = encoder.layer_norm(x)
+    return torch.stack(states, dim=2)
+
+
+class WhisperAudio:
+    """Log-mel (the checkpoint's WhisperFeatureExtractor) + encoder on one device/dtype."""
+
+    def __init__(self, encoder: torch.nn.Module, extractor: Any, device: torch.device) -> None:
+        self.encoder = encoder
+        self.extractor = extractor
+        self.device = device
+        self.dtype = next(encoder.parameters()).dtype
+        self.dim = int(encoder.embed_positions.weight.shape[1])
+
+    def steps(
+        self, audio: np.ndarray, length: int = SEGMENT_SAMPLES, position: int = 0
+    ) -> torch.Tensor:
+        """Audio (<= length samples, zero-padded to length) -> (length / 320, 5, D) float32."""
+        mel = self.extractor(
+            np.asarray(audio, dtype=np.float32),
+            sampling_rate=SAMPLE_RATE,
+            return_tensors="np",
+            padding="max_length",
+            max_length=length,
+            truncation=True,
+        ).input_features  # (1, 80, length / 160)
+        mel_t = torch.from_numpy(mel).to(self.device, self.dtype)
+        return encoder_states(self.encoder, mel_t, position)[0].float()
+
+
+def offline_steps(whisper: WhisperAudio, audio: np.ndarray) -> torch.Tensor:
+    """(floor(seconds * 50), 5, D): 30 s segments, concatenated and trimmed."""
+    parts = [
+        whisper.steps(audio[i : i + SEGMENT_SAMPLES]) for i in range(0, len(audio), SEGMENT_SAMPLES)
+    ]
+    actual = math.floor(len(audio) / SAMPLE_RATE * STEPS_PER_SECOND)
+    if not parts:
+        return torch.zeros((0, N_STATES, whisper.dim), device=whisper.device)
+    return torch.cat(parts)[:actual]
+
+
+def frames_from_steps(
+    steps: torch.Tensor, frames: Sequence[int], fps: float, first_step: int = 0
+) -> torch.Tensor:
+    """(n, 50, D) per-frame windows from steps[s - first_step] (zeros outside the tensor)."""
+    n_states, dim = steps.shape[1:]
+    out = torch.zeros((len(frames), WINDOW_STEPS, n_states, dim), device=steps.device)
+    for row, frame in enumerate(frames):
+        lo, hi = frame_steps(frame, fps)
+        a, b = max(lo, first_step), min(hi, first_step + len(steps))
+        if a < b:
+            out[row, a - lo : b - lo] = steps[a - first_step : b - first_step]
+    return out.reshape(len(frames), WINDOW_STEPS * n_states, dim)
+
+
+def offline_features(
+    whisper: WhisperAudio, audio: np.ndarray, fps: float, n_frames: int | None = None
+) -> torch.Tensor:
+    """(T, 50, D) features of a whole clip; T defaults to floor(seconds * fps) like MuseTalk."""
+    if n_frames is None:
+        n_frames = math.floor(len(audio) / SAMPLE_RATE * fps)
+    return frames_from_steps(offline_steps(whisper, audio), range(n_frames), fps)
+
+
+class StreamingFeatures:
+    """Per-frame features from the ring, computed on a sliding window of recent audio."""
+
+    def __init__(
+        self,
+        whisper: WhisperAudio,
+        fps: float,
+        context_s: float = 8.0,
+        right_pad_s: float = 0.0,
+        capacity_s: float = 20.0,
+    ) -> None:
+        self.whisper = whisper
+        self.fps = fps
+        self.window = max(2 * WINDOW_STEPS, round(context_s * STEPS_PER_SECOND))  # steps
+        self.right_pad = round(right_pad_s * STEPS_PER_SECOND)
+        if self.window + self.right_pad > SEGMENT_STEPS:
+            raise ValueError("the streaming window must fit in whisper's 30 s")
+        self.min_left = self.window // 2  # every cached step has at least this much context
+        self.capacity = max(round(capacity_s * STEPS_PER_SECOND), self.window)
+        self._cache = torch.zeros((self.capacity, N_STATES, whisper.dim), device=whisper.device)
+        self._lo = self._hi = 0  # cached absolute steps [lo, hi)
+        self.encoder_runs = 0
+
+    def samples_needed(self, frame: int) -> int:
+        return frame_steps(frame, self.fps)[1] * STEP_SAMPLES
+
+    def _run_window(self, ring: AudioRing, end: int, write_from: int) -> None:
+        """Encode a window ending at step `end` (zeros after it near a segment start)."""
+        segment = (end - 1) // SEGMENT_STEPS * SEGMENT_STEPS
+        start = max(segment, end - self.window)
+        a = max(start * STEP_SAMPLES, ring.start)  # overwritten audio reads as silence
+        audio = np.zeros(self.window * STEP_SAMPLES, dtype=np.float32)
+        if a < end * STEP_SAMPLES:
+            audio[a - start * STEP_SAMPLES : (end - start) * STEP_SAMPLES] = ring.read(
+                a, end * STEP_SAMPLES
+            )
+        length = (self.window + self.right_pad) * STEP_SAMPLES
+        steps = self.whisper.steps(audio, length, start - segment)[: self.window]
+        self.encoder_runs += 1
+        idx = torch.arange(write_from, end, device=self._cache.device)
+        self._cache[idx % self.capacity] = steps[write_from - start : end - start]
+        self._lo = self._lo if self._lo <= write_from <= self._hi else write_from
+        self._hi = end
+        self._lo = max(self._lo, end - self.capacity)
+
+    def update(self, ring: AudioRing, lo: int, hi: int) -> None:
+        """Make steps [lo, hi) available (negative steps are padding, never computed)."""
+        lo = max(lo, 0)
+        if hi <= 0 or (self._lo <= lo and hi <= self._hi):
+            return
+        if hi < self._hi:  # went back in time: forget the cache
+            self._lo = self._hi = 0
+        span = self.window - self.min_left
+        while lo < hi:  # one run, unless the steps span a segment edge or a long stretch
+            end = min(hi, (lo // SEGMENT_STEPS + 1) * SEGMENT_STEPS, lo + span)
+            self._run_window(ring, end, lo)
+            lo = end
+
+    def features(self, ring: AudioRing, frames: Sequence[int]) -> torch.Tensor:
+        """(n, 50, D) features for increasing frames."""
+        self.update(ring, frame_steps(frames[0], self.fps)[0], frame_steps(frames[-1], self.fps)[1])
+        lo = max(self._lo, 0)
+        idx = torch.arange(lo, self._hi, device=self._cache.device) % self.capacity
+        return frames_from_steps(self._cache[idx], frames, self.fps, first_step=lo)
+
+
+class OfflineFeatures:
+    """Features over all the audio in the ring (render), recomputed only when it grew."""
+
+    def __init__(self, whisper: WhisperAudio, fps: float) -> None:
+        self.whisper = whisper
+        self.fps = fps
+        self._steps: torch.Tensor | None = None
+        self._samples = -1
+
+    def samples_needed(self, frame: int) -> int:
+        return frame_steps(frame, self.fps)[1] * STEP_SAMPLES
+
+    def features(self, ring: AudioRing, frames: Sequence[int]) -> torch.Tensor:
+        if self._steps is None or ring.end != self._samples:
+            self._steps = offline_steps(self.whisper, ring.read(0, ring.end))
+            self._samples = ring.end
+        return frames_from_steps(self._steps, frames, self.fps)
+
+
+FeatureSource = Callable[[AudioRing, Sequence[int]], torch.Tensor]
+
+
+def whisper_from_dir(models_dir: Any, device: str | None = None) -> WhisperAudio:
+    """Only the whisper part of the models dir (no UNet or VAE loaded)."""
+    from livecam.musetalk import weights
+    from livecam.musetalk.models import pick_device
+
+    dev = pick_device(device)
+    encoder = weights.load_whisper_encoder(models_dir).to(dev)
+    if dev.type == "cuda":
+        encoder = encoder.half()
+    return WhisperAudio(encoder, weights.load_feature_extractor(models_dir), dev)
+
+
+def compute_features(
+    models_dir: Any, audio: np.ndarray, fps: float, streaming: bool, device: str | None = None
+) -> np.ndarray:
+    """(T, 50, D) float32 per-frame features of a clip, offline or through the live path.
+
+    The streaming path is driven like the live engine: one frame at a time, each as soon as
+    its audio (incl. the look-ahead) is in the ring.
+    """
+    whisper = whisper_from_dir(models_dir, device)
+    n_frames = math.floor(len(audio) / SAMPLE_RATE * fps)
+    if not streaming:
+        return offline_features(whisper, audio, fps, n_frames).cpu().numpy()
+    return streaming_features(whisper, audio, fps, n_frames)
+
+
+def streaming_features(
+    whisper: WhisperAudio, audio: np.ndarray, fps: float, n_frames: int, batch: int = 1
+) -> np.ndarray:
+    """Live-path features: the ring holds only what has 'arrived' for each batch of frames."""
+    stream = StreamingFeatures(whisper, fps)
+    ring = AudioRing(len(audio) + SEGMENT_SAMPLES)
+    out = np.zeros((n_frames, WINDOW_STEPS * N_STATES, whisper.dim), np.float32)
+    for first in range(0, n_frames, batch):
+        frames = list(range(first, min(n_frames, first + batch)))
+        need = stream.samples_needed(frames[-1])
+        if need > ring.end:
+            chunk = audio[ring.end : need]
+            ring.write(np.concatenate([chunk, np.zeros(need - ring.end - len(chunk), np.float32)]))
+        out[first : first + len(frames)] = stream.features(ring, frames).cpu().numpy()
+    return out

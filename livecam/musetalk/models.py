@@ -1,0 +1,129 @@
+"""The loaded MuseTalk model set on one device, from a models dir or (benchmarks) random."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from livecam.musetalk import weights
+from livecam.musetalk.features import WhisperAudio
+from livecam.musetalk.manifest import component, has_component, missing_files
+
+log = logging.getLogger(__name__)
+
+# Published configs of the release models, used only to build random-weight models for
+# benchmarks when no files are at hand (real loading reads the configs from the files).
+REFERENCE_UNET = {
+    "in_channels": 8,
+    "out_channels": 4,
+    "sample_size": 64,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 384,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+}
+REFERENCE_VAE = {
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "sample_size": 256,
+    "scaling_factor": 0.18215,
+}
+REFERENCE_WHISPER = {
+    "d_model": 384,
+    "encoder_layers": 4,
+    "encoder_attention_heads": 6,
+    "encoder_ffn_dim": 1536,
+    "num_mel_bins": 80,
+    "max_source_positions": 1500,
+}
+
+
+class MissingWeights(weights.WeightsError):
+    """Required weight files are absent."""
+
+
+@dataclass
+class MuseTalkModels:
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    taesd: torch.nn.Module | None
+    whisper: WhisperAudio
+    device: torch.device
+    dtype: torch.dtype
+    vae_id: str  # identifies the VAE weights (for the avatar latents cache)
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise weights.WeightsError(f"--torch-device {device}: this torch build has no CUDA device")
+    return dev
+
+
+def _place(models: dict[str, Any], device: torch.device, dtype: torch.dtype) -> None:
+    for key in ("unet", "vae", "taesd", "encoder"):
+        if models.get(key) is not None:
+            model = models[key].to(device=device)
+            if dtype != torch.float32:  # cast only when needed (diffusers warns on every cast)
+                model = model.to(dtype=dtype)
+            models[key] = model.eval().requires_grad_(False)
+
+
+def load_models(models_dir: Path, device: str | None = None) -> MuseTalkModels:
+    missing = missing_files(models_dir)
+    if missing:
+        names = ", ".join(str(p.relative_to(models_dir)) for p in missing)
+        raise MissingWeights(
+            f"MuseTalk weights missing in {models_dir} ({names}): run `livecam models download` "
+            "(or point --models-dir / LIVECAM_MODELS_DIR at an existing MuseTalk models folder)"
+        )
+    dev = pick_device(device)
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    parts: dict[str, Any] = {
+        "unet": weights.load_unet(models_dir),
+        "vae": weights.load_vae(models_dir),
+        "taesd": weights.load_taesd(models_dir) if has_component(models_dir, "taesd") else None,
+        "encoder": weights.load_whisper_encoder(models_dir),
+    }
+    _place(parts, dev, dtype)
+    extractor = weights.load_feature_extractor(models_dir)
+    vae_file = models_dir / component("vae").folder / "diffusion_pytorch_model.bin"
+    return MuseTalkModels(
+        parts["unet"], parts["vae"], parts["taesd"],
+        WhisperAudio(parts["encoder"], extractor, dev),
+        dev, dtype, weights.cached_sha256(vae_file),
+    )  # fmt: skip
+
+
+def random_models(device: str | None = None, seed: int = 0) -> MuseTalkModels:
+    """Full-size models with random weights (benchmarks without downloads)."""
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+    from transformers import WhisperConfig, WhisperFeatureExtractor
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    torch.manual_seed(seed)
+    dev = pick_device(device)
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    parts: dict[str, Any] = {
+        "unet": UNet2DConditionModel.from_config(REFERENCE_UNET),
+        "vae": AutoencoderKL.from_config(REFERENCE_VAE),
+        "taesd": AutoencoderTiny.from_config({}),
+        "encoder": WhisperEncoder(WhisperConfig(**REFERENCE_WHISPER)),
+    }
+    _place(parts, dev, dtype)
+    return MuseTalkModels(
+        parts["unet"], parts["vae"], parts["taesd"],
+        WhisperAudio(parts["encoder"], WhisperFeatureExtractor(feature_size=80), dev),
+        dev, dtype, f"random-{seed}",
+    )  # fmt: skip

@@ -1,0 +1,136 @@
+"""The musetalk engine with tiny random weights through the real loaders: shapes,
+determinism, silence gating, batch padding, tiers, render and bench."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from livecam.audio.files import read_audio
+from livecam.audio.ring import AudioRing
+from livecam.avatar.store import load_avatar
+from livecam.cli import app
+from livecam.musetalk.engine import MuseTalkEngine, MuseTalkOptions, positional_encoding
+from livecam.musetalk.models import load_models
+from livecam.session import build_engine
+from tests.conftest import JFK
+from tests.helpers import probe, write_clip
+from tests.musetalk_tiny import tiny_models_dir
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_models_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny: Path) -> MuseTalkEngine:
+    return build_engine("musetalk", load_avatar("astronaut"), 25, options=MuseTalkOptions(tiny))
+
+
+def _ring(audio: np.ndarray) -> AudioRing:
+    ring = AudioRing(len(audio) + 32_000)
+    ring.write(audio)
+    ring.write(np.zeros(32_000, np.float32))
+    return ring
+
+
+def test_positional_encoding() -> None:
+    pe = positional_encoding(50, 384)
+    assert pe.shape == (50, 384)
+    assert float(pe[0, 0]) == 0.0 and float(pe[0, 1]) == 1.0  # sin(0), cos(0)
+    assert abs(float(pe[3, 2]) - np.sin(3 * np.exp(-2 * np.log(10000) / 384))) < 1e-6
+
+
+def test_generate_shapes_determinism_and_speech_changes_the_mouth(
+    engine: MuseTalkEngine, tiny: Path
+) -> None:
+    audio = read_audio(JFK)
+    avatar = load_avatar("astronaut")
+    frames = list(range(20, 25))
+    faces = engine.generate(_ring(audio), frames)
+    assert len(faces) == len(frames)
+    assert all(f.shape == avatar.image.shape and f.dtype == np.uint8 for f in faces)
+    assert len({id(f) for f in faces}) == len(faces)  # each a new array
+    neutral = engine.generate_silent(frames)[0]
+    x1, y1, x2, y2 = engine.data.box
+    lower = slice((y1 + y2) // 2, y2), slice(x1, x2)
+    assert np.abs(faces[0][lower].astype(int) - neutral[lower]).mean() > 1.0
+    outside = faces[0].copy()
+    outside[y1:y2, x1:x2] = neutral[y1:y2, x1:x2]
+    assert np.array_equal(outside, neutral)  # only the face box is touched
+    again = build_engine("musetalk", avatar, 25, options=MuseTalkOptions(tiny, warmup=False))
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(faces, again.generate(_ring(audio), frames), strict=True)
+    )
+
+
+def test_silence_keeps_the_closed_neutral_face(engine: MuseTalkEngine) -> None:
+    silence = np.zeros(16_000 * 3, np.float32)
+    frames = [30, 31, 32]
+    faces = engine.generate(_ring(silence), frames)
+    for face, idle in zip(faces, engine.generate_silent(frames), strict=True):
+        assert np.array_equal(face, idle)
+
+
+def test_fixed_batch_shapes_and_strided_frames(engine: MuseTalkEngine) -> None:
+    assert [engine.padded_size(n) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+    seen: list[int] = []
+    unet = engine.models.unet
+    handle = unet.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+    try:
+        engine.generate(_ring(read_audio(JFK)), [40, 42, 44])  # 3 frames -> a padded batch of 4
+        engine.generate(_ring(read_audio(JFK)), list(range(50, 61)))  # 11 -> 8 + 4
+    finally:
+        handle.remove()
+    assert seen == [4, 8, 4]
+
+
+def test_tiers(engine: MuseTalkEngine) -> None:
+    assert engine.tiers == ("full", "tiny")
+    engine.set_tier("tiny")
+    try:
+        faces = engine.generate(_ring(read_audio(JFK)), [70, 71])
+        assert faces[0].dtype == np.uint8
+    finally:
+        engine.set_tier("full")
+    with pytest.raises(ValueError):
+        engine.set_tier("ultra")
+
+
+def test_avatar_latents_are_cached(tiny: Path, engine: MuseTalkEngine) -> None:
+    from livecam.avatar.store import avatar_dir
+
+    assert (avatar_dir("astronaut") / "musetalk.npz").is_file()
+    assert engine.data.latents.shape == (1, 8, 32, 32)
+    x1, y1, x2, y2 = engine.data.box
+    assert engine.data.mask.shape == (y2 - y1, x2 - x1, 1)
+    models = load_models(tiny)
+    again = MuseTalkEngine(load_avatar("astronaut"), 25, models, MuseTalkOptions(warmup=False))
+    assert np.array_equal(again.data.latents, engine.data.latents)
+
+
+def test_render_cli_with_musetalk(tiny: Path, tmp_path: Path) -> None:
+    clip = write_clip(tmp_path / "a.wav", read_audio(JFK)[:16_000])
+    out = tmp_path / "m.mp4"
+    args = ["render", "--engine", "musetalk", "--models-dir", str(tiny), "--audio", str(clip)]
+    result = CliRunner().invoke(app, [*args, "--out", str(out), "--size", "320x240", "--fps", "25"])
+    assert result.exit_code == 0, result.output
+    streams = {s["codec_type"]: s for s in probe(out)["streams"]}
+    assert int(streams["video"]["nb_frames"]) == 25 and "audio" in streams
+
+
+def test_bench_json_has_stage_keys(tiny: Path) -> None:
+    from livecam.bench import run_bench
+
+    report = run_bench("musetalk", "astronaut", None, 25, 320, 240, models_dir=tiny)
+    rows = report["stages_ms_per_frame"]
+    assert [r["batch"] for r in rows] == [1, 4, 8]
+    for key in ("features_ms", "unet_ms", "decode_ms", "decode_tiny_ms", "blend_ms",
+                "bare_forward_ms", "engine_ms", "fps_full", "engine_overhead_pct"):  # fmt: skip
+        assert all(isinstance(r[key], float) for r in rows), key
+    assert "process_max_rss_mb" in report["peak_memory"]

@@ -1,0 +1,148 @@
+"""Safe loading, the safetensors cache, missing files, download and verify (tiny weights)."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from livecam.cli import app
+from livecam.musetalk import download, weights
+from livecam.musetalk.manifest import COMPONENTS, missing_files
+from livecam.musetalk.models import MissingWeights, load_models
+from livecam.session import EngineError, build_engine
+from tests.musetalk_tiny import tiny_models_dir
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_models_dir(tmp_path_factory)
+
+
+class _Evil:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_tampered_pickle_is_refused_and_never_executed(tmp_path: Path, legacy: bool) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "unet.pth"
+    payload = {"w": torch.zeros(2), "x": _Evil(marker)}
+    if legacy:
+        with path.open("wb") as fh:
+            pickle.dump(payload, fh)
+    else:
+        torch.save(payload, path)
+    assert not marker.exists()
+    with pytest.raises(weights.WeightsError, match="refused to load"):
+        weights.load_state_dict(path)
+    assert not marker.exists(), "the pickle payload ran"
+
+
+def test_non_tensor_checkpoint_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "x.bin"
+    torch.save({"w": torch.zeros(2), "step": 3}, path)
+    with pytest.raises(weights.WeightsError, match="non-tensor"):
+        weights.load_state_dict(path)
+
+
+def test_pickle_converted_once_to_safetensors(tmp_path: Path) -> None:
+    path = tmp_path / "w.bin"
+    torch.save({"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(1)}, path)
+    first = weights.load_state_dict(path)
+    cached = weights.weights_cache_dir() / f"{weights.sha256_file(path)}.safetensors"
+    assert cached.is_file()
+    torch.save({"poison": torch.zeros(1)}, tmp_path / "other.bin")
+    again = weights.load_state_dict(path)  # now read from the safetensors file
+    assert set(again) == {"a", "b"} and torch.equal(again["a"], first["a"])
+
+
+def test_old_vae_attention_names_are_mapped() -> None:
+    assert weights._vae_key("encoder.mid_block.attentions.0.query.weight").endswith("to_q.weight")
+    assert weights._vae_key("decoder.mid_block.attentions.0.proj_attn.bias").endswith(
+        "to_out.0.bias"
+    )
+
+
+def test_missing_weights_give_one_clear_message(tmp_path: Path, tiny: Path) -> None:
+    with pytest.raises(MissingWeights, match="livecam models download"):
+        load_models(tmp_path)
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny, partial)
+    (partial / "sd-vae" / "diffusion_pytorch_model.bin").unlink()
+    assert [p.name for p in missing_files(partial)] == ["diffusion_pytorch_model.bin"]
+    from livecam.avatar.store import load_avatar
+    from livecam.musetalk.engine import MuseTalkOptions
+
+    with pytest.raises(EngineError, match="livecam models download") as err:
+        build_engine("musetalk", load_avatar("astronaut"), 25, options=MuseTalkOptions(partial))
+    assert "sd-vae/diffusion_pytorch_model.bin" in str(err.value)
+
+
+def _local_fetch(source: Path, calls: list[str]):
+    """A stand-in for hf_hub_download serving files from a local folder."""
+
+    def fetch(repo_id: str, filename: str, revision: str | None, local_dir: Path) -> str:
+        comp = next(c for c in COMPONENTS if c.repo == repo_id)
+        calls.append(f"{repo_id}/{filename}")
+        dest = Path(local_dir) / filename
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / comp.local_root / filename, dest)
+        return str(dest)
+
+    return fetch
+
+
+def test_download_into_musetalk_layout_and_skip_present(tmp_path: Path, tiny: Path) -> None:
+    calls: list[str] = []
+    dest = tmp_path / "models"
+    got = download.download(dest, fetch=_local_fetch(tiny, calls))
+    n_files = sum(len(c.files) for c in COMPONENTS)
+    assert len(got) == n_files == len(calls)
+    assert "TMElyralab/MuseTalk/musetalkV15/unet.pth" in calls
+    assert (dest / "musetalkV15" / "unet.pth").is_file() and (
+        dest / "whisper/config.json"
+    ).is_file()
+    calls.clear()
+    download.download(dest, fetch=_local_fetch(tiny, calls))
+    assert calls == []  # everything present: nothing fetched again
+
+
+def test_download_offline_reports_missing(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def never(**_kw):
+        raise AssertionError("fetched while offline")
+
+    with pytest.raises(download.DownloadError, match="HF_HUB_OFFLINE"):
+        download.download(tmp_path, fetch=never)
+
+
+def test_download_failure_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def broken(**_kw):
+        raise OSError("network unreachable")
+
+    with pytest.raises(download.DownloadError, match="could not download TMElyralab/MuseTalk"):
+        download.download(tmp_path, fetch=broken)
+
+
+def test_models_verify_and_list_cli(tiny: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["models", "verify", "--models-dir", str(tiny)])
+    assert result.exit_code == 0, result.output
+    assert "usable" in result.output and "MISMATCH" not in result.output
+    assert "unet: loads" in result.output
+    listed = runner.invoke(app, ["models", "list", "--models-dir", str(tiny)])
+    assert listed.exit_code == 0 and "models dir:" in listed.output
+    bad = runner.invoke(app, ["models", "verify", "--models-dir", str(tmp_path)])
+    assert bad.exit_code == 1 and "livecam models download" in bad.output
