@@ -8,8 +8,6 @@ is detected in the frames the sink receives.
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import subprocess
 import tempfile
 import time
@@ -17,10 +15,12 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
 
+from livecam.audio import pulse
 from livecam.audio.virtual_mic import SOURCE as VIRTUAL_MIC_SOURCE
 from livecam.audio.virtual_mic import VirtualMic
 from livecam.constants import SAMPLE_RATE
@@ -131,74 +131,55 @@ def latency_from_file(opts: LiveOptions, bursts: int = 15) -> dict:
     return _summary(_responses(probe, onset_times, 0.0), len(onsets), pipeline)
 
 
-def _pactl(*args: str) -> str:
-    return subprocess.run(
-        ["pactl", *args], check=True, capture_output=True, text=True, timeout=10
-    ).stdout.strip()
-
-
 @contextlib.contextmanager
-def _pulse_input() -> Iterator[str]:
-    """A PulseAudio null sink whose monitor is this process's microphone (PULSE_SOURCE)."""
+def _pulse_pipeline(opts: LiveOptions, bursts: int) -> Iterator[tuple[Pipeline, MouthProbe, Any]]:
+    """A pipeline whose microphone is a fresh PulseAudio null sink's monitor, a probe on its
+    frames, and a function that plays the burst train into that sink."""
+    audio, _ = burst_train(bursts)
     name = f"livecam_bench_{uuid.uuid4().hex[:6]}"
     modules = [
-        _pactl("load-module", "module-null-sink", f"sink_name={name}"),
-        _pactl(
-            "load-module",
-            "module-remap-source",
-            f"master={name}.monitor",
-            f"source_name={name}_mic",
-        ),
-    ]
-    previous = os.environ.get("PULSE_SOURCE")
-    os.environ["PULSE_SOURCE"] = f"{name}_mic"
+        pulse.pactl("load-module", "module-null-sink", f"sink_name={name}"),
+        pulse.pactl("load-module", "module-remap-source", f"master={name}.monitor",
+                    f"source_name={name}_mic"),
+    ]  # fmt: skip
     try:
-        yield name
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            pulse.device_override("PULSE_SOURCE", f"{name}_mic"),
+        ):
+            path = Path(tmp) / "bursts.wav"
+            sf.write(str(path), audio, SAMPLE_RATE)
+            pipeline = build_pipeline(
+                replace(opts, audio_file=None, mic=None, sink="memory", idle_motion=False)
+            )
+
+            def play() -> None:
+                time.sleep(3.0)  # let the devices start delivering
+                subprocess.run(["paplay", f"--device={name}", str(path)], check=True,
+                               timeout=len(audio) / SAMPLE_RATE + 30)  # fmt: skip
+                time.sleep(1.5)
+
+            yield pipeline, attach_probe(pipeline), play
     finally:
-        if previous is None:
-            del os.environ["PULSE_SOURCE"]
-        else:
-            os.environ["PULSE_SOURCE"] = previous
         for module in reversed(modules):
-            subprocess.run(["pactl", "unload-module", module], capture_output=True, timeout=10)
-
-
-def pulse_available() -> bool:
-    return (
-        shutil.which("pactl") is not None
-        and subprocess.run(["pactl", "info"], capture_output=True, timeout=10).returncode == 0
-    )
+            pulse.unload(module)
 
 
 def latency_from_pulse(opts: LiveOptions, bursts: int = 15) -> dict:
     """Bursts played into a PulseAudio sink and captured through the real input device.
     Onsets are found in the captured audio; the device's reported input latency is added."""
-    audio, onsets = burst_train(bursts)
-    with tempfile.TemporaryDirectory() as tmp, _pulse_input() as sink_name:
-        path = Path(tmp) / "bursts.wav"
-        sf.write(str(path), audio, SAMPLE_RATE)
-        pipeline = build_pipeline(
-            replace(opts, audio_file=None, mic=None, sink="memory", idle_motion=False)
-        )
-        probe = attach_probe(pipeline)
+    with _pulse_pipeline(opts, bursts) as (pipeline, probe, play):
         pipeline.start()
         try:
-            time.sleep(3.0)  # let the device start delivering
             first = pipeline.ring.end
-            subprocess.run(
-                ["paplay", f"--device={sink_name}", str(path)],
-                check=True,
-                timeout=len(audio) / SAMPLE_RATE + 30,
-            )
-            time.sleep(1.5)
+            play()
         finally:
             pipeline.stop()
-    captured = pipeline.ring.read(max(first, pipeline.ring.start), pipeline.ring.end)
     start = max(first, pipeline.ring.start)
-    found = _onsets(captured, len(onsets))
+    found = _onsets(pipeline.ring.read(start, pipeline.ring.end), bursts)
     origin = pipeline.clock.origin() - pipeline.source.latency_s
     onset_times = [origin + (start + n) / SAMPLE_RATE for n in found]
-    return _summary(_responses(probe, onset_times, 0.0), len(onsets), pipeline)
+    return _summary(_responses(probe, onset_times, 0.0), bursts, pipeline)
 
 
 class _Recorder:
@@ -208,22 +189,11 @@ class _Recorder:
         import sounddevice as sd
 
         self.blocks: list[tuple[float, np.ndarray]] = []
-        previous = os.environ.get("PULSE_SOURCE")
-        os.environ["PULSE_SOURCE"] = source  # read by libpulse when the stream opens
-        try:
+        with pulse.device_override("PULSE_SOURCE", source):
             self.stream = sd.InputStream(
-                samplerate=SAMPLE_RATE,
-                channels=1,
-                dtype="float32",
-                blocksize=160,
-                latency="low",
-                callback=self._callback,
-            )
-        finally:
-            if previous is None:
-                del os.environ["PULSE_SOURCE"]
-            else:
-                os.environ["PULSE_SOURCE"] = previous
+                samplerate=SAMPLE_RATE, channels=1, dtype="float32", blocksize=160,
+                latency="low", callback=self._callback,
+            )  # fmt: skip
 
     def _callback(self, indata, frames, time_info, status) -> None:
         self.blocks.append((time.monotonic(), indata[:, 0].copy()))
@@ -237,35 +207,22 @@ class _Recorder:
 
 def virtual_mic_offset(opts: LiveOptions, bursts: int = 15) -> dict:
     """Mouth onset in the frames minus speech onset on the LiveCam Microphone, per burst."""
-    audio, onsets = burst_train(bursts)
-    with tempfile.TemporaryDirectory() as tmp, _pulse_input() as sink_name:
-        path = Path(tmp) / "bursts.wav"
-        sf.write(str(path), audio, SAMPLE_RATE)
-        pipeline = build_pipeline(
-            replace(opts, audio_file=None, mic=None, sink="memory", idle_motion=False)
-        )
-        probe = attach_probe(pipeline)
+    with _pulse_pipeline(opts, bursts) as (pipeline, probe, play):
         mic = VirtualMic(pipeline.ring, pipeline.clock, pipeline.audio_delay_s)
         pipeline.start()
         try:
             mic.start()
             recorder = _Recorder(VIRTUAL_MIC_SOURCE)
             with recorder.stream:
-                time.sleep(3.0)  # let both devices start delivering
-                subprocess.run(
-                    ["paplay", f"--device={sink_name}", str(path)],
-                    check=True,
-                    timeout=len(audio) / SAMPLE_RATE + 30,
-                )
-                time.sleep(1.5)
+                play()
         finally:
             mic.stop()
             pipeline.stop()
     heard, heard_at = recorder.sample_times()
-    onset_times = [float(heard_at[n]) for n in _onsets(heard, len(onsets))]
+    onset_times = [float(heard_at[n]) for n in _onsets(heard, bursts)]
     offsets = np.array(_responses(probe, onset_times, pipeline.sink.latency_s)) * 1e3
     return {
-        "bursts": len(onsets),
+        "bursts": bursts,
         "detected": len(offsets),
         "offset_ms": {
             "p50": round(float(np.median(offsets)), 1),
@@ -359,10 +316,10 @@ def live_report(
     }
     if latency:
         report["latency_file"] = latency_from_file(opts, bursts)
-        pulse = pulse_available()
+        running = pulse.available()
         missing = "PulseAudio is not running"
-        report["latency_pulseaudio"] = latency_from_pulse(opts, bursts) if pulse else missing
-        report["virtual_mic_sync"] = virtual_mic_offset(opts, bursts) if pulse else missing
+        report["latency_pulseaudio"] = latency_from_pulse(opts, bursts) if running else missing
+        report["virtual_mic_sync"] = virtual_mic_offset(opts, bursts) if running else missing
     if soak_seconds:
         report["soak"] = soak(opts, soak_seconds)
     return report

@@ -57,3 +57,10 @@ def test_playout_delay_covers_batch_wait_and_generation_time():
     wait = (mode.batch - 1) * mode.stride / FPS
     assert s.playout_delay >= 0.08 + wait + 0.9 * BUDGET
     assert s.playout_delay < 0.08 + wait + 3 * BUDGET
+
+
+def test_hopeless_load_keeps_latency_bounded():
+    s = Scheduler(FPS, ("full", "tiny"), (1, 2, 4, 8), base_delay_s=0.08)
+    _drive(s, lambda m: 0.3 + 0.01 * m.batch, 10)  # 9 frame budgets per call, whatever the mode
+    assert s.mode.stride == 6
+    assert s.playout_delay < 1.0  # no giant batches that would add seconds of delay

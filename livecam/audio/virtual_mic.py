@@ -10,12 +10,10 @@ of a crashed run are removed at the next start.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import subprocess
 import time
 from collections.abc import Callable
 
+from livecam.audio import pulse
 from livecam.audio.clock import AudioClock
 from livecam.audio.ring import AudioRing
 from livecam.constants import SAMPLE_RATE
@@ -32,20 +30,13 @@ class VirtualMicError(Exception):
     """The virtual microphone cannot be created, with a message fit for the user."""
 
 
-def _pactl(*args: str) -> str:
-    result = subprocess.run(["pactl", *args], capture_output=True, text=True, timeout=10)
-    if result.returncode != 0:
-        raise VirtualMicError(f"`pactl {' '.join(args)}` failed: {result.stderr.strip()}")
-    return result.stdout.strip()
-
-
 def remove_stale() -> int:
     """Unload virtual-microphone modules left by a previous run; returns how many."""
     removed = 0
-    for line in _pactl("list", "short", "modules").splitlines():
+    for line in pulse.pactl("list", "short", "modules").splitlines():
         module_id, _, rest = line.partition("\t")
         if f"sink_name={SINK}" in rest or f"source_name={SOURCE}" in rest:
-            subprocess.run(["pactl", "unload-module", module_id], capture_output=True, timeout=10)
+            pulse.unload(module_id)
             removed += 1
     return removed
 
@@ -63,55 +54,48 @@ class VirtualMic:
         self._stream = None
 
     def start(self) -> None:
-        if shutil.which("pactl") is None:
+        if not pulse.available():
             raise VirtualMicError(
-                "--virtual-mic needs pactl: sudo apt-get install pulseaudio-utils"
+                "--virtual-mic needs pactl (sudo apt-get install pulseaudio-utils) and a "
+                "running PulseAudio or PipeWire (pipewire-pulse) server; `pactl info` failed"
             )
-        if subprocess.run(["pactl", "info"], capture_output=True, timeout=10).returncode != 0:
-            raise VirtualMicError(
-                "--virtual-mic needs a running PulseAudio or PipeWire "
-                "(pipewire-pulse) server; `pactl info` failed"
-            )
+        try:
+            self._create_devices()
+        except pulse.PulseError as exc:
+            self.stop()
+            raise VirtualMicError(f"cannot create the virtual microphone: {exc}") from None
+        self._open_stream()
+
+    def _create_devices(self) -> None:
         if remove_stale():
             log.warning("removed a virtual microphone left over by an earlier run")
         self._modules.append(
-            _pactl(
+            pulse.pactl(
                 "load-module", "module-null-sink", f"sink_name={SINK}",
                 f"sink_properties='device.description=\"{DESCRIPTION} (feed)\"'",
             )
         )  # fmt: skip
         self._modules.append(
-            _pactl(
+            pulse.pactl(
                 "load-module", "module-remap-source", f"master={SINK}.monitor",
                 f"source_name={SOURCE}",
                 f"source_properties='device.description=\"{DESCRIPTION}\"'",
             )
         )  # fmt: skip
-        self._open_stream()
 
     def _open_stream(self) -> None:
         import sounddevice as sd
 
-        previous = os.environ.get("PULSE_SINK")
-        os.environ["PULSE_SINK"] = SINK  # libpulse reads it when the stream connects
         try:
-            self._stream = sd.OutputStream(
-                samplerate=SAMPLE_RATE,
-                channels=1,
-                dtype="float32",
-                blocksize=BLOCK,
-                latency="low",
-                callback=self._callback,
-            )
+            with pulse.device_override("PULSE_SINK", SINK):
+                self._stream = sd.OutputStream(
+                    samplerate=SAMPLE_RATE, channels=1, dtype="float32", blocksize=BLOCK,
+                    latency="low", callback=self._callback,
+                )  # fmt: skip
             self._stream.start()
         except sd.PortAudioError as exc:
             self.stop()
             raise VirtualMicError(f"cannot play into the virtual microphone: {exc}") from None
-        finally:
-            if previous is None:
-                os.environ.pop("PULSE_SINK", None)
-            else:
-                os.environ["PULSE_SINK"] = previous
 
     def _callback(self, outdata, frames, time_info, status) -> None:
         ahead = time_info.outputBufferDacTime - time_info.currentTime
@@ -132,5 +116,5 @@ class VirtualMic:
             self._stream.close()
             self._stream = None
         for module in reversed(self._modules):
-            subprocess.run(["pactl", "unload-module", module], capture_output=True, timeout=10)
+            pulse.unload(module)
         self._modules.clear()

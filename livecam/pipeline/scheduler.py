@@ -131,9 +131,13 @@ class Scheduler:
             mode = self._plan(level)
             if mode is not None and mode != self.mode:
                 return self._switch(level, mode)
+        # nothing keeps up: the coarsest stride, with the least loaded batch that stays under
+        # the latency ceiling (the camera keeps its rate with repeated frames either way)
         last = len(self.ladder) - 1
         tier, stride = self.ladder[last]
-        return self._switch(last, Mode(tier, stride, self.batch_sizes[-1]))
+        modes = [Mode(tier, stride, batch) for batch in self.batch_sizes]
+        bounded = [m for m in modes if self._predicted_delay(m) <= LATENCY_CEILING_S]
+        return self._switch(last, min(bounded or modes[:1], key=self.utilisation))
 
     def _step_up(self) -> bool:
         if self.level == 0 and self.mode.batch == self.batch_sizes[0]:
