@@ -254,6 +254,21 @@ def bench(
     _run(action)
 
 
+@app.command()
+def doctor() -> None:
+    """Check the camera device, microphone, tools, avatars and weights; print the fixes."""
+    from livecam.doctor import run_checks
+
+    failed = False
+    for check in run_checks():
+        mark = "[green]ok[/]" if check.ok else "[red]FAIL[/]" if check.required else "[yellow]--[/]"
+        console.print(
+            f"{mark:>16}  [bold]{check.name}[/]: {check.detail}", highlight=False, soft_wrap=True
+        )
+        failed = failed or (check.required and not check.ok)
+    raise typer.Exit(1 if failed else 0)
+
+
 @avatars_app.command("list")
 def avatars_list() -> None:
     """Bundled and prepared avatars."""

@@ -99,3 +99,14 @@ def test_missing_microphone():
 def test_bad_size_option():
     result = livecam("render", "--audio", str(JFK), "--out", "/tmp/x.mp4", "--size", "big")
     assert result.returncode == 2 and "WIDTHxHEIGHT" in result.stderr + result.stdout
+
+
+def test_doctor_names_the_fix_for_each_problem():
+    result = livecam("doctor")
+    assert "Traceback" not in result.stderr
+    out = result.stdout
+    for name in ("virtual camera", "microphone", "ffmpeg", "avatars", "musetalk weights"):
+        assert name in out
+    if "no v4l2loopback device" in out:  # no camera on this machine: says how to make one
+        assert "modprobe v4l2loopback" in out
+    assert "livecam models download" in out or "present in" in out

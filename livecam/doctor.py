@@ -1,0 +1,101 @@
+"""`livecam doctor`: checks what livecam needs on this machine; each problem names its fix."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str  # what was found, or the exact fix
+    required: bool = True  # False: only some features need it
+
+
+def _camera() -> list[Check]:
+    from livecam.sinks.virtualcam import MODPROBE, USERMOD, loopback_devices
+
+    devices = loopback_devices()
+    if not devices:
+        return [Check("virtual camera", False, f"no v4l2loopback device: run `{MODPROBE}` "
+                      "(install v4l2loopback-dkms first if the module is missing); until then "
+                      "livecam shows a browser preview", required=False)]  # fmt: skip
+    checks = [Check("virtual camera", True, ", ".join(devices))]
+    caps = Path("/sys/module/v4l2loopback/parameters/exclusive_caps")
+    if caps.exists() and not {"Y", "1"} & set(caps.read_text()):
+        checks.append(Check("exclusive_caps", False, "Chrome, Zoom and Teams will not list the "
+                            f"camera: reload the module with `{MODPROBE}`"))  # fmt: skip
+    writable = [d for d in devices if os.access(d, os.W_OK)]
+    if not writable:
+        checks.append(Check("camera permission", False, f"cannot write {devices[0]}: `{USERMOD}`, "
+                            "then log in again"))  # fmt: skip
+    return checks
+
+
+def _microphone() -> Check:
+    try:
+        from livecam.audio.sources import input_devices
+
+        found = input_devices()
+    except (OSError, ImportError) as exc:
+        return Check("microphone", False, f"PortAudio unavailable ({exc}): "
+                     "sudo apt-get install libportaudio2")  # fmt: skip
+    if not found:
+        return Check("microphone", False, "no input device: plug one in, check "
+                     "`pactl list short sources`")  # fmt: skip
+    return Check("microphone", True, f"{len(found)} input(s), e.g. {found[0]['name']!r}")
+
+
+def _tools() -> list[Check]:
+    from livecam.audio import pulse
+
+    return [
+        Check("ffmpeg", shutil.which("ffmpeg") is not None,
+              "found" if shutil.which("ffmpeg") else "needed by render and --sink file: "
+              "sudo apt-get install ffmpeg"),
+        Check("PulseAudio/PipeWire", pulse.available(),
+              "server answers" if pulse.available() else "needed by --virtual-mic: "
+              "sudo apt-get install pulseaudio-utils, and run PulseAudio or PipeWire-Pulse",
+              required=False),
+    ]  # fmt: skip
+
+
+def _neural() -> list[Check]:
+    if importlib.util.find_spec("torch") is None:
+        return [Check("torch", False, "pip install torch (musetalk only)", required=False)]
+    import torch
+
+    from livecam.musetalk.download import verify
+    from livecam.musetalk.manifest import default_models_dir
+
+    cuda = torch.cuda.is_available()
+    gpu = torch.cuda.get_device_name(0) if cuda else "none: musetalk would run on the CPU, slowly"
+    models_dir = default_models_dir()
+    _, results, ok = verify(models_dir, load=False)
+    missing = [name for name, result in results.items() if result == "missing"]
+    weights = (f"present in {models_dir}" if ok else
+               f"missing {', '.join(missing)}: `livecam models download`")  # fmt: skip
+    return [
+        Check("GPU", cuda, f"torch {torch.__version__}, {gpu}", required=False),
+        Check("musetalk weights", ok, weights, required=False),
+    ]
+
+
+def _avatars() -> Check:
+    from livecam.avatar.store import list_avatars
+
+    avatars = list_avatars()
+    stale = [a.name for a in avatars if a.status == "stale"]
+    detail = ", ".join(f"{a.name} ({a.status})" for a in avatars)
+    if stale:
+        detail += "; stale caches are rebuilt on next use"
+    return Check("avatars", bool(avatars), detail)
+
+
+def run_checks() -> list[Check]:
+    return [*_camera(), _microphone(), *_tools(), _avatars(), *_neural()]
