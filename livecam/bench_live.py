@@ -8,6 +8,7 @@ is detected in the frames the sink receives.
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import tempfile
 import time
@@ -295,9 +296,16 @@ def soak(opts: LiveOptions, seconds: float) -> dict:
     }
 
 
+def _rss_bytes() -> int:
+    """Resident memory of this process now (Linux)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def _minute_summary(latencies: list[float], seconds: float) -> dict:
     ms = np.array(latencies) * 1e3
     return {
+        "rss_mb": round(_rss_bytes() / 2**20, 1),
         "frames": len(ms),
         "shown_fps": round(len(ms) / seconds, 3),
         "latency_p50_ms": round(float(np.percentile(ms, 50)), 1),
