@@ -142,9 +142,10 @@ class Pipeline:
             now = time.monotonic()
             mode = self.scheduler.mode
             due = self._due_frame(now)
-            first = max(next_frame, due + 1)  # never work on frames too late to be shown
-            first = -(-first // mode.stride) * mode.stride  # strided frames are aligned
-            self.counters.frames_skipped += max(0, due + 1 - next_frame)
+            if next_frame <= due:  # never work on frames too late to be shown
+                self.counters.frames_skipped += due + 1 - next_frame
+                next_frame = due + 1
+            first = -(-next_frame // mode.stride) * mode.stride  # strided frames are aligned
             batch = range(first, first + mode.batch * mode.stride, mode.stride)
             if self.engine.samples_needed(batch[-1]) <= self.ring.end:
                 self._generate(batch, mode)
