@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 from rich.live import Live
+from rich.logging import RichHandler
 
 from livecam import dashboard
 from livecam.audio.clock import AudioClock
@@ -150,15 +153,32 @@ def _loop(
                 next_log += STATUS_LOG_EVERY_S
                 _log_status(pipeline)
         return
-    with Live(
-        dashboard.render(pipeline.snapshot()),
-        console=console,
-        refresh_per_second=4,
-        transient=False,
-    ) as live:
+    with (
+        Live(
+            dashboard.render(pipeline.snapshot()),
+            console=console,
+            refresh_per_second=4,
+            transient=False,
+        ) as live,
+        _logging_to(console),
+    ):
         while not stop.wait(0.25) and not done():
             pipeline.source.poll()
             live.update(dashboard.render(pipeline.snapshot()))
+
+
+@contextlib.contextmanager
+def _logging_to(console: Console) -> Iterator[None]:
+    """Log through the dashboard's console, so log lines print above it, not into it."""
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, RichHandler)]
+    previous = [h.console for h in handlers]
+    for handler in handlers:
+        handler.console = console
+    try:
+        yield
+    finally:
+        for handler, old in zip(handlers, previous, strict=True):
+            handler.console = old
 
 
 def _log_status(pipeline: Pipeline) -> None:
