@@ -278,8 +278,9 @@ def soak(opts: LiveOptions, seconds: float) -> dict:
     if minute:
         per_minute.append(_minute_summary(minute, time.monotonic() - started[0]))
     growth = None
-    if len(per_minute) >= 2:
-        first, last = per_minute[0]["latency_p95_ms"], per_minute[-1]["latency_p95_ms"]
+    whole = [m for m in per_minute if m["frames"] >= 0.9 * 60 * opts.fps]  # complete minutes
+    if len(whole) >= 2:
+        first, last = whole[0]["latency_p95_ms"], whole[-1]["latency_p95_ms"]
         growth = round((last - first) / first * 100, 2)
     return {
         "seconds": round(elapsed, 1),
