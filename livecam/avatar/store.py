@@ -28,6 +28,7 @@ from livecam.avatar.eyes import build_eye_bank
 from livecam.avatar.landmarks import NoFaceError, detect_face
 from livecam.avatar.model import Avatar, BankParams, PatchBank
 from livecam.avatar.mouth import build_mouth_bank
+from livecam.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +104,6 @@ def _cached_names() -> list[str]:
     return sorted(p.parent.name for p in root.glob("*/" + MANIFEST)) if root.is_dir() else []
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _sha256_array(a: np.ndarray) -> str:
     h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
     h.update(np.ascontiguousarray(a).tobytes())
@@ -176,7 +169,7 @@ def _write_cache(av: Avatar, source: Path, kind: str, description: str) -> None:
         "kind": kind,
         "description": description,
         "source": str(source.resolve()),
-        "source_sha256": _sha256_file(source),
+        "source_sha256": sha256_file(source),
         "params": build_params(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "engines": ENGINES,
@@ -211,7 +204,7 @@ def _stale_reason(manifest: dict[str, Any], source: Path) -> str | None:
         return "build parameters changed"
     if not source.is_file():
         return f"source {source} is missing"
-    if manifest.get("source_sha256") != _sha256_file(source):
+    if manifest.get("source_sha256") != sha256_file(source):
         return f"source {source} changed"
     return None
 

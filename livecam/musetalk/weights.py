@@ -8,7 +8,6 @@ there afterwards. Model configs come from the files next to the weights, never f
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from livecam.avatar.store import cache_root
+from livecam.hashing import sha256_file
 from livecam.musetalk.manifest import component
 
 log = logging.getLogger(__name__)
@@ -28,14 +28,6 @@ log = logging.getLogger(__name__)
 
 class WeightsError(Exception):
     """A weight file that is missing, damaged or unsafe; the message says what to do."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def weights_cache_dir() -> Path:
