@@ -36,10 +36,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from livecam.audio.sources import AudioDeviceError
     from livecam.audio.virtual_mic import VirtualMicError
     from livecam.avatar.store import AvatarError
+    from livecam.control import ControlError
     from livecam.session import EngineError
     from livecam.sinks.base import SinkError
 
-    return AudioFileError, AudioDeviceError, AvatarError, EngineError, SinkError, VirtualMicError
+    return (AudioFileError, AudioDeviceError, AvatarError, EngineError, SinkError,
+            VirtualMicError, ControlError)  # fmt: skip
 
 
 def _run(action: Callable[[], int | None]) -> None:
@@ -250,6 +252,46 @@ def bench(
             print(json.dumps(report, indent=2))
         else:
             console.print_json(json.dumps(report))
+
+    _run(action)
+
+
+@app.command()
+def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Show the running livecam's dashboard once (through its control socket)."""
+    from livecam import dashboard
+    from livecam.control import request
+    from livecam.pipeline.stats import Snapshot
+
+    def action() -> None:
+        answer = request({"cmd": "status"})
+        if as_json:
+            print(json.dumps(answer, indent=2))
+            return
+        fields = {f: answer[f] for f in Snapshot.__dataclass_fields__}
+        fields["stages_ms"] = {k: tuple(v) for k, v in fields["stages_ms"].items()}
+        fields["warnings"] = tuple(fields["warnings"])
+        console.print(dashboard.render(Snapshot(**fields)))
+
+    _run(action)
+
+
+@app.command()
+def stop() -> None:
+    """Stop the running livecam (it closes the camera and finishes any recording)."""
+    from livecam.control import request
+
+    _run(lambda: request({"cmd": "stop"}) and console.print("livecam is stopping"))
+
+
+@app.command()
+def mute(off: Annotated[bool, typer.Option("--off", help="Unmute.")] = False) -> None:
+    """Keep the avatar idle (and the LiveCam Microphone silent) until `livecam mute --off`."""
+    from livecam.control import request
+
+    def action() -> None:
+        answer = request({"cmd": "mute", "on": not off})
+        console.print("muted" if answer["muted"] else "unmuted")
 
     _run(action)
 

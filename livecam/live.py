@@ -22,6 +22,7 @@ from livecam.audio.sources import FileSource, MicSource
 from livecam.audio.virtual_mic import DESCRIPTION, VirtualMic
 from livecam.avatar.store import load_avatar
 from livecam.constants import SAMPLE_RATE
+from livecam.control import ControlServer, snapshot_dict
 from livecam.engines.simulated import SimulatedLoad
 from livecam.pipeline.runner import Pipeline, PipelineConfig
 from livecam.session import build_compositor, build_engine
@@ -100,7 +101,16 @@ def build_pipeline(opts: LiveOptions) -> Pipeline:
 
 
 def run(opts: LiveOptions, console: Console) -> int:
-    """Runs until Ctrl-C, SIGTERM, --duration, or the end of an --audio file."""
+    """Runs until Ctrl-C, SIGTERM, `livecam stop`, --duration, or the end of an --audio file."""
+    control = ControlServer({})
+    control.start()  # first: refuses to run twice, before the camera is touched
+    try:
+        return _run(opts, console, control)
+    finally:
+        control.stop()
+
+
+def _run(opts: LiveOptions, console: Console, control: ControlServer) -> int:
     pipeline = build_pipeline(opts)
     stop = threading.Event()
     previous = {
@@ -108,6 +118,7 @@ def run(opts: LiveOptions, console: Console) -> int:
     }
     deadline = time.monotonic() + opts.duration if opts.duration else None
     virtual_mic = VirtualMic(pipeline.ring, pipeline.clock, pipeline.audio_delay_s)
+    control.handlers.update(_control_handlers(pipeline, virtual_mic, stop))
     try:
         pipeline.start()
         if opts.virtual_mic:
@@ -136,6 +147,22 @@ def run(opts: LiveOptions, console: Console) -> int:
     if pipeline.error is not None:
         raise pipeline.error
     return 0
+
+
+def _control_handlers(pipeline: Pipeline, mic: VirtualMic, stop: threading.Event) -> dict:
+    def status(_: dict) -> dict:
+        return snapshot_dict(pipeline.snapshot())
+
+    def stop_now(_: dict) -> dict:
+        stop.set()
+        return {"stopping": True}
+
+    def mute(message: dict) -> dict:
+        pipeline.muted = mic.muted = bool(message.get("on", True))
+        log.info("%s", "muted" if pipeline.muted else "unmuted")
+        return {"muted": pipeline.muted}
+
+    return {"status": status, "stop": stop_now, "mute": mute}
 
 
 def _loop(

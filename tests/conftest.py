@@ -21,6 +21,8 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Avatar caches go to a per-session temp dir, never the user's ~/.cache."""
     path = tmp_path_factory.mktemp("livecam-cache")
     os.environ["LIVECAM_CACHE_DIR"] = str(path)
+    # control sockets too: tests never collide with a livecam the user is running
+    os.environ["LIVECAM_RUNTIME_DIR"] = str(tmp_path_factory.mktemp("livecam-run"))
     return path
 
 

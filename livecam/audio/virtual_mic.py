@@ -50,6 +50,7 @@ class VirtualMic:
 
     def __init__(self, ring: AudioRing, clock: AudioClock, delay: Callable[[], float]) -> None:
         self.ring, self.clock, self.delay = ring, clock, delay
+        self.muted = False
         self._modules: list[str] = []
         self._stream = None
 
@@ -102,7 +103,7 @@ class VirtualMic:
         if not 0 < ahead < 1:  # a host without DAC timing: use the stream's latency
             ahead = self._stream.latency if self._stream is not None else 0.0
         outdata[:, 0] = 0.0
-        if not self.clock.started:
+        if self.muted or not self.clock.started:
             return
         heard_at = time.monotonic() + ahead
         first = round((heard_at - self.delay() - self.clock.origin()) * SAMPLE_RATE)

@@ -86,6 +86,7 @@ class Pipeline:
         self._audio_sent: int | None = None  # stream sample handed to the sink so far
         self._started_at = 0.0
         self.on_tick: Callable[[int, float], None] | None = None  # (due frame, now) hook
+        self.muted = False  # idle faces whatever the microphone hears
         self.error: BaseException | None = None
 
     def _base_delay(self) -> float:
@@ -147,10 +148,10 @@ class Pipeline:
                 next_frame = due + 1
             first = -(-next_frame // mode.stride) * mode.stride  # strided frames are aligned
             batch = range(first, first + mode.batch * mode.stride, mode.stride)
-            if self.engine.samples_needed(batch[-1]) <= self.ring.end:
+            if not self.muted and self.engine.samples_needed(batch[-1]) <= self.ring.end:
                 self._generate(batch, mode)
                 next_frame = batch[-1] + 1
-            elif self._source_stalled(now):  # idle faces, made just in time for their tick
+            elif self.muted or self._source_stalled(now):  # idle faces, just in time
                 if first <= due + mode.stride:
                     self._push(range(first, first + 1), self.engine.generate_silent([first]))
                     self.counters.frames_silent += 1
@@ -273,6 +274,8 @@ class Pipeline:
         warnings = list(self.warnings)
         if self.source.stats.problem:
             warnings.append(self.source.stats.problem + ": showing idle frames")
+        if self.muted:
+            warnings.append("muted: the avatar stays idle (`livecam mute --off` to speak again)")
         mode = self.scheduler.mode
         return Snapshot(
             avatar=self.cfg.avatar,
