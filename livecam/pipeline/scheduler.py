@@ -58,7 +58,8 @@ class Scheduler:
 
     # -- cost model ---------------------------------------------------------------------------
     def cost(self, tier: str, batch: int) -> float:
-        """Estimated seconds per engine call; unmeasured batches scale linearly (pessimistic)."""
+        """Estimated seconds per engine call. Unmeasured: a batch is assumed half fixed cost,
+        a lower tier TIER_PRIOR times cheaper than the nearest measured one."""
         if (tier, batch) in self._cost:
             return self._cost[(tier, batch)]
         rank = self.tiers.index
