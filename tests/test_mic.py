@@ -49,7 +49,7 @@ def test_microphone_drives_the_pipeline(pulse_mic):
     assert np.sqrt(np.mean(speech**2)) > 0.01
     assert snap.frames_generated > 6 * FPS  # frames made from captured audio, not idle ones
     assert snap.frames_shown > 7 * FPS * 0.85
-    assert pipeline.engine.features.hops_done > 0
+    assert pipeline.engine.track.hops_done > 0
     opened = [
         pipeline.engine.mouth(k)[0]
         for k in range(snap.frames_generated - 60, snap.frames_generated)

@@ -15,7 +15,7 @@ from livecam.audio.ring import AudioRing
 from livecam.avatar.face import FaceRenderer
 from livecam.avatar.model import Avatar
 from livecam.constants import HOP_LENGTH, HOPS_PER_SECOND
-from livecam.engines.lite_features import LiteFeatures
+from livecam.engines.lite_features import HopTrack
 from livecam.pipeline import idle
 
 TRACK_HOPS = 10 * HOPS_PER_SECOND  # keep 10 s of per-hop features, enough for any lateness
@@ -35,9 +35,7 @@ class LiteEngine:
         self.idle_motion = idle_motion
         self.tier = self.tiers[0]
         self.renderer = FaceRenderer(avatar)
-        self.features = LiteFeatures()
-        self._fed = 0  # absolute sample index up to which audio went into the features
-        self._track = np.zeros((TRACK_HOPS, 3), dtype=np.float32)  # ring of hop features
+        self.track = HopTrack(TRACK_HOPS)
 
     def _hop(self, frame: int) -> int:
         """The newest hop whose centre lies within the frame's span: the freshest mouth state
@@ -47,25 +45,11 @@ class LiteEngine:
     def samples_needed(self, frame: int) -> int:
         return (self._hop(frame) + 1) * HOP_LENGTH  # hop h is complete once (h + 1) hops arrived
 
-    def _feed(self, ring: AudioRing, upto: int) -> None:
-        if self._fed < ring.start:  # fell more than the ring's length behind: resume there
-            hop = -(-ring.start // HOP_LENGTH)
-            self.features.restart_at(hop)
-            self._fed = hop * HOP_LENGTH
-        if upto <= self._fed:
-            return
-        first = self.features.hops_done
-        hops = self.features.push(ring.read(self._fed, upto))
-        self._fed = upto
-        idx = np.arange(first, first + len(hops)) % TRACK_HOPS
-        self._track[idx] = hops
-
     def mouth(self, frame: int) -> tuple[float, float]:
         """(openness, width) for a frame; closed if its hop is not (or no longer) known."""
-        h = self._hop(frame)
-        if not self.features.hops_done - TRACK_HOPS <= h < self.features.hops_done:
+        value = self.track.get(self._hop(frame))
+        if value is None:
             return 0.0, 0.0
-        value = self._track[h % TRACK_HOPS]
         return float(value[0]), float(value[1])
 
     def set_tier(self, tier: str) -> None:
@@ -82,7 +66,7 @@ class LiteEngine:
         return self.renderer.render(openness, width, eyes).copy()
 
     def generate(self, ring: AudioRing, frames: Sequence[int]) -> list[np.ndarray]:
-        self._feed(ring, self.samples_needed(frames[-1]))
+        self.track.feed(ring, self.samples_needed(frames[-1]))
         return [self._face(k, *self.mouth(k)) for k in frames]
 
     def generate_silent(self, frames: Sequence[int]) -> list[np.ndarray]:

@@ -122,3 +122,38 @@ class LiteFeatures:
         else:
             self._floor_db += min(level_db - self._floor_db, self.cfg.floor_rise_db_per_s * hop_s)
         self._peak_db = max(level_db, self._peak_db - self.cfg.peak_decay_db_per_s * hop_s)
+
+
+class HopTrack:
+    """Streams ring audio through LiteFeatures and keeps the newest `capacity` hops.
+
+    Shared by the lite engine (mouth shape) and the musetalk voice gate (voicing).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.features = LiteFeatures()
+        self._fed = 0  # absolute sample index up to which audio went into the features
+        self._values = np.zeros((capacity, 3), dtype=np.float32)  # ring of (open, width, voiced)
+
+    @property
+    def hops_done(self) -> int:
+        return self.features.hops_done
+
+    def feed(self, ring, upto: int) -> None:
+        """Analyse ring audio up to sample `upto` (an AudioRing; absolute index)."""
+        if self._fed < ring.start:  # fell more than the ring's length behind: resume there
+            hop = -(-ring.start // HOP_LENGTH)
+            self.features.restart_at(hop)
+            self._fed = hop * HOP_LENGTH
+        if upto <= self._fed:
+            return
+        first = self.features.hops_done
+        hops = self.features.push(ring.read(self._fed, upto))
+        self._fed = upto
+        self._values[np.arange(first, first + len(hops)) % len(self._values)] = hops
+
+    def get(self, hop: int) -> np.ndarray | None:
+        """(openness, width, voiced) of a hop, or None if not yet (or no longer) known."""
+        if not self.hops_done - len(self._values) <= hop < self.hops_done:
+            return None
+        return self._values[hop % len(self._values)]

@@ -24,7 +24,7 @@ from livecam.audio.ring import AudioRing
 from livecam.avatar.face import FaceRenderer
 from livecam.avatar.model import Avatar
 from livecam.constants import HOP_LENGTH, HOPS_PER_SECOND
-from livecam.engines.lite_features import LiteFeatures
+from livecam.engines.lite_features import HopTrack
 from livecam.musetalk.avatar_latents import prepare_latents
 from livecam.musetalk.features import WINDOW_STEPS, OfflineFeatures, StreamingFeatures
 from livecam.musetalk.models import MuseTalkModels
@@ -62,9 +62,7 @@ class VoiceGate:
 
     def __init__(self, fps: float, track_hops: int = 10 * HOPS_PER_SECOND) -> None:
         self.fps = fps
-        self.features = LiteFeatures()
-        self._fed = 0
-        self._voiced = np.zeros(track_hops, np.float32)
+        self.track = HopTrack(track_hops)
 
     def _centre(self, frame: int) -> int:
         return math.floor((frame + 0.5) / self.fps * HOPS_PER_SECOND)
@@ -73,23 +71,13 @@ class VoiceGate:
         return (self._centre(frame) + GATE_HOPS + 2) * HOP_LENGTH
 
     def levels(self, ring: AudioRing, frames: Sequence[int]) -> list[float]:
-        upto = self.samples_needed(frames[-1])
-        if self._fed < ring.start:  # fell behind the ring: resume at its oldest sample
-            hop = -(-ring.start // HOP_LENGTH)
-            self.features.restart_at(hop)
-            self._fed = hop * HOP_LENGTH
-        if upto > self._fed:
-            first = self.features.hops_done
-            hops = self.features.push(ring.read(self._fed, upto))
-            self._fed = upto
-            idx = np.arange(first, first + len(hops)) % len(self._voiced)
-            self._voiced[idx] = hops[:, 2]
-        done, n = self.features.hops_done, len(self._voiced)
+        self.track.feed(ring, self.samples_needed(frames[-1]))
         out = []
         for frame in frames:
             c = self._centre(frame)
-            hops = [h for h in range(c - GATE_HOPS, c + GATE_HOPS + 1) if done - n <= h < done]
-            out.append(float(np.mean(self._voiced[np.array(hops) % n])) if hops else 0.0)
+            known = [self.track.get(h) for h in range(c - GATE_HOPS, c + GATE_HOPS + 1)]
+            voiced = [v[2] for v in known if v is not None]
+            out.append(float(np.mean(voiced)) if voiced else 0.0)
         return out
 
 
