@@ -163,12 +163,9 @@ def render(
     def action() -> None:
         samples = read_audio(audio)
         face = load_avatar(avatar)
-        options = None
-        if engine == "musetalk":
-            from livecam.musetalk.engine import MuseTalkOptions
-
-            options = MuseTalkOptions(models_dir, torch_device, features="offline")
-        eng = build_engine(engine, face, fps, idle, options)
+        eng = build_engine(
+            engine, face, fps, idle, models_dir=models_dir, device=torch_device, streaming=False
+        )
         comp = build_compositor(face, width, height, fps, idle)
         sink, _ = open_sink("file", width=width, height=height, fps=fps, out=out)
         result = render_audio(samples, eng, comp, sink)
@@ -239,6 +236,8 @@ def bench(
                 fps=fps,
                 dashboard=False,
                 simulate_load=simulate_load,
+                models_dir=models_dir,
+                torch_device=torch_device,
             )
             report = live_report(opts, latency, soak, bursts)
         else:

@@ -61,12 +61,14 @@ class LiveOptions:
 def build_pipeline(opts: LiveOptions) -> Pipeline:
     """Everything is loaded and opened here, before any frame flows: errors surface early."""
     avatar = load_avatar(opts.avatar)
-    options = None
-    if opts.engine == "musetalk":
-        from livecam.musetalk.engine import MuseTalkOptions
-
-        options = MuseTalkOptions(opts.models_dir, opts.torch_device, features="streaming")
-    engine = build_engine(opts.engine, avatar, opts.fps, opts.idle_motion, options)
+    engine = build_engine(
+        opts.engine,
+        avatar,
+        opts.fps,
+        opts.idle_motion,
+        models_dir=opts.models_dir,
+        device=opts.torch_device,
+    )
     if opts.simulate_load:
         engine = SimulatedLoad(engine, opts.simulate_load, opts.fps)
     compositor = build_compositor(avatar, opts.width, opts.height, opts.fps, opts.idle_motion)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,14 +25,28 @@ class EngineError(Exception):
 
 
 def build_engine(
-    name: str, avatar: Avatar, fps: float, idle_motion: bool = True, options: Any = None
+    name: str,
+    avatar: Avatar,
+    fps: float,
+    idle_motion: bool = True,
+    options: Any = None,
+    *,
+    models_dir: Path | None = None,
+    device: str | None = None,
+    streaming: bool = True,
 ) -> Engine:
-    """`options`: engine-specific settings (musetalk: a MuseTalkOptions; None: defaults)."""
+    """`options`: a full MuseTalkOptions (tests, benchmarks); otherwise musetalk is set up from
+    `models_dir`, `device` and `streaming` (live features, or the whole clip for render)."""
     if name == "lite":
         from livecam.engines.lite import LiteEngine
 
         return LiteEngine(avatar, fps, idle_motion=idle_motion)
     elif name == "musetalk":
+        if options is None:
+            from livecam.musetalk.engine import MuseTalkOptions
+
+            features = "streaming" if streaming else "offline"
+            options = MuseTalkOptions(models_dir, device, features=features)
         return _build_musetalk(avatar, fps, idle_motion, options)
     raise EngineError(f"unknown engine {name!r}: choose one of {', '.join(ENGINES)}")
 
@@ -42,7 +57,7 @@ def _build_musetalk(avatar: Avatar, fps: float, idle_motion: bool, options: Any)
     from livecam.musetalk.models import load_models, random_models
     from livecam.musetalk.weights import WeightsError
 
-    opts = options or MuseTalkOptions()
+    opts: MuseTalkOptions = options
     try:
         if opts.random_weights:
             models = random_models(opts.device)
