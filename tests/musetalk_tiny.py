@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
+
+from livecam.hashing import sha256_file
+from livecam.musetalk import cli, download, manifest
 
 TINY_UNET = {
     "in_channels": 8,
@@ -23,7 +28,7 @@ TINY_UNET = {
 
 def write_tiny_models(root: Path, taesd: bool = True) -> Path:
     """The models dir layout of MuseTalk's download script, tiny random weights."""
-    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+    from diffusers import AutoencoderTiny, UNet2DConditionModel
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
     torch.manual_seed(0)
@@ -33,16 +38,7 @@ def write_tiny_models(root: Path, taesd: bool = True) -> Path:
     torch.save(unet.state_dict(), unet_dir / "unet.pth")
     (unet_dir / "musetalk.json").write_text(json.dumps(TINY_UNET))
 
-    vae = AutoencoderKL(
-        block_out_channels=[8, 16, 16, 16],
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        latent_channels=4,
-        sample_size=256,
-    )
-    vae.save_pretrained(root / "sd-vae", safe_serialization=False)
+    write_legacy_vae(tiny_vae(), root / "sd-vae")
 
     cfg = WhisperConfig(
         d_model=384, encoder_layers=4, encoder_attention_heads=4, encoder_ffn_dim=64,
@@ -65,6 +61,64 @@ def write_tiny_models(root: Path, taesd: bool = True) -> Path:
         )
         tiny.save_pretrained(root / "taesd")
     return root
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=[8, 16, 16, 16],
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=4,
+        sample_size=256,
+    )
+
+
+LEGACY_ATTENTION = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.",
+                    ".to_out.0.": ".proj_attn."}  # fmt: skip
+
+
+def write_legacy_vae(vae, folder: Path) -> None:
+    """A diffusers VAE folder as sd-vae-ft-mse ships it: a .bin pickle with the attention
+    names of diffusers 0.4 (query/key/value/proj_attn)."""
+    folder.mkdir(parents=True)
+    state = {}
+    for key, value in vae.state_dict().items():
+        for new, old in LEGACY_ATTENTION.items():
+            key = key.replace(new, old)
+        state[key] = value
+    torch.save(state, folder / "diffusion_pytorch_model.bin")
+    keys = (
+        "act_fn",
+        "block_out_channels",
+        "down_block_types",
+        "in_channels",
+        "latent_channels",
+        "layers_per_block",
+        "norm_num_groups",
+        "out_channels",
+        "sample_size",
+        "up_block_types",
+    )
+    config = {"_class_name": "AutoencoderKL", "_diffusers_version": "0.4.2"}
+    (folder / "config.json").write_text(json.dumps(config | {k: vae.config[k] for k in keys}))
+
+
+def publish_tiny_hashes(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
+    """Make the manifest's published hashes those of the tiny files under `root`."""
+
+    def published(comp: manifest.Component, f: manifest.ModelFile) -> manifest.ModelFile:
+        if not f.release_sha256:
+            return f
+        return replace(f, release_sha256=(sha256_file(comp.local_path(root, f)),))
+
+    comps = tuple(replace(c, files=tuple(published(c, f) for f in c.files))
+                  for c in manifest.COMPONENTS)  # fmt: skip
+    for module in (manifest, download, cli):
+        monkeypatch.setattr(module, "COMPONENTS", comps)
 
 
 _WRITTEN: dict[str, Path] = {}

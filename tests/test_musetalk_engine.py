@@ -3,22 +3,26 @@ determinism, silence gating, batch padding, tiers, render and bench."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from livecam.audio.files import read_audio
 from livecam.audio.ring import AudioRing
 from livecam.avatar.store import load_avatar
 from livecam.cli import app
+from livecam.live import LiveOptions, build_pipeline, run
 from livecam.musetalk.engine import MuseTalkEngine, MuseTalkOptions, positional_encoding
 from livecam.musetalk.models import load_models
 from livecam.session import build_engine
+from tests import fake_camera
 from tests.conftest import JFK
 from tests.helpers import probe, write_clip
-from tests.musetalk_tiny import tiny_models_dir
+from tests.musetalk_tiny import publish_tiny_hashes, tiny_models_dir
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +116,36 @@ def test_avatar_latents_are_cached(tiny: Path, engine: MuseTalkEngine) -> None:
     models = load_models(tiny)
     again = MuseTalkEngine(load_avatar("astronaut"), 25, models, MuseTalkOptions(warmup=False))
     assert np.array_equal(again.data.latents, engine.data.latents)
+
+
+def test_live_camera_with_musetalk_keeps_its_rate(tiny: Path, tmp_path: Path) -> None:
+    fake_camera.register()
+    fake_camera.FakeBackend.instances.clear()
+    clip = write_clip(tmp_path / "a.wav", read_audio(JFK)[: 2 * 16_000])
+    opts = LiveOptions(avatar="astronaut", engine="musetalk", models_dir=tiny, sink="virtualcam",
+                       camera_backend=fake_camera.FAKE, audio_file=clip, width=320, height=240,
+                       fps=25, dashboard=False)  # fmt: skip
+    assert run(opts, Console(file=io.StringIO())) == 0
+    (cam,) = fake_camera.FakeBackend.instances
+    assert 2.0 * 25 <= len(cam.frames) <= 2.8 * 25  # 2 s of audio + the playout delay
+    assert abs(np.median(np.diff(cam.times)) - 1 / 25) < 0.25 / 25
+    assert len({hash(f.tobytes()) for f in cam.frames}) > 10  # the face moves
+
+
+def test_unpublished_weights_are_used_and_shown_as_a_warning(
+    tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_camera.register()
+    opts = LiveOptions(avatar="astronaut", engine="musetalk", models_dir=tiny, sink="virtualcam",
+                       camera_backend=fake_camera.FAKE, width=320, height=240, fps=25,
+                       audio_file=JFK, dashboard=False)  # fmt: skip
+    pipeline = build_pipeline(opts)
+    pipeline.sink.close()
+    warnings = pipeline.snapshot().warnings
+    assert any("musetalkV15/unet.pth is not the published release" in w for w in warnings)
+    assert any("livecam models verify" in w for w in warnings)
+    publish_tiny_hashes(monkeypatch, tiny)
+    assert load_models(tiny).warnings == ()
 
 
 def test_render_cli_with_musetalk(tiny: Path, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from livecam.musetalk import download, weights
 from livecam.musetalk.manifest import COMPONENTS, missing_files
 from livecam.musetalk.models import MissingWeights, load_models
 from livecam.session import EngineError, build_engine
-from tests.musetalk_tiny import tiny_models_dir
+from tests.musetalk_tiny import publish_tiny_hashes, tiny_models_dir, tiny_vae, write_legacy_vae
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +65,16 @@ def test_pickle_converted_once_to_safetensors(tmp_path: Path) -> None:
     assert set(again) == {"a", "b"} and torch.equal(again["a"], first["a"])
 
 
-def test_old_vae_attention_names_are_mapped() -> None:
-    assert weights._vae_key("encoder.mid_block.attentions.0.query.weight").endswith("to_q.weight")
-    assert weights._vae_key("decoder.mid_block.attentions.0.proj_attn.bias").endswith(
-        "to_out.0.bias"
-    )
+def test_vae_with_diffusers_0_4_attention_names_loads_exactly(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    vae = tiny_vae().eval()
+    write_legacy_vae(vae, tmp_path / "sd-vae")
+    stored = torch.load(tmp_path / "sd-vae" / "diffusion_pytorch_model.bin", weights_only=True)
+    assert "decoder.mid_block.attentions.0.query.weight" in stored  # the release's old names
+    loaded = weights.load_vae(tmp_path)
+    latent = torch.randn(1, 4, 8, 8)
+    with torch.inference_mode():
+        assert torch.equal(loaded.decode(latent).sample, vae.decode(latent).sample)
 
 
 def test_missing_weights_give_one_clear_message(tmp_path: Path, tiny: Path) -> None:
@@ -101,7 +106,10 @@ def _local_fetch(source: Path, calls: list[str]):
     return fetch
 
 
-def test_download_into_musetalk_layout_and_skip_present(tmp_path: Path, tiny: Path) -> None:
+def test_download_into_musetalk_layout_and_skip_present(
+    tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    publish_tiny_hashes(monkeypatch, tiny)
     calls: list[str] = []
     dest = tmp_path / "models"
     got = download.download(dest, fetch=_local_fetch(tiny, calls))
@@ -114,6 +122,16 @@ def test_download_into_musetalk_layout_and_skip_present(tmp_path: Path, tiny: Pa
     calls.clear()
     download.download(dest, fetch=_local_fetch(tiny, calls))
     assert calls == []  # everything present: nothing fetched again
+
+
+def test_download_refuses_a_file_that_is_not_the_release(
+    tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    calls: list[str] = []  # the real manifest: the tiny unet.pth is not the published file
+    with pytest.raises(download.DownloadError, match="not the published one") as err:
+        download.download(tmp_path / "models", fetch=_local_fetch(tiny, calls))
+    assert "TMElyralab/MuseTalk/musetalkV15/unet.pth" in str(err.value)
 
 
 def test_download_offline_reports_missing(tmp_path: Path, monkeypatch) -> None:
@@ -136,12 +154,19 @@ def test_download_failure_is_one_line(tmp_path: Path, monkeypatch) -> None:
         download.download(tmp_path, fetch=broken)
 
 
-def test_models_verify_and_list_cli(tiny: Path, tmp_path: Path) -> None:
+def test_models_verify_and_list_cli(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     runner = CliRunner()
+    # the tiny files are not the published release: they load, but verify says so and fails
+    result = runner.invoke(app, ["models", "verify", "--models-dir", str(tiny)])
+    assert result.exit_code == 1 and "MISMATCH" in result.output, result.output
+    assert "unet: loads" in result.output and "differ from the published release" in result.output
+    publish_tiny_hashes(monkeypatch, tiny)
     result = runner.invoke(app, ["models", "verify", "--models-dir", str(tiny)])
     assert result.exit_code == 0, result.output
     assert "usable" in result.output and "MISMATCH" not in result.output
-    assert "unet: loads" in result.output
+    assert "matches" in result.output
     listed = runner.invoke(app, ["models", "list", "--models-dir", str(tiny)])
     assert listed.exit_code == 0 and "models dir:" in listed.output
     bad = runner.invoke(app, ["models", "verify", "--models-dir", str(tmp_path)])

@@ -49,7 +49,7 @@ def models_list(models_dir: ModelsDirOpt = None) -> None:
                 str(path.relative_to(root)) + (" (optional)" if comp.optional else ""),
                 comp.repo,
                 "~" + _size(f.approx_bytes),
-                f.sha256[:12] if f.sha256 else "unknown",
+                ", ".join(h[:12] for h in f.release_sha256) or "unknown",
                 comp.license,
                 "yes" if path.is_file() else "no",
             )
@@ -85,7 +85,7 @@ def models_verify(
     rows, results, ok = verify(root, load=load)
     table = Table("component", "file", "size", "sha256 vs release")
     labels = {"official": "matches", "mismatch": "[red]MISMATCH[/]", "-": "-",
-              "unknown": "not checked (no official hash recorded)"}  # fmt: skip
+              "unknown": "not checked (no published hash recorded)"}  # fmt: skip
     for row in rows:
         size = _size(row.size) if row.present else "[red]missing[/]"
         table.add_row(row.component, str(row.path.relative_to(root)), size, labels[row.hash_status])
@@ -94,6 +94,13 @@ def models_verify(
         console.print(f"{name}: {result}", highlight=False)
     if not ok:
         _fail(f"the musetalk weights in {root} are not usable: run `livecam models download`")
+    differ = [r.path.relative_to(root) for r in rows if r.hash_status == "mismatch"]
+    if differ:
+        _fail(
+            f"{', '.join(map(str, differ))} load but differ from the published release: another "
+            "version, a fine-tune, or a damaged or tampered file. If you did not make them, "
+            "delete them and run `livecam models download`"
+        )
     console.print(f"[green]ok[/]: the musetalk weights in {root} are usable")
 
 

@@ -40,9 +40,9 @@ def hub_offline() -> bool:
 
 
 def hash_status(path: Path, f: ModelFile) -> str:
-    if f.sha256 is None:
+    if not f.release_sha256:
         return "unknown"
-    return "official" if weights.cached_sha256(path) == f.sha256 else "mismatch"
+    return "official" if weights.cached_sha256(path) in f.release_sha256 else "mismatch"
 
 
 def file_status(models_dir: Path, comp: Component, f: ModelFile, hashes: bool) -> FileStatus:
@@ -82,7 +82,11 @@ def download(
             if got.resolve() != path.resolve():
                 raise DownloadError(f"{comp.repo}/{f.repo_path} landed in {got}, not {path}")
             if hash_status(path, f) == "mismatch":
-                raise DownloadError(f"{path} does not match the official sha256: delete it, retry")
+                raise DownloadError(
+                    f"{path} was downloaded but its sha256 is not the published one for "
+                    f"{comp.repo}/{f.repo_path}: the download is damaged. "
+                    "Delete the file and run `livecam models download` again"
+                )
             done.append(path)
     if missing:
         raise DownloadError(
@@ -126,8 +130,18 @@ def _check_shapes(models_dir: Path, name: str) -> str:
     return f"loads; d_model 384, {enc.config.encoder_layers} encoder layers"
 
 
+def release_mismatches(models_dir: Path) -> list[Path]:
+    """Present weight files whose sha256 is not a published release hash."""
+    return [
+        path
+        for comp in COMPONENTS
+        for f in comp.files
+        if (path := comp.local_path(models_dir, f)).is_file() and hash_status(path, f) == "mismatch"
+    ]
+
+
 def verify(models_dir: Path, *, load: bool = True) -> tuple[list[FileStatus], dict[str, str], bool]:
-    """(file rows, per-component load result, all required components usable)."""
+    """(file rows, per-component load result, all required components load and fit)."""
     rows = [file_status(models_dir, c, f, hashes=True) for c in COMPONENTS for f in c.files]
     results: dict[str, str] = {}
     ok = True
@@ -145,5 +159,4 @@ def verify(models_dir: Path, *, load: bool = True) -> tuple[list[FileStatus], di
             msg = f"FAILED: {exc}"
         results[comp.name] = msg
         ok = ok and msg.startswith("loads")
-    ok = ok and not any(r.hash_status == "mismatch" for r in rows)
     return rows, results, ok

@@ -96,6 +96,7 @@ class MuseTalkEngine:
         opts = options or MuseTalkOptions()
         self.fps, self.idle_motion, self.models = fps, idle_motion, models
         self.device, self.dtype = models.device, models.dtype
+        self.warnings = models.warnings
         self.renderer = FaceRenderer(avatar)
         neutral = self.renderer.render(0.0, 0.0, 0.0).copy()  # closed mouth, open eyes
         self.data = prepare_latents(

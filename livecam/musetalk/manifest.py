@@ -4,9 +4,12 @@ The layout is the one MuseTalk's own download script produces (models/musetalkV1
 models/sd-vae/, models/whisper/), plus taesd/ for the optional tiny decoder, so an existing
 MuseTalk install can be used as the models directory as is.
 
-Sizes are approximate (from the Hugging Face file listings); sha256 is recorded only where it
-was verified, and None means "unknown": `livecam models verify` then says the file could not be
-matched against the official release instead of pretending it was.
+Downloads are pinned to a repo revision where one is recorded, so the files cannot change under
+a user. `release_sha256` holds the hashes of the released files (Git LFS sha256 on the Hugging
+Face file pages, cross-checked against independent MuseTalk installers that pin the same
+revisions; taesd is not pinned and lists each released version). An empty tuple means
+"unknown": `livecam models verify` then says the file could not be matched instead of
+pretending it was.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ MODELS_DIR_ENV = "LIVECAM_MODELS_DIR"
 @dataclass(frozen=True)
 class ModelFile:
     repo_path: str  # file name inside the Hugging Face repo
-    approx_bytes: int | None  # from the hub listing; None when unknown
-    sha256: str | None = None  # official release hash, None: unknown (not verified here)
+    approx_bytes: int | None  # exact where recorded, else rounded from the hub listing
+    release_sha256: tuple[str, ...] = ()  # published hashes; () = unknown
     pickle: bool = False  # a torch pickle: loaded with weights_only=True, converted once
 
 
@@ -35,7 +38,7 @@ class Component:
     license: str
     description: str
     optional: bool = False
-    revision: str | None = None  # None: the repo's default branch
+    revision: str | None = None  # a pinned commit; None: the repo's default branch
 
     def local_path(self, models_dir: Path, f: ModelFile) -> Path:
         return models_dir / self.local_root / f.repo_path
@@ -52,10 +55,24 @@ COMPONENTS: tuple[Component, ...] = (
     Component(
         name="unet",
         repo="TMElyralab/MuseTalk",
+        revision="2bcb936e2fddb4d86db4c62fd45b387d0c061571",
         local_root="",
         files=(
-            ModelFile("musetalkV15/unet.pth", 3_400 * MB, pickle=True),
-            ModelFile("musetalkV15/musetalk.json", 1_000),
+            ModelFile(
+                "musetalkV15/unet.pth",
+                3_400_074_924,
+                pickle=True,
+                release_sha256=(
+                    "7ebf6c98c181e20838e4c0054e96e944ac60d5d692cc01db42839fe11b787007",
+                ),
+            ),
+            ModelFile(
+                "musetalkV15/musetalk.json",
+                748,
+                release_sha256=(
+                    "5b6923aee04d71692e0e9846c471e0a4ea07a4f686d39545e472bd4ba17e1b47",
+                ),
+            ),
         ),
         license="MIT (MuseTalk code and weights: 'available for any purpose, even commercially')",
         description="MuseTalk v1.5 UNet (single-step latent inpainting)",
@@ -63,10 +80,25 @@ COMPONENTS: tuple[Component, ...] = (
     Component(
         name="vae",
         repo="stabilityai/sd-vae-ft-mse",
+        revision="31f26fdeee1355a5c34592e401dd41e45d25a493",
         local_root="sd-vae",
         files=(
-            ModelFile("config.json", 1_000),
-            ModelFile("diffusion_pytorch_model.bin", 335 * MB, pickle=True),
+            ModelFile(
+                "config.json",
+                547,
+                release_sha256=(
+                    "92d3dfb746fca211a2c9e019e285f8597412211728dce3c5bcf4eda0f2d62e7e",
+                ),
+            ),
+            # the Oct 2022 upload: diffusers 0.4 attention names (query/key/value/proj_attn)
+            ModelFile(
+                "diffusion_pytorch_model.bin",
+                334_707_217,
+                pickle=True,
+                release_sha256=(
+                    "1b4889b6b1d4ce7ae320a02dedaeff1780ad77d415ea0d744b476155c6377ddc",
+                ),
+            ),
         ),
         license="MIT",
         description="Stable Diffusion VAE, ft-MSE decoder (encoder + full decoder)",
@@ -74,11 +106,31 @@ COMPONENTS: tuple[Component, ...] = (
     Component(
         name="whisper",
         repo="openai/whisper-tiny",
+        revision="169d4a4341b33bc18d8881c4b69c2e104e1cc0af",
         local_root="whisper",
         files=(
-            ModelFile("config.json", 2_000),
-            ModelFile("pytorch_model.bin", 151 * MB, pickle=True),
-            ModelFile("preprocessor_config.json", 200_000),
+            ModelFile(
+                "config.json",
+                2_000,
+                release_sha256=(
+                    "ffdccec4f3211f4c63310f2b7098f309fe70f3952cedc5e4d11e43f5b2379b98",
+                ),
+            ),
+            ModelFile(
+                "pytorch_model.bin",
+                151_095_027,
+                pickle=True,
+                release_sha256=(
+                    "9607f98a2b22d9e229ae43c52ecea79dcede9e0c5cfae67e8da6eda86d8aac1d",
+                ),
+            ),
+            ModelFile(
+                "preprocessor_config.json",
+                185_000,
+                release_sha256=(
+                    "9b5cd03a36fbb8a627c64d98a5b5b126ead95a77720723944487311f0110b666",
+                ),
+            ),
         ),
         license="Apache-2.0",
         description="whisper-tiny (only the audio encoder is used)",
@@ -89,7 +141,14 @@ COMPONENTS: tuple[Component, ...] = (
         local_root="taesd",
         files=(
             ModelFile("config.json", 1_000),
-            ModelFile("diffusion_pytorch_model.safetensors", 10 * MB),
+            ModelFile(  # TAESD 1.2 and 1.3
+                "diffusion_pytorch_model.safetensors",
+                9_793_292,
+                release_sha256=(
+                    "d7956d561b1efbd861ad9b03fd8f01510f9e87eddc07bdfd20837009433f6ee5",
+                    "db169d69145ec4ff064e49d99c95fa05d3eb04ee453de35824a6d0f325513549",
+                ),
+            ),
         ),
         license="MIT",
         description="TAESD tiny decoder (the fast 'tiny' quality tier)",

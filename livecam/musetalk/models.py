@@ -60,6 +60,7 @@ class MuseTalkModels:
     device: torch.device
     dtype: torch.dtype
     vae_id: str  # identifies the VAE weights (for the avatar latents cache)
+    warnings: tuple[str, ...] = ()  # shown on the dashboard and logged
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -102,8 +103,22 @@ def load_models(models_dir: Path, device: str | None = None) -> MuseTalkModels:
     return MuseTalkModels(
         parts["unet"], parts["vae"], parts["taesd"],
         WhisperAudio(parts["encoder"], extractor, dev),
-        dev, dtype, weights.cached_sha256(vae_file),
+        dev, dtype, weights.cached_sha256(vae_file), _unpublished(models_dir),
     )  # fmt: skip
+
+
+def _unpublished(models_dir: Path) -> tuple[str, ...]:
+    """A warning per weight file that is not a published release (used, but said so)."""
+    from livecam.musetalk.download import release_mismatches
+
+    notes = tuple(
+        f"{path.relative_to(models_dir)} is not the published release (sha256 differs): "
+        "check it with `livecam models verify`"
+        for path in release_mismatches(models_dir)
+    )
+    for note in notes:
+        log.warning("%s", note)
+    return notes
 
 
 def random_models(device: str | None = None, seed: int = 0) -> MuseTalkModels:
