@@ -12,17 +12,27 @@ import torch
 from livecam.hashing import sha256_file
 from livecam.musetalk import cli, download, manifest
 
+# musetalkV15/musetalk.json's keys (saved by diffusers 0.6.0.dev0), with tiny sizes
 TINY_UNET = {
-    "in_channels": 8,
-    "out_channels": 4,
-    "sample_size": 32,
-    "block_out_channels": [32, 64],
-    "layers_per_block": 1,
+    "_class_name": "UNet2DConditionModel",
+    "_diffusers_version": "0.6.0.dev0",
+    "act_fn": "silu",
     "attention_head_dim": 8,
+    "block_out_channels": [32, 64],
+    "center_input_sample": False,
     "cross_attention_dim": 384,
     "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 8,
+    "layers_per_block": 1,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
     "norm_num_groups": 8,
+    "out_channels": 4,
+    "sample_size": 32,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
 }
 
 
@@ -34,7 +44,7 @@ def write_tiny_models(root: Path, taesd: bool = True) -> Path:
     torch.manual_seed(0)
     unet_dir = root / "musetalkV15"
     unet_dir.mkdir(parents=True)
-    unet = UNet2DConditionModel(**TINY_UNET)
+    unet = UNet2DConditionModel.from_config(TINY_UNET)
     torch.save(unet.state_dict(), unet_dir / "unet.pth")
     (unet_dir / "musetalk.json").write_text(json.dumps(TINY_UNET))
 
