@@ -64,7 +64,8 @@ def encoder_states(encoder: torch.nn.Module, mel: torch.Tensor, position: int = 
     x = x + encoder.embed_positions.weight[position : position + x.shape[1]]
     states = [x]
     for layer in encoder.layers:
-        x = layer(x, None)
+        out = layer(x, None)
+        x = out[0] if isinstance(out, tuple) else out  # a tuple before transformers 5.x
         states.append(x)
     states[-1] = encoder.layer_norm(x)
     return torch.stack(states, dim=2)
