@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -104,6 +105,23 @@ def test_tiers(engine: MuseTalkEngine) -> None:
         engine.set_tier("full")
     with pytest.raises(ValueError):
         engine.set_tier("ultra")
+
+
+def test_half_precision_path(tiny: Path, engine: MuseTalkEngine) -> None:
+    """The CUDA path's fp16 models and dtype handoffs, exercised on the CPU."""
+    models = load_models(tiny, "cpu", dtype=torch.float16)
+    half = MuseTalkEngine(load_avatar("astronaut"), 25, models, MuseTalkOptions(warmup=False))
+    ring = _ring(read_audio(JFK))
+    for tier in half.tiers:
+        half.set_tier(tier)
+        engine.set_tier(tier)
+        try:
+            got, want = half.generate(ring, [70, 71]), engine.generate(ring, [70, 71])
+        finally:
+            engine.set_tier("full")
+        box = (engine._rows, engine._cols)
+        diff = np.abs(got[0][box].astype(int) - want[0][box].astype(int))
+        assert diff.max() > 0 and diff.mean() < 1.0, (tier, diff.mean())  # fp16 rounding only
 
 
 def test_avatar_latents_are_cached(tiny: Path, engine: MuseTalkEngine) -> None:

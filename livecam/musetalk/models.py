@@ -72,16 +72,29 @@ def pick_device(device: str | None) -> torch.device:
     return dev
 
 
+def pick_dtype(device: torch.device, dtype: torch.dtype | None) -> torch.dtype:
+    """fp16 on CUDA, fp32 on the CPU, unless asked otherwise (tests run fp16 on the CPU)."""
+    if dtype is not None:
+        return dtype
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
 def _place(models: dict[str, Any], device: torch.device, dtype: torch.dtype) -> None:
-    for key in ("unet", "vae", "taesd", "encoder"):
-        if models.get(key) is not None:
-            model = models[key].to(device=device)
-            if dtype != torch.float32:  # cast only when needed (diffusers warns on every cast)
-                model = model.to(dtype=dtype)
-            models[key] = model.eval().requires_grad_(False)
+    diffusers_log = logging.getLogger("diffusers")
+    level = diffusers_log.level
+    diffusers_log.setLevel(logging.ERROR)  # a cast warns "should be kept in float32: []"
+    try:
+        for key in ("unet", "vae", "taesd", "encoder"):
+            if models.get(key) is not None:
+                model = models[key].to(device=device, dtype=dtype)
+                models[key] = model.eval().requires_grad_(False)
+    finally:
+        diffusers_log.setLevel(level)
 
 
-def load_models(models_dir: Path, device: str | None = None) -> MuseTalkModels:
+def load_models(
+    models_dir: Path, device: str | None = None, dtype: torch.dtype | None = None
+) -> MuseTalkModels:
     missing = missing_files(models_dir)
     if missing:
         names = ", ".join(str(p.relative_to(models_dir)) for p in missing)
@@ -90,7 +103,7 @@ def load_models(models_dir: Path, device: str | None = None) -> MuseTalkModels:
             "(or point --models-dir / LIVECAM_MODELS_DIR at an existing MuseTalk models folder)"
         )
     dev = pick_device(device)
-    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    dtype = pick_dtype(dev, dtype)
     parts: dict[str, Any] = {
         "unet": weights.load_unet(models_dir),
         "vae": weights.load_vae(models_dir),
@@ -129,7 +142,7 @@ def random_models(device: str | None = None, seed: int = 0) -> MuseTalkModels:
 
     torch.manual_seed(seed)
     dev = pick_device(device)
-    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    dtype = pick_dtype(dev, None)
     parts: dict[str, Any] = {
         "unet": UNet2DConditionModel.from_config(REFERENCE_UNET),
         "vae": AutoencoderKL.from_config(REFERENCE_VAE),
