@@ -68,7 +68,7 @@ class MouthProbe:
 
 
 def attach_probe(pipeline: Pipeline) -> MouthProbe:
-    avatar = load_avatar(pipeline.cfg.avatar)  # from its cache: any engine, wrapped or not
+    avatar = load_avatar(pipeline.look.avatar)  # from its cache: any engine, wrapped or not
     x, y, w, h = avatar.mouth_box()
     m = pipeline.compositor.transform(0)
     (x0, y0), (x1, y1) = (np.array([[x, y, 1], [x + w, y + 1.6 * h, 1]]) @ m.T).astype(int)

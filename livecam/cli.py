@@ -22,12 +22,15 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-avatars_app = typer.Typer(help="List, prepare, show and remove avatars.", no_args_is_help=True)
+avatars_app = typer.Typer(
+    help="List, prepare, show, switch and remove avatars.", no_args_is_help=True
+)
 app.add_typer(avatars_app, name="avatars")
 app.add_typer(models_app, name="models")
 app.command("features")(features_command)
 
 console = Console()
+SWITCH_TIMEOUT_S = 120.0  # a first switch may prepare the avatar (and its musetalk latents)
 err_console = Console(stderr=True, soft_wrap=True)
 
 
@@ -350,6 +353,18 @@ def avatars_show(name: str, out: Annotated[Path, typer.Option(help="Write a PNG 
 
         cv2.imwrite(str(out), contact_sheet(load_avatar(name)))
         console.print(f"wrote {out}")
+
+    _run(action)
+
+
+@avatars_app.command("switch")
+def avatars_switch(name: str) -> None:
+    """Show another avatar in the running livecam; the camera stays open."""
+    from livecam.control import request
+
+    def action() -> None:
+        request({"cmd": "avatar", "name": name}, timeout=SWITCH_TIMEOUT_S)
+        console.print(f"livecam now shows {name!r}")
 
     _run(action)
 

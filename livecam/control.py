@@ -2,7 +2,9 @@
 
 One request per connection, one JSON object per line each way, on a Unix socket in
 $XDG_RUNTIME_DIR that only the user can open (mode 0600). No TCP port is opened.
-Requests: {"cmd": "status"}, {"cmd": "stop"}, {"cmd": "mute", "on": true|false}.
+Requests: {"cmd": "status"}, {"cmd": "stop"}, {"cmd": "mute", "on": true|false},
+{"cmd": "avatar", "name": NAME} (switch the avatar without closing the camera).
+A handler's ControlError becomes {"error": message}; no request can stop the server.
 """
 
 from __future__ import annotations
@@ -108,7 +110,13 @@ class ControlServer:
             handler = self.handlers[message["cmd"]]
         except (ValueError, KeyError, TypeError):
             return {"error": f"bad request; commands: {', '.join(sorted(self.handlers))}"}
-        return handler(message)
+        try:
+            return handler(message)
+        except ControlError as exc:
+            return {"error": str(exc)}
+        except Exception as exc:  # a bug in a handler must not end the control thread
+            log.exception("control request %r failed", message.get("cmd"))
+            return {"error": f"{message.get('cmd')} failed: {exc}"}
 
     def stop(self) -> None:
         sock, self._sock = self._sock, None

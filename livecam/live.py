@@ -20,11 +20,11 @@ from livecam.audio.clock import AudioClock
 from livecam.audio.ring import AudioRing
 from livecam.audio.sources import FileSource, MicSource
 from livecam.audio.virtual_mic import DESCRIPTION, VirtualMic
-from livecam.avatar.store import load_avatar
+from livecam.avatar.store import AvatarError, load_avatar
 from livecam.constants import SAMPLE_RATE
-from livecam.control import ControlServer, snapshot_dict
+from livecam.control import ControlError, ControlServer, snapshot_dict
 from livecam.engines.simulated import SimulatedLoad
-from livecam.pipeline.runner import Pipeline, PipelineConfig
+from livecam.pipeline.runner import Look, Pipeline, PipelineConfig
 from livecam.session import build_compositor, build_engine
 from livecam.sinks import open_sink
 
@@ -121,7 +121,7 @@ def _run(opts: LiveOptions, console: Console, control: ControlServer) -> int:
     }
     deadline = time.monotonic() + opts.duration if opts.duration else None
     virtual_mic = VirtualMic(pipeline.ring, pipeline.clock, pipeline.audio_delay_s)
-    control.handlers.update(_control_handlers(pipeline, virtual_mic, stop))
+    control.handlers.update(_control_handlers(pipeline, virtual_mic, stop, opts))
     try:
         pipeline.start()
         if opts.virtual_mic:
@@ -152,7 +152,9 @@ def _run(opts: LiveOptions, console: Console, control: ControlServer) -> int:
     return 0
 
 
-def _control_handlers(pipeline: Pipeline, mic: VirtualMic, stop: threading.Event) -> dict:
+def _control_handlers(
+    pipeline: Pipeline, mic: VirtualMic, stop: threading.Event, opts: LiveOptions
+) -> dict:
     def status(_: dict) -> dict:
         return snapshot_dict(pipeline.snapshot())
 
@@ -165,7 +167,25 @@ def _control_handlers(pipeline: Pipeline, mic: VirtualMic, stop: threading.Event
         log.info("%s", "muted" if pipeline.muted else "unmuted")
         return {"muted": pipeline.muted}
 
-    return {"status": status, "stop": stop_now, "mute": mute}
+    def avatar(message: dict) -> dict:
+        name = str(message.get("name", ""))
+        try:
+            look = build_look(pipeline, name, opts)
+        except (AvatarError, ValueError) as exc:
+            raise ControlError(str(exc)) from None
+        pipeline.switch(look)
+        return {"avatar": name}
+
+    return {"status": status, "stop": stop_now, "mute": mute, "avatar": avatar}
+
+
+def build_look(pipeline: Pipeline, name: str, opts: LiveOptions) -> Look:
+    """Another avatar for the running pipeline: its cache (prepared if bundled), the same
+    engine on it, and its framing at the camera's size."""
+    avatar = load_avatar(name)
+    engine = pipeline.engine.for_avatar(avatar)
+    compositor = build_compositor(avatar, opts.width, opts.height, opts.fps, opts.idle_motion)
+    return Look(name, engine, compositor)
 
 
 def _loop(

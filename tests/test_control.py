@@ -58,6 +58,14 @@ def test_status_mute_and_stop(runtime_dir):
         assert after["frames_silent"] > before["frames_silent"]
         assert livecam("mute", "--off").stdout.strip() == "unmuted"
 
+        switched = livecam("avatars", "switch", "portrait")
+        assert switched.returncode == 0, switched.stderr
+        assert json.loads(livecam("status", "--json").stdout)["avatar"] == "portrait"
+        unknown = livecam("avatars", "switch", "nobody")
+        assert unknown.returncode == 1 and "nobody" in unknown.stderr
+        assert "Traceback" not in unknown.stderr
+        assert json.loads(livecam("status", "--json").stdout)["avatar"] == "portrait"
+
         second = livecam("start", "--audio", str(JFK), "--sink", "memory", "--no-dashboard")
         assert second.returncode == 1 and "already running" in second.stderr
 

@@ -12,7 +12,7 @@ from rich.console import Console
 
 from livecam.audio.files import read_audio
 from livecam.constants import SAMPLE_RATE
-from livecam.live import LiveOptions, build_pipeline, run
+from livecam.live import LiveOptions, build_look, build_pipeline, run
 from tests import fake_camera
 from tests.conftest import JFK
 from tests.helpers import probe, write_clip
@@ -89,6 +89,33 @@ def test_factor_three_load_keeps_the_camera_at_rate_with_bounded_latency(tmp_pat
     first, last = np.split(settled[: len(settled) // 2 * 2], 2)
     assert np.percentile(last, 95) <= np.percentile(first, 95) + 1.5 / FPS
     assert np.percentile(settled, 95) < 0.5
+
+
+def test_avatar_switch_keeps_the_camera_running(tmp_path, fake_cam):
+    opts = _options(write_clip(tmp_path / "loop.wav", read_audio(JFK)), loop=True)
+    pipeline = build_pipeline(opts)
+    old = pipeline.look
+    pipeline.start()
+    try:
+        time.sleep(1.5)
+        new = build_look(pipeline, "portrait", opts)
+        pipeline.switch(new)
+        time.sleep(1.5)
+        snap = pipeline.snapshot()
+    finally:
+        pipeline.stop()
+    (cam,) = fake_cam
+    assert snap.avatar == "portrait" and snap.frames_generated > 0
+    assert np.diff(cam.times).max() < 4 / FPS  # no gap at the switch
+    # each frame is nearer to one avatar's idle frame: astronaut, then portrait, one change
+    refs = [look.compositor.compose(look.engine.generate_silent([0])[0], 0).astype(np.int16)
+            for look in (old, new)]  # fmt: skip
+    shape = (HEIGHT, WIDTH, 3)
+    shows = [int(np.argmin([np.abs(f.reshape(shape) - r).mean() for r in refs]))
+             for f in cam.frames]  # fmt: skip
+    assert shows[0] == 0 and shows[-1] == 1
+    assert np.count_nonzero(np.diff(shows)) == 1, shows
+    assert shows.count(1) > 1.0 * FPS
 
 
 def test_stalled_audio_gives_idle_frames(clip):

@@ -166,6 +166,16 @@ def test_unpublished_weights_are_used_and_shown_as_a_warning(
     assert load_models(tiny).warnings == ()
 
 
+def test_for_avatar_shares_models_and_audio_state(engine: MuseTalkEngine) -> None:
+    portrait = load_avatar("portrait")
+    other = engine.for_avatar(portrait)
+    assert other.models is engine.models and other.source is engine.source
+    assert other.gate is engine.gate and other.tier == engine.tier
+    assert not np.array_equal(other.data.latents, engine.data.latents)
+    faces = other.generate(_ring(read_audio(JFK)), [70, 71])
+    assert faces[0].shape == portrait.image.shape
+
+
 def test_render_cli_with_musetalk(tiny: Path, tmp_path: Path) -> None:
     clip = write_clip(tmp_path / "a.wav", read_audio(JFK)[:16_000])
     out = tmp_path / "m.mp4"

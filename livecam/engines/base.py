@@ -8,6 +8,7 @@ from typing import Protocol
 import numpy as np
 
 from livecam.audio.ring import AudioRing
+from livecam.avatar.model import Avatar
 
 
 class Engine(Protocol):
@@ -25,4 +26,8 @@ class Engine(Protocol):
 
     def generate_silent(self, frames: Sequence[int]) -> list[np.ndarray]:
         """Idle faces for frames whose audio never arrived (stalled or missing microphone)."""
+        ...
+
+    def for_avatar(self, avatar: Avatar) -> Engine:
+        """The same engine on another avatar: weights and audio analysis carry over."""
         ...

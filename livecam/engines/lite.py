@@ -37,6 +37,11 @@ class LiteEngine:
         self.renderer = FaceRenderer(avatar)
         self.track = HopTrack(TRACK_HOPS)
 
+    def for_avatar(self, avatar: Avatar) -> LiteEngine:
+        other = LiteEngine(avatar, self.fps, self.idle_motion)
+        other.track, other.tier = self.track, self.tier  # the audio analysis is avatar-free
+        return other
+
     def _hop(self, frame: int) -> int:
         """The newest hop whose centre lies within the frame's span: the freshest mouth state
         for it, and no look-ahead beyond the half analysis window."""

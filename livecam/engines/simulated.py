@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from livecam.audio.ring import AudioRing
+from livecam.avatar.model import Avatar
 from livecam.engines.base import Engine
 
 
@@ -50,3 +51,6 @@ class SimulatedLoad:
 
     def generate_silent(self, frames: Sequence[int]) -> list[np.ndarray]:
         return self.inner.generate_silent(frames)
+
+    def for_avatar(self, avatar: Avatar) -> SimulatedLoad:
+        return SimulatedLoad(self.inner.for_avatar(avatar), self.factor, self.fps)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -94,6 +94,7 @@ class MuseTalkEngine:
         idle_motion: bool = True,
     ) -> None:
         opts = options or MuseTalkOptions()
+        self.options = opts
         self.fps, self.idle_motion, self.models = fps, idle_motion, models
         self.device, self.dtype = models.device, models.dtype
         self.warnings = models.warnings
@@ -120,6 +121,14 @@ class MuseTalkEngine:
         warm = opts.warmup if opts.warmup is not None else True
         if warm:
             self.warm_up(BATCH_SIZES if self.device.type == "cuda" else (1,))
+
+    def for_avatar(self, avatar: Avatar) -> MuseTalkEngine:
+        """Shares the loaded models, the voice gate and the feature cache (all avatar-free);
+        only the avatar's latents and mask are new (cached, or encoded once here)."""
+        opts = replace(self.options, tier=self.tier, warmup=False)
+        other = MuseTalkEngine(avatar, self.fps, self.models, opts, self.idle_motion)
+        other.gate, other.source = self.gate, self.source
+        return other
 
     @property
     def tiers(self) -> tuple[str, ...]:

@@ -55,6 +55,20 @@ class PipelineConfig:
     avatar: str
 
 
+@dataclass(frozen=True)
+class Look:
+    """What the camera shows: an avatar, the engine that animates it and its framing. Each
+    generated face carries the look that made it, so an avatar switch never frames one
+    avatar's face with another's compositor."""
+
+    avatar: str
+    engine: Engine
+    compositor: Compositor
+
+
+Face = tuple[int, np.ndarray, Look]  # (frame index, avatar-size face, its look)
+
+
 class Pipeline:
     def __init__(
         self,
@@ -68,7 +82,8 @@ class Pipeline:
     ) -> None:
         self.cfg = config
         self.ring, self.clock, self.source = ring, clock, source
-        self.engine, self.compositor, self.sink = engine, compositor, sink
+        self.look = Look(config.avatar, engine, compositor)  # replaced whole by switch()
+        self.sink = sink
         self.counters = Counters()
         self.warnings: list[str] = []
         self.scheduler = Scheduler(
@@ -78,16 +93,31 @@ class Pipeline:
             self._base_delay(),
         )
         self.playout_delay = self.scheduler.playout_delay
-        self._faces: collections.deque[tuple[int, np.ndarray]] = collections.deque()
+        self._faces: collections.deque[Face] = collections.deque()
         self._faces_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._shown: tuple[int, np.ndarray] | None = None
+        self._shown: Face | None = None
         self._audio_sent: int | None = None  # stream sample handed to the sink so far
         self._started_at = 0.0
         self.on_tick: Callable[[int, float], None] | None = None  # (due frame, now) hook
         self.muted = False  # idle faces whatever the microphone hears
         self.error: BaseException | None = None
+
+    @property
+    def engine(self) -> Engine:
+        return self.look.engine
+
+    @property
+    def compositor(self) -> Compositor:
+        return self.look.compositor
+
+    def switch(self, look: Look) -> None:
+        """Show another avatar from the next generated face on (the camera never stops).
+        The new engine must be `engine.for_avatar(...)` of the current one: same tiers,
+        batch sizes and look-ahead, so the scheduler and the playout delay still hold."""
+        self.look = look
+        log.info("avatar switched to %s", look.avatar)
 
     def _base_delay(self) -> float:
         """Frame length + engine look-ahead + one capture block + margin, after k/fps."""
@@ -141,36 +171,37 @@ class Pipeline:
         next_frame = 0
         while not self._stop.is_set():
             now = time.monotonic()
-            mode = self.scheduler.mode
+            mode, look = self.scheduler.mode, self.look
             due = self._due_frame(now)
             if next_frame <= due:  # never work on frames too late to be shown
                 self.counters.frames_skipped += due + 1 - next_frame
                 next_frame = due + 1
             first = -(-next_frame // mode.stride) * mode.stride  # strided frames are aligned
             batch = range(first, first + mode.batch * mode.stride, mode.stride)
-            if not self.muted and self.engine.samples_needed(batch[-1]) <= self.ring.end:
-                self._generate(batch, mode)
+            if not self.muted and look.engine.samples_needed(batch[-1]) <= self.ring.end:
+                self._generate(batch, mode, look)
                 next_frame = batch[-1] + 1
             elif self.muted or self._source_stalled(now):  # idle faces, just in time
                 if first <= due + mode.stride:
-                    self._push(range(first, first + 1), self.engine.generate_silent([first]))
+                    self._push(range(first, first + 1), look.engine.generate_silent([first]), look)
                     self.counters.frames_silent += 1
                     next_frame = first + 1
                 else:
                     self._stop.wait(0.5 / self.cfg.fps)
             else:
-                wait = self.engine.samples_needed(batch[-1]) / SAMPLE_RATE
+                wait = look.engine.samples_needed(batch[-1]) / SAMPLE_RATE
                 wait -= self.clock.stream_time(now)
                 self._stop.wait(min(max(wait, 0.002), 0.02))
 
-    def _generate(self, frames: range, mode: Mode) -> None:
-        if getattr(self.engine, "tier", mode.tier) != mode.tier:
-            self.engine.set_tier(mode.tier)
+    def _generate(self, frames: range, mode: Mode, look: Look) -> None:
+        engine = look.engine
+        if getattr(engine, "tier", mode.tier) != mode.tier:
+            engine.set_tier(mode.tier)
         t0 = time.perf_counter()
-        faces = self.engine.generate(self.ring, frames)
+        faces = engine.generate(self.ring, frames)
         seconds = time.perf_counter() - t0
         self.counters.time_stage("generate", seconds / len(frames))
-        self._push(frames, faces)
+        self._push(frames, faces, look)
         self.counters.frames_generated += len(frames)
         for _ in frames:
             self.counters.generated_rate.tick()
@@ -189,16 +220,16 @@ class Pipeline:
         """The capture stream is this far behind the clock: the device stopped delivering."""
         return self.clock.stream_time(now) - self.ring.end / SAMPLE_RATE > STALL_GRACE_S
 
-    def _push(self, frames: range | list[int], faces: list[np.ndarray]) -> None:
+    def _push(self, frames: range | list[int], faces: list[np.ndarray], look: Look) -> None:
         with self._faces_lock:
             for k, face in zip(frames, faces, strict=True):
                 if len(self._faces) >= FACE_BUFFER:
                     self._faces.popleft()
                     self.counters.queue_drops += 1
-                self._faces.append((k, face))
+                self._faces.append((k, face, look))
 
     # -- output clock ------------------------------------------------------------------------
-    def _take_due(self, due: int) -> tuple[int, np.ndarray] | None:
+    def _take_due(self, due: int) -> Face | None:
         """Newest face with index <= due; older ones are discarded (they were superseded)."""
         found = None
         with self._faces_lock:
@@ -227,8 +258,9 @@ class Pipeline:
         if item is not None:
             self._shown = item
         if self._shown is None:  # nothing generated yet: the idle face
-            self._shown = (due, self.engine.generate_silent([max(due, 0)])[0])
-        index, face = self._shown
+            look = self.look
+            self._shown = (due, look.engine.generate_silent([max(due, 0)])[0], look)
+        index, face, look = self._shown
         if index == due:
             c.frames_new += 1
         elif due - index < self.scheduler.mode.stride and item is None:
@@ -236,7 +268,7 @@ class Pipeline:
         else:
             c.frames_repeated += 1
         t0 = time.perf_counter()
-        frame = self.compositor.compose(face, due)
+        frame = look.compositor.compose(face, due)
         t1 = time.perf_counter()
         self.sink.send(frame, self._audio_until(due))
         c.time_stage("compose", t1 - t0)
@@ -278,7 +310,7 @@ class Pipeline:
             warnings.append("muted: the avatar stays idle (`livecam mute --off` to speak again)")
         mode = self.scheduler.mode
         return Snapshot(
-            avatar=self.cfg.avatar,
+            avatar=self.look.avatar,
             engine=self.engine.name,
             tier=mode.tier,
             stride=mode.stride,
