@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
 from livecam.constants import DEFAULT_AVATAR, DEFAULT_FPS, DEFAULT_HEIGHT, DEFAULT_WIDTH
 from livecam.musetalk.cli import ModelsDirOpt, features_command, models_app
+from livecam.terminal import console, err_console, print_error
 
 app = typer.Typer(
     help="Turn your microphone into a talking face on a virtual webcam.",
@@ -29,9 +29,7 @@ app.add_typer(avatars_app, name="avatars")
 app.add_typer(models_app, name="models")
 app.command("features")(features_command)
 
-console = Console()
 SWITCH_TIMEOUT_S = 120.0  # a first switch may prepare the avatar (and its musetalk latents)
-err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -52,7 +50,7 @@ def _run(action: Callable[[], int | None]) -> None:
     try:
         code = action()
     except _user_errors() as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        print_error(exc)
         raise typer.Exit(1) from None
     raise typer.Exit(code or 0)
 
@@ -68,12 +66,26 @@ def _parse_size(size: str) -> tuple[int, int]:
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False):
+def main(
+    ctx: typer.Context,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+):
+    """Defaults for every command come from ~/.config/livecam/config.toml when it exists."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(message)s",
         handlers=[RichHandler(console=err_console, show_path=False)],
     )
+    from livecam.config import ConfigError, config_path, load_config
+
+    commands = ctx.command.commands  # type: ignore[attr-defined]
+    options = {name: {p.name for p in cmd.params if p.name}
+               for name, cmd in commands.items() if not hasattr(cmd, "commands")}  # fmt: skip
+    try:
+        ctx.default_map = load_config(config_path(), options)  # flags still win
+    except ConfigError as exc:
+        print_error(exc)
+        raise typer.Exit(2) from None
 
 
 AvatarOpt = Annotated[str, typer.Option(help="Avatar name (see `livecam avatars list`).")]

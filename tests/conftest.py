@@ -23,6 +23,8 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.environ["LIVECAM_CACHE_DIR"] = str(path)
     # control sockets too: tests never collide with a livecam the user is running
     os.environ["LIVECAM_RUNTIME_DIR"] = str(tmp_path_factory.mktemp("livecam-run"))
+    # and the user's config.toml is not read (tests that need one set their own)
+    os.environ["LIVECAM_CONFIG"] = str(path / "no-config.toml")
     return path
 
 

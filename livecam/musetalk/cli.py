@@ -6,15 +6,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from livecam.musetalk.manifest import COMPONENTS, default_models_dir
+from livecam.terminal import console, print_error
 
 models_app = typer.Typer(help="List, download and verify the musetalk weights.",
                          no_args_is_help=True)  # fmt: skip
-console = Console()
-err_console = Console(stderr=True, soft_wrap=True)
 
 ModelsDirOpt = Annotated[
     Path | None,
@@ -29,7 +27,7 @@ def _dir(models_dir: Path | None) -> Path:
 
 
 def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    print_error(message)
     raise typer.Exit(1)
 
 
