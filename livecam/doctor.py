@@ -76,10 +76,17 @@ def _neural() -> list[Check]:
     cuda = torch.cuda.is_available()
     gpu = torch.cuda.get_device_name(0) if cuda else "none: musetalk would run on the CPU, slowly"
     models_dir = default_models_dir()
-    _, results, ok = verify(models_dir, load=False)
+    rows, results, ok = verify(models_dir, load=False)  # hashes each file once (memoized)
     missing = [name for name, result in results.items() if result == "missing"]
-    weights = (f"present in {models_dir}" if ok else
-               f"missing {', '.join(missing)}: `livecam models download`")  # fmt: skip
+    differ = [str(r.path.relative_to(models_dir)) for r in rows if r.hash_status == "mismatch"]
+    if not ok:
+        weights = f"missing {', '.join(missing)}: `livecam models download`"
+    elif differ:
+        ok = False
+        weights = (f"{', '.join(differ)} in {models_dir} differ from the release: "
+                   "`livecam models verify`, then delete them and download again")  # fmt: skip
+    else:
+        weights = f"present in {models_dir}, sha256 of the release"
     return [
         Check("GPU", cuda, f"torch {torch.__version__}, {gpu}", required=False),
         Check("musetalk weights", ok, weights, required=False),

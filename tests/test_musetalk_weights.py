@@ -171,3 +171,12 @@ def test_models_verify_and_list_cli(
     assert listed.exit_code == 0 and "models dir:" in listed.output
     bad = runner.invoke(app, ["models", "verify", "--models-dir", str(tmp_path)])
     assert bad.exit_code == 1 and "livecam models download" in bad.output
+
+
+def test_doctor_checks_the_weights_hashes(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LIVECAM_MODELS_DIR", str(tiny))
+    out = CliRunner().invoke(app, ["doctor"]).output
+    assert "differ from the release" in out and "musetalkV15/unet.pth" in out
+    publish_tiny_hashes(monkeypatch, tiny)
+    out = CliRunner().invoke(app, ["doctor"]).output
+    assert "sha256 of the release" in out and "differ" not in out
