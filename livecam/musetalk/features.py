@@ -191,9 +191,10 @@ class StreamingFeatures:
 
     def features(self, ring: AudioRing, frames: Sequence[int]) -> torch.Tensor:
         """(n, 50, D) features for increasing frames."""
-        self.update(ring, frame_steps(frames[0], self.fps)[0], frame_steps(frames[-1], self.fps)[1])
-        lo = max(self._lo, 0)
-        idx = torch.arange(lo, self._hi, device=self._cache.device) % self.capacity
+        want_lo, want_hi = frame_steps(frames[0], self.fps)[0], frame_steps(frames[-1], self.fps)[1]
+        self.update(ring, want_lo, want_hi)
+        lo, hi = max(self._lo, want_lo, 0), min(self._hi, want_hi)  # gather only these steps
+        idx = torch.arange(lo, max(lo, hi), device=self._cache.device) % self.capacity
         return frames_from_steps(self._cache[idx], frames, self.fps, first_step=lo)
 
 
