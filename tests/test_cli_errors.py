@@ -38,6 +38,14 @@ def test_unreadable_photo(tmp_path):
     assert_clean_failure(livecam("avatars", "prepare", "x", "--from", str(photo)), str(photo))
 
 
+def test_video_instead_of_a_photo_says_how_to_take_a_still(tmp_path):
+    clip = tmp_path / "me.mp4"
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=64x64:d=0.2",
+                    str(clip)], check=True, timeout=60)  # fmt: skip
+    result = livecam("avatars", "prepare", "me", "--from", str(clip))
+    assert_clean_failure(result, "is a video", "ffmpeg -ss 1 -i")
+
+
 def test_unreadable_audio_file(tmp_path):
     bad = tmp_path / "notes.wav"
     bad.write_text("these are not samples")

@@ -110,8 +110,16 @@ def _sha256_array(a: np.ndarray) -> str:
     return h.hexdigest()
 
 
+VIDEO_SUFFIXES = {".mp4", ".mkv", ".mov", ".webm", ".avi", ".m4v", ".gif"}
+
+
 def read_image(path: Path) -> np.ndarray:
     """A BGR uint8 still, downscaled to MAX_HEIGHT if taller."""
+    if path.suffix.lower() in VIDEO_SUFFIXES:
+        raise AvatarError(
+            f"{path} is a video: avatars are made from a photo. Take a still with the mouth "
+            f"closed, e.g. `ffmpeg -ss 1 -i {path} -frames:v 1 still.png`, and prepare that"
+        )
     image = cv2.imread(str(path), cv2.IMREAD_COLOR) if path.is_file() else None
     if image is None:
         raise AvatarError(f"cannot read image {path}: not a readable image file")
