@@ -196,3 +196,5 @@ def test_bench_json_has_stage_keys(tiny: Path) -> None:
                 "bare_forward_ms", "engine_ms", "fps_full", "engine_overhead_pct"):  # fmt: skip
         assert all(isinstance(r[key], float) for r in rows), key
     assert "process_max_rss_mb" in report["peak_memory"]
+    deviation = report["streaming_feature_deviation"]
+    assert 0 < deviation["relative_l2"] < 1 and len(deviation["per_state_relative_l2"]) == 5

@@ -1,5 +1,6 @@
-"""`livecam bench --engine musetalk`: per-stage times, fps per batch size, peak memory, and
-the whole engine against the bare UNet + decoder forward on the same inputs."""
+"""`livecam bench --engine musetalk`: per-stage times, fps per batch size, peak memory, the
+whole engine against the bare UNet + decoder forward on the same inputs, and how far the live
+whisper features are from MuseTalk's offline ones on the bench audio."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from livecam.audio.files import read_audio
 from livecam.audio.ring import AudioRing
 from livecam.avatar.store import load_avatar
 from livecam.musetalk.engine import MuseTalkEngine, MuseTalkOptions, VoiceGate
-from livecam.musetalk.features import offline_features
+from livecam.musetalk.features import offline_features, streaming_deviation
 from livecam.musetalk.manifest import default_models_dir
 from livecam.musetalk.models import load_models, random_models
 
@@ -126,6 +127,7 @@ def run_musetalk_bench(
     ring.write(audio)
     ring.write(np.zeros(16000, np.float32))
     offline_s, _ = _timed(lambda: offline_features(models.whisper, audio, fps), dev, 1)
+    deviation = streaming_deviation(models.whisper, audio, fps)  # live vs MuseTalk's features
     warm_s, _ = _timed(lambda: engine.warm_up(batches), dev, 1)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -149,6 +151,7 @@ def run_musetalk_bench(
         "features_offline_seconds": round(offline_s, 3),
         "features_offline_audio_seconds": round(len(audio) / 16000, 2),
         "streaming_encoder_runs": engine.source.encoder_runs,
+        "streaming_feature_deviation": deviation,
         "stages_ms_per_frame": rows,
         "peak_memory": _peak_memory(dev),
         "machine": {

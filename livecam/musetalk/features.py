@@ -262,3 +262,23 @@ def streaming_features(
             ring.write(np.concatenate([chunk, np.zeros(need - ring.end - len(chunk), np.float32)]))
         out[first : first + len(frames)] = stream.features(ring, frames).cpu().numpy()
     return out
+
+
+def streaming_deviation(
+    whisper: WhisperAudio, audio: np.ndarray, fps: float, batch: int = 4
+) -> dict[str, Any]:
+    """How far the live (streaming) features are from MuseTalk's offline ones on a clip:
+    relative L2 over all frames, and per hidden state (0 = embedding output, 4 = last)."""
+    n = math.floor(len(audio) / SAMPLE_RATE * fps)
+    offline = offline_features(whisper, audio, fps, n).cpu().numpy()
+    live = streaming_features(whisper, audio, fps, n, batch=batch)
+    shape = (n, WINDOW_STEPS, N_STATES, whisper.dim)  # frames are flattened time-major
+
+    def rel(a: np.ndarray, b: np.ndarray) -> float:
+        return round(float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12)), 4)
+
+    per_state = [
+        rel(live.reshape(shape)[:, :, s], offline.reshape(shape)[:, :, s]) for s in range(N_STATES)
+    ]
+    return {"relative_l2": rel(live, offline), "per_state_relative_l2": per_state,
+            "frames": n, "batch": batch}  # fmt: skip
