@@ -1,10 +1,12 @@
 """The live pipeline with a file source: real pyvirtualcam, slow engines, stalls, shutdown."""
 
+import gc
 import io
 import signal
 import subprocess
 import sys
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -116,6 +118,23 @@ def test_avatar_switch_keeps_the_camera_running(tmp_path, fake_cam):
     assert shows[0] == 0 and shows[-1] == 1
     assert np.count_nonzero(np.diff(shows)) == 1, shows
     assert shows.count(1) > 1.0 * FPS
+
+
+def test_switching_back_and_forth_frees_the_old_avatars(tmp_path):
+    opts = _options(write_clip(tmp_path / "loop.wav", read_audio(JFK)), sink="memory", loop=True)
+    pipeline = build_pipeline(opts)
+    gone = [weakref.ref(pipeline.look)]
+    pipeline.start()
+    try:
+        for name in ("portrait", "astronaut") * 4:
+            pipeline.switch(build_look(pipeline, name, opts))
+            gone.append(weakref.ref(pipeline.look))
+            time.sleep(0.4)
+        time.sleep(0.5)
+    finally:
+        pipeline.stop()
+    gc.collect()
+    assert [ref() is None for ref in gone] == [True] * (len(gone) - 1) + [False]
 
 
 def test_stalled_audio_gives_idle_frames(clip):
