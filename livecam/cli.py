@@ -18,7 +18,8 @@ from livecam.musetalk.cli import ModelsDirOpt, features_command, models_app
 from livecam.terminal import console, err_console, print_error
 
 app = typer.Typer(
-    help="Turn your microphone into a talking face on a virtual webcam.",
+    help="Turn your microphone into a talking face on a virtual webcam. "
+    "Your defaults for any command: ~/.config/livecam/config.toml (see the README).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
@@ -70,7 +71,7 @@ def main(
     ctx: typer.Context,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ):
-    """Defaults for every command come from ~/.config/livecam/config.toml when it exists."""
+    """Logging, and the config file's defaults for the command about to run."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(message)s",
