@@ -167,6 +167,10 @@ def render(
     idle: IdleOpt = True,
     models_dir: ModelsDirOpt = None,
     torch_device: TorchDeviceOpt = None,
+    tier: Annotated[
+        str | None,
+        typer.Option(help="Quality tier: lite full|nearest, musetalk full|tiny (default: full)."),
+    ] = None,
 ) -> None:
     """Render an audio file to an mp4 offline, as fast as the machine allows."""
     from livecam.audio.files import read_audio
@@ -182,6 +186,11 @@ def render(
         eng = build_engine(
             engine, face, fps, idle, models_dir=models_dir, device=torch_device, streaming=False
         )
+        if tier is not None:
+            try:
+                eng.set_tier(tier)
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc), param_hint="--tier") from None
         comp = build_compositor(face, width, height, fps, idle)
         sink, _ = open_sink("file", width=width, height=height, fps=fps, out=out)
         result = render_audio(samples, eng, comp, sink)

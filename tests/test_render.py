@@ -81,3 +81,20 @@ def test_render_mouth_follows_speech(tmp_path, clip, avatar):
         # in silence only video-coding noise remains: small and constant, the mouth is still
         assert motion[silent].max() < 0.3 * motion[speaking].mean()
         assert np.ptp(motion[silent]) < 1.5
+
+
+def test_render_tier_option(tmp_path):
+    def render(tier: str) -> subprocess.CompletedProcess:
+        args = ["render", "--audio", str(SPEECH), "--out", str(tmp_path / f"{tier}.mp4"),
+                "--size", "320x240", "--no-idle", "--tier", tier]  # fmt: skip
+        return subprocess.run([sys.executable, "-m", "livecam", *args], capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+
+    assert render("full").returncode == 0 and render("nearest").returncode == 0
+    full, nearest = read_frames(tmp_path / "full.mp4"), read_frames(tmp_path / "nearest.mp4")
+    diffs = [np.abs(a.astype(int) - b.astype(int)).mean()
+             for a, b in zip(full, nearest, strict=True)]  # fmt: skip
+    assert min(diffs) == 0  # silence: the same closed mouth in both tiers
+    assert sum(d > 0.1 for d in diffs) > len(diffs) / 3  # speech: snapped, not blended shapes
+    bad = render("ultra")
+    assert bad.returncode == 2 and "unknown tier 'ultra'" in bad.stderr
