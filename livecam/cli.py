@@ -349,10 +349,13 @@ def avatars_list() -> None:
 @avatars_app.command("prepare")
 def avatars_prepare(
     name: str,
-    source: Annotated[Path, typer.Option("--from", help="A photo with one frontal face.")],
+    source: Annotated[
+        Path,
+        typer.Option("--from", help="A photo, or a short clip (first 3 s used), of one face."),
+    ],
     force: Annotated[bool, typer.Option(help="Rebuild even if the cache is fresh.")] = False,
 ) -> None:
-    """Detect the face in a photo and build the avatar cache."""
+    """Detect the face in a photo or clip and build the avatar cache."""
     from livecam.avatar.store import prepare_avatar
 
     def action() -> None:

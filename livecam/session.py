@@ -72,7 +72,15 @@ def build_compositor(
     avatar: Avatar, width: int, height: int, fps: float, idle_motion: bool = True
 ) -> Compositor:
     framing = webcam_framing(avatar.landmarks, avatar.image.shape, width / height)
-    return Compositor(avatar.image, framing, width, height, fps, idle_motion)
+    if avatar.motion is None:
+        return Compositor(avatar.image, framing, width, height, fps, idle_motion)
+    motion = avatar.motion
+
+    def head(frame: int) -> np.ndarray:
+        return motion[avatar.clip_index(frame)]
+
+    shift = float(np.abs(motion[:, :, 2]).max())  # translation: a bound on the head's travel
+    return Compositor(avatar.image, framing, width, height, fps, idle_motion, head, shift)
 
 
 @dataclass(frozen=True)

@@ -229,7 +229,7 @@ def test_missing_source_says_how_to_fix(cache: Path, face_crop: Path, tmp_path: 
     shutil.copy(face_crop, photo)
     prepare_avatar("gone", photo)
     photo.unlink()
-    with pytest.raises(AvatarError, match=r"livecam avatars prepare gone --from PHOTO"):
+    with pytest.raises(AvatarError, match=r"livecam avatars prepare gone --from PHOTO_OR_CLIP"):
         load_avatar("gone")
 
 

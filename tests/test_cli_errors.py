@@ -38,12 +38,19 @@ def test_unreadable_photo(tmp_path):
     assert_clean_failure(livecam("avatars", "prepare", "x", "--from", str(photo)), str(photo))
 
 
-def test_video_instead_of_a_photo_says_how_to_take_a_still(tmp_path):
+def test_video_without_a_face(tmp_path):
     clip = tmp_path / "me.mp4"
-    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=64x64:d=0.2",
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=160x120:d=0.5",
                     str(clip)], check=True, timeout=60)  # fmt: skip
     result = livecam("avatars", "prepare", "me", "--from", str(clip))
-    assert_clean_failure(result, "is a video", "ffmpeg -ss 1 -i")
+    assert_clean_failure(result, "no face found in the first frame of", str(clip))
+
+
+def test_unreadable_video(tmp_path):
+    clip = tmp_path / "broken.mp4"
+    clip.write_bytes(b"not a video at all")
+    result = livecam("avatars", "prepare", "me", "--from", str(clip))
+    assert_clean_failure(result, "cannot read video", str(clip))
 
 
 def test_unreadable_audio_file(tmp_path):

@@ -2,7 +2,8 @@
 
 Only the mouth and eye ROIs are touched per call; everything is precomputed in
 float32 (patches premultiplied by their masks, the base times 1 - mask), so a call is
-a handful of cv2 multiply-adds over two small ROIs.
+a handful of cv2 multiply-adds over two small ROIs. A video avatar's base changes per
+frame: its mouth ROI term is recomputed (small), and its own eyes blink, so no eye patch.
 """
 
 from __future__ import annotations
@@ -28,10 +29,13 @@ class _BankPaster:
         self.rows, self.cols = slice(bank.y, bank.y + h), slice(bank.x, bank.x + w)
         mask = bank.mask.astype(np.float32)
         self.premult = bank.patches.astype(np.float32) * mask  # (na, nb, h, w, 3)
-        roi = base[self.rows, self.cols].astype(np.float32)
-        self.base_term = roi * (1.0 - mask)
+        self.inverse = 1.0 - mask
+        self.base_term = base[self.rows, self.cols].astype(np.float32) * self.inverse
         self.acc = np.empty_like(self.base_term)
         self.shape = bank.patches.shape[:2]
+
+    def rebase(self, base: np.ndarray) -> None:
+        np.multiply(base[self.rows, self.cols], self.inverse, out=self.base_term)
 
     def paste(self, out: np.ndarray, ia: int, ta: float, ib: int, tb: float) -> None:
         np.copyto(self.acc, self.base_term)
@@ -62,13 +66,19 @@ class FaceRenderer:
         h, w, c = self._out.shape
         return h, w, c
 
-    def render(self, openness: float, width: float, blink: float) -> np.ndarray:
+    def render(self, openness: float, width: float, blink: float, frame: int = 0) -> np.ndarray:
         """openness in [0, 1] (0 = closed), width in [-1, 1] (-1 "oo", +1 "ee"),
-        blink in [0, 1] (1 = eyes shut). Values outside are clipped."""
+        blink in [0, 1] (1 = eyes shut; stills only). Values outside are clipped.
+        `frame` (the camera frame index) picks a video avatar's clip frame."""
+        if self.avatar.is_video:
+            base = self.avatar.base(frame)
+            np.copyto(self._out, base)
+            self._mouth.rebase(base)
         na, nw = self._mouth.shape
         io, to = _grid_pos(openness, 0.0, 1.0, na)
         iw, tw = _grid_pos(width, -1.0, 1.0, nw)
         self._mouth.paste(self._out, io, to, iw, tw)
-        ib, tb = _grid_pos(blink, 0.0, 1.0, self._eyes.shape[0])
-        self._eyes.paste(self._out, ib, tb, 0, 0.0)
+        if not self.avatar.is_video:
+            ib, tb = _grid_pos(blink, 0.0, 1.0, self._eyes.shape[0])
+            self._eyes.paste(self._out, ib, tb, 0, 0.0)
         return self._out

@@ -69,3 +69,15 @@ def detect_face(image_bgr: np.ndarray) -> FaceDetection:
     pts = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
     box = (int(rect.left()), int(rect.top()), int(rect.width()), int(rect.height()))
     return FaceDetection(landmarks=pts, box=box, faces_found=len(rects))
+
+
+def landmarks_in_box(image_bgr: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """The 68 landmarks of the face in a known box (x, y, w, h): tracking from one video
+    frame to the next without running the detector again."""
+    import dlib
+
+    _, predictor = _load()
+    rgb = np.ascontiguousarray(cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB))
+    x, y, w, h = box
+    shape = predictor(rgb, dlib.rectangle(x, y, x + w, y + h))
+    return np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)

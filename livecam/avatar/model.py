@@ -44,7 +44,10 @@ class PatchBank:
 @dataclass
 class Avatar:
     """A prepared avatar. `image` is the (resized) source photo as is; the lite
-    renderer's neutral frame (closed mouth) is FaceRenderer.render(0, 0, 0)."""
+    renderer's neutral frame (closed mouth) is FaceRenderer.render(0, 0, 0).
+
+    From a video, `frames` are the clip's frames aligned to `image` (its first frame) and
+    `motion` maps image coordinates to where the head was in each original frame."""
 
     name: str
     image: np.ndarray  # (H, W, 3) uint8 BGR, H <= 720
@@ -52,6 +55,24 @@ class Avatar:
     mouth: PatchBank
     eyes: PatchBank
     warnings: list[str] = field(default_factory=list)
+    frames: np.ndarray | None = None  # (N, H, W, 3) uint8, video avatars only
+    motion: np.ndarray | None = None  # (N, 2, 3) float32, video avatars only
+
+    @property
+    def is_video(self) -> bool:
+        return self.frames is not None
+
+    def clip_index(self, frame: int) -> int:
+        """Which clip frame camera frame `frame` shows: forward, then backward (no jump)."""
+        n = 1 if self.frames is None else len(self.frames)
+        if n == 1:
+            return 0
+        j = frame % (2 * n - 2)
+        return j if j < n else 2 * n - 2 - j
+
+    def base(self, frame: int) -> np.ndarray:
+        """The image a camera frame starts from, before the mouth (and eyes) go in."""
+        return self.image if self.frames is None else self.frames[self.clip_index(frame)]
 
     def mouth_box(self) -> tuple[int, int, int, int]:
         """x, y, w, h of the lips (landmarks 48-67) in image coords."""

@@ -1,4 +1,4 @@
-"""Avatar cache: prepare once per photo, verify on load, rebuild when stale or damaged.
+"""Avatar cache: prepare once per photo or clip, verify on load, rebuild when stale or damaged.
 
 Layout: cache_root()/avatars/NAME/{manifest.json, arrays.npz}. The manifest records the
 format version, source path and sha256, build parameters and one sha256 per array, so a
@@ -24,6 +24,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from livecam.avatar import video
 from livecam.avatar.eyes import build_eye_bank
 from livecam.avatar.landmarks import NoFaceError, detect_face
 from livecam.avatar.model import Avatar, BankParams, PatchBank
@@ -73,7 +74,8 @@ def avatar_dir(name: str) -> Path:
 
 
 def build_params() -> dict[str, Any]:
-    return {**BankParams().as_dict(), "max_height": MAX_HEIGHT}
+    clip = {"seconds": video.MAX_SECONDS, "rate": video.FRAME_RATE, "height": video.MAX_HEIGHT}
+    return {**BankParams().as_dict(), "max_height": MAX_HEIGHT, "video": clip}
 
 
 def _check_name(name: str) -> None:
@@ -110,16 +112,8 @@ def _sha256_array(a: np.ndarray) -> str:
     return h.hexdigest()
 
 
-VIDEO_SUFFIXES = {".mp4", ".mkv", ".mov", ".webm", ".avi", ".m4v", ".gif"}
-
-
 def read_image(path: Path) -> np.ndarray:
     """A BGR uint8 still, downscaled to MAX_HEIGHT if taller."""
-    if path.suffix.lower() in VIDEO_SUFFIXES:
-        raise AvatarError(
-            f"{path} is a video: avatars are made from a photo. Take a still with the mouth "
-            f"closed, e.g. `ffmpeg -ss 1 -i {path} -frames:v 1 still.png`, and prepare that"
-        )
     image = cv2.imread(str(path), cv2.IMREAD_COLOR) if path.is_file() else None
     if image is None:
         raise AvatarError(f"cannot read image {path}: not a readable image file")
@@ -132,6 +126,8 @@ def read_image(path: Path) -> np.ndarray:
 
 def build_avatar(name: str, source: Path) -> Avatar:
     """Detect the face and render the lite banks (no cache involved)."""
+    if video.is_video(source):
+        return _build_video_avatar(name, source)
     image = read_image(source)
     try:
         det = detect_face(image)
@@ -149,12 +145,33 @@ def build_avatar(name: str, source: Path) -> Avatar:
     return Avatar(name, image, det.landmarks, mouth, eyes, warnings)
 
 
+def _build_video_avatar(name: str, source: Path) -> Avatar:
+    """Banks on the first frame; the clip aligned to it, with the head motion to replay."""
+    try:
+        frames = video.read_clip(source)
+        aligned, motion, points = video.stabilize(frames, video.track_landmarks(frames))
+    except NoFaceError:
+        raise AvatarError(
+            f"no face found in the first frame of {source}: start the clip on one clearly "
+            "visible, frontal face"
+        ) from None
+    except video.VideoError as exc:
+        raise AvatarError(str(exc)) from None
+    image, landmarks, params = aligned[0], points[0].astype(np.float32), BankParams()
+    mouth = build_mouth_bank(image, landmarks, params)
+    eyes = build_eye_bank(image, landmarks, params, max_y=mouth.y)
+    log.info("avatar %r: %d frames of %s", name, len(aligned), source)
+    return Avatar(name, image, landmarks, mouth, eyes, [], aligned, motion)
+
+
 def _to_arrays(av: Avatar) -> dict[str, np.ndarray]:
     arrays = {"image": av.image, "landmarks": av.landmarks.astype(np.float32)}
     for key, bank in (("mouth", av.mouth), ("eyes", av.eyes)):
         arrays[f"{key}_patches"] = bank.patches
         arrays[f"{key}_mask"] = bank.mask.astype(np.float32)
         arrays[f"{key}_xy"] = np.array([bank.x, bank.y], np.int32)
+    if av.frames is not None and av.motion is not None:
+        arrays["frames"], arrays["motion"] = av.frames, av.motion
     return arrays
 
 
@@ -163,7 +180,8 @@ def _from_arrays(name: str, arrays: dict[str, np.ndarray], warnings: list[str]) 
         x, y = (int(v) for v in arrays[f"{key}_xy"])
         return PatchBank(x, y, arrays[f"{key}_patches"], arrays[f"{key}_mask"])
 
-    return Avatar(name, arrays["image"], arrays["landmarks"], bank("mouth"), bank("eyes"), warnings)
+    return Avatar(name, arrays["image"], arrays["landmarks"], bank("mouth"), bank("eyes"),
+                  warnings, arrays.get("frames"), arrays.get("motion"))  # fmt: skip
 
 
 def _write_cache(av: Avatar, source: Path, kind: str, description: str) -> None:
@@ -245,12 +263,12 @@ def _source_of(name: str, manifest: dict[str, Any] | None) -> tuple[Path, str, s
     names = sorted(set(_bundled_names()) | set(_cached_names()))
     raise AvatarError(
         f"unknown avatar {name!r}; available: {', '.join(names) or 'none'}. "
-        f"Make one with `livecam avatars prepare {name} --from PHOTO`"
+        f"Make one with `livecam avatars prepare {name} --from PHOTO_OR_CLIP`"
     )
 
 
 def prepare_avatar(name: str, source: Path, *, force: bool = False) -> Avatar:
-    """Build (or reuse, unless force) the cache for `name` from the photo `source`."""
+    """Build (or reuse, unless force) the cache for `name` from a photo or clip."""
     _check_name(name)
     source = Path(source)
     manifest = _read_manifest(name)
@@ -286,8 +304,8 @@ def load_avatar(name: str) -> Avatar:
                 reason = f"cache damaged: {exc}"
     if not source.is_file():
         raise AvatarError(
-            f"avatar {name!r} must be rebuilt ({reason}) but its source photo {source} is "
-            f"gone: run `livecam avatars prepare {name} --from PHOTO`"
+            f"avatar {name!r} must be rebuilt ({reason}) but its source {source} is "
+            f"gone: run `livecam avatars prepare {name} --from PHOTO_OR_CLIP`"
         )
     if manifest is not None:
         log.warning("avatar %r: %s; rebuilding from %s", name, reason, source)

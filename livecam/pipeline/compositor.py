@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -42,7 +43,8 @@ class Compositor:
     """Draws the avatar image into a (height, width) canvas over a blurred backdrop.
 
     The framing's crop fills the canvas; where the photo ends, a blurred, darkened copy of
-    it continues so the frame has no empty borders. Head sway rotates about the neck.
+    it continues so the frame has no empty borders. Head sway rotates about the neck; a
+    video avatar replays its recorded head motion instead (`head_motion(frame)`: 2x3).
     """
 
     def __init__(
@@ -53,22 +55,27 @@ class Compositor:
         height: int,
         fps: float,
         idle_motion: bool = True,
+        head_motion: Callable[[int], np.ndarray] | None = None,
+        max_shift: float = 0.0,  # largest head motion in avatar pixels (video avatars)
     ) -> None:
         self.width, self.height, self.fps = width, height, fps
         self.idle_motion = idle_motion
+        self.head_motion = head_motion
         self.framing = framing
         x, y, _, h = framing.crop
         scale = height / h
         self._fit = np.array([[scale, 0, -x * scale], [0, scale, -y * scale], [0, 0, 1]])
         self.backdrop = _backdrop(avatar_image, self._fit[:2], width, height)
         # warp only into the columns the photo can reach, plus room for the sway
-        margin = int(0.03 * width)
+        margin = int(0.03 * width + max_shift * scale)
         left, right = -x * scale, (avatar_image.shape[1] - x) * scale
         self._x0 = int(min(max(0, left - margin), width - 2))
         self._x1 = int(max(min(width, right + margin), self._x0 + 2))
 
     def transform(self, frame_index: int) -> np.ndarray:
         """2x3 affine map from avatar pixels to canvas pixels for a frame."""
+        if self.head_motion is not None:
+            return (self._fit @ np.vstack([self.head_motion(frame_index), [0, 0, 1]]))[:2]
         angle, dx, dy, zoom = (
             idle.sway(frame_index / self.fps) if self.idle_motion else (0.0, 0.0, 0.0, 1.0)
         )
