@@ -77,7 +77,7 @@ def build_compositor(
     motion = avatar.motion
 
     def head(frame: int) -> np.ndarray:
-        return motion[avatar.clip_index(frame)]
+        return motion[avatar.clip_index(frame / fps)]
 
     shift = float(np.abs(motion[:, :, 2]).max())  # translation: a bound on the head's travel
     return Compositor(avatar.image, framing, width, height, fps, idle_motion, head, shift)

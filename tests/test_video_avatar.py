@@ -90,11 +90,13 @@ def test_cache_round_trip(avatar: Avatar) -> None:
     assert np.array_equal(again.motion, avatar.motion)
 
 
-def test_clip_plays_forward_then_backward(avatar: Avatar) -> None:
+def test_clip_plays_at_its_speed_forward_then_backward(avatar: Avatar) -> None:
     n = N_FRAMES
-    assert [avatar.clip_index(k) for k in (0, 1, n - 1, n, 2 * n - 3, 2 * n - 2)] == [
-        0, 1, n - 1, n - 2, 1, 0,
-    ]  # fmt: skip
+    assert avatar.clip_rate == RATE
+    at = [k / RATE for k in (0, 1, n - 1, n, 2 * n - 3, 2 * n - 2)]
+    assert [avatar.clip_index(t) for t in at] == [0, 1, n - 1, n - 2, 1, 0]
+    # a 30 fps camera shows clip frame 25 one second in, not frame 30
+    assert avatar.clip_index(30 / 30) == 25
 
 
 def test_the_head_moves_and_the_mouth_follows_speech(avatar: Avatar) -> None:

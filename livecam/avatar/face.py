@@ -66,12 +66,14 @@ class FaceRenderer:
         h, w, c = self._out.shape
         return h, w, c
 
-    def render(self, openness: float, width: float, blink: float, frame: int = 0) -> np.ndarray:
+    def render(
+        self, openness: float, width: float, blink: float, seconds: float = 0.0
+    ) -> np.ndarray:
         """openness in [0, 1] (0 = closed), width in [-1, 1] (-1 "oo", +1 "ee"),
         blink in [0, 1] (1 = eyes shut; stills only). Values outside are clipped.
-        `frame` (the camera frame index) picks a video avatar's clip frame."""
+        `seconds` (the frame's time) picks a video avatar's clip frame."""
         if self.avatar.is_video:
-            base = self.avatar.base(frame)
+            base = self.avatar.base(seconds)
             np.copyto(self._out, base)
             self._mouth.rebase(base)
         na, nw = self._mouth.shape

@@ -57,22 +57,24 @@ class Avatar:
     warnings: list[str] = field(default_factory=list)
     frames: np.ndarray | None = None  # (N, H, W, 3) uint8, video avatars only
     motion: np.ndarray | None = None  # (N, 2, 3) float32, video avatars only
+    clip_rate: float = 0.0  # frames per second of the clip, video avatars only
 
     @property
     def is_video(self) -> bool:
         return self.frames is not None
 
-    def clip_index(self, frame: int) -> int:
-        """Which clip frame camera frame `frame` shows: forward, then backward (no jump)."""
+    def clip_index(self, seconds: float) -> int:
+        """The clip frame shown at this time: the clip plays at its own speed, forward and
+        then backward (no jump at the loop)."""
         n = 1 if self.frames is None else len(self.frames)
         if n == 1:
             return 0
-        j = frame % (2 * n - 2)
+        j = int(seconds * self.clip_rate + 1e-6) % (2 * n - 2)
         return j if j < n else 2 * n - 2 - j
 
-    def base(self, frame: int) -> np.ndarray:
-        """The image a camera frame starts from, before the mouth (and eyes) go in."""
-        return self.image if self.frames is None else self.frames[self.clip_index(frame)]
+    def base(self, seconds: float) -> np.ndarray:
+        """The image shown at this time, before the mouth (and eyes) go in."""
+        return self.image if self.frames is None else self.frames[self.clip_index(seconds)]
 
     def mouth_box(self) -> tuple[int, int, int, int]:
         """x, y, w, h of the lips (landmarks 48-67) in image coords."""

@@ -148,7 +148,7 @@ def build_avatar(name: str, source: Path) -> Avatar:
 def _build_video_avatar(name: str, source: Path) -> Avatar:
     """Banks on the first frame; the clip aligned to it, with the head motion to replay."""
     try:
-        frames = video.read_clip(source)
+        frames, rate = video.read_clip(source)
         aligned, motion, points = video.stabilize(frames, video.track_landmarks(frames))
     except NoFaceError:
         raise AvatarError(
@@ -161,7 +161,7 @@ def _build_video_avatar(name: str, source: Path) -> Avatar:
     mouth = build_mouth_bank(image, landmarks, params)
     eyes = build_eye_bank(image, landmarks, params, max_y=mouth.y)
     log.info("avatar %r: %d frames of %s", name, len(aligned), source)
-    return Avatar(name, image, landmarks, mouth, eyes, [], aligned, motion)
+    return Avatar(name, image, landmarks, mouth, eyes, [], aligned, motion, rate)
 
 
 def _to_arrays(av: Avatar) -> dict[str, np.ndarray]:
@@ -172,6 +172,7 @@ def _to_arrays(av: Avatar) -> dict[str, np.ndarray]:
         arrays[f"{key}_xy"] = np.array([bank.x, bank.y], np.int32)
     if av.frames is not None and av.motion is not None:
         arrays["frames"], arrays["motion"] = av.frames, av.motion
+        arrays["clip_rate"] = np.array(av.clip_rate, np.float64)
     return arrays
 
 
@@ -180,8 +181,9 @@ def _from_arrays(name: str, arrays: dict[str, np.ndarray], warnings: list[str]) 
         x, y = (int(v) for v in arrays[f"{key}_xy"])
         return PatchBank(x, y, arrays[f"{key}_patches"], arrays[f"{key}_mask"])
 
+    rate = float(arrays["clip_rate"]) if "clip_rate" in arrays else 0.0
     return Avatar(name, arrays["image"], arrays["landmarks"], bank("mouth"), bank("eyes"),
-                  warnings, arrays.get("frames"), arrays.get("motion"))  # fmt: skip
+                  warnings, arrays.get("frames"), arrays.get("motion"), rate)  # fmt: skip
 
 
 def _write_cache(av: Avatar, source: Path, kind: str, description: str) -> None:

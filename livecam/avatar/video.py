@@ -35,16 +35,18 @@ def is_video(path: Path) -> bool:
     return path.suffix.lower() in VIDEO_SUFFIXES
 
 
-def read_clip(path: Path) -> list[np.ndarray]:
-    """Up to MAX_SECONDS of BGR frames at about FRAME_RATE, at most MAX_HEIGHT tall."""
+def read_clip(path: Path) -> tuple[list[np.ndarray], float]:
+    """(up to MAX_SECONDS of BGR frames, at most MAX_HEIGHT tall, their frame rate): the
+    clip's own rate, thinned to FRAME_RATE if faster."""
     capture = cv2.VideoCapture(str(path))
     if not capture.isOpened():
         raise VideoError(f"cannot read video {path}")
     rate = capture.get(cv2.CAP_PROP_FPS) or FRAME_RATE
     step = max(rate / FRAME_RATE, 1.0)
+    kept_rate = rate / step
     frames: list[np.ndarray] = []
     index, take = 0, 0.0
-    while len(frames) < MAX_SECONDS * FRAME_RATE:
+    while len(frames) < MAX_SECONDS * kept_rate:
         ok, frame = capture.read()
         if not ok:
             break
@@ -58,8 +60,8 @@ def read_clip(path: Path) -> list[np.ndarray]:
         index += 1
     capture.release()
     if len(frames) < 2:
-        raise VideoError(f"{path} has no frames that can be read")
-    return frames
+        raise VideoError(f"cannot read video {path}: fewer than 2 frames could be decoded")
+    return frames, kept_rate
 
 
 def track_landmarks(frames: list[np.ndarray]) -> np.ndarray:

@@ -185,7 +185,7 @@ class MuseTalkEngine:
 
     def _base(self, frame: int) -> np.ndarray:
         eyes = idle.blink(frame / self.fps) if self.idle_motion else 0.0
-        return self.renderer.render(0.0, 0.0, eyes, frame).copy()
+        return self.renderer.render(0.0, 0.0, eyes, frame / self.fps).copy()
 
     def paste(self, image: np.ndarray, face: np.ndarray, weight: float) -> None:
         """Blend a 256x256 face into the face box of `image` (in place)."""
