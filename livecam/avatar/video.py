@@ -9,15 +9,12 @@ jump at the loop.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from livecam.avatar.landmarks import NoFaceError, detect_face, landmarks_in_box
-
-log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".mov", ".webm", ".avi", ".m4v"}
 MAX_SECONDS = 3.0  # of the clip kept: 6 s per forward-backward loop, ~70 MB of frames
