@@ -75,12 +75,12 @@ def test_clip_is_aligned_and_its_motion_recovered(avatar: Avatar) -> None:
         errors.append(np.abs(moved(made) - moved(found)).max())
         travel.append(np.abs(moved(made) - points).max())
     assert max(travel) > 6  # the head really moves in the clip
-    assert np.mean(errors) < 1.5 and max(errors) < 3.0, (np.mean(errors), max(errors))
+    assert np.mean(errors) < 1.0 and max(errors) < 2.0, (np.mean(errors), max(errors))
     # the aligned frames hold the face where the first frame has it (the mouth bank's place)
     for i in (10, 20, 30):
         found = detect_face(avatar.frames[i]).landmarks
         drift = np.linalg.norm(found[27:68] - avatar.landmarks[27:68], axis=1)
-        assert drift.mean() < 1.5, (i, drift.mean())
+        assert drift.mean() < 1.0, (i, drift.mean())
 
 
 def test_cache_round_trip(avatar: Avatar) -> None:
