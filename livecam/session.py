@@ -79,7 +79,10 @@ def build_compositor(
     def head(frame: int) -> np.ndarray:
         return motion[avatar.clip_index(frame / fps)]
 
-    shift = float(np.abs(motion[:, :, 2]).max())  # translation: a bound on the head's travel
+    h, w = avatar.image.shape[:2]
+    corners = np.array([[0, 0, 1], [w, 0, 1], [0, h, 1], [w, h, 1]], np.float32)
+    moved = np.einsum("nij,kj->nki", motion, corners)  # where each corner goes, per frame
+    shift = float(np.abs(moved - corners[:, :2]).max())  # the image's largest travel
     return Compositor(avatar.image, framing, width, height, fps, idle_motion, head, shift)
 
 

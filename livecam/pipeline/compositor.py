@@ -56,7 +56,7 @@ class Compositor:
         fps: float,
         idle_motion: bool = True,
         head_motion: Callable[[int], np.ndarray] | None = None,
-        max_shift: float = 0.0,  # largest head motion in avatar pixels (video avatars)
+        max_shift: float = 0.0,  # how far head_motion moves the image, in avatar pixels
     ) -> None:
         self.width, self.height, self.fps = width, height, fps
         self.idle_motion = idle_motion
