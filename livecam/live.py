@@ -69,7 +69,6 @@ def build_pipeline(opts: LiveOptions) -> Pipeline:
         models_dir=opts.models_dir,
         device=opts.torch_device,
     )
-    engine_warnings = list(getattr(engine, "warnings", ()))
     if opts.simulate_load:
         engine = SimulatedLoad(engine, opts.simulate_load, opts.fps)
     compositor = build_compositor(avatar, opts.width, opts.height, opts.fps, opts.idle_motion)
@@ -99,7 +98,7 @@ def build_pipeline(opts: LiveOptions) -> Pipeline:
         compositor,
         sink,
     )
-    pipeline.warnings.extend(engine_warnings + warnings)
+    pipeline.warnings.extend([*engine.warnings, *warnings])
     return pipeline
 
 

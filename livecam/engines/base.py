@@ -14,6 +14,14 @@ from livecam.avatar.model import Avatar
 class Engine(Protocol):
     name: str
     tier: str  # the active quality tier, shown on the dashboard
+    tiers: tuple[str, ...]  # quality tiers, best first: the scheduler steps down this list
+    batch_sizes: tuple[int, ...]  # frames per generate call the engine is warmed up for
+    response_s: float  # a sound's onset shows this long after its frame is due
+    warnings: tuple[str, ...]  # shown on the dashboard (e.g. unpublished weights)
+
+    def set_tier(self, tier: str) -> None:
+        """Switch quality tier (one of `tiers`); ValueError for an unknown one."""
+        ...
 
     def samples_needed(self, frame: int) -> int:
         """Absolute sample index (exclusive) the ring must reach before `frame` can be made."""

@@ -29,6 +29,7 @@ class LiteEngine:
     # half an analysis window, the attack smoothing, and on average half a frame (measured
     # with `livecam bench --latency`). The virtual microphone adds it to its delay.
     response_s = 0.05
+    warnings: tuple[str, ...] = ()
 
     def __init__(self, avatar: Avatar, fps: float, idle_motion: bool = True) -> None:
         self.fps = fps

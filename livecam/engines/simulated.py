@@ -26,8 +26,8 @@ class SimulatedLoad:
         self.factor = factor
         self.fps = fps
         self.name = f"{engine.name} (simulated load x{factor:g})"
-        self.tiers: tuple[str, ...] = getattr(engine, "tiers", (engine.tier,))
-        self.batch_sizes: tuple[int, ...] = getattr(engine, "batch_sizes", (1,))
+        self.tiers, self.batch_sizes = engine.tiers, engine.batch_sizes
+        self.response_s, self.warnings = engine.response_s, engine.warnings
 
     @property
     def tier(self) -> str:

@@ -88,8 +88,8 @@ class Pipeline:
         self.warnings: list[str] = []
         self.scheduler = Scheduler(
             config.fps,
-            getattr(engine, "tiers", (engine.tier,)),
-            getattr(engine, "batch_sizes", (1,)),
+            engine.tiers,
+            engine.batch_sizes,
             self._base_delay(),
         )
         self.playout_delay = self.scheduler.playout_delay
@@ -195,7 +195,7 @@ class Pipeline:
 
     def _generate(self, frames: range, mode: Mode, look: Look) -> None:
         engine = look.engine
-        if getattr(engine, "tier", mode.tier) != mode.tier:
+        if engine.tier != mode.tier:
             engine.set_tier(mode.tier)
         t0 = time.perf_counter()
         faces = engine.generate(self.ring, frames)
@@ -293,8 +293,7 @@ class Pipeline:
     # -- status ------------------------------------------------------------------------------
     def audio_delay_s(self) -> float:
         """How far to delay the microphone so that it sounds in step with the camera."""
-        response = getattr(self.engine, "response_s", 0.0)
-        return self.playout_delay + self.sink.latency_s + response
+        return self.playout_delay + self.sink.latency_s + self.engine.response_s
 
     def latency_s(self) -> float:
         """Estimated mic-to-camera latency: capture + playout delay + the sink's own."""
