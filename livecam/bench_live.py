@@ -24,7 +24,6 @@ import soundfile as sf
 from livecam.audio import pulse
 from livecam.audio.virtual_mic import SOURCE as VIRTUAL_MIC_SOURCE
 from livecam.audio.virtual_mic import VirtualMic
-from livecam.avatar.store import load_avatar
 from livecam.constants import SAMPLE_RATE
 from livecam.live import LiveOptions, build_pipeline
 from livecam.pipeline.runner import Pipeline
@@ -68,8 +67,7 @@ class MouthProbe:
 
 
 def attach_probe(pipeline: Pipeline) -> MouthProbe:
-    avatar = load_avatar(pipeline.look.avatar)  # from its cache: any engine, wrapped or not
-    x, y, w, h = avatar.mouth_box()
+    x, y, w, h = pipeline.look.avatar.mouth_box()
     m = pipeline.compositor.transform(0)
     (x0, y0), (x1, y1) = (np.array([[x, y, 1], [x + w, y + 1.6 * h, 1]]) @ m.T).astype(int)
     neutral = pipeline.compositor.compose(pipeline.engine.generate_silent([0])[0], 0)

@@ -90,13 +90,7 @@ def build_pipeline(opts: LiveOptions) -> Pipeline:
     for warning in warnings:
         log.warning("%s", warning)
     pipeline = Pipeline(
-        PipelineConfig(fps=opts.fps, avatar=opts.avatar),
-        ring,
-        clock,
-        source,
-        engine,
-        compositor,
-        sink,
+        PipelineConfig(fps=opts.fps), ring, clock, source, Look(avatar, engine, compositor), sink
     )
     pipeline.warnings.extend([*engine.warnings, *warnings])
     return pipeline
@@ -184,7 +178,7 @@ def build_look(pipeline: Pipeline, name: str, opts: LiveOptions) -> Look:
     avatar = load_avatar(name)
     engine = pipeline.engine.for_avatar(avatar)
     compositor = build_compositor(avatar, opts.width, opts.height, opts.fps, opts.idle_motion)
-    return Look(name, engine, compositor)
+    return Look(avatar, engine, compositor)
 
 
 def _loop(

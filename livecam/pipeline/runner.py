@@ -24,6 +24,7 @@ import numpy as np
 from livecam.audio.clock import AudioClock
 from livecam.audio.ring import AudioRing
 from livecam.audio.sources import BLOCK, SourceStats
+from livecam.avatar.model import Avatar
 from livecam.constants import SAMPLE_RATE
 from livecam.engines.base import Engine
 from livecam.pipeline.compositor import Compositor
@@ -52,7 +53,6 @@ class AudioSource(Protocol):
 @dataclass(frozen=True)
 class PipelineConfig:
     fps: float
-    avatar: str
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class Look:
     generated face carries the look that made it, so an avatar switch never frames one
     avatar's face with another's compositor."""
 
-    avatar: str
+    avatar: Avatar
     engine: Engine
     compositor: Compositor
 
@@ -76,20 +76,19 @@ class Pipeline:
         ring: AudioRing,
         clock: AudioClock,
         source: AudioSource,
-        engine: Engine,
-        compositor: Compositor,
+        look: Look,
         sink: Sink,
     ) -> None:
         self.cfg = config
         self.ring, self.clock, self.source = ring, clock, source
-        self.look = Look(config.avatar, engine, compositor)  # replaced whole by switch()
+        self.look = look  # replaced whole by switch()
         self.sink = sink
         self.counters = Counters()
         self.warnings: list[str] = []
         self.scheduler = Scheduler(
             config.fps,
-            engine.tiers,
-            engine.batch_sizes,
+            look.engine.tiers,
+            look.engine.batch_sizes,
             self._base_delay(),
         )
         self.playout_delay = self.scheduler.playout_delay
@@ -117,7 +116,7 @@ class Pipeline:
         The new engine must be `engine.for_avatar(...)` of the current one: same tiers,
         batch sizes and look-ahead, so the scheduler and the playout delay still hold."""
         self.look = look
-        log.info("avatar switched to %s", look.avatar)
+        log.info("avatar switched to %s", look.avatar.name)
 
     def _base_delay(self) -> float:
         """Frame length + engine look-ahead + one capture block + margin, after k/fps."""
@@ -309,7 +308,7 @@ class Pipeline:
             warnings.append("muted: the avatar stays idle (`livecam mute --off` to speak again)")
         mode = self.scheduler.mode
         return Snapshot(
-            avatar=self.look.avatar,
+            avatar=self.look.avatar.name,
             engine=self.engine.name,
             tier=mode.tier,
             stride=mode.stride,
