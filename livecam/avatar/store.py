@@ -8,7 +8,6 @@ stale or corrupt cache is detected and rebuilt, never silently used. Bundled ava
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ from livecam.avatar.eyes import build_eye_bank
 from livecam.avatar.landmarks import NoFaceError, detect_face
 from livecam.avatar.model import Avatar, BankParams, PatchBank
 from livecam.avatar.mouth import build_mouth_bank
-from livecam.hashing import sha256_file
+from livecam.hashing import sha256_array, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +103,6 @@ def _bundled_names() -> list[str]:
 def _cached_names() -> list[str]:
     root = cache_root() / "avatars"
     return sorted(p.parent.name for p in root.glob("*/" + MANIFEST)) if root.is_dir() else []
-
-
-def _sha256_array(a: np.ndarray) -> str:
-    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
-    h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -201,7 +194,7 @@ def _write_cache(av: Avatar, source: Path, kind: str, description: str) -> None:
         "params": build_params(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "engines": ENGINES,
-        "arrays": {k: _sha256_array(v) for k, v in arrays.items()},
+        "arrays": {k: sha256_array(v) for k, v in arrays.items()},
         "warnings": av.warnings,
     }
     tmp = Path(tempfile.mkdtemp(prefix=f".{av.name}.tmp-", dir=final.parent))
@@ -248,7 +241,7 @@ def _load_cache(name: str, manifest: dict[str, Any]) -> Avatar:
     if set(arrays) != set(expected):
         raise ValueError("array set differs from the manifest")
     for key, arr in arrays.items():
-        if _sha256_array(arr) != expected[key]:
+        if sha256_array(arr) != expected[key]:
             raise ValueError(f"checksum mismatch in {key}")
     return _from_arrays(name, arrays, list(manifest.get("warnings", [])))
 

@@ -12,7 +12,6 @@ the VAE weights' hash, so a changed avatar or VAE is noticed and the data rebuil
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from livecam.avatar.store import avatar_dir
+from livecam.hashing import sha256_array
 
 log = logging.getLogger(__name__)
 
@@ -103,17 +103,11 @@ def encode_latents(vae: torch.nn.Module, crop: np.ndarray) -> np.ndarray:
     return torch.cat(out, dim=1).float().cpu().numpy()
 
 
-def _sha(a: np.ndarray) -> str:
-    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
-    h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
-
-
 def _key(image: np.ndarray, landmarks: np.ndarray, vae_id: str) -> dict:
     return {
         "format_version": FORMAT_VERSION,
-        "image": _sha(image),
-        "landmarks": _sha(np.asarray(landmarks, np.float32)),
+        "image": sha256_array(image),
+        "landmarks": sha256_array(np.asarray(landmarks, np.float32)),
         "vae": vae_id,
         "extra_margin": EXTRA_MARGIN,
     }
@@ -128,7 +122,7 @@ def _load(folder: Path, key: dict) -> AvatarLatents | None:
             arrays = {k: npz[k] for k in npz.files}
     except Exception:  # missing, unreadable or damaged: rebuild
         return None
-    if {k: _sha(v) for k, v in arrays.items()} != manifest.get("arrays"):
+    if {k: sha256_array(v) for k, v in arrays.items()} != manifest.get("arrays"):
         log.warning("musetalk avatar data in %s damaged; rebuilding", folder)
         return None
     box = tuple(int(v) for v in arrays["box"])
@@ -146,7 +140,7 @@ def _save(folder: Path, key: dict, data: AvatarLatents) -> None:
     tmp = folder / f".{NPZ}.{os.getpid()}.tmp.npz"
     np.savez(tmp, **arrays)
     os.replace(tmp, folder / NPZ)
-    manifest = {"key": key, "arrays": {k: _sha(v) for k, v in arrays.items()}}
+    manifest = {"key": key, "arrays": {k: sha256_array(v) for k, v in arrays.items()}}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
