@@ -223,12 +223,10 @@ FeatureSource = Callable[[AudioRing, Sequence[int]], torch.Tensor]
 def whisper_from_dir(models_dir: Any, device: str | None = None) -> WhisperAudio:
     """Only the whisper part of the models dir (no UNet or VAE loaded)."""
     from livecam.musetalk import weights
-    from livecam.musetalk.models import pick_device
+    from livecam.musetalk.models import pick_device, pick_dtype
 
     dev = pick_device(device)
-    encoder = weights.load_whisper_encoder(models_dir).to(dev)
-    if dev.type == "cuda":
-        encoder = encoder.half()
+    encoder = weights.load_whisper_encoder(models_dir).to(dev, pick_dtype(dev, None))
     return WhisperAudio(encoder, weights.load_feature_extractor(models_dir), dev)
 
 
