@@ -80,15 +80,17 @@ class Scheduler:
             return estimate * 1.3
         return float(np.percentile(list(self._recent), 95)) * 1.1
 
+    def _batch_wait(self, mode: Mode) -> float:
+        """How long the audio of a batch's last frame arrives after its first frame's."""
+        return (mode.batch - 1) * mode.stride / self.fps
+
     def _derive_delay(self) -> None:
         """Audio of a batch's last frame must arrive, then the batch must be generated."""
         self._allowance = self._generation_allowance()
-        wait = (self.mode.batch - 1) * self.mode.stride / self.fps
-        self.playout_delay = self.base_delay_s + wait + self._allowance
+        self.playout_delay = self.base_delay_s + self._batch_wait(self.mode) + self._allowance
 
     def _predicted_delay(self, mode: Mode) -> float:
-        wait = (mode.batch - 1) * mode.stride / self.fps
-        return self.base_delay_s + wait + 1.3 * self.cost(mode.tier, mode.batch)
+        return self.base_delay_s + self._batch_wait(mode) + 1.3 * self.cost(mode.tier, mode.batch)
 
     def _plan(self, level: int) -> Mode | None:
         """The lowest-latency batch that keeps the ladder level under the target load and
@@ -146,7 +148,7 @@ class Scheduler:
         for level in range(self.level + 1):
             mode = self._plan(level)
             if mode is not None:
-                return mode != self.mode and self._switch(level, mode)
+                return self._switch(level, mode)  # False when it is the current mode
         return False
 
     def _switch(self, level: int, mode: Mode) -> bool:
