@@ -26,9 +26,10 @@ from livecam.sinks.base import SinkError, check_frame
 
 log = logging.getLogger(__name__)
 
-# Measured on 2 cores, 330 frames 1280x720 + 11 s audio, total incl. mux: superfast+zerolatency
-# 1.7 s (4.2 MB), veryfast 2.2 s (1.3 MB, but lookahead delays fragments), ultrafast 1.3 s (9.7 MB).
-X264_PRESET = "ultrafast"  # measured on real renders: 45 % less CPU than superfast, +6 % size
+# `livecam render` of jfk.wav at 1280x720 (330 frames, 11 s audio; engine, encode and mux) on
+# 2 cores: superfast 3.2 s and 4.1 MB, ultrafast 2.7 s and 4.9 MB (+18 %); veryfast's
+# lookahead delays fragments. The encoder's CPU matters more than the file size here.
+X264_PRESET = "ultrafast"
 X264_TUNE = "zerolatency"  # no lookahead or B-frames: faster here, fragments flush promptly
 X264_CRF = 20
 FRAG_MOVFLAGS = "+frag_keyframe+empty_moov+default_base_moof"
