@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from livecam.audio import pulse
+
 REPO = Path(__file__).resolve().parents[1]
 JFK = REPO / "livecam" / "samples" / "jfk.wav"
 SPEECH = REPO / "tests" / "data" / "speech_en.wav"
@@ -28,23 +30,17 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _pactl(*args: str) -> str:
-    return subprocess.run(
-        ["pactl", *args], check=True, capture_output=True, text=True, timeout=10
-    ).stdout.strip()
-
-
 def _ensure_pulseaudio() -> None:
     if shutil.which("pulseaudio") is None or shutil.which("pactl") is None:
         message = "PulseAudio is not installed (apt-get install pulseaudio pulseaudio-utils)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    if subprocess.run(["pactl", "info"], capture_output=True, timeout=10).returncode == 0:
+    if pulse.available():
         return
     subprocess.run(["pulseaudio", "-D", "--exit-idle-time=-1"], capture_output=True, timeout=20)
     for _ in range(50):
-        if subprocess.run(["pactl", "info"], capture_output=True, timeout=10).returncode == 0:
+        if pulse.available():
             return
         time.sleep(0.1)
     pytest.fail("PulseAudio did not start (`pulseaudio -D --exit-idle-time=-1`)")
@@ -58,18 +54,16 @@ def pulse_mic():
     """
     _ensure_pulseaudio()
     # a null sink left idle suspends, and its monitor then delivers nothing, unlike a real mic
-    subprocess.run(
-        ["pactl", "unload-module", "module-suspend-on-idle"], capture_output=True, timeout=10
-    )
+    pulse.unload("module-suspend-on-idle")
     name = f"livecam_test_{uuid.uuid4().hex[:6]}"
     modules = [
-        _pactl(
+        pulse.pactl(
             "load-module",
             "module-null-sink",
             f"sink_name={name}",
             f"sink_properties=device.description={name}",
         ),
-        _pactl(
+        pulse.pactl(
             "load-module",
             "module-remap-source",
             f"master={name}.monitor",
@@ -77,9 +71,9 @@ def pulse_mic():
             f"source_properties=device.description={name}_mic",
         ),
     ]
-    _pactl("set-default-source", f"{name}_mic")
+    pulse.pactl("set-default-source", f"{name}_mic")
     try:
         yield name
     finally:
         for module in reversed(modules):
-            subprocess.run(["pactl", "unload-module", module], capture_output=True, timeout=10)
+            pulse.unload(module)

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from livecam.audio import pulse
 from livecam.audio.clock import AudioClock
 from livecam.audio.ring import AudioRing
 from livecam.audio.virtual_mic import SINK, SOURCE, VirtualMic
@@ -16,10 +17,7 @@ pytestmark = pytest.mark.usefixtures("pulse_mic")
 
 
 def _names(kind: str) -> list[str]:
-    out = subprocess.run(
-        ["pactl", "list", "short", kind], capture_output=True, text=True, check=True, timeout=10
-    ).stdout
-    return [line.split("\t")[1] for line in out.splitlines()]
+    return [line.split("\t")[1] for line in pulse.pactl("list", "short", kind).splitlines()]
 
 
 def test_virtual_mic_is_in_step_with_the_mouth():
@@ -35,7 +33,7 @@ def test_leftovers_of_a_crashed_run_are_replaced():
         ["module-null-sink", f"sink_name={SINK}"],
         ["module-remap-source", f"master={SINK}.monitor", f"source_name={SOURCE}"],
     ):
-        subprocess.run(["pactl", "load-module", *args], check=True, capture_output=True, timeout=10)
+        pulse.pactl("load-module", *args)
     mic = VirtualMic(AudioRing(16000), AudioClock(), lambda: 0.1)
     mic.start()
     try:
