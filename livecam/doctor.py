@@ -54,14 +54,13 @@ def _microphone() -> Check:
 def _tools() -> list[Check]:
     from livecam.audio import pulse
 
+    ffmpeg, server = shutil.which("ffmpeg") is not None, pulse.available()
     return [
-        Check("ffmpeg", shutil.which("ffmpeg") is not None,
-              "found" if shutil.which("ffmpeg") else "needed by render and --sink file: "
+        Check("ffmpeg", ffmpeg, "found" if ffmpeg else "needed by render and --sink file: "
               "sudo apt-get install ffmpeg"),
-        Check("PulseAudio/PipeWire", pulse.available(),
-              "server answers" if pulse.available() else "needed by --virtual-mic: "
-              "sudo apt-get install pulseaudio-utils, and run PulseAudio or PipeWire-Pulse",
-              required=False),
+        Check("PulseAudio/PipeWire", server, "server answers" if server else "needed by "
+              "--virtual-mic: sudo apt-get install pulseaudio-utils, and run PulseAudio or "
+              "PipeWire-Pulse", required=False),
     ]  # fmt: skip
 
 
