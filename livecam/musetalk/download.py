@@ -130,19 +130,19 @@ def _check_shapes(models_dir: Path, name: str) -> str:
     return f"loads; d_model 384, {enc.config.encoder_layers} encoder layers"
 
 
+def file_statuses(models_dir: Path) -> list[FileStatus]:
+    """Every manifest file: present or not, and its sha256 against the release."""
+    return [file_status(models_dir, c, f, hashes=True) for c in COMPONENTS for f in c.files]
+
+
 def release_mismatches(models_dir: Path) -> list[Path]:
     """Present weight files whose sha256 is not a published release hash."""
-    return [
-        path
-        for comp in COMPONENTS
-        for f in comp.files
-        if (path := comp.local_path(models_dir, f)).is_file() and hash_status(path, f) == "mismatch"
-    ]
+    return [r.path for r in file_statuses(models_dir) if r.hash_status == "mismatch"]
 
 
 def verify(models_dir: Path, *, load: bool = True) -> tuple[list[FileStatus], dict[str, str], bool]:
     """(file rows, per-component load result, all required components load and fit)."""
-    rows = [file_status(models_dir, c, f, hashes=True) for c in COMPONENTS for f in c.files]
+    rows = file_statuses(models_dir)
     results: dict[str, str] = {}
     ok = True
     for comp in COMPONENTS:
