@@ -242,14 +242,27 @@ def bench(
     simulate_load: Annotated[
         float | None, typer.Option(help="With --soak/--latency: each frame costs FACTOR budgets.")
     ] = None,
+    gpu_suite: Annotated[
+        bool, typer.Option(help="musetalk: the GPU suite (fast paths on/off, streams, reference).")
+    ] = False,
+    tiny: Annotated[
+        bool, typer.Option(help="With --gpu-suite: toy-size models (a dry run).")
+    ] = False,
+    reference: Annotated[
+        Path | None, typer.Option(help="With --gpu-suite: a MuseTalk checkout to run beside it.")
+    ] = None,
 ) -> None:
     """Measure engine, compositing and render speed (or live latency, or a long run)."""
-    from livecam.bench import run_bench
+    from livecam.bench import SAMPLE_AUDIO, run_bench
 
     width, height = _parse_size(size)
 
     def action() -> None:
-        if latency or soak:
+        if gpu_suite:
+            from livecam.musetalk.gpu_suite import run_gpu_suite
+
+            report = run_gpu_suite(avatar, audio or SAMPLE_AUDIO, torch_device, tiny, reference)
+        elif latency or soak:
             from livecam.bench_live import live_report
             from livecam.live import LiveOptions
 

@@ -52,31 +52,22 @@ def _speaking_run(audio: np.ndarray, fps: float, ring: AudioRing, need: int) -> 
 
 
 def _stages(engine: MuseTalkEngine, ring: AudioRing, frames: list[int], repeats: int) -> dict:
-    dev, b = engine.device, len(frames)
+    dev, b, fwd = engine.device, len(frames), engine.forward
     ms = 1e3 / b  # seconds per batch -> ms per frame
     feats_s, feats = _timed(lambda: engine.source.features(ring, frames), dev, 1)
+    latents, cond = engine.model_inputs(feats)
     with torch.inference_mode():
-        unet_s, lat = _timed(lambda: engine._unet(feats), dev, repeats)
-        dec_s, img = _timed(lambda: engine._decode(lat, "full"), dev, repeats)
+        unet_s, lat = _timed(lambda: fwd.unet(latents, cond), dev, repeats)
+        dec_s, img = _timed(lambda: fwd.decode(lat, "full"), dev, repeats)
         tiny_s = None
         if "tiny" in engine.tiers:
-            tiny_s, _ = _timed(lambda: engine._decode(lat, "tiny"), dev, repeats)
+            tiny_s, _ = _timed(lambda: fwd.decode(lat, "tiny"), dev, repeats)
         faces = img.cpu().numpy()
         bases = [engine._base(k) for k in frames]
         blend_s, _ = _timed(
             lambda: [engine.paste(x, f, 1.0) for x, f in zip(bases, faces, strict=True)], dev, 1
         )
-
-        def bare() -> Any:
-            vae = engine.models.vae
-            out = engine.models.unet(
-                engine._latents.expand(b, -1, -1, -1),
-                engine._t0,
-                encoder_hidden_states=(feats + engine._pe).to(engine.dtype),
-            )
-            return vae.decode(out.sample / float(vae.config.scaling_factor)).sample  # fmt: skip
-
-        bare_s, _ = _timed(bare, dev, repeats)
+        bare_s, _ = _timed(lambda: fwd.decode(fwd.unet(latents, cond), "full"), dev, repeats)
     # the whole engine on fresh frames: gate, streaming features, model, transfer, blend
     later = [k + b * (repeats + 2) for k in frames]
     engine.set_tier("full")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -26,7 +26,9 @@ from livecam.avatar.model import Avatar
 from livecam.constants import HOP_LENGTH, HOPS_PER_SECOND
 from livecam.engines.lite_features import HopTrack
 from livecam.musetalk.avatar_latents import prepare_latents
+from livecam.musetalk.blend import DeviceBlender, faces_to_host, host_buffer
 from livecam.musetalk.features import WINDOW_STEPS, OfflineFeatures, StreamingFeatures
+from livecam.musetalk.forward import FastPaths, Forward, SharedForward
 from livecam.musetalk.models import MuseTalkModels
 from livecam.pipeline import idle
 
@@ -45,6 +47,9 @@ class MuseTalkOptions:
     random_weights: bool = False  # full-size random models (benchmarks only)
     warmup: bool | None = None  # None: every batch shape on CUDA, batch 1 on CPU
     context_s: float = 8.0  # streaming encoder window
+    batch_sizes: tuple[int, ...] = BATCH_SIZES  # the fixed shapes (the largest chunks a call)
+    fast: FastPaths = field(default_factory=FastPaths)
+    voice_gate: bool = True  # False: every frame speaks (benchmarks of the worst case)
 
 
 def positional_encoding(length: int, dim: int) -> torch.Tensor:
@@ -83,7 +88,6 @@ class VoiceGate:
 
 class MuseTalkEngine:
     name = "musetalk"
-    batch_sizes = BATCH_SIZES
     response_s = 0.0  # not measured yet: it needs the real weights
 
     def __init__(
@@ -93,9 +97,11 @@ class MuseTalkEngine:
         models: MuseTalkModels,
         options: MuseTalkOptions | None = None,
         idle_motion: bool = True,
+        forward: Forward | SharedForward | None = None,
     ) -> None:
         opts = options or MuseTalkOptions()
         self.options = opts
+        self.batch_sizes = opts.batch_sizes
         self.fps, self.idle_motion, self.models = fps, idle_motion, models
         self.device, self.dtype = models.device, models.dtype
         self.warnings = models.warnings
@@ -106,10 +112,20 @@ class MuseTalkEngine:
         )
         self._latents = torch.from_numpy(self.data.latents).to(self.device, self.dtype)
         self._pe = positional_encoding(WINDOW_STEPS * 5, models.whisper.dim).to(self.device)
-        self._t0 = torch.zeros((), dtype=torch.long, device=self.device)
+        self.forward = forward or Forward(models, opts.fast)
         x1, y1, x2, y2 = self.data.box
         self._rows, self._cols, self._size = slice(y1, y2), slice(x1, x2), (x2 - x1, y2 - y1)
         self._mask3 = np.repeat(self.data.mask, 3, axis=2)  # (h, w, 3) float32
+        self.blender = (
+            DeviceBlender(self.data.mask, self.device, opts.fast.pinned)
+            if opts.fast.gpu_blend
+            else None
+        )
+        self._staging = (  # page-locked landing place of the faces (without the GPU blend)
+            host_buffer((self.batch_sizes[-1], 256, 256, 3), self.device, pinned=True)
+            if opts.fast.pinned and not opts.fast.gpu_blend and self.device.type == "cuda"
+            else None
+        )
         self.gate = VoiceGate(fps)
         if opts.features == "offline":
             self.source: OfflineFeatures | StreamingFeatures = OfflineFeatures(models.whisper, fps)
@@ -121,13 +137,13 @@ class MuseTalkEngine:
             torch.backends.cudnn.benchmark = True  # safe: every shape is one of BATCH_SIZES
         warm = opts.warmup if opts.warmup is not None else True
         if warm:
-            self.warm_up(BATCH_SIZES if self.device.type == "cuda" else (1,))
+            self.warm_up(self.batch_sizes if self.device.type == "cuda" else (1,))
 
     def for_avatar(self, avatar: Avatar) -> MuseTalkEngine:
-        """Shares the loaded models, the voice gate and the feature cache (all avatar-free);
-        only the avatar's latents and mask are new (cached, or encoded once here)."""
+        """Shares the loaded models, their captured forward, the voice gate and the feature
+        cache (all avatar-free); only the avatar's latents and mask are new."""
         opts = replace(self.options, tier=self.tier, warmup=False)
-        other = MuseTalkEngine(avatar, self.fps, self.models, opts, self.idle_motion)
+        other = MuseTalkEngine(avatar, self.fps, self.models, opts, self.idle_motion, self.forward)
         other.gate, other.source = self.gate, self.source
         return other
 
@@ -141,48 +157,49 @@ class MuseTalkEngine:
         self.tier = name
 
     def warm_up(self, sizes: Sequence[int]) -> None:
+        """Runs (and on CUDA captures) every batch shape, so none is new while live."""
         feats = torch.zeros((1, WINDOW_STEPS * 5, self.models.whisper.dim), device=self.device)
         for tier in self.tiers if self.device.type == "cuda" else (self.tier,):
             for b in sizes:
-                self._decode(self._unet(self._pad(feats, b)), tier)
+                self.forward(*self.model_inputs(self._pad(feats, b)), tier)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     def samples_needed(self, frame: int) -> int:
         return max(self.source.samples_needed(frame), self.gate.samples_needed(frame))
 
-    @staticmethod
-    def padded_size(n: int) -> int:
-        return next(b for b in BATCH_SIZES if b >= n)
+    def padded_size(self, n: int) -> int:
+        return next(b for b in self.batch_sizes if b >= n)
 
     def _pad(self, feats: torch.Tensor, size: int) -> torch.Tensor:
         if len(feats) == size:
             return feats
         return torch.cat([feats, feats[-1:].expand(size - len(feats), -1, -1)])
 
-    def _unet(self, feats: torch.Tensor) -> torch.Tensor:
-        """(B, 50, D) float32 features -> (B, 4, 32, 32) latents."""
+    def model_inputs(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 50, D) float32 features -> the UNet's latents (B, 8, 32, 32) and conditioning."""
         cond = (feats + self._pe).to(self.dtype)
-        x = self._latents.expand(len(feats), -1, -1, -1)  # (B, 8, 32, 32)
-        return self.models.unet(x, self._t0, encoder_hidden_states=cond).sample
-
-    def _decode(self, latents: torch.Tensor, tier: str | None = None) -> torch.Tensor:
-        """(B, 4, 32, 32) -> (B, 256, 256, 3) uint8 BGR, still on the device."""
-        vae = self.models.taesd if (tier or self.tier) == "tiny" else self.models.vae
-        image = vae.decode(latents / float(vae.config.scaling_factor)).sample  # [-1, 1] RGB
-        image = ((image.float() + 1.0) * 127.5).clamp(0, 255).round().to(torch.uint8)
-        return image.permute(0, 2, 3, 1).flip(-1)
+        return self._latents.expand(len(feats), -1, -1, -1), cond
 
     @torch.inference_mode()
-    def faces(self, feats: torch.Tensor) -> np.ndarray:
-        """(n, 50, D) features -> (n, 256, 256, 3) uint8 BGR faces, in fixed batch shapes."""
+    def faces_on_device(self, feats: torch.Tensor, tier: str | None = None) -> torch.Tensor:
+        """(n, 50, D) features -> (n, 256, 256, 3) uint8 BGR faces on the device, computed in
+        fixed batch shapes (asynchronous on CUDA: nothing waits for the GPU here)."""
         out = []
-        top = BATCH_SIZES[-1]
+        top = self.batch_sizes[-1]
         for i in range(0, len(feats), top):
             chunk = feats[i : i + top]
             batch = self._pad(chunk, self.padded_size(len(chunk)))
-            out.append(self._decode(self._unet(batch))[: len(chunk)])
-        return torch.cat(out).cpu().numpy()
+            out.append(self.forward(*self.model_inputs(batch), tier or self.tier)[: len(chunk)])
+        return torch.cat(out)
+
+    def faces(self, feats: torch.Tensor) -> np.ndarray:
+        """(n, 50, D) features -> (n, 256, 256, 3) uint8 BGR faces on the host."""
+        return self._to_host(self.faces_on_device(feats))
+
+    def _to_host(self, faces: torch.Tensor) -> np.ndarray:
+        chunks = faces.split(self.batch_sizes[-1])  # the staging buffer holds one chunk
+        return np.concatenate([faces_to_host(chunk, self._staging) for chunk in chunks])
 
     def _base(self, frame: int) -> np.ndarray:
         eyes = idle.blink(frame / self.fps) if self.idle_motion else 0.0
@@ -197,17 +214,21 @@ class MuseTalkEngine:
         np.copyto(roi, blended + 0.5, casting="unsafe")  # rounds: values are >= 0
 
     def generate(self, ring: AudioRing, frames: Sequence[int]) -> list[np.ndarray]:
-        weights = self.gate.levels(ring, frames)
+        weights = self.gate.levels(ring, frames) if self.options.voice_gate else [1.0] * len(frames)
         speaking = [k for k, w in zip(frames, weights, strict=True) if w > 0.0]
-        faces = self.faces(self.source.features(ring, speaking)) if speaking else None
-        out, j = [], 0
-        for k, w in zip(frames, weights, strict=True):
-            image = self._base(k)
-            if w > 0.0:
-                self.paste(image, faces[j], w)
-                j += 1
-            out.append(image)
-        return out
+        faces = self.faces_on_device(self.source.features(ring, speaking)) if speaking else None
+        images = [self._base(k) for k in frames]  # on the CPU while the GPU runs the model
+        if faces is None:
+            return images
+        spoken = [(image, w) for image, w in zip(images, weights, strict=True) if w > 0.0]
+        if self.blender is not None:
+            boxes = [image[self._rows, self._cols] for image, _ in spoken]
+            self.blender.blend(faces, boxes, [w for _, w in spoken])
+        else:
+            host = self._to_host(faces)
+            for (image, w), face in zip(spoken, host, strict=True):
+                self.paste(image, face, w)
+        return images
 
     def generate_silent(self, frames: Sequence[int]) -> list[np.ndarray]:
         return [self._base(k) for k in frames]

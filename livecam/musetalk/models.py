@@ -45,6 +45,19 @@ REFERENCE_WHISPER = {
     "num_mel_bins": 80,
     "max_source_positions": 1500,
 }
+# The same classes and interfaces at toy sizes: dry runs of the GPU suite on a CPU.
+TINY_UNET = REFERENCE_UNET | {
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+}
+TINY_VAE = REFERENCE_VAE | {"block_out_channels": [8, 16, 16, 16], "layers_per_block": 1,
+                            "norm_num_groups": 8}  # fmt: skip
+TINY_TAESD = {"encoder_block_out_channels": [8] * 4, "decoder_block_out_channels": [8] * 4,
+              "num_encoder_blocks": [1] * 4, "num_decoder_blocks": [1] * 4}  # fmt: skip
+TINY_WHISPER = REFERENCE_WHISPER | {"encoder_ffn_dim": 64}
 
 
 class MissingWeights(weights.WeightsError):
@@ -134,8 +147,8 @@ def _unpublished(models_dir: Path) -> tuple[str, ...]:
     return notes
 
 
-def random_models(device: str | None = None, seed: int = 0) -> MuseTalkModels:
-    """Full-size models with random weights (benchmarks without downloads)."""
+def random_models(device: str | None = None, seed: int = 0, tiny: bool = False) -> MuseTalkModels:
+    """Full-size (or toy-size) models with random weights: benchmarks without downloads."""
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     from transformers import WhisperConfig, WhisperFeatureExtractor
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
@@ -144,14 +157,14 @@ def random_models(device: str | None = None, seed: int = 0) -> MuseTalkModels:
     dev = pick_device(device)
     dtype = pick_dtype(dev, None)
     parts: dict[str, Any] = {
-        "unet": UNet2DConditionModel.from_config(REFERENCE_UNET),
-        "vae": AutoencoderKL.from_config(REFERENCE_VAE),
-        "taesd": AutoencoderTiny.from_config({}),
-        "encoder": WhisperEncoder(WhisperConfig(**REFERENCE_WHISPER)),
+        "unet": UNet2DConditionModel.from_config(TINY_UNET if tiny else REFERENCE_UNET),
+        "vae": AutoencoderKL.from_config(TINY_VAE if tiny else REFERENCE_VAE),
+        "taesd": AutoencoderTiny.from_config(TINY_TAESD if tiny else {}),
+        "encoder": WhisperEncoder(WhisperConfig(**(TINY_WHISPER if tiny else REFERENCE_WHISPER))),
     }
     _place(parts, dev, dtype)
     return MuseTalkModels(
         parts["unet"], parts["vae"], parts["taesd"],
         WhisperAudio(parts["encoder"], WhisperFeatureExtractor(feature_size=80), dev),
-        dev, dtype, f"random-{seed}",
+        dev, dtype, f"random-{seed}{'-tiny' if tiny else ''}",
     )  # fmt: skip

@@ -1,0 +1,192 @@
+"""The UNet + decoder forward in fixed batch shapes, with the GPU fast paths.
+
+One call: (B, 8, 32, 32) avatar latents + (B, 50, D) audio features -> (B, 256, 256, 3) uint8
+BGR faces, still on the device. On CUDA each (tier, batch) shape is captured once as a CUDA
+graph: a replay launches the ~1,000 kernels of the UNet and the decoder without Python or
+launch gaps, which is what bounds small live batches (batch 1 is launch-bound, not
+FLOP-bound). channels_last runs the convolutions in NHWC, the tensor cores' layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from livecam.musetalk.models import MuseTalkModels
+
+log = logging.getLogger(__name__)
+
+WARMUP_RUNS = 3  # eager runs on a side stream before a capture (cuDNN/cuBLAS pick kernels)
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    """The engine's speed-ups; each can be switched off (the GPU suite measures each)."""
+
+    cuda_graphs: bool = True  # replay each (tier, batch) shape as one captured graph (CUDA)
+    channels_last: bool = True  # NHWC convolutions
+    gpu_blend: bool = True  # resize and blend the face on the device; only the box comes back
+    pinned: bool = True  # page-locked host buffers and non_blocking copies (CUDA)
+
+    @classmethod
+    def none(cls) -> FastPaths:
+        return cls(cuda_graphs=False, channels_last=False, gpu_blend=False, pinned=False)
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    latents: torch.Tensor  # static inputs, copied into before each replay
+    cond: torch.Tensor
+    out: torch.Tensor  # static output, valid until the next replay
+
+
+def to_bgr_uint8(image: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) RGB in [-1, 1] -> (B, H, W, 3) uint8 BGR."""
+    image = ((image.float() + 1.0) * 127.5).clamp(0, 255).round().to(torch.uint8)
+    return image.permute(0, 2, 3, 1).flip(-1)
+
+
+class Forward:
+    """UNet + decoder for one model set; shared by every engine (avatar, stream) using it."""
+
+    def __init__(self, models: MuseTalkModels, paths: FastPaths) -> None:
+        self.models = models
+        self.device, self.dtype = models.device, models.dtype
+        self.use_graphs = paths.cuda_graphs and self.device.type == "cuda"
+        self.format = torch.channels_last if paths.channels_last else torch.contiguous_format
+        for net in (models.unet, models.vae, models.taesd):
+            if net is not None:
+                net.to(memory_format=self.format)
+        self._t0 = torch.zeros((), dtype=torch.long, device=self.device)
+        self._graphs: dict[tuple[str, int], _Graph] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._lock = threading.Lock()  # graphs have one set of static buffers
+        self.graph_error: str | None = None  # why capturing failed (then it runs eagerly)
+
+    def _decoder(self, tier: str) -> torch.nn.Module:
+        return self.models.taesd if tier == "tiny" else self.models.vae
+
+    def unet(self, latents: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """(B, 8, 32, 32) latents, (B, 50, D) conditioning -> (B, 4, 32, 32), eagerly."""
+        x = latents.contiguous(memory_format=self.format)
+        return self.models.unet(x, self._t0, encoder_hidden_states=cond).sample
+
+    def decode(self, latents: torch.Tensor, tier: str) -> torch.Tensor:
+        """(B, 4, 32, 32) -> (B, 256, 256, 3) uint8 BGR, eagerly."""
+        vae = self._decoder(tier)
+        x = latents.contiguous(memory_format=self.format) / float(vae.config.scaling_factor)
+        return to_bgr_uint8(vae.decode(x).sample)
+
+    def _eager(self, latents: torch.Tensor, cond: torch.Tensor, tier: str) -> torch.Tensor:
+        return self.decode(self.unet(latents, cond), tier)
+
+    def _capture(self, latents: torch.Tensor, cond: torch.Tensor, tier: str) -> _Graph:
+        static_x, static_c = latents.clone(), cond.clone()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_RUNS):
+                self._eager(static_x, static_c, tier)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self._eager(static_x, static_c, tier)
+        return _Graph(graph, static_x, static_c, out)
+
+    @torch.inference_mode()
+    def __call__(self, latents: torch.Tensor, cond: torch.Tensor, tier: str) -> torch.Tensor:
+        """(B, 8, 32, 32) latents, (B, 50, D) conditioning in the model dtype -> (B, 256, 256, 3)
+        uint8 BGR on the device (a fresh tensor: graphs reuse their output buffer)."""
+        if not self.use_graphs:
+            return self._eager(latents, cond, tier)
+        key = (tier, len(latents))
+        with self._lock:
+            graph = self._graphs.get(key)
+            if graph is None:
+                try:
+                    graph = self._graphs[key] = self._capture(latents, cond, tier)
+                except RuntimeError as e:  # a model op that cannot be captured: stay eager
+                    self.use_graphs, self.graph_error = False, f"{type(e).__name__}: {e}"
+                    log.warning("CUDA graphs off (capture failed): %s", e)
+                    return self._eager(latents, cond, tier)
+            graph.latents.copy_(latents)
+            graph.cond.copy_(cond)
+            graph.graph.replay()
+            return graph.out.clone()
+
+
+@dataclass
+class _Request:
+    latents: torch.Tensor
+    cond: torch.Tensor
+    tier: str
+    done: threading.Event
+    out: torch.Tensor | None = None
+    error: BaseException | None = None
+
+
+class SharedForward:
+    """One Forward for several streams: calls that arrive while a batch runs are merged into
+    the next one (per tier), so N streams of 4 frames make one batch of 4N instead of N
+    small ones. A call waits for at most the batch running when it arrived."""
+
+    def __init__(self, forward: Forward, sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)):
+        self.forward, self.sizes = forward, sizes
+        self._pending: list[_Request] = []
+        self._wake = threading.Condition()
+        self.batches: deque[int] = deque(maxlen=1000)  # frames per merged batch (reports)
+        threading.Thread(target=self._serve, name="shared-forward", daemon=True).start()
+
+    @property
+    def graph_error(self) -> str | None:
+        return self.forward.graph_error
+
+    def __call__(self, latents: torch.Tensor, cond: torch.Tensor, tier: str) -> torch.Tensor:
+        request = _Request(latents, cond, tier, threading.Event())
+        with self._wake:
+            self._pending.append(request)
+            self._wake.notify()
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        assert request.out is not None
+        return request.out
+
+    def _take(self) -> list[_Request]:
+        with self._wake:
+            self._wake.wait_for(lambda: bool(self._pending))
+            tier, room, taken = self._pending[0].tier, self.sizes[-1], []
+            for request in list(self._pending):
+                if request.tier == tier and len(request.latents) <= room:
+                    taken.append(request)
+                    self._pending.remove(request)
+                    room -= len(request.latents)
+            return taken
+
+    @torch.inference_mode()
+    def _serve(self) -> None:
+        while True:
+            taken = self._take()
+            try:
+                latents = torch.cat([r.latents for r in taken])
+                cond = torch.cat([r.cond for r in taken])
+                n = len(latents)
+                size = next(s for s in self.sizes if s >= n)
+                pad = size - n  # repeat the last frame up to a captured shape
+                latents = torch.cat([latents, latents[-1:].expand(pad, -1, -1, -1)])
+                cond = torch.cat([cond, cond[-1:].expand(pad, -1, -1)])
+                out = self.forward(latents, cond, taken[0].tier)
+                self.batches.append(n)
+                parts = out[:n].split([len(r.latents) for r in taken])
+                for request, part in zip(taken, parts, strict=True):
+                    request.out = part
+            except Exception as e:  # handed to the callers: the serving thread stays up
+                for request in taken:
+                    request.error = e
+            for request in taken:
+                request.done.set()

@@ -1,0 +1,156 @@
+"""The musetalk engine's fast paths on the CPU (toy-size random models): the device blend
+against the cv2 one, channels_last against the plain layout, the shared forward that merges
+several streams' calls, and the GPU suite's dry run. CUDA graphs and page-locked copies need a
+GPU: the suite checks them there (its fast_vs_plain_faces)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from livecam.audio.files import read_audio
+from livecam.audio.ring import AudioRing
+from livecam.avatar.store import load_avatar
+from livecam.musetalk.engine import MuseTalkEngine, MuseTalkOptions
+from livecam.musetalk.forward import FastPaths, Forward, SharedForward
+from livecam.musetalk.models import MuseTalkModels, random_models
+from tests.conftest import JFK
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def models() -> MuseTalkModels:
+    return random_models("cpu", tiny=True)
+
+
+def _engine(models: MuseTalkModels, paths: FastPaths, name: str = "astronaut") -> MuseTalkEngine:
+    opts = MuseTalkOptions(warmup=False, fast=paths, voice_gate=False)
+    return MuseTalkEngine(load_avatar(name), 25, models, opts)
+
+
+def _ring() -> AudioRing:
+    audio = read_audio(JFK)
+    ring = AudioRing(len(audio) + 16_000)
+    ring.write(audio)
+    return ring
+
+
+def test_device_blend_matches_the_cv2_blend(models: MuseTalkModels) -> None:
+    engine = _engine(models, FastPaths())
+    assert engine.blender is not None
+    rng = np.random.default_rng(0)
+    faces = rng.integers(0, 256, (3, 256, 256, 3), dtype=np.uint8)
+    weights = [1.0, 0.5, 0.0]
+    by_cv2 = [engine._base(k) for k in range(3)]
+    on_device = [image.copy() for image in by_cv2]
+    for image, face, w in zip(by_cv2, faces, weights, strict=True):
+        engine.paste(image, face, w)
+    boxes = [image[engine._rows, engine._cols] for image in on_device]
+    engine.blender.blend(torch.from_numpy(faces), boxes, weights)
+    for got, want in zip(on_device, by_cv2, strict=True):
+        diff = np.abs(got.astype(int) - want)
+        # cv2 interpolates 8-bit images with 11-bit fixed-point weights, torch in float: the
+        # two resizes differ by a rounding step, which the blend's own rounding can double
+        assert diff.max() <= 2 and diff.mean() < 0.05
+    untouched = np.abs(on_device[2].astype(int) - engine._base(2)).max()
+    assert untouched == 0  # weight 0 leaves the frame as it was
+    box = (engine._rows, engine._cols)
+    assert np.abs(on_device[0][box].astype(int) - engine._base(0)[box]).mean() > 10  # face in
+
+
+def test_channels_last_gives_the_same_faces(models: MuseTalkModels) -> None:
+    x = torch.randn(2, 8, 32, 32)
+    cond = torch.randn(2, 50, models.whisper.dim)
+    plain = Forward(models, FastPaths.none())(x, cond, "full")
+    nhwc = Forward(models, FastPaths())(x, cond, "full")
+    Forward(models, FastPaths.none())  # back to the plain layout for the other tests
+    assert plain.shape == (2, 256, 256, 3) and plain.dtype == torch.uint8
+    assert (plain.int() - nhwc.int()).abs().max() <= 1  # float summation order only
+
+
+def test_engine_fast_and_plain_paths_agree(models: MuseTalkModels) -> None:
+    ring, frames = _ring(), [40, 41, 42]
+    fast = _engine(models, FastPaths(channels_last=False)).generate(ring, frames)
+    plain = _engine(models, FastPaths.none()).generate(ring, frames)
+    for a, b in zip(fast, plain, strict=True):
+        diff = np.abs(a.astype(int) - b)
+        assert diff.max() <= 2 and diff.mean() < 0.05  # the resize rounding above
+
+
+class _HeldForward:
+    """The real forward, held on its first call until the test lets it go."""
+
+    graph_error = None
+
+    def __init__(self, forward: Forward) -> None:
+        self.forward, self.calls = forward, []
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, latents: torch.Tensor, cond: torch.Tensor, tier: str) -> torch.Tensor:
+        self.calls.append(len(latents))
+        self.entered.set()
+        self.release.wait(30)
+        return self.forward(latents, cond, tier)
+
+
+def test_shared_forward_merges_streams_and_keeps_their_faces_apart(
+    models: MuseTalkModels,
+) -> None:
+    forward = Forward(models, FastPaths.none())
+    held = _HeldForward(forward)
+    shared = SharedForward(held)  # type: ignore[arg-type]
+    torch.manual_seed(1)
+    requests = [(torch.randn(n, 8, 32, 32), torch.randn(n, 50, models.whisper.dim)) for n in
+                (4, 4, 2, 4)]  # fmt: skip
+    results: dict[int, torch.Tensor] = {}
+
+    def call(i: int) -> None:
+        results[i] = shared(*requests[i], "full")
+
+    first = threading.Thread(target=call, args=(0,))
+    first.start()
+    assert held.entered.wait(30)  # request 0 runs alone; the others arrive meanwhile
+    others = [threading.Thread(target=call, args=(i,)) for i in (1, 2, 3)]
+    for t in others:
+        t.start()
+    while sum(len(r.latents) for r in shared._pending) < 10:
+        threading.Event().wait(0.01)
+    held.release.set()
+    for t in [first, *others]:
+        t.join(60)
+    assert held.calls == [4, 16]  # 4 + 4 + 2 = 10 frames merged, padded to the 16 shape
+    assert list(shared.batches) == [4, 10]
+    for i, (x, cond) in enumerate(requests):
+        alone = forward(x, cond, "full")
+        assert results[i].shape == alone.shape  # each caller gets exactly its own frames
+        assert (results[i].int() - alone.int()).abs().max() <= 1
+
+
+def test_shared_forward_hands_errors_to_the_caller(models: MuseTalkModels) -> None:
+    shared = SharedForward(Forward(models, FastPaths.none()))
+    with pytest.raises(RuntimeError):
+        shared(torch.randn(1, 3, 32, 32), torch.randn(1, 50, models.whisper.dim), "full")
+    x, cond = torch.randn(1, 8, 32, 32), torch.randn(1, 50, models.whisper.dim)
+    assert shared(x, cond, "full").shape == (1, 256, 256, 3)  # still serving
+
+
+def test_gpu_suite_dry_run_on_the_cpu() -> None:
+    from livecam.musetalk.gpu_suite import configurations, run_gpu_suite
+
+    report = run_gpu_suite("astronaut", JFK, "cpu", tiny=True, batches=(1, 2),
+                           stream_seconds=0.5)  # fmt: skip
+    rows = report["fps_table"]
+    names = [name for name, _ in configurations()] + ["model_only"]
+    assert sorted({r["paths"] for r in rows}) == sorted(names)
+    assert all(r["fps_b1"] > 0 and r["fps_b2"] > 0 for r in rows), rows
+    for tier in ("full", "tiny"):
+        assert report["fast_vs_plain_faces"][tier]["max_abs_diff"] <= 2
+    streams = report["streams_25fps"]
+    assert [s["tier"] for s in streams] == ["full", "tiny"]
+    assert all(s["trials"] and s["streams_held"] >= 0 for s in streams)
+    assert report["reference_loop"] is None
