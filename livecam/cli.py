@@ -39,11 +39,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from livecam.audio.virtual_mic import VirtualMicError
     from livecam.avatar.store import AvatarError
     from livecam.control import ControlError
+    from livecam.musetalk import ExtraMissing
     from livecam.session import EngineError
     from livecam.sinks.base import SinkError
 
     return (AudioFileError, AudioDeviceError, AvatarError, EngineError, SinkError,
-            VirtualMicError, ControlError)  # fmt: skip
+            VirtualMicError, ControlError, ExtraMissing)  # fmt: skip
 
 
 def _run(action: Callable[[], int | None]) -> None:
@@ -258,6 +259,10 @@ def bench(
     width, height = _parse_size(size)
 
     def action() -> None:
+        if engine == "musetalk" or gpu_suite:
+            from livecam.musetalk import require_extra
+
+            require_extra()
         if gpu_suite:
             from livecam.musetalk.gpu_suite import run_gpu_suite
 

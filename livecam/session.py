@@ -42,6 +42,12 @@ def build_engine(
 
         return LiteEngine(avatar, fps, idle_motion=idle_motion)
     elif name == "musetalk":
+        from livecam.musetalk import ExtraMissing, require_extra
+
+        try:
+            require_extra()
+        except ExtraMissing as exc:
+            raise EngineError(str(exc)) from None
         if options is None:
             from livecam.musetalk.engine import MuseTalkOptions
 

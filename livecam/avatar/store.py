@@ -61,10 +61,11 @@ def cache_root() -> Path:
 
 
 def bundled_root() -> Path:
-    """$LIVECAM_AVATARS_DIR, else the repository's avatars/ folder."""
+    """$LIVECAM_AVATARS_DIR, else the avatars shipped in the package (in a checkout, a link
+    to the repository's avatars/ folder)."""
     if env := os.environ.get("LIVECAM_AVATARS_DIR"):
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "avatars"
+    return Path(__file__).resolve().parents[1] / "avatars"
 
 
 def avatar_dir(name: str) -> Path:
@@ -95,6 +96,14 @@ def _bundled(name: str) -> dict[str, Any] | None:
     return meta
 
 
+def _known_faces(name: str, source: Path) -> int:
+    """Faces the detector finds in a bundled photo (avatar.toml `detector_faces`), else 1."""
+    meta = _bundled(name)
+    if meta is None or Path(meta["source"]).resolve() != source.resolve():
+        return 1
+    return int(meta.get("detector_faces", 1))
+
+
 def _bundled_names() -> list[str]:
     root = bundled_root()
     return sorted(p.parent.name for p in root.glob("*/avatar.toml")) if root.is_dir() else []
@@ -117,8 +126,9 @@ def read_image(path: Path) -> np.ndarray:
     return image
 
 
-def build_avatar(name: str, source: Path) -> Avatar:
-    """Detect the face and render the lite banks (no cache involved)."""
+def build_avatar(name: str, source: Path, known_faces: int = 1) -> Avatar:
+    """Detect the face and render the lite banks (no cache involved). More faces than
+    `known_faces` (what a bundled avatar.toml records of its photo) get a warning."""
     if video.is_video(source):
         return _build_video_avatar(name, source)
     image = read_image(source)
@@ -129,7 +139,7 @@ def build_avatar(name: str, source: Path) -> Avatar:
             f"no face found in {source}: use a photo with one clearly visible, frontal face"
         ) from None
     warnings = []
-    if det.faces_found > 1:
+    if det.faces_found > known_faces:
         warnings.append(f"{det.faces_found} faces found in {source}; using the largest one")
         log.warning(warnings[-1])
     params = BankParams()
@@ -278,7 +288,7 @@ def prepare_avatar(name: str, source: Path, *, force: bool = False) -> Avatar:
                 return _load_cache(name, manifest)
             except ValueError as exc:
                 log.warning("avatar %r cache damaged (%s); rebuilding", name, exc)
-    avatar = build_avatar(name, source)
+    avatar = build_avatar(name, source, _known_faces(name, source))
     _write_cache(avatar, source, kind, description)
     return avatar
 
@@ -304,7 +314,7 @@ def load_avatar(name: str) -> Avatar:
         )
     if manifest is not None:
         log.warning("avatar %r: %s; rebuilding from %s", name, reason, source)
-    avatar = build_avatar(name, source)
+    avatar = build_avatar(name, source, _known_faces(name, source))
     _write_cache(avatar, source, kind, description)
     return avatar
 

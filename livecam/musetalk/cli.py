@@ -26,6 +26,15 @@ def _dir(models_dir: Path | None) -> Path:
     return models_dir or default_models_dir()
 
 
+def _need_extra() -> None:
+    from livecam.musetalk import ExtraMissing, require_extra
+
+    try:
+        require_extra()
+    except ExtraMissing as exc:
+        _fail(str(exc))
+
+
 def _fail(message: str) -> None:
     print_error(message)
     raise typer.Exit(1)
@@ -61,6 +70,7 @@ def models_download(
     optional: Annotated[bool, typer.Option(help="Also the tiny decoder (taesd).")] = True,
 ) -> None:
     """Download the weights from Hugging Face (resumable; respects HF_HUB_OFFLINE)."""
+    _need_extra()
     from livecam.musetalk.download import DownloadError, download
 
     root = _dir(models_dir)
@@ -77,6 +87,7 @@ def models_verify(
     load: Annotated[bool, typer.Option(help="Load each model and check its shapes.")] = True,
 ) -> None:
     """Check the weights: present, loadable, shape-compatible, official hashes."""
+    _need_extra()
     from livecam.musetalk.download import verify
 
     root = _dir(models_dir)
@@ -111,6 +122,7 @@ def features_command(
     torch_device: Annotated[str | None, typer.Option(help="cuda | cpu (default: auto).")] = None,
 ) -> None:
     """Write MuseTalk's per-frame whisper features of an audio file (for debugging)."""
+    _need_extra()
     import numpy as np
 
     from livecam.audio.files import AudioFileError, read_audio
