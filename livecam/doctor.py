@@ -8,6 +8,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from livecam.musetalk import INSTALL
+
 
 @dataclass(frozen=True)
 class Check:
@@ -66,7 +68,7 @@ def _tools() -> list[Check]:
 
 def _neural() -> list[Check]:
     if importlib.util.find_spec("torch") is None:
-        return [Check("torch", False, "pip install torch (musetalk only)", required=False)]
+        return [Check("torch", False, INSTALL + " (musetalk only)", required=False)]
     import torch
 
     from livecam.musetalk.download import verify
