@@ -79,17 +79,19 @@ def build_compositor(
 ) -> Compositor:
     framing = webcam_framing(avatar.landmarks, avatar.image.shape, width / height)
     if avatar.motion is None:
-        return Compositor(avatar.image, framing, width, height, fps, idle_motion)
+        (x0, y0), (x1, y1) = avatar.landmarks.min(axis=0), avatar.landmarks.max(axis=0)
+        head = (float(x0), float(y0), float(x1), float(y1))
+        return Compositor(avatar.image, framing, width, height, fps, idle_motion, head_box=head)
     motion = avatar.motion
 
-    def head(frame: int) -> np.ndarray:
+    def head_motion(frame: int) -> np.ndarray:
         return motion[avatar.clip_index(frame / fps)]
 
     h, w = avatar.image.shape[:2]
     corners = np.array([[0, 0, 1], [w, 0, 1], [0, h, 1], [w, h, 1]], np.float32)
     moved = np.einsum("nij,kj->nki", motion, corners)  # where each corner goes, per frame
     shift = float(np.abs(moved - corners[:, :2]).max())  # the image's largest travel
-    return Compositor(avatar.image, framing, width, height, fps, idle_motion, head, shift)
+    return Compositor(avatar.image, framing, width, height, fps, idle_motion, head_motion, shift)
 
 
 @dataclass(frozen=True)

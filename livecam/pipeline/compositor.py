@@ -57,6 +57,7 @@ class Compositor:
         idle_motion: bool = True,
         head_motion: Callable[[int], np.ndarray] | None = None,
         max_shift: float = 0.0,  # how far head_motion moves the image, in avatar pixels
+        head_box: tuple[float, float, float, float] | None = None,  # x0, y0, x1, y1 (avatar)
     ) -> None:
         self.width, self.height, self.fps = width, height, fps
         self.idle_motion = idle_motion
@@ -71,6 +72,12 @@ class Compositor:
         left, right = -x * scale, (avatar_image.shape[1] - x) * scale
         self._x0 = int(min(max(0, left - margin), width - 2))
         self._x1 = int(max(min(width, right + margin), self._x0 + 2))
+        self._head: _HeadRegion | None = None
+        if head_motion is None and head_box is not None:
+            # a still photo: only the head moves (mouth, eyes, sway); the rest is drawn once
+            still = self.backdrop.copy()
+            self._warp(avatar_image, self._fit[:2], still)
+            self._head = _HeadRegion.around(head_box, self._fit, framing, width, height, still)
 
     def transform(self, frame_index: int) -> np.ndarray:
         """2x3 affine map from avatar pixels to canvas pixels for a frame."""
@@ -86,8 +93,18 @@ class Compositor:
 
     def compose(self, image: np.ndarray, frame_index: int) -> np.ndarray:
         """A new canvas (height, width, 3) uint8 BGR with the avatar image placed."""
+        if self._head is not None:
+            return self._head.compose(image, self.transform(frame_index))
+        return self.compose_whole(image, frame_index)
+
+    def compose_whole(self, image: np.ndarray, frame_index: int) -> np.ndarray:
+        """compose() by warping the whole photo (video avatars; the reference for the head)."""
         out = self.backdrop.copy()
-        m = self.transform(frame_index)
+        self._warp(image, self.transform(frame_index), out)
+        return out
+
+    def _warp(self, image: np.ndarray, m: np.ndarray, out: np.ndarray) -> None:
+        m = m.copy()
         m[0, 2] -= self._x0
         cv2.warpAffine(
             image,
@@ -97,6 +114,63 @@ class Compositor:
             flags=cv2.INTER_LINEAR,
             borderMode=cv2.BORDER_TRANSPARENT,
         )
+
+
+HEAD_MARGIN = 0.55  # around the landmarks (brow to chin), in face heights: hair, ears, neck
+FEATHER = 0.12  # the swayed head fades into the still picture over this many face heights
+
+
+@dataclass
+class _HeadRegion:
+    """The canvas rectangle where the head moves, with a feathered edge; the rest is fixed.
+
+    The sway is at most about a degree about the neck, so outside a margin around the head
+    the full-frame warp moves pixels by a pixel or two: drawing that part once and warping
+    only the head (a third of the photo's area) looks the same and costs a third.
+    """
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    still: np.ndarray  # (H, W, 3) the canvas with the photo placed, no sway
+    alpha: np.ndarray  # (h, w) float32: 1 inside, fading to 0 at the rectangle's edge
+    beta: np.ndarray  # 1 - alpha
+    patch: np.ndarray  # (h, w, 3) uint8 scratch buffer for the warped head
+
+    @classmethod
+    def around(
+        cls, box: tuple[float, float, float, float], fit: np.ndarray, framing: Framing,
+        width: int, height: int, still: np.ndarray,
+    ) -> _HeadRegion:  # fmt: skip
+        pad = HEAD_MARGIN * framing.face_height
+        corners = np.array([[box[0] - pad, box[1] - pad, 1], [box[2] + pad, box[3] + pad, 1]])
+        (x0, y0), (x1, y1) = (corners @ fit[:2].T).round().astype(int)
+        x0, y0 = max(x0, 0), max(y0, 0)
+        x1, y1 = min(max(x1, x0 + 2), width), min(max(y1, y0 + 2), height)
+        feather = max(2.0, FEATHER * framing.face_height * fit[0, 0])
+        h, w, inf = y1 - y0, x1 - x0, np.inf  # no fade where the rectangle meets the canvas edge
+        top = np.arange(h) + 0.5 if y0 > 0 else np.full(h, inf)
+        bottom = np.arange(h, 0, -1) - 0.5 if y1 < height else np.full(h, inf)
+        left = np.arange(w) + 0.5 if x0 > 0 else np.full(w, inf)
+        right = np.arange(w, 0, -1) - 0.5 if x1 < width else np.full(w, inf)
+        edge = np.minimum(np.minimum(top, bottom)[:, None], np.minimum(left, right)[None, :])
+        alpha = np.clip(edge / feather, 0.0, 1.0).astype(np.float32)
+        patch = np.empty((h, w, 3), np.uint8)
+        return cls(x0, y0, x1, y1, still, alpha, 1.0 - alpha, patch)
+
+    def compose(self, image: np.ndarray, m: np.ndarray) -> np.ndarray:
+        out = self.still.copy()
+        m = m.copy()
+        m[0, 2] -= self.x0
+        m[1, 2] -= self.y0
+        region = out[self.y0 : self.y1, self.x0 : self.x1]
+        np.copyto(self.patch, region)  # where the photo does not reach: the still canvas
+        cv2.warpAffine(
+            image, m, (self.x1 - self.x0, self.y1 - self.y0), dst=self.patch,
+            flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_TRANSPARENT,
+        )  # fmt: skip
+        region[...] = cv2.blendLinear(self.patch, region, self.alpha, self.beta)
         return out
 
 

@@ -1,0 +1,51 @@
+"""A still photo's idle sway warps only the head region: inside the head the frame is the
+full-frame warp's, outside it the picture is drawn once, and the seam is feathered."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from livecam.avatar.store import load_avatar
+from livecam.session import build_compositor
+
+
+def _head_box(landmarks: np.ndarray, m: np.ndarray) -> tuple[slice, slice]:
+    pts = np.c_[landmarks, np.ones(len(landmarks))] @ m.T
+    (x0, y0), (x1, y1) = pts.min(axis=0).astype(int), pts.max(axis=0).astype(int)
+    return slice(y0, y1), slice(x0, x1)
+
+
+@pytest.mark.parametrize("name", ["astronaut", "portrait"])
+def test_head_region_matches_the_full_frame_warp(name: str) -> None:
+    avatar = load_avatar(name)
+    comp = build_compositor(avatar, 1280, 720, 30)
+    head = comp._head
+    assert head is not None  # a still photo with idle motion takes the head-only path
+    area = (head.x1 - head.x0) * (head.y1 - head.y0)
+    assert area < 0.5 * (comp._x1 - comp._x0) * 720  # it is the smaller warp
+    frames = [comp.compose(avatar.image, k) for k in range(0, 300, 23)]
+    for k, got in zip(range(0, 300, 23), frames, strict=True):
+        want = comp.compose_whole(avatar.image, k)
+        box = _head_box(avatar.landmarks, comp.transform(k))
+        diff = np.abs(got[box].astype(int) - want[box])
+        assert diff.mean() < 1.0, (k, diff.mean())  # the issue's bound: under one level
+        outside = np.ones(got.shape[:2], bool)
+        outside[head.y0 : head.y1, head.x0 : head.x1] = False
+        assert np.array_equal(got[outside], head.still[outside])  # drawn once, unchanged
+    moved = np.abs(frames[0][box].astype(int) - frames[5][box]).mean()
+    assert moved > 1.0  # the head still sways
+
+
+def test_the_seam_is_feathered_and_without_sway_the_frame_is_the_plain_warp() -> None:
+    avatar = load_avatar("astronaut")
+    comp = build_compositor(avatar, 1280, 720, 30)
+    alpha = comp._head.alpha
+    assert alpha.max() == 1.0 and 0.0 < alpha[alpha > 0].min() < 0.1
+    inner = alpha[alpha.shape[0] // 2]
+    assert np.all(np.diff(inner[: len(inner) // 2]) >= 0)  # rises smoothly towards the head
+    still = build_compositor(avatar, 1280, 720, 30, idle_motion=False)
+    talking = avatar.image.copy()
+    talking[avatar.landmarks[48:, 1].astype(int), avatar.landmarks[48:, 0].astype(int)] = 255
+    diff = np.abs(still.compose(talking, 7).astype(int) - still.compose_whole(talking, 7))
+    assert diff.max() <= 1  # no sway: the head path is the plain warp, mouth changes included
