@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import queue
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +108,12 @@ class RenderResult:
 def render_audio(
     audio: np.ndarray, engine: Engine, compositor: Compositor, sink: Sink, batch: int = 8
 ) -> RenderResult:
-    """Offline: every frame of the audio through engine and compositor into the sink."""
+    """Offline: every frame of the audio through engine and compositor into the sink.
+
+    A worker thread generates and composes while this one hands frames to the sink (colour
+    conversion, the encoder's pipe): the two overlap on two cores, through a bounded queue
+    that keeps the frames in order.
+    """
     fps = compositor.fps
     n_frames = math.ceil(len(audio) / SAMPLE_RATE * fps)
     pad = max(0, engine.samples_needed(n_frames - 1) - len(audio))
@@ -113,17 +121,46 @@ def render_audio(
     ring.write(audio)
     ring.write(np.zeros(pad, dtype=np.float32))
     frame_ms: list[float] = []
+    frames: queue.Queue[tuple[int, np.ndarray] | BaseException | None] = queue.Queue(2 * batch)
+    stop = threading.Event()
+
+    def offer(item: tuple[int, np.ndarray] | BaseException | None) -> bool:
+        """Queue an item unless the consumer has stopped (then never block)."""
+        while not stop.is_set():
+            with contextlib.suppress(queue.Full):
+                frames.put(item, timeout=0.1)
+                return True
+        return False
+
+    def produce() -> None:
+        try:
+            for first in range(0, n_frames, batch):
+                ks = range(first, min(n_frames, first + batch))
+                t0 = time.perf_counter()
+                faces = engine.generate(ring, ks)
+                per_face = (time.perf_counter() - t0) / len(ks)
+                for k, face in zip(ks, faces, strict=True):
+                    t1 = time.perf_counter()
+                    canvas = compositor.compose(face, k)
+                    frame_ms.append((per_face + time.perf_counter() - t1) * 1e3)
+                    if not offer((k, canvas)):
+                        return
+            offer(None)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            offer(exc)
+
     start = time.perf_counter()
-    for first in range(0, n_frames, batch):
-        frames = range(first, min(n_frames, first + batch))
-        t0 = time.perf_counter()
-        faces = engine.generate(ring, frames)
-        per_face = (time.perf_counter() - t0) / len(frames)
-        for k, face in zip(frames, faces, strict=True):
-            t1 = time.perf_counter()
-            canvas = compositor.compose(face, k)
-            frame_ms.append((per_face + time.perf_counter() - t1) * 1e3)
+    worker = threading.Thread(target=produce, name="render-generate", daemon=True)
+    worker.start()
+    try:
+        while (item := frames.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            k, canvas = item
             a, b = round(k * SAMPLE_RATE / fps), round((k + 1) * SAMPLE_RATE / fps)
             sink.send(canvas, audio[a:b])
+    finally:
+        stop.set()
+        worker.join()
     sink.close()
     return RenderResult(n_frames, time.perf_counter() - start, len(audio) / SAMPLE_RATE, frame_ms)
