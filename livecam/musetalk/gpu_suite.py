@@ -72,10 +72,10 @@ def _long_ring(audio: np.ndarray, seconds: float) -> AudioRing:
 class Suite:
     def __init__(
         self, models: MuseTalkModels, avatar: Avatar, audio: np.ndarray, repeats: int,
-        batches: tuple[int, ...] = BATCHES,
+        batches: tuple[int, ...] = BATCHES, context_s: float = 8.0,
     ) -> None:  # fmt: skip
         self.models, self.avatar, self.audio, self.repeats = models, avatar, audio, repeats
-        self.device, self.batches = models.device, batches
+        self.device, self.batches, self.context_s = models.device, batches, context_s
 
     def engine(
         self, paths: FastPaths, forward: Forward | SharedForward | None = None
@@ -259,13 +259,18 @@ def _timed(label: str, fn: Callable[[], Any], log: dict[str, float]) -> Any:
 def run_gpu_suite(
     avatar_name: str, audio_path: Path, device: str | None = None, tiny: bool = False,
     reference: Path | None = None, repeats: int | None = None,
-    batches: tuple[int, ...] = BATCHES, stream_seconds: float = 3.0,
+    batches: tuple[int, ...] | None = None, stream_seconds: float | None = None,
 ) -> dict[str, Any]:  # fmt: skip
+    """The whole suite; `tiny` (a dry run) also takes fewer shapes, a 1 s whisper window and
+    1 s stream trials, so a CPU gets through it in about a minute."""
+    batches = batches or ((1, 4) if tiny else BATCHES)
+    stream_seconds = stream_seconds or (1.0 if tiny else 3.0)
     seconds: dict[str, float] = {}
     models = _timed("load", lambda: random_models(device, tiny=tiny), seconds)
     dev = models.device
     suite = Suite(models, load_avatar(avatar_name), read_audio(audio_path),
-                  repeats or (20 if dev.type == "cuda" else 1), batches)  # fmt: skip
+                  repeats or (20 if dev.type == "cuda" else 1), batches,
+                  1.0 if tiny else 8.0)  # fmt: skip
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats(dev)
