@@ -57,13 +57,25 @@ def _run(action: Callable[[], int | None]) -> None:
 
 
 def _parse_size(size: str) -> tuple[int, int]:
+    from livecam.limits import LimitError, check_size
+
     try:
         width, height = (int(v) for v in size.lower().split("x"))
     except ValueError:
         raise typer.BadParameter(f"{size!r} is not WIDTHxHEIGHT, e.g. 1280x720") from None
-    if width < 64 or height < 64 or width % 2 or height % 2:
-        raise typer.BadParameter("width and height must be even and at least 64")
-    return width, height
+    try:
+        return check_size(width, height)
+    except LimitError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--size") from None
+
+
+def _check_fps(fps: float) -> float:
+    from livecam.limits import LimitError, check_fps
+
+    try:
+        return check_fps(fps)
+    except LimitError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 @app.callback()
@@ -96,7 +108,7 @@ EngineOpt = Annotated[
 TorchDeviceOpt = Annotated[
     str | None, typer.Option(help="musetalk: torch device, cuda | cpu (default: auto).")
 ]
-FpsOpt = Annotated[float, typer.Option(help="Camera frame rate.")]
+FpsOpt = Annotated[float, typer.Option(help="Camera frame rate.", callback=_check_fps)]
 SizeOpt = Annotated[str, typer.Option(help="Camera frame size WIDTHxHEIGHT.")]
 IdleOpt = Annotated[bool, typer.Option("--idle/--no-idle", help="Blinks and head sway.")]
 
@@ -113,7 +125,9 @@ def start(
     camera_backend: Annotated[str | None, typer.Option(help="pyvirtualcam backend.")] = None,
     fps: FpsOpt = DEFAULT_FPS,
     size: SizeOpt = f"{DEFAULT_WIDTH}x{DEFAULT_HEIGHT}",
-    port: Annotated[int, typer.Option(help="Preview port on 127.0.0.1.")] = 8080,
+    port: Annotated[
+        int, typer.Option(help="Preview port on 127.0.0.1 (0: any free).", min=0, max=65535)
+    ] = 8080,
     out: Annotated[Path | None, typer.Option(help="Output mp4 for --sink file.")] = None,
     idle: IdleOpt = True,
     dashboard: Annotated[bool, typer.Option("--dashboard/--no-dashboard")] = True,

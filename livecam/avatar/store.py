@@ -15,6 +15,7 @@ import re
 import shutil
 import tempfile
 import tomllib
+import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +30,7 @@ from livecam.avatar.landmarks import NoFaceError, detect_face
 from livecam.avatar.model import Avatar, BankParams, PatchBank
 from livecam.avatar.mouth import build_mouth_bank
 from livecam.hashing import sha256_array, sha256_file
+from livecam.limits import MAX_IMAGE_PIXELS, LimitError, check_pixels
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +107,33 @@ def _cached_names() -> list[str]:
     return sorted(p.parent.name for p in root.glob("*/" + MANIFEST)) if root.is_dir() else []
 
 
+def check_image(path: Path) -> None:
+    """Refuse, before decoding, an image over the pixel limit; and a damaged (e.g. cut off)
+    one, which cv2 would decode silently with grey where the data ends."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # ours is lower
+            with Image.open(path) as im:
+                check_pixels(f"image {path}", *im.size)
+                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))  # JPEG: fast
+                im.load()  # decodes every byte of the data: raises if it is cut short
+    except LimitError as exc:
+        raise AvatarError(str(exc)) from None
+    except Image.DecompressionBombError:
+        raise AvatarError(f"image {path} is larger than {MAX_IMAGE_PIXELS // 1_000_000} "
+                          "megapixels; scale it down first") from None  # fmt: skip
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise AvatarError(f"cannot read image {path}: damaged or not an image ({exc})") from None
+
+
 def read_image(path: Path) -> np.ndarray:
     """A BGR uint8 still, downscaled to MAX_HEIGHT if taller."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR) if path.is_file() else None
+    if not path.is_file():
+        raise AvatarError(f"cannot read image {path}: not a readable image file")
+    check_image(path)
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise AvatarError(f"cannot read image {path}: not a readable image file")
     if image.shape[0] > MAX_HEIGHT:
