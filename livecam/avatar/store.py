@@ -1,6 +1,7 @@
 """Avatar cache: prepare once per photo or clip, verify on load, rebuild when stale or damaged.
 
-Layout: cache_root()/avatars/NAME/{manifest.json, arrays.npz}. The manifest records the
+Layout: cache_root()/avatars/NAME/{manifest.json, arrays.npz}, NAME a pointer to a version
+folder that a rebuild replaces in one rename (see cachedir). The manifest records the
 format version, source path and sha256, build parameters and one sha256 per array, so a
 stale or corrupt cache is detected and rebuilt, never silently used. Bundled avatars
 (avatars/NAME/avatar.toml plus a photo) are prepared automatically on first use.
@@ -8,12 +9,11 @@ stale or corrupt cache is detected and rebuilt, never silently used. Bundled ava
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 import tomllib
 import warnings
 from dataclasses import dataclass
@@ -24,7 +24,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from livecam.avatar import video
+from livecam.avatar import cachedir, video
 from livecam.avatar.eyes import build_eye_bank
 from livecam.avatar.landmarks import NoFaceError, detect_face
 from livecam.avatar.model import Avatar, BankParams, PatchBank
@@ -69,9 +69,14 @@ def bundled_root() -> Path:
     return Path(__file__).resolve().parents[2] / "avatars"
 
 
+def avatars_root() -> Path:
+    return cache_root() / "avatars"
+
+
 def avatar_dir(name: str) -> Path:
+    """Where NAME's cache is reached (a pointer to its current version)."""
     _check_name(name)
-    return cache_root() / "avatars" / name
+    return avatars_root() / name
 
 
 def build_params() -> dict[str, Any]:
@@ -80,7 +85,7 @@ def build_params() -> dict[str, Any]:
 
 
 def _check_name(name: str) -> None:
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise AvatarError(
             f"invalid avatar name {name!r}: use letters, digits, '-', '_' or '.' (max 64)"
         )
@@ -103,8 +108,10 @@ def _bundled_names() -> list[str]:
 
 
 def _cached_names() -> list[str]:
-    root = cache_root() / "avatars"
-    return sorted(p.parent.name for p in root.glob("*/" + MANIFEST)) if root.is_dir() else []
+    """Cached avatars (valid names with a cache folder; leftovers and stray files ignored)."""
+    root = avatars_root()
+    return [n for n in cachedir.names(root)
+            if _NAME_RE.fullmatch(n) and cachedir.live_dir(root, n) is not None]  # fmt: skip
 
 
 def check_image(path: Path) -> None:
@@ -206,9 +213,7 @@ def _from_arrays(name: str, arrays: dict[str, np.ndarray], warnings: list[str]) 
 
 
 def _write_cache(av: Avatar, source: Path, kind: str, description: str) -> None:
-    """Write manifest + arrays into a temp dir, then swap it in (atomic for readers)."""
-    final = avatar_dir(av.name)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    """Write manifest + arrays into a new version folder, then point the name at it."""
     arrays = _to_arrays(av)
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -223,24 +228,59 @@ def _write_cache(av: Avatar, source: Path, kind: str, description: str) -> None:
         "arrays": {k: sha256_array(v) for k, v in arrays.items()},
         "warnings": av.warnings,
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{av.name}.tmp-", dir=final.parent))
+    root = avatars_root()
     try:
-        np.savez(tmp / ARRAYS, **arrays)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        old = final.with_name(f".{av.name}.old-{os.getpid()}")
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with cachedir.locked(root, av.name):  # concurrent writers of one name queue here
+            version = cachedir.new_version(root, av.name)
+            try:
+                np.savez(version / ARRAYS, **arrays)
+                (version / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+                cachedir.publish(root, av.name, version)
+            except BaseException:
+                cachedir.remove(version)
+                raise
+    except OSError as exc:
+        raise AvatarError(_write_error(av.name, root, exc)) from None
+
+
+def _write_error(name: str, root: Path, exc: OSError) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left to save avatar {name!r} in {root}: free some disk space "
+                "(or set LIVECAM_CACHE_DIR to another disk) and try again")  # fmt: skip
+    return f"cannot save avatar {name!r} in {root}: {exc.strerror or exc}"
+
+
+# The manifest's schema: anything else is a damaged cache (rebuilt), never a TypeError.
+_MANIFEST_TYPES = {"format_version": int, "name": str, "kind": str, "description": str,
+                   "source": str, "source_sha256": str, "params": dict, "arrays": dict,
+                   "warnings": list}  # fmt: skip
+
+
+def _valid_manifest(data: Any) -> bool:
+    return (
+        isinstance(data, dict)
+        and all(isinstance(data.get(k), t) for k, t in _MANIFEST_TYPES.items())
+        and data["kind"] in ("bundled", "prepared")
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in data["arrays"].items())
+        and all(isinstance(w, str) for w in data["warnings"])
+    )
 
 
 def _read_manifest(name: str) -> dict[str, Any] | None:
+    """The cache's manifest if it is whole and well-formed, else None."""
+    folder = cachedir.live_dir(avatars_root(), name)
+    if folder is None:
+        return None
     try:
-        return json.loads((avatar_dir(name) / MANIFEST).read_text())
+        data = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
+    return data if _valid_manifest(data) else None
+
+
+def _damaged(name: str) -> bool:
+    """A cache folder is there but its manifest is unusable."""
+    return cachedir.live_dir(avatars_root(), name) is not None and _read_manifest(name) is None
 
 
 def _stale_reason(manifest: dict[str, Any], source: Path) -> str | None:
@@ -259,7 +299,10 @@ def _stale_reason(manifest: dict[str, Any], source: Path) -> str | None:
 def _load_cache(name: str, manifest: dict[str, Any]) -> Avatar:
     """Load and verify the arrays; raises ValueError (with the reason) if damaged."""
     try:
-        with np.load(avatar_dir(name) / ARRAYS, allow_pickle=False) as npz:
+        folder = cachedir.live_dir(avatars_root(), name)
+        if folder is None:
+            raise OSError("the cache folder is gone")
+        with np.load(folder / ARRAYS, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
     except Exception as exc:  # zip, zlib, header or I/O errors all mean "damaged"
         raise ValueError(f"unreadable {ARRAYS}: {exc}") from exc
@@ -281,6 +324,11 @@ def _source_of(name: str, manifest: dict[str, Any] | None) -> tuple[Path, str, s
         return Path(meta["source"]), "bundled", str(meta.get("description", ""))
     if manifest is not None and "source" in manifest:
         return Path(manifest["source"]), "prepared", str(manifest.get("description", ""))
+    if _damaged(name):
+        raise AvatarError(
+            f"the cache of avatar {name!r} in {avatars_root()} is damaged: make it again with "
+            f"`livecam avatars prepare {name} --from PHOTO_OR_CLIP --force`"
+        )
     names = sorted(set(_bundled_names()) | set(_cached_names()))
     raise AvatarError(
         f"unknown avatar {name!r}; available: {', '.join(names) or 'none'}. "
@@ -315,7 +363,7 @@ def load_avatar(name: str) -> Avatar:
     manifest = _read_manifest(name)
     source, kind, description = _source_of(name, manifest)
     if manifest is None:
-        reason = "not prepared yet"
+        reason = "cache damaged" if _damaged(name) else "not prepared yet"
     else:
         reason = _stale_reason(manifest, source)
         if reason is None:
@@ -328,7 +376,7 @@ def load_avatar(name: str) -> Avatar:
             f"avatar {name!r} must be rebuilt ({reason}) but its source {source} is "
             f"gone: run `livecam avatars prepare {name} --from PHOTO_OR_CLIP`"
         )
-    if manifest is not None:
+    if manifest is not None or reason == "cache damaged":
         log.warning("avatar %r: %s; rebuilding from %s", name, reason, source)
     avatar = build_avatar(name, source)
     _write_cache(avatar, source, kind, description)
@@ -340,9 +388,13 @@ def list_avatars() -> list[AvatarInfo]:
     out = []
     for name in sorted(set(_bundled_names()) | set(_cached_names())):
         manifest = _read_manifest(name)
-        source, kind, description = _source_of(name, manifest)
+        try:
+            source, kind, description = _source_of(name, manifest)
+        except AvatarError:  # a damaged prepared avatar: its source is unknown
+            out.append(AvatarInfo(name, "prepared", "damaged", None, "prepare it again"))
+            continue
         if manifest is None:
-            status = "not prepared"
+            status = "damaged" if _damaged(name) else "not prepared"
         else:
             status = "ready" if _stale_reason(manifest, source) is None else "stale"
         out.append(AvatarInfo(name, kind, status, source, description))
@@ -350,8 +402,10 @@ def list_avatars() -> list[AvatarInfo]:
 
 
 def remove_avatar(name: str) -> None:
-    """Delete an avatar's cache (a bundled avatar is prepared again on next use)."""
+    """Delete an avatar's cache (a bundled avatar is prepared again on next use). A symlink
+    in its place is removed, never followed."""
     path = avatar_dir(name)
-    if not path.is_dir():
+    if not path.is_symlink() and not path.exists():
         raise AvatarError(f"avatar {name!r} has no cache in {path.parent}")
-    shutil.rmtree(path)
+    with cachedir.locked(path.parent, name):
+        cachedir.discard(path.parent, name)
