@@ -102,9 +102,15 @@ def test_a_client_trickling_bytes_is_cut_at_the_deadline(server, monkeypatch):
 def test_two_hundred_simultaneous_clients_are_all_answered(server):
     results: list[object] = []
 
+    def work(_: dict) -> dict:
+        time.sleep(0.02)  # a handler with some work to do: connections pile up meanwhile
+        return {"ok": True}
+
+    server.handlers["work"] = work
+
     def one() -> None:
         try:
-            results.append(request({"cmd": "status"}, server.path, timeout=20))
+            results.append(request({"cmd": "work"}, server.path, timeout=20))
         except ControlError as exc:
             results.append(str(exc))
 
