@@ -62,8 +62,13 @@ def check_runtime_dir(path: Path, *, create: bool) -> bool:
     """True when `path` is a usable private directory (created 0700 if `create`), False when
     it does not exist; ControlError if it is a symlink, not ours, or open to others."""
     if create:
-        with contextlib.suppress(FileExistsError):
+        try:
             path.mkdir(mode=0o700, parents=True)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise ControlError(f"cannot create the runtime directory {path}: "
+                               f"{exc.strerror}") from None  # fmt: skip
     try:
         st = path.lstat()
     except FileNotFoundError:

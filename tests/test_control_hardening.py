@@ -323,3 +323,9 @@ def test_the_reply_is_one_json_line(server):
         conn.sendall(b'{"cmd": "nope"}\n')
         reply = conn.makefile("rb").readline()
     assert json.loads(reply)["error"].startswith("bad request; commands: boom, slow, status")
+
+
+def test_an_uncreatable_runtime_dir_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ControlError, match="cannot create the runtime directory"):
+        ControlServer({}, tmp_path / "file" / "run" / "livecam.sock").start()
