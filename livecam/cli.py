@@ -58,13 +58,30 @@ def _run(action: Callable[[], int | None]) -> None:
 
 
 def _parse_size(size: str) -> tuple[int, int]:
+    from livecam.limits import LimitError, check_size
+
     try:
         width, height = (int(v) for v in size.lower().split("x"))
     except ValueError:
         raise typer.BadParameter(f"{size!r} is not WIDTHxHEIGHT, e.g. 1280x720") from None
-    if width < 64 or height < 64 or width % 2 or height % 2:
-        raise typer.BadParameter("width and height must be even and at least 64")
-    return width, height
+    try:
+        return check_size(width, height)
+    except LimitError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--size") from None
+
+
+def _check_size(size: str) -> str:
+    _parse_size(size)
+    return size
+
+
+def _check_fps(fps: float) -> float:
+    from livecam.limits import LimitError, check_fps
+
+    try:
+        return check_fps(fps)
+    except LimitError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 @app.callback()
@@ -83,11 +100,31 @@ def main(
     commands = ctx.command.commands  # type: ignore[attr-defined]
     options = {name: {p.name for p in cmd.params if p.name}
                for name, cmd in commands.items() if not hasattr(cmd, "commands")}  # fmt: skip
+    path = config_path()
     try:
-        ctx.default_map = load_config(config_path(), options)  # flags still win
+        defaults = load_config(path, options)
+        _check_config(ctx, path, defaults)
     except ConfigError as exc:
         print_error(exc)
         raise typer.Exit(2) from None
+    ctx.default_map = defaults  # flags still win
+
+
+def _check_config(ctx: typer.Context, path: Path, defaults: dict[str, dict]) -> None:
+    """Each configured value through its option's type and checks, so a bad one names the
+    file and the key (click would blame the flag)."""
+    from livecam.config import ConfigError
+
+    for command, values in defaults.items():
+        params = {p.name: p for p in ctx.command.commands[command].params}  # type: ignore[attr-defined]
+        for name, value in values.items():
+            param = params[name]
+            try:
+                param.process_value(ctx, value)  # its type, range and callback
+            except typer.BadParameter as exc:
+                raise ConfigError(
+                    f"{path}: [{command}] {name.replace('_', '-')} = {value!r}: {exc.message}"
+                ) from None
 
 
 AvatarOpt = Annotated[str, typer.Option(help="Avatar name (see `livecam avatars list`).")]
@@ -97,8 +134,8 @@ EngineOpt = Annotated[
 TorchDeviceOpt = Annotated[
     str | None, typer.Option(help="musetalk: torch device, cuda | cpu (default: auto).")
 ]
-FpsOpt = Annotated[float, typer.Option(help="Camera frame rate.")]
-SizeOpt = Annotated[str, typer.Option(help="Camera frame size WIDTHxHEIGHT.")]
+FpsOpt = Annotated[float, typer.Option(help="Camera frame rate.", callback=_check_fps)]
+SizeOpt = Annotated[str, typer.Option(help="Camera frame size WIDTHxHEIGHT.", callback=_check_size)]
 IdleOpt = Annotated[bool, typer.Option("--idle/--no-idle", help="Blinks and head sway.")]
 
 
@@ -114,7 +151,9 @@ def start(
     camera_backend: Annotated[str | None, typer.Option(help="pyvirtualcam backend.")] = None,
     fps: FpsOpt = DEFAULT_FPS,
     size: SizeOpt = f"{DEFAULT_WIDTH}x{DEFAULT_HEIGHT}",
-    port: Annotated[int, typer.Option(help="Preview port on 127.0.0.1.")] = 8080,
+    port: Annotated[
+        int, typer.Option(help="Preview port on 127.0.0.1 (0: any free).", min=0, max=65535)
+    ] = 8080,
     out: Annotated[Path | None, typer.Option(help="Output mp4 for --sink file.")] = None,
     idle: IdleOpt = True,
     dashboard: Annotated[bool, typer.Option("--dashboard/--no-dashboard")] = True,

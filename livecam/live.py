@@ -156,17 +156,26 @@ def _control_handlers(
         return {"stopping": True}
 
     def mute(message: dict) -> dict:
-        pipeline.muted = mic.muted = bool(message.get("on", True))
+        on = message.get("on", True)
+        if not isinstance(on, bool):  # "false" is a truthy string: never guess
+            raise ControlError(f'"on" must be true or false, not {on!r}')
+        pipeline.muted = mic.muted = on
         log.info("%s", "muted" if pipeline.muted else "unmuted")
         return {"muted": pipeline.muted}
 
+    switching = threading.Lock()  # one switch (maybe an avatar rebuild) at a time
+
     def avatar(message: dict) -> dict:
-        name = str(message.get("name", ""))
-        try:
-            look = build_look(pipeline, name, opts)
-        except (AvatarError, ValueError) as exc:
-            raise ControlError(str(exc)) from None
-        pipeline.switch(look)
+        name = message.get("name")
+        if not isinstance(name, str):
+            raise ControlError('"name" must be an avatar name')
+        # Runs on this request's own thread: status and stop stay answered meanwhile.
+        with switching:
+            try:
+                look = build_look(pipeline, name, opts)
+            except (AvatarError, ValueError) as exc:
+                raise ControlError(str(exc)) from None
+            pipeline.switch(look)
         return {"avatar": name}
 
     return {"status": status, "stop": stop_now, "mute": mute, "avatar": avatar}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import resource
 import subprocess
 from pathlib import Path
 
@@ -60,3 +62,19 @@ def mouth_box_on_canvas(avatar, compositor, pad: float = 0.3) -> tuple[slice, sl
     )
     (x0, y0), (x1, y1) = (corners @ compositor.transform(0).T).astype(int)
     return slice(y0, y1), slice(x0, x1)
+
+
+MEMORY_LIMIT = 2 << 30  # address space for a limited run: livecam with torch imported fits
+
+
+def run_limited(
+    args: list[str], limit: int = MEMORY_LIMIT, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    """Run a command with its address space capped: a run-away allocation fails (MemoryError,
+    a non-zero exit) instead of taking the machine's memory."""
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=cap, env=os.environ.copy())  # fmt: skip

@@ -49,6 +49,11 @@ def test_start_uses_the_configured_avatar(config):
         ('[render]\nsise = "320x240"\n', "[render] has no option 'sise'"),
         ("[rendr]\n", "[rendr] is not a command table"),
         ("[render\n", "cannot read the config file"),
+        ('[start]\nfps = "abc"\n', "[start] fps = 'abc'"),
+        ("[start]\nfps = 0\n", "[start] fps = 0: frame rate 0.0 is outside 1 to 120 fps"),
+        ("[render]\nsize = 5\n", "[render] size = 5: '5' is not WIDTHxHEIGHT"),
+        ("[start]\nport = 70000\n", "[start] port = 70000"),
+        ("[start]\nvirtual-mic = [1]\n", "[start] virtual-mic = [1]"),
     ],
 )
 def test_config_mistakes_are_named(config, text, expected):

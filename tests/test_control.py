@@ -81,3 +81,18 @@ def test_commands_without_a_daemon_say_so(runtime_dir):
         result = livecam(command)
         assert result.returncode == 1 and "livecam is not running" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_start_after_a_killed_daemon(runtime_dir):
+    first = _start_daemon()
+    first.kill()  # SIGKILL: no cleanup runs
+    first.wait(timeout=30)
+    assert (runtime_dir / "livecam.sock").exists()  # left behind
+    assert "livecam is not running" in livecam("status").stderr
+    second = _start_daemon()  # the lock is free, so the stale socket is replaced
+    try:
+        assert json.loads(livecam("status", "--json").stdout)["avatar"] == "astronaut"
+        assert livecam("stop").returncode == 0
+        assert second.wait(timeout=30) == 0
+    finally:
+        second.kill()

@@ -43,7 +43,7 @@ def test_tampered_pickle_is_refused_and_never_executed(tmp_path: Path, legacy: b
         torch.save(payload, path)
     assert not marker.exists()
     with pytest.raises(weights.WeightsError, match="refused to load"):
-        weights.load_state_dict(path)
+        weights.load_state_dict(path, lambda _: None)
     assert not marker.exists(), "the pickle payload ran"
 
 
@@ -51,18 +51,20 @@ def test_non_tensor_checkpoint_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "x.bin"
     torch.save({"w": torch.zeros(2), "step": 3}, path)
     with pytest.raises(weights.WeightsError, match="non-tensor"):
-        weights.load_state_dict(path)
+        weights.load_state_dict(path, lambda _: None)
 
 
 def test_pickle_converted_once_to_safetensors(tmp_path: Path) -> None:
     path = tmp_path / "w.bin"
     torch.save({"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(1)}, path)
-    first = weights.load_state_dict(path)
+    first: list[dict] = []
+    weights.load_state_dict(path, first.append)
     cached = weights.weights_cache_dir() / f"{weights.sha256_file(path)}.safetensors"
     assert cached.is_file()
     torch.save({"poison": torch.zeros(1)}, tmp_path / "other.bin")
-    again = weights.load_state_dict(path)  # now read from the safetensors file
-    assert set(again) == {"a", "b"} and torch.equal(again["a"], first["a"])
+    again: list[dict] = []
+    weights.load_state_dict(path, again.append)  # now read from the safetensors file
+    assert set(again[0]) == {"a", "b"} and torch.equal(again[0]["a"], first[0]["a"])
 
 
 def test_vae_with_diffusers_0_4_attention_names_loads_exactly(tmp_path: Path) -> None:

@@ -111,3 +111,54 @@ def test_port_in_use(sink: PreviewSink) -> None:
 def test_wrong_frame_size(sink: PreviewSink) -> None:
     with pytest.raises(ValueError, match=r"frame must be a \(120, 160, 3\)"):
         sink.send(np.zeros((H + 1, W, 3), np.uint8), NO_AUDIO)
+
+
+def _raw_get(port: int, host: str | None, path: str = "/") -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        head = f"GET {path} HTTP/1.1\r\n" + (f"Host: {host}\r\n" if host else "")
+        conn.sendall((head + "Connection: close\r\n\r\n").encode())
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+    return data
+
+
+def test_only_local_host_headers_are_served(sink: PreviewSink) -> None:
+    sink.send(solid(), NO_AUDIO)
+    for host in ("127.0.0.1", f"127.0.0.1:{sink.port}", f"localhost:{sink.port}", "LOCALHOST",
+                 f"[::1]:{sink.port}", None):  # fmt: skip
+        assert _raw_get(sink.port, host).startswith(b"HTTP/1.0 200"), host
+    for host in (f"evil.example:{sink.port}", "evil.example", "127.0.0.1.evil.example",
+                 "localhost.evil.example:80", "[::2]:80"):  # fmt: skip
+        for path in ("/", "/frame.jpg", "/stream.mjpg"):
+            assert _raw_get(sink.port, host, path).startswith(b"HTTP/1.0 403"), host
+
+
+def test_a_client_that_went_away_is_one_debug_line(sink: PreviewSink, caplog, capsys) -> None:
+    caplog.set_level("DEBUG", logger="livecam.sinks.preview")
+    try:
+        raise BrokenPipeError(32, "Broken pipe")
+    except BrokenPipeError:
+        sink._server.handle_error(None, ("127.0.0.1", 5555))
+    assert [(r.levelname, r.exc_info) for r in caplog.records] == [("DEBUG", None)]
+    assert "went away" in caplog.records[0].getMessage()
+    assert capsys.readouterr().err == ""  # socketserver's default printed a traceback here
+
+
+def test_accept_errors_do_not_spin(sink: PreviewSink, monkeypatch) -> None:
+    import errno
+    import socketserver
+
+    calls = []
+
+    def exhausted(self):
+        calls.append(1)
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(socketserver.TCPServer, "get_request", exhausted)
+    with socket.create_connection(("127.0.0.1", sink.port), timeout=5):  # always readable
+        time.sleep(1.0)
+        spins = len(calls)
+    monkeypatch.undo()
+    assert 1 <= spins <= 10  # with no pause: thousands of accept attempts a second
+    assert get(sink.url)[0].startswith("text/html")  # and it serves again afterwards

@@ -1,6 +1,7 @@
 """Avatar cache: prepare once per photo or clip, verify on load, rebuild when stale or damaged.
 
-Layout: cache_root()/avatars/NAME/{manifest.json, arrays.npz}. The manifest records the
+Layout: cache_root()/avatars/NAME/{manifest.json, arrays.npz}, NAME a pointer to a version
+folder that a rebuild replaces in one rename (see cachedir). The manifest records the
 format version, source path and sha256, build parameters and one sha256 per array, so a
 stale or corrupt cache is detected and rebuilt, never silently used. Bundled avatars
 (avatars/NAME/avatar.toml plus a photo) are prepared automatically on first use.
@@ -8,13 +9,13 @@ stale or corrupt cache is detected and rebuilt, never silently used. Bundled ava
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 import tomllib
+import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,12 +24,13 @@ from typing import Any
 import cv2
 import numpy as np
 
-from livecam.avatar import video
+from livecam.avatar import cachedir, video
 from livecam.avatar.eyes import build_eye_bank
 from livecam.avatar.landmarks import NoFaceError, detect_face
 from livecam.avatar.model import Avatar, BankParams, PatchBank
 from livecam.avatar.mouth import build_mouth_bank
 from livecam.hashing import sha256_array, sha256_file
+from livecam.limits import MAX_IMAGE_PIXELS, LimitError, check_pixels
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +70,14 @@ def bundled_root() -> Path:
     return Path(__file__).resolve().parents[1] / "avatars"
 
 
+def avatars_root() -> Path:
+    return cache_root() / "avatars"
+
+
 def avatar_dir(name: str) -> Path:
+    """Where NAME's cache is reached (a pointer to its current version)."""
     _check_name(name)
-    return cache_root() / "avatars" / name
+    return avatars_root() / name
 
 
 def build_params() -> dict[str, Any]:
@@ -79,7 +86,7 @@ def build_params() -> dict[str, Any]:
 
 
 def _check_name(name: str) -> None:
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise AvatarError(
             f"invalid avatar name {name!r}: use letters, digits, '-', '_' or '.' (max 64)"
         )
@@ -110,13 +117,39 @@ def _bundled_names() -> list[str]:
 
 
 def _cached_names() -> list[str]:
-    root = cache_root() / "avatars"
-    return sorted(p.parent.name for p in root.glob("*/" + MANIFEST)) if root.is_dir() else []
+    """Cached avatars (valid names with a cache folder; leftovers and stray files ignored)."""
+    root = avatars_root()
+    return [n for n in cachedir.names(root)
+            if _NAME_RE.fullmatch(n) and cachedir.live_dir(root, n) is not None]  # fmt: skip
+
+
+def check_image(path: Path) -> None:
+    """Refuse, before decoding, an image over the pixel limit; and a damaged (e.g. cut off)
+    one, which cv2 would decode silently with grey where the data ends."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # ours is lower
+            with Image.open(path) as im:
+                check_pixels(f"image {path}", *im.size)
+                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))  # JPEG: fast
+                im.load()  # decodes every byte of the data: raises if it is cut short
+    except LimitError as exc:
+        raise AvatarError(str(exc)) from None
+    except Image.DecompressionBombError:
+        raise AvatarError(f"image {path} is larger than {MAX_IMAGE_PIXELS // 1_000_000} "
+                          "megapixels; scale it down first") from None  # fmt: skip
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise AvatarError(f"cannot read image {path}: damaged or not an image ({exc})") from None
 
 
 def read_image(path: Path) -> np.ndarray:
     """A BGR uint8 still, downscaled to MAX_HEIGHT if taller."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR) if path.is_file() else None
+    if not path.is_file():
+        raise AvatarError(f"cannot read image {path}: not a readable image file")
+    check_image(path)
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise AvatarError(f"cannot read image {path}: not a readable image file")
     if image.shape[0] > MAX_HEIGHT:
@@ -190,9 +223,7 @@ def _from_arrays(name: str, arrays: dict[str, np.ndarray], warnings: list[str]) 
 
 
 def _write_cache(av: Avatar, source: Path, kind: str, description: str) -> None:
-    """Write manifest + arrays into a temp dir, then swap it in (atomic for readers)."""
-    final = avatar_dir(av.name)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    """Write manifest + arrays into a new version folder, then point the name at it."""
     arrays = _to_arrays(av)
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -207,24 +238,59 @@ def _write_cache(av: Avatar, source: Path, kind: str, description: str) -> None:
         "arrays": {k: sha256_array(v) for k, v in arrays.items()},
         "warnings": av.warnings,
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{av.name}.tmp-", dir=final.parent))
+    root = avatars_root()
     try:
-        np.savez(tmp / ARRAYS, **arrays)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        old = final.with_name(f".{av.name}.old-{os.getpid()}")
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with cachedir.locked(root, av.name):  # concurrent writers of one name queue here
+            version = cachedir.new_version(root, av.name)
+            try:
+                np.savez(version / ARRAYS, **arrays)
+                (version / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+                cachedir.publish(root, av.name, version)
+            except BaseException:
+                cachedir.remove(version)
+                raise
+    except OSError as exc:
+        raise AvatarError(_write_error(av.name, root, exc)) from None
+
+
+def _write_error(name: str, root: Path, exc: OSError) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left to save avatar {name!r} in {root}: free some disk space "
+                "(or set LIVECAM_CACHE_DIR to another disk) and try again")  # fmt: skip
+    return f"cannot save avatar {name!r} in {root}: {exc.strerror or exc}"
+
+
+# The manifest's schema: anything else is a damaged cache (rebuilt), never a TypeError.
+_MANIFEST_TYPES = {"format_version": int, "name": str, "kind": str, "description": str,
+                   "source": str, "source_sha256": str, "params": dict, "arrays": dict,
+                   "warnings": list}  # fmt: skip
+
+
+def _valid_manifest(data: Any) -> bool:
+    return (
+        isinstance(data, dict)
+        and all(isinstance(data.get(k), t) for k, t in _MANIFEST_TYPES.items())
+        and data["kind"] in ("bundled", "prepared")
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in data["arrays"].items())
+        and all(isinstance(w, str) for w in data["warnings"])
+    )
 
 
 def _read_manifest(name: str) -> dict[str, Any] | None:
+    """The cache's manifest if it is whole and well-formed, else None."""
+    folder = cachedir.live_dir(avatars_root(), name)
+    if folder is None:
+        return None
     try:
-        return json.loads((avatar_dir(name) / MANIFEST).read_text())
+        data = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
+    return data if _valid_manifest(data) else None
+
+
+def _damaged(name: str) -> bool:
+    """A cache folder is there but its manifest is unusable."""
+    return cachedir.live_dir(avatars_root(), name) is not None and _read_manifest(name) is None
 
 
 def _stale_reason(manifest: dict[str, Any], source: Path) -> str | None:
@@ -243,7 +309,10 @@ def _stale_reason(manifest: dict[str, Any], source: Path) -> str | None:
 def _load_cache(name: str, manifest: dict[str, Any]) -> Avatar:
     """Load and verify the arrays; raises ValueError (with the reason) if damaged."""
     try:
-        with np.load(avatar_dir(name) / ARRAYS, allow_pickle=False) as npz:
+        folder = cachedir.live_dir(avatars_root(), name)
+        if folder is None:
+            raise OSError("the cache folder is gone")
+        with np.load(folder / ARRAYS, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
     except Exception as exc:  # zip, zlib, header or I/O errors all mean "damaged"
         raise ValueError(f"unreadable {ARRAYS}: {exc}") from exc
@@ -265,6 +334,11 @@ def _source_of(name: str, manifest: dict[str, Any] | None) -> tuple[Path, str, s
         return Path(meta["source"]), "bundled", str(meta.get("description", ""))
     if manifest is not None and "source" in manifest:
         return Path(manifest["source"]), "prepared", str(manifest.get("description", ""))
+    if _damaged(name):
+        raise AvatarError(
+            f"the cache of avatar {name!r} in {avatars_root()} is damaged: make it again with "
+            f"`livecam avatars prepare {name} --from PHOTO_OR_CLIP --force`"
+        )
     names = sorted(set(_bundled_names()) | set(_cached_names()))
     raise AvatarError(
         f"unknown avatar {name!r}; available: {', '.join(names) or 'none'}. "
@@ -299,7 +373,7 @@ def load_avatar(name: str) -> Avatar:
     manifest = _read_manifest(name)
     source, kind, description = _source_of(name, manifest)
     if manifest is None:
-        reason = "not prepared yet"
+        reason = "cache damaged" if _damaged(name) else "not prepared yet"
     else:
         reason = _stale_reason(manifest, source)
         if reason is None:
@@ -312,7 +386,7 @@ def load_avatar(name: str) -> Avatar:
             f"avatar {name!r} must be rebuilt ({reason}) but its source {source} is "
             f"gone: run `livecam avatars prepare {name} --from PHOTO_OR_CLIP`"
         )
-    if manifest is not None:
+    if manifest is not None or reason == "cache damaged":
         log.warning("avatar %r: %s; rebuilding from %s", name, reason, source)
     avatar = build_avatar(name, source, _known_faces(name, source))
     _write_cache(avatar, source, kind, description)
@@ -324,9 +398,13 @@ def list_avatars() -> list[AvatarInfo]:
     out = []
     for name in sorted(set(_bundled_names()) | set(_cached_names())):
         manifest = _read_manifest(name)
-        source, kind, description = _source_of(name, manifest)
+        try:
+            source, kind, description = _source_of(name, manifest)
+        except AvatarError:  # a damaged prepared avatar: its source is unknown
+            out.append(AvatarInfo(name, "prepared", "damaged", None, "prepare it again"))
+            continue
         if manifest is None:
-            status = "not prepared"
+            status = "damaged" if _damaged(name) else "not prepared"
         else:
             status = "ready" if _stale_reason(manifest, source) is None else "stale"
         out.append(AvatarInfo(name, kind, status, source, description))
@@ -334,8 +412,10 @@ def list_avatars() -> list[AvatarInfo]:
 
 
 def remove_avatar(name: str) -> None:
-    """Delete an avatar's cache (a bundled avatar is prepared again on next use)."""
+    """Delete an avatar's cache (a bundled avatar is prepared again on next use). A symlink
+    in its place is removed, never followed."""
     path = avatar_dir(name)
-    if not path.is_dir():
+    if not path.is_symlink() and not path.exists():
         raise AvatarError(f"avatar {name!r} has no cache in {path.parent}")
-    shutil.rmtree(path)
+    with cachedir.locked(path.parent, name):
+        cachedir.discard(path.parent, name)

@@ -9,12 +9,14 @@ jump at the loop.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from livecam.avatar.landmarks import NoFaceError, detect_face, landmarks_in_box
+from livecam.limits import LimitError, check_pixels
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".mov", ".webm", ".avi", ".m4v"}
 MAX_SECONDS = 3.0  # of the clip kept: 6 s per forward-backward loop, ~70 MB of frames
@@ -38,7 +40,16 @@ def read_clip(path: Path) -> tuple[list[np.ndarray], float]:
     capture = cv2.VideoCapture(str(path))
     if not capture.isOpened():
         raise VideoError(f"cannot read video {path}")
-    rate = capture.get(cv2.CAP_PROP_FPS) or FRAME_RATE
+    width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
+    height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    try:
+        check_pixels(f"video {path}", width, height)
+    except LimitError as exc:
+        capture.release()
+        raise VideoError(str(exc)) from None
+    rate = capture.get(cv2.CAP_PROP_FPS)
+    if not math.isfinite(rate) or not 0 < rate <= 1000:
+        rate = FRAME_RATE  # unknown or absurd: assume a common rate
     step = max(rate / FRAME_RATE, 1.0)
     kept_rate = rate / step
     frames: list[np.ndarray] = []

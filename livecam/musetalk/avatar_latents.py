@@ -6,23 +6,29 @@ nose-to-chin distance. The UNet input is cat(latent of the crop with its lower h
 latent of the full crop): (1, 8, 32, 32). The blend mask (our replacement for MuseTalk's
 face-parsing mask) covers the jaw polygon below the crop's middle line, feathered.
 
-Cached next to the avatar cache (musetalk.npz + musetalk.json) with one sha256 per array and
-the VAE weights' hash, so a changed avatar or VAE is noticed and the data rebuilt.
+Cached in the avatar's cache folder (musetalk.npz + musetalk.json) with one sha256 per array
+and the VAE weights' hash, so a changed avatar or VAE is noticed and the data rebuilt. Both
+files are written under the avatar's lock through temporaries renamed into place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import cv2
 import numpy as np
 import torch
 
-from livecam.avatar.store import avatar_dir
+from livecam.avatar import cachedir
+from livecam.avatar.store import avatars_root
 from livecam.hashing import sha256_array
 
 log = logging.getLogger(__name__)
@@ -129,19 +135,33 @@ def _load(folder: Path, key: dict) -> AvatarLatents | None:
     return AvatarLatents(box, arrays["crop"], arrays["latents"], arrays["mask"])  # type: ignore[arg-type]
 
 
-def _save(folder: Path, key: dict, data: AvatarLatents) -> None:
+def _save(name: str, key: dict, data: AvatarLatents) -> None:
     arrays = {
         "box": np.array(data.box, np.int32),
         "crop": data.crop,
         "latents": data.latents,
         "mask": data.mask,
     }
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{NPZ}.{os.getpid()}.tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, folder / NPZ)
     manifest = {"key": key, "arrays": {k: sha256_array(v) for k, v in arrays.items()}}
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    root = avatars_root()
+    with cachedir.locked(root, name):
+        folder = cachedir.live_dir(root, name)
+        if folder is None:
+            raise OSError(f"avatar {name!r} has no cache folder")
+        _replace(folder / NPZ, lambda fh: np.savez(fh, **arrays))
+        _replace(folder / MANIFEST, lambda fh: fh.write(json.dumps(manifest).encode()))
+
+
+def _replace(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Write through a fresh temporary in the same folder, then rename it over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def prepare_latents(
@@ -149,15 +169,16 @@ def prepare_latents(
 ) -> AvatarLatents:
     """Cached MuseTalk data for an avatar's neutral frame, built on first use."""
     key = _key(image, landmarks, vae_id)
-    folder = avatar_dir(name)
-    cached = _load(folder, key)
+    root = avatars_root()
+    folder = cachedir.live_dir(root, name)
+    cached = _load(folder, key) if folder is not None else None
     if cached is not None:
         return cached
     box = face_box(landmarks, image.shape)
     crop = crop_face(image, box)
     data = AvatarLatents(box, crop, encode_latents(vae, crop), blend_mask(landmarks, box))
     try:
-        _save(folder, key, data)
-    except OSError as exc:  # a read-only cache is not fatal: the data is in memory
-        log.warning("could not cache musetalk avatar data in %s: %s", folder, exc)
+        _save(name, key, data)
+    except OSError as exc:  # a read-only or full cache is not fatal: the data is in memory
+        log.warning("could not cache musetalk data of avatar %r: %s", name, exc)
     return data

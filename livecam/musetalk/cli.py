@@ -113,12 +113,21 @@ def models_verify(
     console.print(f"[green]ok[/]: the musetalk weights in {root} are usable")
 
 
+def _check_fps(fps: float) -> float:
+    from livecam.limits import LimitError, check_fps
+
+    try:
+        return check_fps(fps)
+    except LimitError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 def features_command(
     audio: Annotated[Path, typer.Argument(help="Speech audio file.")],
     out: Annotated[Path, typer.Option(help="Output .npy: float32 [T, 50, 384].")],
     models_dir: ModelsDirOpt = None,
     streaming: Annotated[bool, typer.Option(help="The live sliding-window path.")] = False,
-    fps: Annotated[float, typer.Option(help="Video frame rate.")] = 25.0,
+    fps: Annotated[float, typer.Option(help="Video frame rate.", callback=_check_fps)] = 25.0,
     torch_device: Annotated[str | None, typer.Option(help="cuda | cpu (default: auto).")] = None,
 ) -> None:
     """Write MuseTalk's per-frame whisper features of an audio file (for debugging)."""

@@ -10,54 +10,19 @@ from typing import Any
 import torch
 
 from livecam.musetalk import weights
+from livecam.musetalk.architecture import (
+    REFERENCE_UNET,
+    REFERENCE_VAE,
+    REFERENCE_WHISPER,
+    TINY_TAESD,
+    TINY_UNET,
+    TINY_VAE,
+    TINY_WHISPER,
+)
 from livecam.musetalk.features import WhisperAudio
 from livecam.musetalk.manifest import component, has_component, missing_files
 
 log = logging.getLogger(__name__)
-
-# Published configs of the release models, used only to build random-weight models for
-# benchmarks when no files are at hand (real loading reads the configs from the files).
-REFERENCE_UNET = {
-    "in_channels": 8,
-    "out_channels": 4,
-    "sample_size": 64,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "layers_per_block": 2,
-    "attention_head_dim": 8,
-    "cross_attention_dim": 384,
-    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-}
-REFERENCE_VAE = {
-    "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "latent_channels": 4,
-    "layers_per_block": 2,
-    "sample_size": 256,
-    "scaling_factor": 0.18215,
-}
-REFERENCE_WHISPER = {
-    "d_model": 384,
-    "encoder_layers": 4,
-    "encoder_attention_heads": 6,
-    "encoder_ffn_dim": 1536,
-    "num_mel_bins": 80,
-    "max_source_positions": 1500,
-}
-# The same classes and interfaces at toy sizes: dry runs of the GPU suite on a CPU.
-TINY_UNET = REFERENCE_UNET | {
-    "block_out_channels": [32, 64],
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-}
-TINY_VAE = REFERENCE_VAE | {"block_out_channels": [8, 16, 16, 16], "layers_per_block": 1,
-                            "norm_num_groups": 8}  # fmt: skip
-TINY_TAESD = {"encoder_block_out_channels": [8] * 4, "decoder_block_out_channels": [8] * 4,
-              "num_encoder_blocks": [1] * 4, "num_decoder_blocks": [1] * 4}  # fmt: skip
-TINY_WHISPER = REFERENCE_WHISPER | {"encoder_ffn_dim": 64}
 
 
 class MissingWeights(weights.WeightsError):

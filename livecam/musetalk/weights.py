@@ -8,11 +8,14 @@ there afterwards. Model configs come from the files next to the weights, never f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import pickle
 import tempfile
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from livecam.avatar.store import cache_root
 from livecam.hashing import sha256_file
+from livecam.musetalk.architecture import config_problem
 from livecam.musetalk.manifest import component
 
 log = logging.getLogger(__name__)
@@ -59,9 +63,11 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def safe_torch_load(path: Path) -> dict[str, torch.Tensor]:
     """A flat {name: tensor} state dict from a torch pickle, refusing anything else."""
+    _check_stored(path)
     try:
         obj: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as exc:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError,
+            OSError) as exc:  # fmt: skip
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsError(
             f"refused to load {path}: it is not a plain tensor checkpoint ({first}). "
@@ -77,45 +83,110 @@ def safe_torch_load(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a weight file; pickles are converted once to a cached safetensors file."""
+def _check_stored(path: Path) -> None:
+    """torch.save writes its zip uncompressed; a compressed entry could inflate a small file
+    into gigabytes, so only stored entries (memory bounded by the file's size) are read."""
+    if not zipfile.is_zipfile(path):
+        return  # the legacy format: raw storages, no compression
+    try:
+        with zipfile.ZipFile(path) as archive:
+            packed = [
+                i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED
+            ]
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise WeightsError(f"refused to load {path}: damaged archive ({exc})") from None
+    if packed:
+        raise WeightsError(
+            f"refused to load {path}: {packed[0]} is compressed, which torch never writes "
+            "(a small file could expand to gigabytes); delete it and run `livecam models download`"
+        )
+
+
+def load_state_dict(path: Path, use: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    """Hand the tensors of a weight file to `use` (which loads them into a model). A pickle is
+    converted to a cached safetensors file, once, and only after `use` accepted it."""
     if not path.is_file():
         raise WeightsError(f"missing {path}: run `livecam models download`")
     if path.suffix == ".safetensors":
-        return load_file(path)
+        return use(_load_safetensors(path))
     cached = weights_cache_dir() / f"{cached_sha256(path)}.safetensors"
     if cached.is_file():
         try:
-            return load_file(cached)
+            return use(load_file(cached))
         except Exception as exc:  # a truncated or corrupt cache file: convert again
-            log.warning("cached %s unreadable (%s); converting again", cached, exc)
+            log.warning("cached %s unusable (%s); converting again", cached, exc)
     state = safe_torch_load(path)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
-    # safetensors refuses shared or non-contiguous storage: give each tensor its own
-    save_file({k: v.contiguous().clone() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, cached)
-    log.info("converted %s to %s", path, cached)
-    return state
+    use(state)  # WeightsError if the shapes do not fit: nothing is written
+    _convert(state, cached)
+    return None
 
 
-def read_json(path: Path) -> dict[str, Any]:
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
-        return json.loads(path.read_text())
+        return load_file(path)
+    except Exception as exc:  # safetensors raises its own error types for bad headers
+        raise WeightsError(
+            f"refused to load {path}: not a valid safetensors file ({exc})"
+        ) from None
+
+
+def _convert(state: dict[str, torch.Tensor], cached: Path) -> None:
+    """Write the safetensors copy through a temporary file; on failure nothing is left."""
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=f".{cached.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        # safetensors refuses shared or non-contiguous storage: give each tensor its own
+        save_file({k: v.contiguous().clone() for k, v in state.items()}, tmp)
+        os.replace(tmp, cached)
+    except (OSError, RuntimeError) as exc:  # disk full, read-only cache: still usable now
+        log.warning("could not cache %s: %s", cached, exc)
+        return
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    log.info("converted weights to %s", cached)
+
+
+def read_json(path: Path, model: str | None = None) -> dict[str, Any]:
+    """A JSON object from a config file; a `model`'s config is checked against the release
+    architecture before any use."""
+    try:
+        config = json.loads(path.read_text())
     except FileNotFoundError:
         raise WeightsError(f"missing {path}: run `livecam models download`") from None
-    except ValueError as exc:
+    except (OSError, ValueError) as exc:
         raise WeightsError(f"{path} is not valid JSON ({exc})") from None
+    if model is not None:
+        problem = config_problem(config, model)
+    else:
+        problem = None if isinstance(config, dict) else "expected a JSON object"
+    if problem:
+        raise WeightsError(f"{path}: {problem}; run `livecam models download` to replace it")
+    return config
 
 
 def _folder(models_dir: Path, name: str) -> Path:
     return models_dir / component(name).folder
 
 
-def _build(cls: Any, config: dict[str, Any]) -> torch.nn.Module:
-    """The model skeleton on the meta device: no time spent on a random init."""
-    with torch.device("meta"):
-        return cls.from_config(config)
+def _build(make: Callable[[], torch.nn.Module], what: str) -> torch.nn.Module:
+    """The model skeleton on the meta device: nothing allocated, no random init."""
+    try:
+        with torch.device("meta"):
+            return make()
+    except (TypeError, ValueError, KeyError, AttributeError, AssertionError) as exc:
+        raise WeightsError(f"{what}: the config does not describe a model ({exc})") from None
+
+
+def _loader(model: torch.nn.Module, what: str, rename: Callable[[str], str | None] = str):
+    """A `use` for load_state_dict: keys renamed (None: dropped), loaded strictly."""
+
+    def use(state: dict[str, torch.Tensor]) -> None:
+        renamed = {new: v for k, v in state.items() if (new := rename(k)) is not None}
+        _load_into(model, renamed, what)
+
+    return use
 
 
 def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
@@ -141,13 +212,22 @@ def _vae_key(key: str) -> str:
     return key
 
 
+def _encoder_key(key: str) -> str | None:
+    """whisper: only the encoder's weights (the decoder is never materialized)."""
+    for prefix in ("model.encoder.", "encoder."):
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return None
+
+
 def load_unet(models_dir: Path) -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 
     folder = _folder(models_dir, "unet")
-    config = read_json(folder / "musetalk.json")
-    model = _build(UNet2DConditionModel, config)
-    _load_into(model, load_state_dict(folder / "unet.pth"), "musetalkV15/unet.pth")
+    config = read_json(folder / "musetalk.json", "unet")
+    what = "musetalkV15/unet.pth"
+    model = _build(lambda: UNet2DConditionModel.from_config(config), what)
+    load_state_dict(folder / "unet.pth", _loader(model, what))
     return model.eval().requires_grad_(False)
 
 
@@ -155,11 +235,10 @@ def load_vae(models_dir: Path) -> torch.nn.Module:
     from diffusers import AutoencoderKL
 
     folder = _folder(models_dir, "vae")
-    model = _build(AutoencoderKL, read_json(folder / "config.json"))
-    state = {
-        _vae_key(k): v for k, v in load_state_dict(folder / "diffusion_pytorch_model.bin").items()
-    }
-    _load_into(model, state, "sd-vae/diffusion_pytorch_model.bin")
+    config = read_json(folder / "config.json", "vae")
+    what = "sd-vae/diffusion_pytorch_model.bin"
+    model = _build(lambda: AutoencoderKL.from_config(config), what)
+    load_state_dict(folder / "diffusion_pytorch_model.bin", _loader(model, what, _vae_key))
     return model.eval().requires_grad_(False)
 
 
@@ -167,9 +246,10 @@ def load_taesd(models_dir: Path) -> torch.nn.Module:
     from diffusers import AutoencoderTiny
 
     folder = _folder(models_dir, "taesd")
-    model = _build(AutoencoderTiny, read_json(folder / "config.json"))
-    state = load_state_dict(folder / "diffusion_pytorch_model.safetensors")
-    _load_into(model, state, "taesd/diffusion_pytorch_model.safetensors")
+    config = read_json(folder / "config.json", "taesd")
+    what = "taesd/diffusion_pytorch_model.safetensors"
+    model = _build(lambda: AutoencoderTiny.from_config(config), what)
+    load_state_dict(folder / "diffusion_pytorch_model.safetensors", _loader(model, what))
     return model.eval().requires_grad_(False)
 
 
@@ -179,15 +259,10 @@ def load_whisper_encoder(models_dir: Path) -> torch.nn.Module:
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
     folder = _folder(models_dir, "whisper")
-    config = WhisperConfig.from_dict(read_json(folder / "config.json"))
-    state = load_state_dict(folder / "pytorch_model.bin")
-    enc = {}
-    for key, value in state.items():
-        for prefix in ("model.encoder.", "encoder."):
-            if key.startswith(prefix):
-                enc[key[len(prefix) :]] = value
-    model = WhisperEncoder(config)
-    _load_into(model, enc, "whisper/pytorch_model.bin (encoder)")
+    config = read_json(folder / "config.json", "whisper")
+    what = "whisper/pytorch_model.bin (encoder)"
+    model = _build(lambda: WhisperEncoder(WhisperConfig.from_dict(config)), what)
+    load_state_dict(folder / "pytorch_model.bin", _loader(model, what, _encoder_key))
     return model.eval().requires_grad_(False)
 
 
@@ -195,7 +270,11 @@ def load_feature_extractor(models_dir: Path) -> Any:
     from transformers import WhisperFeatureExtractor
 
     folder = _folder(models_dir, "whisper")
-    cfg = read_json(folder / "preprocessor_config.json")
+    path = folder / "preprocessor_config.json"
+    cfg = read_json(path)
     cfg.pop("feature_extractor_type", None)
     cfg.pop("processor_class", None)
-    return WhisperFeatureExtractor(**cfg)
+    try:
+        return WhisperFeatureExtractor(**cfg)
+    except (TypeError, ValueError) as exc:
+        raise WeightsError(f"{path}: not a whisper feature extractor config ({exc})") from None

@@ -2,7 +2,8 @@
 
 Video goes straight to `path` as fragmented mp4, so a killed encoder still leaves a playable
 (video-only) file. Audio goes to a temporary WAV next to it; `close()` muxes both (AAC) into a
-temporary file and renames it over `path`.
+temporary file and renames it over `path`. Temporaries are made with mkstemp (O_EXCL, a fresh
+name) in the output's folder: never through a planted symlink, never shared by two renders.
 """
 
 from __future__ import annotations
@@ -91,11 +92,16 @@ class FileSink:
         self._got_audio = False
         self._ffmpeg = find_ffmpeg()
         _check_path(self.path)
-        self._wav_path = self.path.with_name(f".{self.path.name}.audio.wav")
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the sink)
         try:
+            self._wav_path = _temporary(self.path, ".audio.wav")
             self._wav = sf.SoundFile(
-                self._wav_path, "w", samplerate=SAMPLE_RATE, channels=1, subtype="FLOAT"
+                self._wav_path,
+                "w",
+                samplerate=SAMPLE_RATE,
+                channels=1,
+                subtype="FLOAT",
+                format="WAV",
             )
             cmd = encode_command(self._ffmpeg, self.path, width, height, fps)
             self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=self._stderr)
@@ -103,7 +109,8 @@ class FileSink:
             self._stderr.close()
             if hasattr(self, "_wav"):
                 self._wav.close()
-            self._wav_path.unlink(missing_ok=True)
+            if hasattr(self, "_wav_path"):
+                self._wav_path.unlink(missing_ok=True)
             raise SinkError(f"cannot write {self.path}: {e}") from e
         _grow_pipe(self._proc.stdin)
         self._closed = False
@@ -152,7 +159,12 @@ class FileSink:
         if self.frames == 0 or not self._got_audio:
             self._wav_path.unlink(missing_ok=True)
             return
-        tmp = self.path.with_name(f".{self.path.name}.mux.mp4")
+        try:
+            tmp = _temporary(self.path, ".mux.mp4")
+        except OSError as exc:
+            log.error("cannot mux audio into %s (%s); the video has no sound, the audio is "
+                      "kept at %s", self.path, exc, self._wav_path)  # fmt: skip
+            return
         cmd = mux_command(self._ffmpeg, self.path, self._wav_path, tmp)
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if result.returncode != 0:
@@ -172,6 +184,14 @@ class FileSink:
         self._stderr.seek(0)
         text = self._stderr.read().decode(errors="replace").strip()
         return text[-500:] or "no error message"
+
+
+def _temporary(path: Path, suffix: str) -> Path:
+    """A new, empty file of our own next to `path` (O_EXCL: an existing name or symlink is
+    never reused)."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    return Path(name)
 
 
 def _grow_pipe(pipe: IO[bytes]) -> None:

@@ -1,4 +1,8 @@
-"""Browser preview sink: MJPEG over HTTP on localhost."""
+"""Browser preview sink: MJPEG over HTTP on localhost.
+
+Only requests whose Host header names this machine (127.0.0.1, localhost, [::1] or the host
+it listens on) are served, so a web page cannot reach the camera through DNS rebinding.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,9 @@ import contextlib
 import errno
 import logging
 import socket
+import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import cv2
@@ -19,6 +25,8 @@ log = logging.getLogger(__name__)
 JPEG_QUALITY = 80
 BOUNDARY = "livecamframe"
 CLIENT_TIMEOUT_S = 10.0  # a client that accepts no data for this long is dropped
+ACCEPT_BACKOFF_S = 0.2  # after an accept error such as EMFILE (else the loop spins)
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 PAGE = b"""<!doctype html>
 <html><head><meta charset="utf-8"><title>livecam</title>
 <style>html,body{margin:0;height:100%;background:#111}
@@ -79,9 +87,31 @@ class _Server(ThreadingHTTPServer):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.store = store
+        self.allowed_hosts = LOCAL_HOSTS | {address[0].lower()}
+        self.accept_failures = 0
         self.clients: dict[socket.socket, threading.Thread] = {}
         self.clients_lock = threading.Lock()
         super().__init__(address, _Handler)
+
+    def get_request(self) -> tuple[socket.socket, object]:
+        try:
+            request = super().get_request()
+        except OSError as exc:  # the caller drops the attempt; pause so it does not spin
+            self.accept_failures += 1
+            if self.accept_failures == 1 or self.accept_failures % 50 == 0:
+                log.warning("preview: accept failed (%s); retrying", exc)
+            time.sleep(ACCEPT_BACKOFF_S)
+            raise
+        self.accept_failures = 0
+        return request
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A client that went away is one debug line; anything else is logged in full."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError | TimeoutError):
+            log.debug("preview client %s went away: %s", client_address, exc)
+        else:
+            log.exception("preview request from %s failed", client_address)
 
     def disconnect_all(self, timeout: float = 2.0) -> None:
         """Shut down every client connection and join the threads serving them."""
@@ -110,6 +140,9 @@ class _Handler(BaseHTTPRequestHandler):
             super().finish()
 
     def do_GET(self) -> None:
+        if not self._host_allowed():
+            self._reply(403, "text/plain", b"forbidden host\n")
+            return
         path = self.path.split("?", 1)[0]
         if path == "/":
             self._reply(200, "text/html; charset=utf-8", PAGE)
@@ -123,6 +156,18 @@ class _Handler(BaseHTTPRequestHandler):
             self._stream()
         else:
             self._reply(404, "text/plain", b"not found\n")
+
+    def _host_allowed(self) -> bool:
+        """The Host header (without its port) names this machine, or is absent."""
+        host = self.headers.get("Host")
+        if host is None:
+            return True  # HTTP/1.0 without Host: not a browser, so not a rebinding attack
+        host = host.strip().lower()
+        if host.startswith("["):
+            name = host[1 : host.find("]")] if "]" in host else host
+        else:
+            name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        return name in self.server.allowed_hosts
 
     def _reply(self, code: int, ctype: str, body: bytes) -> None:
         self.send_response(code)

@@ -1,0 +1,227 @@
+"""Caches stay whole: concurrent and killed writers, leftovers, damaged manifests, symlinks,
+a full disk; and the file sink's temporaries."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from livecam.avatar import cachedir, store
+from livecam.avatar.store import AvatarError, list_avatars, load_avatar, remove_avatar
+from tests.conftest import REPO
+
+PHOTO = REPO / "avatars" / "portrait" / "portrait.jpg"
+
+
+@pytest.fixture(scope="module")
+def built():
+    return store.build_avatar("me", PHOTO)
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, built) -> Path:
+    """A private cache holding the prepared avatar "me"."""
+    monkeypatch.setenv("LIVECAM_CACHE_DIR", str(tmp_path / "cache"))
+    store._write_cache(built, PHOTO, "prepared", "")
+    return tmp_path / "cache" / "avatars"
+
+
+def _hidden(root: Path, name: str = "me") -> set[str]:
+    return {p.name for p in root.iterdir() if p.name.startswith(f".{name}")}
+
+
+def _version(root: Path) -> str:
+    return os.readlink(root / "me")
+
+
+def test_a_rebuild_swaps_one_pointer_and_leaves_nothing(cache, built):
+    first = _version(cache)
+    store._write_cache(built, PHOTO, "prepared", "")
+    assert _version(cache) != first
+    assert _hidden(cache) == {_version(cache), ".me~lock"}  # the old version is gone
+    assert load_avatar("me").image.shape == built.image.shape
+
+
+def test_concurrent_writers_queue_on_the_lock(cache, built):
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            store._write_cache(built, PHOTO, "prepared", "")
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    assert _hidden(cache) == {_version(cache), ".me~lock"}
+    assert [a.status for a in list_avatars() if a.name == "me"] == ["ready"]
+
+
+KILLED_WRITER = textwrap.dedent("""
+    import os, signal
+    from livecam.avatar import cachedir, store
+    avatar = store.load_avatar("me")
+    cachedir.publish = lambda *a: os.kill(os.getpid(), signal.SIGKILL)  # die before the swap
+    source = store.Path(store._read_manifest("me")["source"])
+    store._write_cache(avatar, source, "prepared", "")
+""")
+
+
+def test_a_writer_killed_mid_write_loses_nothing(cache, built):
+    before = _version(cache)
+    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER], capture_output=True, text=True,
+                          timeout=120, env=os.environ.copy())  # fmt: skip
+    assert proc.returncode == -9, proc.stderr[-1000:]
+    assert _version(cache) == before  # the avatar never vanished
+    leftovers = _hidden(cache) - {before, ".me~lock"}
+    assert leftovers  # the killed writer's version folder ...
+    assert [a.name for a in list_avatars() if a.name.startswith(".")] == []  # ... is not listed
+    assert load_avatar("me").image.shape == built.image.shape
+    store._write_cache(built, PHOTO, "prepared", "")  # ... and the next write cleans it
+    assert _hidden(cache) == {_version(cache), ".me~lock"}
+
+
+def test_leftovers_of_the_old_writer_are_ignored_and_cleaned(cache, built):
+    for name in (".me.old-4242", ".me.tmp-abcd1234"):
+        (cache / name).mkdir()
+        (cache / name / "arrays.npz").write_bytes(b"x" * 1000)
+    (cache / ".stray").mkdir()
+    names = [a.name for a in list_avatars()]
+    assert "me" in names and not any(n.startswith(".") for n in names)
+    from livecam.doctor import _avatars
+
+    assert "me (ready)" in _avatars().detail
+    store._write_cache(built, PHOTO, "prepared", "")
+    assert _hidden(cache) == {_version(cache), ".me~lock"}
+    remove_avatar("me")
+    assert _hidden(cache) == {".me~lock"} and not (cache / "me").exists()
+
+
+def test_an_older_plain_folder_cache_is_read_and_replaced(cache, built):
+    version = cache / _version(cache)
+    (cache / "me").unlink()
+    version.rename(cache / "me")  # the layout before versions: a plain folder
+    assert load_avatar("me").image.shape == built.image.shape
+    store._write_cache(built, PHOTO, "prepared", "")
+    assert (cache / "me").is_symlink()
+    assert _hidden(cache) == {_version(cache), ".me~lock"}
+
+
+@pytest.mark.parametrize("content", ["[]", '{"source": 5}', '{"format_version": 1, "kin', ""])
+def test_a_damaged_manifest_is_a_clear_error_not_a_crash(cache, content):
+    (cache / "me" / "manifest.json").write_text(content)
+    assert [(a.name, a.status) for a in list_avatars() if a.name == "me"] == [("me", "damaged")]
+    with pytest.raises(AvatarError, match=r"cache of avatar 'me' .* is damaged.*--force"):
+        load_avatar("me")
+    if content == "[]":  # (one rebuild is enough: it detects the face again, slowly)
+        store.prepare_avatar("me", PHOTO, force=True)  # the advice works
+        assert [a.status for a in list_avatars() if a.name == "me"] == ["ready"]
+
+
+def test_a_damaged_bundled_manifest_is_rebuilt(tmp_path, monkeypatch, built):
+    monkeypatch.setenv("LIVECAM_CACHE_DIR", str(tmp_path / "cache"))
+    store._write_cache(replace(built, name="portrait"), PHOTO, "bundled", "")
+    assert [a.status for a in list_avatars() if a.name == "portrait"] == ["ready"]
+    (tmp_path / "cache" / "avatars" / "portrait" / "manifest.json").write_text("[]")
+    assert [a.status for a in list_avatars() if a.name == "portrait"] == ["damaged"]
+    assert load_avatar("portrait").name == "portrait"  # rebuilt from the bundled photo
+    assert [a.status for a in list_avatars() if a.name == "portrait"] == ["ready"]
+
+
+def test_a_symlink_out_of_the_cache_is_never_followed(cache, tmp_path):
+    outside = tmp_path / "outside"
+    shutil.copytree(cache / _version(cache), outside)  # a complete, valid-looking cache
+    cachedir.discard(cache, "me")
+    (cache / "me").symlink_to(outside)
+    assert "me" not in [a.name for a in list_avatars()]
+    with pytest.raises(AvatarError, match="unknown avatar 'me'"):
+        load_avatar("me")
+    remove_avatar("me")  # removes the link, not what it points at
+    assert not (cache / "me").is_symlink() and (outside / "manifest.json").is_file()
+
+
+def test_a_symlink_in_a_bundled_name_is_replaced_not_written_through(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIVECAM_CACHE_DIR", str(tmp_path / "cache"))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = tmp_path / "cache" / "avatars"
+    root.mkdir(parents=True)
+    (root / "portrait").symlink_to(outside)
+    load_avatar("portrait")
+    assert list(outside.iterdir()) == []
+    assert cachedir.live_dir(root, "portrait").parent == root
+
+
+def test_disk_full_during_prepare_is_one_line_and_keeps_the_cache(cache, built, monkeypatch):
+    before = _version(cache)
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store.np, "savez", full)
+    with pytest.raises(AvatarError, match="no space left to save avatar 'me'"):
+        store._write_cache(built, PHOTO, "prepared", "")
+    monkeypatch.undo()
+    assert _version(cache) == before and _hidden(cache) == {before, ".me~lock"}
+
+
+@pytest.mark.parametrize("name", ["x\n", "astronaut\n", ".hidden", "a~v-1", "../x", "a/b"])
+def test_names_are_matched_whole(name):
+    with pytest.raises(AvatarError, match="invalid avatar name"):
+        store.avatar_dir(name)
+
+
+def test_musetalk_latents_are_written_through_temporaries(cache):
+    from livecam.musetalk import avatar_latents as al
+
+    data = al.AvatarLatents((1, 2, 30, 40), np.zeros((256, 256, 3), np.uint8),
+                            np.ones((1, 8, 32, 32), np.float32),
+                            np.zeros((38, 29, 1), np.float32))  # fmt: skip
+    key = {"format_version": al.FORMAT_VERSION, "vae": "test"}
+    al._save("me", key, data)
+    folder = cachedir.live_dir(cache, "me")
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "arrays.npz", "manifest.json", "musetalk.json", "musetalk.npz"]  # fmt: skip
+    loaded = al._load(folder, key)
+    assert loaded is not None and loaded.box == (1, 2, 30, 40)
+    (folder / al.MANIFEST).write_text("[]")  # damaged: rebuilt, never a crash
+    assert al._load(folder, key) is None
+
+
+def test_file_sink_temporaries_are_fresh_files_of_its_own(tmp_path):
+    from livecam.sinks.file import FileSink, _temporary
+
+    out = tmp_path / "out.mp4"
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    for suffix in ("audio.wav", "mux.mp4"):
+        (tmp_path / f".out.mp4.{suffix}").symlink_to(victim)  # the old fixed names
+    one, two = _temporary(out, ".audio.wav"), _temporary(out, ".audio.wav")
+    assert one != two  # two renders to one --out never share a temporary
+    for path in (one, two):
+        assert path.parent == tmp_path and not path.is_symlink()
+        assert (path.stat().st_mode & 0o777) == 0o600
+        path.unlink()
+    sink = FileSink(out, 64, 64, 25)
+    frame = np.zeros((64, 64, 3), np.uint8)
+    for _ in range(10):
+        sink.send(frame, np.full(640, 0.1, np.float32))
+    sink.close()
+    assert victim.read_text() == "precious"
+    assert out.stat().st_size > 0
+    leftovers = {p.name for p in tmp_path.iterdir()} - {"out.mp4", "victim.txt"}
+    assert leftovers == {".out.mp4.audio.wav", ".out.mp4.mux.mp4"}  # only the planted links

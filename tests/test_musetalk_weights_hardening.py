@@ -1,0 +1,143 @@
+"""Damaged or hostile model files: refused with one line, before anything large is allocated,
+never converted into the cache unless they fit, never a network attempt."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from livecam.musetalk import weights
+from tests.helpers import run_limited
+from tests.musetalk_tiny import TINY_UNET, tiny_models_dir
+
+
+@pytest.fixture
+def models(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> Path:
+    """A private copy of the tiny models (tests damage it)."""
+    return Path(shutil.copytree(tiny_models_dir(tmp_path_factory), tmp_path / "models"))
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_a, **_k):
+        raise AssertionError("a network connection was attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def _cache_files() -> set[str]:
+    """Converted weights and temporaries (not the sha256 memo, hashes.json)."""
+    folder = weights.weights_cache_dir()
+    names = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    return names - {"hashes.json"}
+
+
+def _deflate(path: Path) -> None:
+    """Rewrite a torch zip checkpoint with compressed entries (torch writes them stored)."""
+    with zipfile.ZipFile(path) as src:
+        entries = [(info.filename, src.read(info)) for info in src.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as dst:
+        for name, data in entries:
+            dst.writestr(name, data)
+
+
+def test_a_compressed_checkpoint_is_refused_unread(tmp_path):
+    path = tmp_path / "unet.pth"
+    torch.save({"w": torch.zeros(4_000_000)}, path)  # 16 MB of zeros deflate to ~16 KB
+    _deflate(path)
+    assert path.stat().st_size < 200_000
+    before = _cache_files()
+    with pytest.raises(weights.WeightsError, match="is compressed, which torch never writes"):
+        weights.load_state_dict(path, lambda _: None)
+    assert _cache_files() == before
+
+
+def test_weights_that_do_not_fit_are_never_converted(models):
+    other = dict(TINY_UNET, block_out_channels=[16, 32])
+    from diffusers import UNet2DConditionModel
+
+    torch.save(UNet2DConditionModel.from_config(other).state_dict(),
+               models / "musetalkV15" / "unet.pth")  # fmt: skip
+    before = _cache_files()
+    with pytest.raises(weights.WeightsError, match="weights do not fit the config"):
+        weights.load_unet(models)
+    assert _cache_files() == before  # no safetensors copy, no temporary left
+
+
+def test_a_failed_conversion_leaves_nothing_behind(models, monkeypatch):
+    def disk_full(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(weights, "save_file", disk_full)
+    before = _cache_files()
+    unet = weights.load_unet(models)  # still usable: the tensors are in memory
+    assert unet.config.in_channels == 8
+    assert _cache_files() == before
+
+
+@pytest.mark.parametrize(
+    ("folder", "name", "content", "message"),
+    [
+        ("whisper", "config.json", {"d_model": 384, "num_mel_bins": 80, "encoder_ffn_dim": 10**9},
+         "encoder_ffn_dim 1000000000 is outside 1..1536"),
+        ("whisper", "config.json", {"d_model": 100_000, "num_mel_bins": 80},
+         "d_model is 100000; MuseTalk needs 384"),
+        ("musetalkV15", "musetalk.json", dict(TINY_UNET, in_channels="eight"),
+         "in_channels must be an integer, not 'eight'"),
+        ("musetalkV15", "musetalk.json", dict(TINY_UNET, block_out_channels=[10**6] * 2),
+         "block_out_channels [1000000, 1000000] has entries outside 1..1280"),
+        ("sd-vae", "config.json", [1, 2], "expected a JSON object, found list"),
+        ("sd-vae", "config.json", "oops{", "is not valid JSON"),
+    ],
+)  # fmt: skip
+def test_a_bad_config_is_one_line(models, folder, name, content, message):
+    path = models / folder / name
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    loader = {"whisper": weights.load_whisper_encoder, "musetalkV15": weights.load_unet,
+              "sd-vae": weights.load_vae}[folder]  # fmt: skip
+    with pytest.raises(weights.WeightsError) as err:
+        loader(models)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_a_text_file_named_pth_is_refused(models):
+    (models / "musetalkV15" / "unet.pth").write_text("version https://git-lfs.github.com/spec\n")
+    with pytest.raises(weights.WeightsError, match=r"refused to load .*unet\.pth"):
+        weights.load_unet(models)
+
+
+def test_a_bad_safetensors_header_is_refused(models):
+    path = models / "taesd" / "diffusion_pytorch_model.safetensors"
+    path.write_bytes((10**12).to_bytes(8, "little") + b"{}")
+    with pytest.raises(weights.WeightsError, match="not a valid safetensors file"):
+        weights.load_taesd(models)
+
+
+VERIFY_HUGE_WHISPER = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from livecam.musetalk import weights
+    config = Path(sys.argv[1]) / "whisper" / "config.json"
+    data = json.loads(config.read_text())
+    data.update(encoder_layers=64, encoder_ffn_dim=65536)  # ~7 GB of weights if built
+    config.write_text(json.dumps(data))
+    try:
+        weights.load_whisper_encoder(Path(sys.argv[1]))
+    except weights.WeightsError as exc:
+        print(exc)
+""")
+
+
+def test_a_huge_whisper_config_allocates_nothing(models):
+    result = run_limited([sys.executable, "-c", VERIFY_HUGE_WHISPER, str(models)])
+    assert result.returncode == 0, result.stderr[-1500:]
+    assert "is outside 1..4" in result.stdout or "is outside 1..1536" in result.stdout
