@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 4096
+MAX_SOCKET_PATH = 108  # sun_path, including its terminating NUL (Linux)
 
 
 class ControlError(Exception):
@@ -68,7 +70,10 @@ class ControlServer:
         self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
 
     def start(self) -> None:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ControlError(_unusable_runtime_dir(self.path, exc)) from None
         if self.path.exists():
             try:
                 request({"cmd": "status"}, self.path, timeout=1.0)
@@ -81,6 +86,9 @@ class ControlServer:
         old_umask = os.umask(0o177)  # the socket file is created 0600
         try:
             sock.bind(str(self.path))
+        except OSError as exc:
+            sock.close()
+            raise ControlError(_unusable_runtime_dir(self.path, exc)) from None
         finally:
             os.umask(old_umask)
         sock.listen(4)
@@ -125,6 +133,21 @@ class ControlServer:
             self._thread.join(timeout=2)
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
+
+
+def _unusable_runtime_dir(path: Path, exc: OSError) -> str:
+    """One line naming the runtime directory that cannot hold the socket, and the fix."""
+    if len(os.fsencode(path)) >= MAX_SOCKET_PATH:
+        why = f"the path is longer than the {MAX_SOCKET_PATH - 1} bytes a Unix socket allows"
+    elif exc.errno == errno.EROFS:
+        why = "it is on a read-only filesystem"
+    elif exc.errno in (errno.ENXIO, errno.EOPNOTSUPP, errno.EPERM):
+        why = "its filesystem does not support Unix sockets (9p, FUSE and some network mounts)"
+    else:
+        why = exc.strerror or str(exc)
+    return (f"cannot create the control socket {path}: {why}; point LIVECAM_RUNTIME_DIR (or "
+            "XDG_RUNTIME_DIR) at a short, writable directory on a local filesystem or tmpfs, "
+            "e.g. `export LIVECAM_RUNTIME_DIR=/dev/shm/livecam-$UID`")  # fmt: skip
 
 
 def snapshot_dict(snapshot: Any) -> dict:
