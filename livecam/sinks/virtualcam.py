@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import logging
 import os
+import struct
 import time
 from pathlib import Path
 
@@ -20,6 +22,12 @@ MODPROBE = "sudo modprobe v4l2loopback devices=1 video_nr=10 card_label=LiveCam 
 APT_INSTALL = "sudo apt install v4l2loopback-dkms"
 USERMOD = "sudo usermod -aG video $USER"
 RETRY_FIRST_S, RETRY_MAX_S = 0.5, 8.0  # backoff between attempts to open a busy or gone camera
+
+# V4L2 ABI (linux/videodev2.h): struct v4l2_capability is 104 bytes, device_caps at 88
+V4L2_CAPABILITY_SIZE, V4L2_DEVICE_CAPS_OFFSET = 104, 88
+VIDIOC_QUERYCAP, VIDIOC_STREAMON = 0x80685600, 0x40045612
+V4L2_BUF_TYPE_VIDEO_OUTPUT = 2
+V4L2_CAP_VIDEO_CAPTURE, V4L2_CAP_VIDEO_OUTPUT = 0x1, 0x2
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +86,46 @@ def _same_file(path: str, target: os.stat_result) -> bool:
     return (st.st_dev, st.st_ino, st.st_rdev) == (target.st_dev, target.st_ino, target.st_rdev)
 
 
+def _capabilities(device: str) -> int | None:
+    """The device's V4L2 device_caps, or None if it cannot be asked."""
+    try:
+        fd = os.open(device, os.O_RDWR | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        cap = bytearray(V4L2_CAPABILITY_SIZE)
+        fcntl.ioctl(fd, VIDIOC_QUERYCAP, cap)
+        return struct.unpack_from("<I", cap, V4L2_DEVICE_CAPS_OFFSET)[0]
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def release_output(device: str) -> None:
+    """Let v4l2loopback offer `device` to the next writer. With exclusive_caps=1 it only does
+    so when a *streaming* writer closes; pyvirtualcam writes with write(), so after it the
+    device offers neither output nor capture ("not a video output device") until the module
+    is reloaded (v4l2loopback 0.12). A STREAMON on the output from a fresh handle marks that
+    handle a writer (even when it fails for want of buffers); closing it clears the state."""
+    try:
+        fd = os.open(device, os.O_RDWR | os.O_NONBLOCK)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.ioctl(fd, VIDIOC_STREAMON, struct.pack("<I", V4L2_BUF_TYPE_VIDEO_OUTPUT))
+    finally:
+        os.close(fd)
+
+
+def _stuck(device: str) -> bool:
+    """True if the device offers neither output nor capture: no writer is active (a writing
+    one makes it offer capture), it is only the state a write() producer left behind."""
+    caps = _capabilities(device)
+    return caps is not None and not caps & (V4L2_CAP_VIDEO_CAPTURE | V4L2_CAP_VIDEO_OUTPUT)
+
+
 def explain_error(error: str, device: str | None) -> SinkError:
     """Turn a pyvirtualcam error message into an error with the exact fix; CameraUnavailable
     for what can clear up by itself (device missing, another program writing to it)."""
@@ -119,12 +167,18 @@ def _open_camera(
     if backend is not None and backend not in pyvirtualcam.camera.BACKENDS:
         known = ", ".join(sorted(pyvirtualcam.camera.BACKENDS)) or "none"
         raise SinkError(f"unknown virtual camera backend {backend!r} (available: {known})")
-    try:
-        return pyvirtualcam.Camera(
-            width, height, fps, fmt=PixelFormat.BGR, device=device, backend=backend
-        )
-    except Exception as e:  # pyvirtualcam reports every backend failure as RuntimeError
-        raise explain_error(str(e), device) from e
+    for attempt in range(2):
+        try:
+            return pyvirtualcam.Camera(
+                width, height, fps, fmt=PixelFormat.BGR, device=device, backend=backend
+            )
+        except Exception as e:  # pyvirtualcam reports every backend failure as RuntimeError
+            error = e
+        if attempt or not (device and "not a video output" in str(error) and _stuck(device)):
+            break
+        log.info("%s was left unusable by an earlier writer; releasing it", device)
+        release_output(device)
+    raise explain_error(str(error), device) from error
 
 
 class VirtualCamSink:
@@ -205,6 +259,8 @@ class VirtualCamSink:
         if cam is not None:
             with contextlib.suppress(Exception):
                 cam.close()
+            if cam.backend == "v4l2loopback":
+                release_output(cam.device)
 
     def close(self) -> None:
         self._closed = True
