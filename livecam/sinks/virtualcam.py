@@ -257,10 +257,11 @@ class VirtualCamSink:
     def _drop_camera(self) -> None:
         cam, self._cam = self._cam, None
         if cam is not None:
+            device, backend = cam.device, cam.backend  # unreadable once closed
             with contextlib.suppress(Exception):
                 cam.close()
-            if cam.backend == "v4l2loopback":
-                release_output(cam.device)
+            if backend == "v4l2loopback":
+                release_output(device)
 
     def close(self) -> None:
         self._closed = True

@@ -19,12 +19,13 @@ def read_raw(path: Path, info: dict) -> list[np.ndarray]:
     convert = {"yuv420p": (cv2.COLOR_YUV2BGR_I420, (height * 3 // 2, width)),
                "nv12": (cv2.COLOR_YUV2BGR_NV12, (height * 3 // 2, width)),
                "yuyv422": (cv2.COLOR_YUV2BGR_YUYV, (height, width, 2)),
-               "uyvy422": (cv2.COLOR_YUV2BGR_UYVY, (height, width, 2))}  # fmt: skip
+               "uyvy422": (cv2.COLOR_YUV2BGR_UYVY, (height, width, 2)),
+               "bgr24": (None, (height, width, 3))}  # fmt: skip
     code, shape = convert[fmt]
     data = np.fromfile(path, np.uint8)
     size = int(np.prod(shape))
-    return [cv2.cvtColor(data[i : i + size].reshape(shape), code)
-            for i in range(0, len(data) - size + 1, size)]  # fmt: skip
+    frames = [data[i : i + size].reshape(shape) for i in range(0, len(data) - size + 1, size)]
+    return frames if code is None else [cv2.cvtColor(f, code) for f in frames]
 
 
 @dataclass(frozen=True)

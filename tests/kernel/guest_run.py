@@ -102,6 +102,24 @@ def capture(name: str, seconds: float, max_frames: int) -> dict:
     return info
 
 
+def gst_client() -> dict:
+    """GStreamer, as many Linux apps use it: list the cameras, capture with v4l2src."""
+    monitor = sh("gst-device-monitor-1.0", "Video/Source", timeout=120)
+    labels = re.findall(r"name\s*:\s*(.+)", monitor.stdout)
+    path = OUT / "gst.raw"
+    run = sh("gst-launch-1.0", "-v", "v4l2src", f"device={DEV}", "num-buffers=3", "!",
+             "videoconvert", "!", "video/x-raw,format=BGR", "!", "filesink",
+             f"location={path}", timeout=180)  # fmt: skip
+    size = re.search(r"v4l2src0\.GstPad:src: caps = video/x-raw, format=\(string\)(\w+), "
+                     r"width=\(int\)(\d+), height=\(int\)(\d+)", run.stdout)  # fmt: skip
+    info: dict = {"labels": labels, "monitor_rc": monitor.returncode, "rc": run.returncode,
+                  "out": (run.stdout + run.stderr)[-1500:]}  # fmt: skip
+    if size:
+        info.update(format=size[1], width=int(size[2]), height=int(size[3]), pix_fmt="bgr24",
+                    file=path.name)  # fmt: skip
+    return info
+
+
 def scenario(fn):
     """Run one scenario; record its result or its traceback, never stop the run."""
     t0 = time.monotonic()
@@ -156,6 +174,7 @@ def live_run() -> dict:
     waiter_rc = stop_process(waiter, 120)
     main = capture("main", 30, 120)
     reopen = capture("reopen", 4, 3)
+    gstreamer = gst_client()
     status = control("status") or {}
     rmmod = sh("rmmod", "v4l2loopback")  # refused while livecam holds the device
     stop = sh(str(PY), "-m", "livecam", "stop", env=ENV, timeout=180)
@@ -168,7 +187,7 @@ def live_run() -> dict:
         "camera_shown": shown_at, "first_frame_s": first_frame_s, "waiter_rc": waiter_rc,
         "before_frames": (OUT / "before.raw").stat().st_size if (OUT / "before.raw").exists()
         else 0,
-        "main": main, "reopen": reopen, "status": status,
+        "main": main, "reopen": reopen, "gstreamer": gstreamer, "status": status,
         "rmmod_while_open": {"rc": rmmod.returncode, "stderr": rmmod.stderr.strip()},
         "stop_cli": {"rc": stop.returncode, "out": (stop.stdout + stop.stderr).strip()[-500:]},
         "livecam_rc": rc, "hidden_after_stop": hidden, "caps_after_stop": device_caps(),
