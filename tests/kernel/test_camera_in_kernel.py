@@ -34,6 +34,9 @@ def _speech_with_pause(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def guest(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    earlier = os.environ.get("LIVECAM_KERNEL_RESULTS")  # check a finished run's files again
+    if earlier:
+        return json.loads((Path(earlier) / "results.json").read_text()), Path(earlier)
     reason = vm.unavailable()
     if reason is not None:
         if os.environ.get("CI"):
@@ -81,7 +84,8 @@ def test_ffmpeg_receives_the_talking_face(guest):
     assert (main["width"], main["height"]) == (1280, 720)
     print(f"\nffmpeg received {main['frames']} frames {main['width']}x{main['height']} "
           f"{main['fourcc']} in {main['seconds']:.1f} s = {main['fps_received']:.2f} fps; "
-          f"livecam shown fps {run['status'].get('shown_fps', 0):.2f}")  # fmt: skip
+          f"livecam showed {run['status']['frames_shown']} frames in "
+          f"{run['status']['uptime_s']:.0f} s at the device")  # fmt: skip
     frames = read_raw(guest[1] / main["file"], main)
     assert len(frames) == main["frames"] >= 6
     track = track_mouth(frames)
@@ -138,7 +142,7 @@ def test_busy_camera_is_named_and_taken_over_then_sigterm(guest):
     assert busy["writer_held"]
     assert busy["status_while_busy"], "livecam did not keep running while the camera was busy"
     assert busy["holder_named"] and busy["running_while_busy"], busy["log"]
-    assert "is in use: ffmpeg (pid" in busy["log"]
+    assert "is in use: ffmpeg (pid" in " ".join(busy["log"].split())
     assert busy["took_over"], busy["log"]
     takeover = busy["takeover"]
     assert takeover["rc"] == 0 and (takeover["width"], takeover["height"]) == (640, 360)
@@ -148,13 +152,24 @@ def test_busy_camera_is_named_and_taken_over_then_sigterm(guest):
     assert busy["hidden_after_sigterm"]
 
 
-def test_camera_missing_then_loaded_and_forced_unload(guest):
+def test_camera_missing_then_loaded(guest):
     ret = result(guest, "device_returns")
     assert ret["unload_rc"] == 0
     assert ret["status_while_missing"], "livecam did not keep running without the camera"
-    assert ret["missing_said"] and ret["reopened"]
+    assert ret["missing_said"] and ret["reopened"], ret["log"]
     returned = ret["returned"]
     assert returned["rc"] == 0 and returned["frames"] >= 1
-    print(f"\nforced unload mid-run: {ret.get('forced_unload')}, livecam running after it: "
-          f"{ret.get('running_after_forced_unload')}, reopened after reload: "
-          f"{ret.get('reopened_after_forced_unload')}")  # fmt: skip
+    assert ret["rc"] == 0, ret["log"]
+
+
+def test_doctor_in_the_guest(guest):
+    ret = result(guest, "device_returns")
+    found = json.loads(ret["doctor"])
+    root = {name: (ok, detail) for name, ok, detail in found["root"]}
+    assert root["virtual camera"][0] and "exclusive_caps=Y" in root["virtual camera"][1]
+    assert root["camera device"][0] and "/dev/video10 (LiveCam)" in root["camera device"][1]
+    assert "open in python" in root["camera device"][1]  # livecam holds it right now
+    nobody = {name: (ok, detail) for name, ok, detail in found["nobody"]}
+    ok, detail = nobody["camera device"]
+    print(f"\ndoctor for a user outside the video group: {detail}")
+    assert not ok and "sudo usermod -aG video nobody" in detail and "0660" in detail
