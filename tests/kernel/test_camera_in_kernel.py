@@ -85,7 +85,9 @@ def test_ffmpeg_receives_the_talking_face(guest):
     print(f"\nffmpeg received {main['frames']} frames {main['width']}x{main['height']} "
           f"{main['fourcc']} in {main['seconds']:.1f} s = {main['fps_received']:.2f} fps; "
           f"livecam showed {run['status']['frames_shown']} frames in "
-          f"{run['status']['uptime_s']:.0f} s at the device")  # fmt: skip
+          f"{run['status']['uptime_s']:.0f} s at the device; per frame p50/p95 ms: "
+          f"compose {run['status']['stages_ms']['compose']}, "
+          f"sink (BGR to I420 + write) {run['status']['stages_ms']['sink']}")  # fmt: skip
     frames = read_raw(guest[1] / main["file"], main)
     assert len(frames) == main["frames"] >= 6
     track = track_mouth(frames)
