@@ -250,3 +250,14 @@ def test_open_sink_virtualcam_waits_for_a_missing_camera() -> None:
     with pytest.raises(SinkError, match="permission"):  # what cannot clear up still stops it
         open_sink("virtualcam", width=W, height=H, fps=FPS,
                   device=fake_camera.DENIED_DEVICE, backend=FAKE)  # fmt: skip
+
+
+def test_bench_times_the_camera_sink() -> None:
+    from livecam.bench import camera_sink_cost
+
+    cost = camera_sink_cost(pattern(), FPS, frames=5, backend=FAKE)
+    assert cost["device"] == fake_camera.DEFAULT_DEVICE and cost["input"] == "BGR"
+    assert len(FakeBackend.instances[0].frames) == 5 and FakeBackend.instances[0].closed
+    assert 0 <= cost["ms_per_frame"]["p50"] <= cost["ms_per_frame"]["p95"]
+    assert "unknown virtual camera backend" in camera_sink_cost(pattern(), FPS,
+                                                                backend="nope")["unavailable"]

@@ -240,6 +240,12 @@ class VirtualCamSink:
         log.info("camera %s is open again, frames flow", self.device)
         self.problem, self._backoff = None, RETRY_FIRST_S
 
+    @property
+    def wire_format(self) -> str | None:
+        """The pixel format readers get (pyvirtualcam converts the BGR frames to it)."""
+        fmt = self._cam.native_fmt if self._cam is not None else None
+        return fmt.name if fmt is not None else None
+
     def send(self, frame: np.ndarray, audio: np.ndarray) -> None:
         check_frame(frame, self.width, self.height)
         if self._closed:

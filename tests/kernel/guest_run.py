@@ -248,7 +248,18 @@ def device_returns() -> dict:
     control("stop")
     result["rc"] = stop_process(proc, 60)
     result["log"] = log.read_text()[-4000:]
+    bench = sh(str(PY), "-c", SINK_BENCH, env=ENV, timeout=240)
+    result["camera_sink"] = bench.stdout.strip() or bench.stderr[-2000:]
     return result
+
+
+# what `livecam bench` reports as the camera sink's cost, on the real device at 1280x720
+SINK_BENCH = """
+import json, numpy as np
+from livecam.bench import camera_sink_cost
+frame = np.random.default_rng(0).integers(0, 256, (720, 1280, 3), dtype=np.uint8)
+print(json.dumps(camera_sink_cost(frame, 30, frames=20)))
+"""
 
 
 # `livecam doctor --camera`'s findings for root and for a user outside the video group (the

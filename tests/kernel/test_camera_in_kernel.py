@@ -175,3 +175,10 @@ def test_doctor_in_the_guest(guest):
     ok, detail = nobody["camera device"]
     print(f"\ndoctor for a user outside the video group: {detail}")
     assert not ok and "sudo usermod -aG video nobody" in detail and "0660" in detail
+
+
+def test_bench_measures_the_camera_sink(guest):
+    cost = json.loads(result(guest, "device_returns")["camera_sink"])
+    assert cost["device"] == "/dev/video10" and cost["wire_format"] == "I420", cost
+    print(f"\ncamera sink at 1280x720 (BGR in, I420 out, emulated): {cost['ms_per_frame']} ms")
+    assert 0 < cost["ms_per_frame"]["p50"] <= cost["ms_per_frame"]["p95"]
