@@ -196,7 +196,7 @@ def live_run() -> dict:
         "rmmod_while_open": {"rc": rmmod.returncode, "stderr": rmmod.stderr.strip()},
         "stop_cli": {"rc": stop.returncode, "out": (stop.stdout + stop.stderr).strip()[-500:]},
         "livecam_rc": rc, "hidden_after_stop": hidden, "caps_after_stop": device_caps(),
-        "reader_after_stop": after.stderr[-200:], "log": log.read_text()[-4000:],
+        "reader_after_stop": after.stderr[-200:], "log": " ".join(log.read_text().split())[-4000:],
     }  # fmt: skip
 
 
@@ -211,7 +211,7 @@ def busy_device() -> dict:
     held = wait_for(lambda: "capture" in device_caps(), 180)
     proc, log = start_livecam("busy", *SMALL)
     status = running(240)
-    named = wait_for(lambda: logged(log, f"pid {writer.pid}"), 60)
+    named = wait_for(lambda: logged(log, f"in use: ffmpeg (pid {writer.pid})"), 60)
     still_running = proc.poll() is None
     writer.terminate()
     writer.wait(60)
@@ -225,7 +225,7 @@ def busy_device() -> dict:
             "holder_named": named,
             "running_while_busy": still_running, "took_over": took_over, "takeover": frames,
             "status_after": status_after, "sigterm_rc": rc, "hidden_after_sigterm": hidden,
-            "log": log.read_text()[-4000:]}  # fmt: skip
+            "log": " ".join(log.read_text().split())[-4000:]}  # fmt: skip
 
 
 def device_returns() -> dict:
@@ -247,7 +247,7 @@ def device_returns() -> dict:
     result["status_end"] = control("status") or {}
     control("stop")
     result["rc"] = stop_process(proc, 60)
-    result["log"] = log.read_text()[-4000:]
+    result["log"] = " ".join(log.read_text().split())[-4000:]
     bench = sh(str(PY), "-c", SINK_BENCH, env=ENV, timeout=240)
     result["camera_sink"] = bench.stdout.strip() or bench.stderr[-2000:]
     return result
