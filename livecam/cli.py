@@ -378,12 +378,14 @@ def mute(off: Annotated[bool, typer.Option("--off", help="Unmute.")] = False) ->
 
 
 @app.command()
-def doctor() -> None:
+def doctor(
+    camera: Annotated[bool, typer.Option("--camera", help="Only the virtual camera.")] = False,
+) -> None:
     """Check the camera device, microphone, tools, avatars and weights; print the fixes."""
     from livecam.doctor import run_checks
 
     failed = False
-    for check in run_checks():
+    for check in run_checks(camera_only=camera):
         mark = "[green]ok[/]" if check.ok else "[red]FAIL[/]" if check.required else "[yellow]--[/]"
         console.print(
             f"{mark:>16}  [bold]{check.name}[/]: {check.detail}", highlight=False, soft_wrap=True

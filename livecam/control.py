@@ -40,6 +40,7 @@ REQUEST_DEADLINE_S = 2.0  # to send the whole request line, and again to read th
 SLOT_WAIT_S = 1.0  # a connection waits this long for a free slot, then is told "busy"
 ACCEPT_BACKOFF_S = 0.2  # after an accept error such as EMFILE
 SOCKET_NAME, LOCK_NAME = "livecam.sock", "livecam.lock"
+MAX_SOCKET_PATH = 108  # sun_path, including its terminating NUL (Linux)
 
 
 class ControlError(Exception):
@@ -67,8 +68,9 @@ def check_runtime_dir(path: Path, *, create: bool) -> bool:
         except FileExistsError:
             pass
         except OSError as exc:
-            raise ControlError(f"cannot create the runtime directory {path}: "
-                               f"{exc.strerror}") from None  # fmt: skip
+            raise ControlError(f"cannot create the runtime directory {path}: {exc.strerror}; "
+                               "set LIVECAM_RUNTIME_DIR (or XDG_RUNTIME_DIR) to a private, "
+                               "writable directory") from None  # fmt: skip
     try:
         st = path.lstat()
     except FileNotFoundError:
@@ -151,9 +153,9 @@ class ControlServer:
         old_umask = os.umask(0o177)  # the socket file is created 0600
         try:
             sock.bind(str(self.path))
-        except OSError:
+        except OSError as exc:
             sock.close()
-            raise
+            raise ControlError(_unusable_runtime_dir(self.path, exc)) from None
         finally:
             os.umask(old_umask)
         st = self.path.stat()
@@ -237,7 +239,7 @@ def _take_lock(path: Path) -> int:
     try:
         fd = os.open(path, flags, 0o600)
     except OSError as exc:
-        raise ControlError(f"cannot open the lock file {path}: {exc.strerror}") from None
+        raise ControlError(_unusable_runtime_dir(path, exc)) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -282,6 +284,21 @@ def _reply(conn: socket.socket, answer: dict) -> None:
     with conn, contextlib.suppress(OSError):
         conn.settimeout(REQUEST_DEADLINE_S)
         conn.sendall(json.dumps(answer).encode() + b"\n")
+
+
+def _unusable_runtime_dir(path: Path, exc: OSError) -> str:
+    """One line naming the runtime directory that cannot hold the socket, and the fix."""
+    if len(os.fsencode(path)) >= MAX_SOCKET_PATH:
+        why = f"the path is longer than the {MAX_SOCKET_PATH - 1} bytes a Unix socket allows"
+    elif exc.errno == errno.EROFS:
+        why = "it is on a read-only filesystem"
+    elif exc.errno in (errno.ENXIO, errno.EOPNOTSUPP, errno.EPERM):
+        why = "its filesystem does not support Unix sockets (9p, FUSE and some network mounts)"
+    else:
+        why = exc.strerror or str(exc)
+    return (f"cannot create the control socket {path}: {why}; point LIVECAM_RUNTIME_DIR (or "
+            "XDG_RUNTIME_DIR) at a short, writable directory on a local filesystem or tmpfs, "
+            "e.g. `export LIVECAM_RUNTIME_DIR=/dev/shm/livecam-$UID`")  # fmt: skip
 
 
 def snapshot_dict(snapshot: Any) -> dict:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 from livecam.musetalk import INSTALL
 
@@ -20,23 +18,9 @@ class Check:
 
 
 def _camera() -> list[Check]:
-    from livecam.sinks.virtualcam import MODPROBE, USERMOD, loopback_devices
+    from livecam.camera_check import camera_findings
 
-    devices = loopback_devices()
-    if not devices:
-        return [Check("virtual camera", False, f"no v4l2loopback device: run `{MODPROBE}` "
-                      "(install v4l2loopback-dkms first if the module is missing); until then "
-                      "livecam shows a browser preview", required=False)]  # fmt: skip
-    checks = [Check("virtual camera", True, ", ".join(devices))]
-    caps = Path("/sys/module/v4l2loopback/parameters/exclusive_caps")
-    if caps.exists() and not {"Y", "1"} & set(caps.read_text()):
-        checks.append(Check("exclusive_caps", False, "Chrome, Zoom and Teams will not list the "
-                            f"camera: reload the module with `{MODPROBE}`"))  # fmt: skip
-    writable = [d for d in devices if os.access(d, os.W_OK)]
-    if not writable:
-        checks.append(Check("camera permission", False, f"cannot write {devices[0]}: `{USERMOD}`, "
-                            "then log in again"))  # fmt: skip
-    return checks
+    return camera_findings()
 
 
 def _microphone() -> Check:
@@ -105,5 +89,7 @@ def _avatars() -> Check:
     return Check("avatars", bool(avatars), detail)
 
 
-def run_checks() -> list[Check]:
+def run_checks(camera_only: bool = False) -> list[Check]:
+    if camera_only:
+        return _camera()
     return [*_camera(), _microphone(), *_tools(), _avatars(), *_neural()]

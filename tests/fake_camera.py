@@ -23,12 +23,18 @@ class FakeBackend:
     """Implements pyvirtualcam's backend contract in memory."""
 
     instances: ClassVar[list[FakeBackend]] = []
+    attempts: ClassVar[int] = 0  # every open, failed or not
+    busy: ClassVar[set[str]] = set()  # devices another writer holds: open fails as for real
+    gone: ClassVar[set[str]] = set()  # devices that vanished: open and send fail as for real
 
     def __init__(
         self, *, width: int, height: int, fps: float, fourcc: int, device: str | None, **kw: Any
     ) -> None:
-        if device == MISSING_DEVICE:
+        FakeBackend.attempts += 1
+        if device == MISSING_DEVICE or device in FakeBackend.gone:
             raise RuntimeError(f"Device {device} does not exist.")
+        if device in FakeBackend.busy:
+            raise RuntimeError(f"Device {device} is not a video output device.")
         if device == DENIED_DEVICE:
             raise RuntimeError(
                 f"Device {device} could not be opened due to missing permissions. Did you add "
@@ -43,6 +49,8 @@ class FakeBackend:
 
     def send(self, frame: np.ndarray) -> None:
         assert frame.ndim == 1 and frame.dtype == np.uint8 and frame.flags.c_contiguous
+        if self._device in FakeBackend.gone:
+            raise RuntimeError("write failed: No such device")
         self.frames.append(frame.copy())
         self.times.append(time.monotonic())
 
@@ -60,10 +68,17 @@ class FakeBackend:
 def register() -> None:
     """Register the fake backend (idempotent) and forget earlier instances."""
     pyvirtualcam.register_backend(FAKE, FakeBackend)
-    FakeBackend.instances.clear()
+    _reset()
 
 
 def unregister() -> None:
     """Remove the fake backend so later `backend=None` cameras do not pick it up."""
     pyvirtualcam.camera.BACKENDS.pop(FAKE, None)
+    _reset()
+
+
+def _reset() -> None:
     FakeBackend.instances.clear()
+    FakeBackend.busy.clear()
+    FakeBackend.gone.clear()
+    FakeBackend.attempts = 0

@@ -85,7 +85,10 @@ def test_missing_camera_device():
         "--duration",
         "1",
     )
-    assert_clean_failure(result, "/dev/video99", "modprobe v4l2loopback")
+    # livecam keeps running (the camera may appear: module loaded later) and says why
+    out = " ".join((result.stdout + result.stderr).split())  # log lines are wrapped
+    assert result.returncode == 0 and "Traceback" not in out
+    assert "/dev/video99 does not exist" in out and "modprobe v4l2loopback" in out
 
 
 def test_unknown_avatar():

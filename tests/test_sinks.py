@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from livecam.sinks import SinkError, open_sink
+from livecam.sinks import SinkError, open_sink, virtualcam
 from livecam.sinks.memory import MemorySink
 from livecam.sinks.preview import PreviewSink
 from livecam.sinks.virtualcam import (
     MODPROBE,
+    CameraUnavailable,
     VirtualCamSink,
+    device_holders,
     loopback_devices,
     virtualcam_available,
 )
@@ -153,3 +157,107 @@ def test_open_sink_auto_falls_back_to_preview() -> None:
         assert any(sink.url in w for w in warnings)
     finally:
         sink.close()
+
+
+@pytest.fixture
+def held_device(tmp_path: Path) -> Iterator[tuple[str, int]]:
+    """A 'device' node that another process (this test's child) holds open, as a writer would."""
+    path = tmp_path / "video-held"
+    path.write_bytes(b"")
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; f = open(sys.argv[1], 'rb'); sys.stdin.read()",
+         str(path)], stdin=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not device_holders(str(path)):  # until the child has opened it
+            assert time.monotonic() < deadline and child.poll() is None
+            time.sleep(0.05)
+        yield str(path), child.pid
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_device_holders_names_the_other_writer(held_device) -> None:
+    path, pid = held_device
+    assert device_holders(path) == [f"{_comm(pid)} (pid {pid})"]
+    assert device_holders("/nonexistent/video") == []
+
+
+def _comm(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+def test_busy_camera_says_who_holds_it_and_is_taken_over_when_free(held_device, monkeypatch):
+    path, pid = held_device
+    FakeBackend.busy.add(path)
+    with pytest.raises(CameraUnavailable, match=f"{path} is in use: .*pid {pid}.*close"):
+        VirtualCamSink(W, H, FPS, device=path, backend=FAKE)  # no waiting: auto falls back
+    monkeypatch.setattr(virtualcam, "RETRY_FIRST_S", 60.0)
+    sink = VirtualCamSink(W, H, FPS, device=path, backend=FAKE, wait=True)
+    assert f"pid {pid}" in (sink.problem or "") and sink.device == path
+    attempts = FakeBackend.attempts
+    sink.send(pattern(), NO_AUDIO)  # dropped; the next attempt waits for its backoff
+    assert FakeBackend.attempts == attempts and FakeBackend.instances == []
+    FakeBackend.busy.clear()
+    sink._retry_at = 0.0  # the backoff has passed
+    sink.send(pattern(1), NO_AUDIO)
+    assert sink.problem is None and len(FakeBackend.instances) == 1
+    np.testing.assert_array_equal(FakeBackend.instances[0].frames[0].reshape(H, W, 3), pattern(1))
+    sink.close()
+
+
+def test_backoff_doubles_up_to_its_limit() -> None:
+    sink = VirtualCamSink(W, H, FPS, device=fake_camera.MISSING_DEVICE, backend=FAKE, wait=True)
+    assert "does not exist" in (sink.problem or "")
+    waits = []
+    for _ in range(8):
+        sink._retry_at = 0.0
+        before = time.monotonic()
+        sink.send(pattern(), NO_AUDIO)
+        waits.append(sink._retry_at - before)
+    assert waits[1] > 1.9 * waits[0] and max(waits) <= virtualcam.RETRY_MAX_S + 0.5
+    assert waits[-1] > virtualcam.RETRY_MAX_S - 0.5
+    sink.close()
+
+
+def test_camera_gone_mid_run_is_reopened(monkeypatch) -> None:
+    monkeypatch.setattr(virtualcam, "RETRY_FIRST_S", 0.0)
+    device = "/dev/video-unplugged"
+    sink = VirtualCamSink(W, H, FPS, device=device, backend=FAKE)
+    sink.send(pattern(0), NO_AUDIO)
+    first = FakeBackend.instances[0]
+    FakeBackend.gone.add(device)  # e.g. the module was unloaded
+    sink.send(pattern(1), NO_AUDIO)  # fails: the sink drops the camera, livecam keeps running
+    assert first.closed and "reopening" in (sink.problem or "")
+    sink.send(pattern(2), NO_AUDIO)
+    assert "does not exist" in (sink.problem or "")
+    FakeBackend.gone.clear()  # the module is back
+    sink.send(pattern(3), NO_AUDIO)
+    assert sink.problem is None and len(FakeBackend.instances) == 2
+    assert len(first.frames) == 1 and len(FakeBackend.instances[1].frames) == 1
+    sink.close()
+    with pytest.raises(SinkError, match="closed"):
+        sink.send(pattern(4), NO_AUDIO)
+
+
+def test_open_sink_virtualcam_waits_for_a_missing_camera() -> None:
+    sink, _ = open_sink("virtualcam", width=W, height=H, fps=FPS,
+                        device=fake_camera.MISSING_DEVICE, backend=FAKE)  # fmt: skip
+    assert isinstance(sink, VirtualCamSink) and "does not exist" in (sink.problem or "")
+    sink.close()
+    with pytest.raises(SinkError, match="permission"):  # what cannot clear up still stops it
+        open_sink("virtualcam", width=W, height=H, fps=FPS,
+                  device=fake_camera.DENIED_DEVICE, backend=FAKE)  # fmt: skip
+
+
+def test_bench_times_the_camera_sink() -> None:
+    from livecam.bench import camera_sink_cost
+
+    cost = camera_sink_cost(pattern(), FPS, frames=5, backend=FAKE)
+    assert cost["device"] == fake_camera.DEFAULT_DEVICE and cost["input"] == "BGR"
+    assert len(FakeBackend.instances[0].frames) == 5 and FakeBackend.instances[0].closed
+    assert 0 <= cost["ms_per_frame"]["p50"] <= cost["ms_per_frame"]["p95"]
+    assert "unknown virtual camera backend" in camera_sink_cost(pattern(), FPS,
+                                                                backend="nope")["unavailable"]

@@ -141,14 +141,21 @@ class HopTrack:
 
     def feed(self, ring, upto: int) -> None:
         """Analyse ring audio up to sample `upto` (an AudioRing; absolute index)."""
-        if self._fed < ring.start:  # fell more than the ring's length behind: resume there
-            hop = -(-ring.start // HOP_LENGTH)
-            self.features.restart_at(hop)
-            self._fed = hop * HOP_LENGTH
-        if upto <= self._fed:
-            return
+        while True:
+            if self._fed < ring.start:  # fell more than the ring's length behind: resume there
+                hop = -(-ring.start // HOP_LENGTH)
+                self.features.restart_at(hop)
+                self._fed = hop * HOP_LENGTH
+            if upto <= self._fed:
+                return
+            try:
+                audio = ring.read(self._fed, upto)
+                break
+            except IndexError:  # the capture thread overwrote it since the check: resume
+                if self._fed >= ring.start:
+                    raise
         first = self.features.hops_done
-        hops = self.features.push(ring.read(self._fed, upto))
+        hops = self.features.push(audio)
         self._fed = upto
         self._values[np.arange(first, first + len(hops)) % len(self._values)] = hops
 

@@ -304,6 +304,8 @@ class Pipeline:
         warnings = list(self.warnings)
         if self.source.stats.problem:
             warnings.append(self.source.stats.problem + ": showing idle frames")
+        if getattr(self.sink, "problem", None):  # e.g. the camera is held by another program
+            warnings.append(self.sink.problem)
         if self.muted:
             warnings.append("muted: the avatar stays idle (`livecam mute --off` to speak again)")
         mode = self.scheduler.mode

@@ -28,7 +28,8 @@ def open_sink(
     if kind == "virtualcam":
         from livecam.sinks.virtualcam import VirtualCamSink
 
-        return VirtualCamSink(width, height, fps, device=device, backend=backend), []
+        sink = VirtualCamSink(width, height, fps, device=device, backend=backend, wait=True)
+        return sink, []
     if kind == "preview":
         from livecam.sinks.preview import PreviewSink
 

@@ -1,0 +1,78 @@
+"""Boots Debian's kernel with v4l2loopback in a qemu guest through virtme-ng (the host's root
+filesystem, read-only, so the guest runs this checkout, its venv and ffmpeg), runs a command
+there and leaves its files in a host directory shared read-write (--rwdir)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+# What .ci/run installs (apt) for these tests; named in every "missing" message.
+APT_PACKAGES = ("linux-image-amd64", "v4l2loopback-dkms", "qemu-system-x86", "v4l-utils",
+                "ffmpeg", "gstreamer1.0-tools", "gstreamer1.0-plugins-good",
+                "gstreamer1.0-plugins-base-apps")  # fmt: skip
+VIRTME_NG = "virtme-ng==1.42"
+TCG_CPU = "Nehalem"  # x86-64-v2 (numpy's baseline), no AVX to emulate
+
+
+@dataclass(frozen=True)
+class Kernel:
+    image: Path  # /boot/vmlinuz-RELEASE
+    release: str
+
+
+def find_kernel() -> Kernel | None:
+    """The newest installed kernel that has v4l2loopback built for it (by dkms)."""
+    for image in sorted(glob.glob("/boot/vmlinuz-*"), reverse=True):
+        release = image.removeprefix("/boot/vmlinuz-")
+        if glob.glob(f"/lib/modules/{release}/**/v4l2loopback.ko*", recursive=True):
+            return Kernel(Path(image), release)
+    return None
+
+
+def _tool(name: str) -> str | None:
+    """A command from PATH or from this interpreter's venv (virtme-ng installs there)."""
+    return shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+
+
+def unavailable() -> str | None:
+    """Why the guest cannot boot here (with the fix), or None."""
+    if _tool("qemu-system-x86_64") is None:
+        return f"qemu is not installed: apt-get install {' '.join(APT_PACKAGES)}"
+    if find_kernel() is None:
+        return ("no kernel with v4l2loopback in /boot and /lib/modules: apt-get install "
+                f"{' '.join(APT_PACKAGES)} linux-headers-amd64")  # fmt: skip
+    if _tool("vng") is None:
+        return f"virtme-ng is not installed: pip install {VIRTME_NG}"
+    for tool in ("ffmpeg", "v4l2-ctl", "gst-launch-1.0", "gst-device-monitor-1.0"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed: apt-get install {' '.join(APT_PACKAGES)}"
+    return None
+
+
+def use_kvm() -> bool:
+    """KVM only where asked for: nested under some hypervisors the guest hangs at boot."""
+    return os.environ.get("LIVECAM_KERNEL_KVM") == "1" and os.access("/dev/kvm", os.W_OK)
+
+
+def boot(command: list[str], rwdir: Path, timeout: float, cpus: int = 2,
+         memory: str = "2G") -> subprocess.CompletedProcess:  # fmt: skip
+    """Run `command` as root in a fresh guest; the guest powers off when it ends."""
+    kernel = find_kernel()
+    vng = _tool("vng")
+    assert kernel is not None and vng is not None, unavailable()
+    args = [vng, "--run", str(kernel.image), "--rwdir", str(rwdir), "--memory", memory,
+            "--cpus", str(cpus), "--exec", shlex.join(command)]  # fmt: skip
+    if not use_kvm():
+        # emulated: a CPU without AVX runs numpy and OpenCV 2-3x faster than qemu's "max"
+        args += ["--disable-kvm", f"--qemu-opts=-cpu {TCG_CPU}"]
+    # vng runs virtme-run from PATH: the venv's bin must be on it
+    env = {**os.environ, "PATH": f"{Path(vng).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=rwdir, stdin=subprocess.DEVNULL)  # fmt: skip
