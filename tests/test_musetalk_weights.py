@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from livecam.cli import app
@@ -60,9 +61,26 @@ def test_pickle_converted_once_to_safetensors(tmp_path: Path) -> None:
     first = weights.load_state_dict(path)
     cached = weights.weights_cache_dir() / f"{weights.sha256_file(path)}.safetensors"
     assert cached.is_file()
-    torch.save({"poison": torch.zeros(1)}, tmp_path / "other.bin")
-    again = weights.load_state_dict(path)  # now read from the safetensors file
-    assert set(again) == {"a", "b"} and torch.equal(again["a"], first["a"])
+    assert set(load_file(cached)) == {"a", "b"}
+    # poison the cache file itself: a second load must come from it, not from the pickle
+    save_file({"poison": torch.zeros(1)}, str(cached))
+    assert set(weights.load_state_dict(path)) == {"poison"}
+    path.write_bytes(b"no longer a pickle")  # a changed source has another sha256: no reuse
+    with pytest.raises(weights.WeightsError, match="refused to load"):
+        weights.load_state_dict(path)
+    assert torch.equal(first["a"], torch.arange(6.0).reshape(2, 3))
+
+
+@pytest.mark.parametrize("damage", [b"", b"garbage", b"\x08\x00\x00\x00\x00\x00\x00\x00{}"])
+def test_corrupt_safetensors_cache_is_converted_again(tmp_path: Path, damage: bytes) -> None:
+    path = tmp_path / "w.bin"
+    torch.save({"a": torch.arange(4.0)}, path)
+    weights.load_state_dict(path)
+    cached = weights.weights_cache_dir() / f"{weights.sha256_file(path)}.safetensors"
+    cached.write_bytes(damage)
+    again = weights.load_state_dict(path)
+    assert torch.equal(again["a"], torch.arange(4.0))
+    assert torch.equal(load_file(cached)["a"], torch.arange(4.0))  # the cache was rewritten
 
 
 def test_vae_with_diffusers_0_4_attention_names_loads_exactly(tmp_path: Path) -> None:
