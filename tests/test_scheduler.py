@@ -51,12 +51,23 @@ def test_headroom_steps_back_up_only_after_a_calm_period():
 
 
 def test_playout_delay_covers_batch_wait_and_generation_time():
-    s = Scheduler(FPS, ("full",), (1, 4), base_delay_s=0.08)
-    _drive(s, lambda m: 0.9 * BUDGET + 0.1 * BUDGET * m.batch, 10)
+    s = Scheduler(FPS, ("full",), (1, 2, 4, 8), base_delay_s=0.08)
+    cost = lambda m: 0.8 * BUDGET + 0.2 * BUDGET * m.batch  # noqa: E731 (batching pays)
+    _drive(s, cost, 10)
     mode = s.mode
+    assert mode.batch > 1  # so the wait for the batch's last frame is not zero
     wait = (mode.batch - 1) * mode.stride / FPS
-    assert s.playout_delay >= 0.08 + wait + 0.9 * BUDGET
-    assert s.playout_delay < 0.08 + wait + 3 * BUDGET
+    assert s.playout_delay >= 0.08 + wait + cost(mode)
+    assert s.playout_delay < 0.08 + wait + 2 * cost(mode)
+
+
+def test_playout_delay_grows_when_the_engine_slows_in_the_same_mode():
+    s = Scheduler(FPS, ("full",), (1,), base_delay_s=0.08)
+    end = _drive(s, lambda m: 0.2 * BUDGET, 3)
+    assert s.playout_delay < 0.08 + 0.5 * BUDGET
+    _drive(s, lambda m: 0.6 * BUDGET, 3, start=end)  # slower, but no reason to step down
+    assert s.mode == Mode("full", 1, 1)
+    assert s.playout_delay >= 0.08 + 0.6 * BUDGET  # the generation time is covered again
 
 
 def test_hopeless_load_keeps_latency_bounded():
