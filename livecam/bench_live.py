@@ -22,7 +22,6 @@ import numpy as np
 import soundfile as sf
 
 from livecam.audio import pulse
-from livecam.audio.virtual_mic import SOURCE as VIRTUAL_MIC_SOURCE
 from livecam.audio.virtual_mic import VirtualMic
 from livecam.constants import SAMPLE_RATE
 from livecam.live import LiveOptions, build_pipeline
@@ -212,7 +211,7 @@ def virtual_mic_offset(opts: LiveOptions, bursts: int = 15) -> dict:
         pipeline.start()
         try:
             mic.start()
-            recorder = _Recorder(VIRTUAL_MIC_SOURCE)
+            recorder = _Recorder(mic.source)
             with recorder.stream:
                 play()
         finally:

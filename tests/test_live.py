@@ -27,13 +27,6 @@ def clip(tmp_path):
     return write_clip(tmp_path / "clip.wav", read_audio(JFK)[: 3 * SAMPLE_RATE])
 
 
-@pytest.fixture
-def fake_cam():
-    fake_camera.register()
-    fake_camera.FakeBackend.instances.clear()
-    yield fake_camera.FakeBackend.instances
-
-
 def _options(clip, **kw) -> LiveOptions:
     base = dict(
         avatar="astronaut",

@@ -136,9 +136,7 @@ def test_avatar_latents_are_cached(tiny: Path, engine: MuseTalkEngine) -> None:
     assert np.array_equal(again.data.latents, engine.data.latents)
 
 
-def test_live_camera_with_musetalk_keeps_its_rate(tiny: Path, tmp_path: Path) -> None:
-    fake_camera.register()
-    fake_camera.FakeBackend.instances.clear()
+def test_live_camera_with_musetalk_keeps_its_rate(tiny: Path, tmp_path: Path, fake_cam) -> None:
     clip = write_clip(tmp_path / "a.wav", read_audio(JFK)[: 2 * 16_000])
     opts = LiveOptions(avatar="astronaut", engine="musetalk", models_dir=tiny, sink="virtualcam",
                        camera_backend=fake_camera.FAKE, audio_file=clip, width=320, height=240,
@@ -151,9 +149,8 @@ def test_live_camera_with_musetalk_keeps_its_rate(tiny: Path, tmp_path: Path) ->
 
 
 def test_unpublished_weights_are_used_and_shown_as_a_warning(
-    tiny: Path, monkeypatch: pytest.MonkeyPatch
+    tiny: Path, monkeypatch: pytest.MonkeyPatch, fake_cam
 ) -> None:
-    fake_camera.register()
     opts = LiveOptions(avatar="astronaut", engine="musetalk", models_dir=tiny, sink="virtualcam",
                        camera_backend=fake_camera.FAKE, width=320, height=240, fps=25,
                        audio_file=JFK, dashboard=False)  # fmt: skip

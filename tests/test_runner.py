@@ -121,6 +121,7 @@ def test_a_late_tick_resyncs_instead_of_bursting(pipeline) -> None:
     expected[4] = 3.5
     assert np.allclose(gaps, expected), gaps.round(2)
 
+
 def test_live_and_offline_lite_frames_are_identical() -> None:
     """The same audio gives the same faces whether it arrives block by block (live, frames
     generated as soon as their audio is in, in varying batches) or all at once (render)."""
@@ -144,4 +145,3 @@ def test_live_and_offline_lite_frames_are_identical() -> None:
     assert all(np.array_equal(a, b) for a, b in zip(live, offline, strict=True))
     opened = [offline_engine.mouth(k)[0] for k in range(n)]
     assert max(opened) > 0.3  # speech: the faces differ from frame to frame
-
