@@ -24,6 +24,7 @@ from livecam.musetalk.features import (
     whisper_from_dir,
 )
 from tests.conftest import JFK
+from tests.helpers import write_clip
 from tests.musetalk_tiny import tiny_models_dir
 
 
@@ -94,12 +95,20 @@ def test_streaming_stays_close_to_offline(tiny: Path) -> None:
 
 
 def test_features_cli_writes_npy(tiny: Path, tmp_path: Path) -> None:
-    out = tmp_path / "f.npy"
-    args = ["features", str(JFK), "--models-dir", str(tiny), "--out", str(out), "--fps", "25"]
-    result = CliRunner().invoke(app, [*args, "--streaming"])
-    assert result.exit_code == 0, result.output
-    feats = np.load(out)
-    assert feats.dtype == np.float32 and feats.shape == (275, 50, 384)
+    clip = write_clip(tmp_path / "two.wav", read_audio(JFK)[: 2 * 16_000])
+    for streaming in (True, False):
+        out = tmp_path / f"f-{streaming}.npy"
+        args = ["features", str(clip), "--models-dir", str(tiny), "--out", str(out)]
+        flag = "--streaming" if streaming else "--no-streaming"
+        result = CliRunner().invoke(app, [*args, "--fps", "25", flag])
+        assert result.exit_code == 0, result.output
+        feats = np.load(out)
+        assert feats.dtype == np.float32 and feats.shape == (50, 50, 384)
+        audio = read_audio(clip)
+        want = compute_features(tiny, audio, 25, streaming=streaming, device="cpu")
+        assert np.array_equal(feats, want)  # what the command wrote is the chosen path's
+    offline, live = np.load(tmp_path / "f-False.npy"), np.load(tmp_path / "f-True.npy")
+    assert not np.array_equal(offline, live)
 
 
 def _ring_until(audio: np.ndarray, end: int) -> AudioRing:
