@@ -109,3 +109,45 @@ def test_bench_soak_reports_the_run(tmp_path: Path) -> None:
     assert soak["mode"]["tier"] in ("full", "nearest")
     assert soak["latency_p95_growth_percent"] is None  # needs two whole minutes
     assert minute["latency_p50_ms"] <= minute["latency_p95_ms"]
+
+
+def _marks(output: str) -> dict[str, str]:
+    """{check name: its line} from doctor's output."""
+    out = {}
+    for line in output.splitlines():
+        head, sep, _ = line.partition(":")
+        if sep and head.split():
+            out[" ".join(head.split()[1:])] = line
+    return out
+
+
+def test_doctor_marks_each_check_and_fails_only_on_required_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from livecam import doctor
+    from livecam.audio import pulse, sources
+    from livecam.sinks import virtualcam
+
+    monkeypatch.setattr(terminal.console, "width", 300)
+    monkeypatch.setattr(virtualcam, "loopback_devices", lambda: [])
+    monkeypatch.setattr(sources, "input_devices", lambda: [{"name": "Mic A"}])
+    monkeypatch.setattr(pulse, "available", lambda: False)
+    real_which = doctor.shutil.which
+    monkeypatch.setattr(doctor.shutil, "which", lambda n: None if n == "ffmpeg" else real_which(n))
+    result = runner.invoke(app, ["doctor"])
+    marks = _marks(result.output)
+    assert result.exit_code == 1, result.output  # ffmpeg is required
+    assert "FAIL" in marks["ffmpeg"] and "sudo apt-get install ffmpeg" in marks["ffmpeg"]
+    assert "--" in marks["virtual camera"] and "modprobe v4l2loopback" in marks["virtual camera"]
+    assert "--" in marks["PulseAudio/PipeWire"]  # optional: only --virtual-mic needs it
+    assert "ok" in marks["microphone"] and "1 input(s), e.g. 'Mic A'" in marks["microphone"]
+    assert "ok" in marks["avatars"] and "astronaut" in marks["avatars"]
+
+    monkeypatch.setattr(doctor.shutil, "which", real_which)
+    monkeypatch.setattr(sources, "input_devices", lambda: [])
+    result = runner.invoke(app, ["doctor"])
+    assert result.exit_code == 1 and "FAIL" in _marks(result.output)["microphone"]
+    monkeypatch.setattr(sources, "input_devices", lambda: [{"name": "Mic A"}])
+    result = runner.invoke(app, ["doctor"])
+    assert result.exit_code == 0, result.output  # only optional checks are left failing
+    assert "ok" in _marks(result.output)["ffmpeg"]
