@@ -36,11 +36,12 @@ def test_block_larger_than_capacity_keeps_the_newest_samples():
     np.testing.assert_array_equal(ring.read(7, 12), [7, 8, 9, 10, 11])
 
 
+@pytest.mark.parametrize("before", [5, 13])  # 13: every slot holds old non-zero samples
 @pytest.mark.parametrize("gap", [3, 8, 25])
-def test_write_silence_advances_like_zeros(gap):
+def test_write_silence_advances_like_zeros(gap, before):
     ring, reference = AudioRing(8), AudioRing(8)
     for r in (ring, reference):
-        r.write(np.arange(1, 6, dtype=np.float32))
+        r.write(np.arange(1, before + 1, dtype=np.float32))
     ring.write_silence(gap)
     reference.write(np.zeros(gap, dtype=np.float32))
     assert ring.end == reference.end
