@@ -145,3 +145,94 @@ def test_live_and_offline_lite_frames_are_identical() -> None:
     assert all(np.array_equal(a, b) for a, b in zip(live, offline, strict=True))
     opened = [offline_engine.mouth(k)[0] for k in range(n)]
     assert max(opened) > 0.3  # speech: the faces differ from frame to frame
+
+
+class _Worker:
+    """Runs the pipeline's generation worker on the fake clock: each wait delivers the audio
+    a real-time source would have delivered by then (until `audio_until` stream seconds)."""
+
+    def __init__(self, pipeline, seconds: float, audio_until: float = 1e9, cost: float = 0.0):
+        self.p, self.end = pipeline, pipeline.fake.t + seconds
+        self.audio = read_audio(JFK)
+        self.audio_until, self.cost = audio_until, cost
+        self.pushed: list[tuple[int, float, int]] = []  # (frame, due then, ring end then)
+        self.generated: list[tuple[list[int], int]] = []  # (frames, due when the call began)
+        real_wait, real_push = pipeline.fake.wait, pipeline._push
+        real_generate = pipeline.look.engine.generate
+
+        def wait(timeout=None):
+            real_wait(timeout)
+            self._deliver()
+            if pipeline.fake.t >= self.end:
+                pipeline.fake.set()
+            return pipeline.fake.stopped
+
+        def push(frames, faces, look):
+            if len(self.pushed) > 2 * FPS * seconds:  # a worker that never waits spins
+                pipeline.fake.set()
+                raise AssertionError("more faces than frames: the worker does not wait")
+            due = pipeline._due_frame(pipeline.fake.t)
+            self.pushed += [(k, due, pipeline.ring.end) for k in frames]
+            real_push(frames, faces, look)
+
+        def generate(ring, frames):
+            if len(self.generated) > 2 * FPS * seconds:
+                pipeline.fake.set()
+                raise AssertionError("more engine calls than frames: the worker does not wait")
+            self.generated.append((list(frames), pipeline._due_frame(pipeline.fake.t)))
+            pipeline.fake.t += self.cost  # the engine call takes this long
+            return real_generate(ring, frames)
+
+        pipeline.fake.wait = wait
+        pipeline._stop = pipeline.fake
+        pipeline._push = push
+        pipeline.look.engine.generate = generate
+
+    def _deliver(self) -> None:
+        p = self.p
+        stream_s = min(p.clock.stream_time(p.fake.t), self.audio_until)
+        upto = min(int(stream_s * SAMPLE_RATE) // BLOCK * BLOCK, len(self.audio))
+        while p.ring.end + BLOCK <= upto:
+            p.ring.write(self.audio[p.ring.end : p.ring.end + BLOCK])
+            p.clock.on_block(p.ring.end, p.clock.origin() + p.ring.end / SAMPLE_RATE)
+
+    def run(self) -> _Worker:
+        self.p._work()
+        return self
+
+
+def test_worker_generates_every_frame_once_its_audio_is_in(pipeline) -> None:
+    w = _Worker(pipeline, 3.0).run()
+    frames = [k for k, _, _ in w.pushed]
+    assert frames == list(range(frames[0], frames[0] + len(frames)))  # in order, none skipped
+    assert len(frames) > 2.5 * FPS and pipeline.counters.frames_silent == 0
+    engine = pipeline.look.engine
+    assert all(engine.samples_needed(k) <= end for k, _, end in w.pushed)  # never early
+    assert all(k > due for k, due, _ in w.pushed)  # and never too late to be shown
+    assert pipeline.counters.frames_generated == len(frames)
+
+
+def test_a_slow_worker_skips_ahead_instead_of_falling_behind(pipeline) -> None:
+    w = _Worker(pipeline, 4.0, cost=2.5 * PERIOD).run()  # 2.5 frame times per engine call
+    c = pipeline.counters
+    assert c.frames_skipped > 0
+    assert all(batch[0] > due for batch, due in w.generated)  # never starts on late frames
+    assert pipeline.scheduler.mode != Mode("full", 1, 1)  # and the scheduler stepped down
+    firsts = [batch[0] for batch, _ in w.generated]
+    assert firsts == sorted(firsts) and firsts[-1] > 3 * FPS  # it kept up with the clock
+
+
+def test_stalled_audio_gives_idle_faces_just_in_time(pipeline) -> None:
+    w = _Worker(pipeline, 3.0, audio_until=1.0).run()  # the source stops after 1 s
+    c = pipeline.counters
+    assert c.frames_generated > 0 and c.frames_silent > FPS
+    late = [(k, due) for k, due, _ in w.pushed if k > 1.5 * FPS]
+    assert late and all(due < k <= due + 1 for k, due in late)  # idle faces only when due
+    assert all(batch[-1] < 1.2 * FPS for batch, _ in w.generated)
+
+
+def test_muted_gives_only_idle_faces(pipeline) -> None:
+    pipeline.muted = True
+    w = _Worker(pipeline, 2.0).run()
+    assert w.generated == [] and pipeline.counters.frames_silent > FPS
+    assert "muted" in " ".join(pipeline.snapshot().warnings)
