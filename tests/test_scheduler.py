@@ -1,5 +1,7 @@
 """The scheduler's decisions, driven with synthetic engine costs (no clocks involved)."""
 
+import pytest
+
 from livecam.pipeline.scheduler import STEP_UP_AFTER_S, Mode, Scheduler
 
 FPS = 30
@@ -75,3 +77,44 @@ def test_hopeless_load_keeps_latency_bounded():
     _drive(s, lambda m: 0.3 + 0.01 * m.batch, 10)  # 9 frame budgets per call, whatever the mode
     assert s.mode.stride == 6
     assert s.playout_delay < 1.0  # no giant batches that would add seconds of delay
+
+
+def test_cost_priors_for_unmeasured_tiers_and_batches():
+    s = Scheduler(FPS, ("full", "nearest", "tiny"), (1, 2, 4), base_delay_s=0.08,
+                  initial_cost_s=0.01)  # fmt: skip
+    assert s.cost("full", 1) == 0.01
+    assert s.cost("full", 4) == pytest.approx(0.01 * (0.5 + 0.5 * 4))  # half fixed, half per frame
+    assert s.cost("nearest", 1) == pytest.approx(0.01 * 0.7)  # a tier down: 0.7 times
+    assert s.cost("tiny", 1) == pytest.approx(0.01 * 0.7**2)
+    s.observe(Mode("nearest", 1, 2), 0.02, now=0.0)  # the first measurement is taken as is
+    assert s.cost("nearest", 2) == 0.02
+    assert s.cost("nearest", 4) == pytest.approx(0.02 * (0.5 + 0.5 * 4 / 2))  # from batch 2
+    assert s.cost("tiny", 4) == pytest.approx(0.02 * 1.5 * 0.7)  # from the nearest tier
+    s.observe(Mode("full", 1, 4), 0.03, now=0.0)
+    assert s.cost("full", 2) == pytest.approx(0.01 * 1.5)  # from batch 1, the closest
+    s.observe(Mode("full", 1, 1), 0.02, now=0.0)  # later ones: a moving average
+    assert s.cost("full", 1) == pytest.approx(0.01 + 0.2 * (0.02 - 0.01))
+    assert s.utilisation(Mode("full", 2, 4), 0.06) == pytest.approx(0.06 * FPS / 8)
+
+
+def test_playout_delay_before_and_after_the_first_measurements():
+    s = Scheduler(FPS, ("full",), (1, 2), base_delay_s=0.08, initial_cost_s=0.01)
+    assert s.playout_delay == pytest.approx(0.08 + 1.3 * 0.01)  # the estimate, with margin
+    changed = [s.observe(Mode("full", 1, 1), 0.004, now=0.0) for _ in range(12)]
+    assert changed == [False] * 9 + [True, False, False]  # re-derived at the 10th call
+    assert s.changes == 1
+    assert s.playout_delay == pytest.approx(0.08 + 1.1 * 0.004)  # p95 of the calls + 10 %
+    for _ in range(5):  # slower than the delay allows: derived again
+        s.observe(Mode("full", 1, 1), 0.01, now=0.0)
+    assert s.changes >= 2 and s.playout_delay > 0.08 + 0.01
+    s.mode = Mode("full", 2, 2)
+    s._derive_delay()
+    assert s.playout_delay - s._allowance == pytest.approx(0.08 + 2 / FPS)  # batch wait
+
+
+def test_steps_back_up_from_the_first_step_down():
+    s = Scheduler(FPS, ("full",), (1,), base_delay_s=0.05)
+    end = _drive(s, lambda m: 1.2 * BUDGET, 3)
+    assert s.mode == Mode("full", 2, 1) and s.level == 1
+    _drive(s, lambda m: 0.1 * BUDGET, STEP_UP_AFTER_S * 3, start=end)
+    assert s.mode == Mode("full", 1, 1) and s.level == 0
