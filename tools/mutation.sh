@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=$(dirname "${PYTHON:-.venv/bin/python}")
-"$bin/python" -c 'import mutmut' 2>/dev/null || "$bin/python" -m pip install -q 'mutmut==3.8.1'
+"$bin/python" -c 'import mutmut' 2>/dev/null || "$bin/python" -m pip install -q -e '.[mutation]'
 unset PYTHONPATH  # the mutated copy in mutants/ must be the one imported
 
 declare -A module=(
