@@ -48,3 +48,16 @@ def test_write_silence_advances_like_zeros(gap, before):
     np.testing.assert_array_equal(
         ring.read(ring.start, ring.end), reference.read(ring.start, ring.end)
     )
+
+
+def test_shapes_dtypes_and_empty_spans():
+    with pytest.raises(ValueError):
+        AudioRing(0)
+    ring = AudioRing(8)
+    ring.write(np.arange(1, 5, dtype=np.float64).reshape(4, 1))  # a (frames, 1) device block
+    out = ring.read(0, 4)
+    assert out.dtype == np.float32 and out.shape == (4,)
+    np.testing.assert_array_equal(out, [1, 2, 3, 4])
+    assert ring.read(2, 2).shape == (0,)  # an empty span is not an error
+    with pytest.raises(ValueError, match="empty span"):
+        ring.read(3, 2)
