@@ -1,5 +1,6 @@
 """The scheduler's decisions, driven with synthetic engine costs (no clocks involved)."""
 
+import numpy as np
 import pytest
 
 from livecam.pipeline.scheduler import STEP_UP_AFTER_S, Mode, Scheduler
@@ -118,3 +119,55 @@ def test_steps_back_up_from_the_first_step_down():
     assert s.mode == Mode("full", 2, 1) and s.level == 1
     _drive(s, lambda m: 0.1 * BUDGET, STEP_UP_AFTER_S * 3, start=end)
     assert s.mode == Mode("full", 1, 1) and s.level == 0
+
+
+def _drive_logged(s: Scheduler, cost_of, seconds: float, start: float = 0.0):
+    """Like _drive, and checks observe's answer: True exactly when mode or delay changed."""
+    now = start
+    while now < start + seconds:
+        mode, delay, changes = s.mode, s.playout_delay, s.changes
+        changed = s.observe(mode, cost_of(mode), now=now)
+        assert changed == (s.mode != mode or s.playout_delay != delay), (mode, s.mode)
+        assert s.changes == changes + changed
+        now += mode.batch * mode.stride / FPS
+    return now
+
+
+def test_observe_reports_every_change_and_only_changes():
+    s = Scheduler(FPS, ("full", "nearest"), (1, 2, 4), base_delay_s=0.08)
+    end = _drive_logged(s, lambda m: 0.8 * BUDGET + 0.2 * BUDGET * m.batch, 5)  # batching pays
+    assert s.mode.batch > 1 and s.level == 0
+    end = _drive_logged(s, lambda m: 3 * BUDGET, 5, start=end)
+    _drive_logged(s, lambda m: 0.1 * BUDGET, STEP_UP_AFTER_S * 4, start=end)
+    assert s.mode == Mode("full", 1, 1) and s.changes > 3
+
+
+def test_nothing_keeps_up_the_coarsest_stride_with_the_first_batch():
+    s = Scheduler(FPS, ("full", "tiny"), (1, 2, 4, 8), base_delay_s=0.08)
+    _drive(s, lambda m: 0.3 + 0.01 * m.batch, 10)
+    assert s.mode == Mode("tiny", 6, 1) and s.level == len(s.ladder) - 1
+
+
+def test_cost_prior_scales_from_the_nearest_measured_batch():
+    s = Scheduler(FPS, ("full",), (1, 4, 8), base_delay_s=0.08, initial_cost_s=0.01)
+    s.observe(Mode("full", 1, 4), 0.05, now=0.0)
+    assert s.cost("full", 8) == pytest.approx(0.05 * (0.5 + 0.5 * 8 / 4))
+
+
+def test_a_moderate_slowdown_re_derives_the_delay():
+    s = Scheduler(FPS, ("full",), (1,), base_delay_s=0.08, initial_cost_s=0.004)
+    for _ in range(10):
+        s.observe(Mode("full", 1, 1), 0.004, now=0.0)
+    for _ in range(10):
+        s.observe(Mode("full", 1, 1), 0.006, now=0.0)  # 1.5 times slower
+    assert s.playout_delay > 0.08 + 1.2 * (1.1 * 0.004)  # more than the re-derive threshold
+
+
+def test_the_delay_follows_the_recent_calls_only():
+    s = Scheduler(FPS, ("full",), (1,), base_delay_s=0.08, initial_cost_s=0.004)
+    for _ in range(40):
+        s.observe(Mode("full", 1, 1), 0.02, now=0.0)
+    for _ in range(28):  # p95 of the last 30 calls: 2 slow and 28 fast ones
+        s.observe(Mode("full", 1, 1), 0.001, now=0.0)
+    recent = [0.02] * 2 + [0.001] * 28
+    assert s._generation_allowance() == pytest.approx(1.1 * np.percentile(recent, 95))
