@@ -262,8 +262,8 @@ def soak(opts: LiveOptions, seconds: float) -> dict:
             started[0] = now
 
     pipeline.on_tick = on_tick
+    started[0] = time.monotonic()  # before the first tick, or it closes a "minute" at once
     pipeline.start()
-    started[0] = time.monotonic()
     t0 = started[0]
     try:
         while time.monotonic() - t0 < seconds and pipeline.running:
