@@ -61,3 +61,13 @@ def test_shapes_dtypes_and_empty_spans():
     assert ring.read(2, 2).shape == (0,)  # an empty span is not an error
     with pytest.raises(ValueError, match="empty span"):
         ring.read(3, 2)
+
+
+def test_one_sample_ring_and_the_first_overwritten_sample():
+    ring = AudioRing(1)
+    ring.write(np.array([3.0, 4.0], np.float32))
+    np.testing.assert_array_equal(ring.read(1, 2), [4.0])
+    ring = AudioRing(4)
+    ring.write(np.arange(5, dtype=np.float32))  # sample 0 is gone, 1..4 held
+    with pytest.raises(IndexError, match="overwritten"):
+        ring.read(0, 5)
