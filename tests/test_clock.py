@@ -35,7 +35,7 @@ def test_defaults_to_the_monotonic_clock_and_says_when_it_has_no_audio():
     import pytest
 
     clock = AudioClock()
-    with pytest.raises(RuntimeError, match="^no audio captured yet$"):
+    with pytest.raises(RuntimeError, match=r"^no audio captured yet$"):
         clock.origin()
     assert not clock.started
     before = time.monotonic()

@@ -51,7 +51,7 @@ def test_write_silence_advances_like_zeros(gap, before):
 
 
 def test_shapes_dtypes_and_empty_spans():
-    with pytest.raises(ValueError, match="^capacity must be positive$"):
+    with pytest.raises(ValueError, match=r"^capacity must be positive$"):
         AudioRing(0)
     ring = AudioRing(8)
     ring.write(np.arange(1, 5, dtype=np.float64).reshape(4, 1))  # a (frames, 1) device block
