@@ -22,7 +22,6 @@ import numpy as np
 import soundfile as sf
 
 from livecam.audio import pulse
-from livecam.audio.virtual_mic import SOURCE as VIRTUAL_MIC_SOURCE
 from livecam.audio.virtual_mic import VirtualMic
 from livecam.constants import SAMPLE_RATE
 from livecam.live import LiveOptions, build_pipeline
@@ -212,7 +211,7 @@ def virtual_mic_offset(opts: LiveOptions, bursts: int = 15) -> dict:
         pipeline.start()
         try:
             mic.start()
-            recorder = _Recorder(VIRTUAL_MIC_SOURCE)
+            recorder = _Recorder(mic.source)
             with recorder.stream:
                 play()
         finally:
@@ -263,8 +262,8 @@ def soak(opts: LiveOptions, seconds: float) -> dict:
             started[0] = now
 
     pipeline.on_tick = on_tick
+    started[0] = time.monotonic()  # before the first tick, or it closes a "minute" at once
     pipeline.start()
-    started[0] = time.monotonic()
     t0 = started[0]
     try:
         while time.monotonic() - t0 < seconds and pipeline.running:

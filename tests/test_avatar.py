@@ -269,3 +269,69 @@ def test_tall_photos_are_downscaled(cache: Path, face_crop: Path, tmp_path: Path
     path = tmp_path / "big.png"
     cv2.imwrite(str(path), big)
     assert store.read_image(path).shape[0] == store.MAX_HEIGHT
+
+
+def _count_builds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every real (re)build of an avatar from its source."""
+    calls: list[str] = []
+    real = store.build_avatar
+
+    def counting(name: str, source: Path) -> Avatar:
+        calls.append(name)
+        return real(name, source)
+
+    monkeypatch.setattr(store, "build_avatar", counting)
+    return calls
+
+
+def _rewrite_arrays(npz: Path, change) -> None:
+    """Rewrite arrays.npz as a valid zip (CRCs intact) after `change(arrays)`."""
+    with np.load(npz) as data:
+        arrays = {k: data[k] for k in data.files}
+    change(arrays)
+    with npz.open("wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def _brighten(arrays: dict) -> None:
+    arrays["image"] = np.clip(arrays["image"].astype(int) + 40, 0, 255).astype(np.uint8)
+
+
+def _drop_eyes(arrays: dict) -> None:
+    del arrays["eyes_mask"]
+
+
+def _add_extra(arrays: dict) -> None:
+    arrays["extra"] = np.zeros(3)
+
+
+@pytest.mark.parametrize("change", [_brighten, _drop_eyes, _add_extra])
+def test_valid_zip_with_other_arrays_is_rebuilt(
+    cache: Path, face_crop: Path, monkeypatch: pytest.MonkeyPatch, change
+) -> None:
+    """Only the per-array sha256 (or the array set) can tell: zipfile's CRCs all match."""
+    first = prepare_avatar("me", face_crop)
+    _rewrite_arrays(cache / "avatars" / "me" / "arrays.npz", change)
+    builds = _count_builds(monkeypatch)
+    again = load_avatar("me")
+    assert builds == ["me"]
+    assert np.array_equal(again.image, first.image)
+    assert np.array_equal(again.eyes.mask, first.eyes.mask)
+    load_avatar("me")  # the rebuilt cache is whole again
+    assert builds == ["me"]
+
+
+def test_changed_build_parameters_make_the_cache_stale(
+    cache: Path, face_crop: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prepare_avatar("me", face_crop)
+    manifest_path = cache / "avatars" / "me" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["params"]["max_height"] = store.MAX_HEIGHT + 1  # built by another version
+    manifest_path.write_text(json.dumps(manifest))
+    assert [a.status for a in list_avatars() if a.name == "me"] == ["stale"]
+    builds = _count_builds(monkeypatch)
+    load_avatar("me")
+    assert builds == ["me"]
+    assert json.loads(manifest_path.read_text())["params"] == store.build_params()
+    assert [a.status for a in list_avatars() if a.name == "me"] == ["ready"]

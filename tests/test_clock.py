@@ -27,3 +27,19 @@ def test_seed_is_replaced_by_the_first_block():
     assert clock.started and clock.origin() == 50.0
     clock.on_block(320, arrival=51.02)
     assert abs(clock.origin() - 51.0) < 1e-9
+
+
+def test_defaults_to_the_monotonic_clock_and_says_when_it_has_no_audio():
+    import time
+
+    import pytest
+
+    clock = AudioClock()
+    with pytest.raises(RuntimeError, match=r"^no audio captured yet$"):
+        clock.origin()
+    assert not clock.started
+    before = time.monotonic()
+    clock.on_block(1600)  # 0.1 s of audio, arriving now
+    after = time.monotonic()
+    assert before - 0.1 <= clock.origin() <= after - 0.1
+    assert 0.1 <= clock.stream_time() <= 0.1 + (time.monotonic() - before)

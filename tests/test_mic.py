@@ -27,34 +27,35 @@ def test_microphone_drives_the_pipeline(pulse_mic):
             avatar="astronaut", sink="memory", width=320, height=240, fps=FPS, dashboard=False
         )
     )
-    levels = []
+    levels, shown = [], []
+    pipeline.on_tick = lambda index, now: shown.append(index)
     pipeline.start()
     try:
         _wait_for_audio(pipeline)
+        before = pipeline.snapshot()
         blocks_before = pipeline.source.stats.blocks
         player = subprocess.Popen(["paplay", f"--device={pulse_mic}", str(JFK)])
-        deadline = time.monotonic() + 8
-        while time.monotonic() < deadline:
+        while player.poll() is None:
             time.sleep(0.1)
             pipeline.source.poll()
             levels.append(pipeline.source.stats.level_db)
-        player.wait(timeout=10)
+        assert player.wait() == 0
         snap = pipeline.snapshot()
     finally:
         pipeline.stop()
     assert pipeline.error is None
-    assert snap.source != "" and pipeline.source.stats.blocks - blocks_before > 7 * 50  # 20 ms
+    assert snap.source != "" and pipeline.source.stats.blocks > blocks_before
     assert max(levels) > -30  # the speech reached the microphone
     speech = pipeline.ring.read(pipeline.ring.end - 5 * 16000, pipeline.ring.end)
     assert np.sqrt(np.mean(speech**2)) > 0.01
-    assert snap.frames_generated > 6 * FPS  # frames made from captured audio, not idle ones
-    assert snap.frames_shown > 7 * FPS * 0.85
+    # every face while the speech played was made from captured audio, none was idle
+    assert snap.frames_generated > before.frames_generated
+    assert snap.frames_silent == before.frames_silent
+    assert snap.frames_shown == snap.frames_new + snap.frames_held + snap.frames_repeated
     assert pipeline.engine.track.hops_done > 0
-    opened = [
-        pipeline.engine.mouth(k)[0]
-        for k in range(snap.frames_generated - 60, snap.frames_generated)
-    ]
-    assert max(opened) > 0 or max(levels) < -30
+    # the mouth opened in frames that went on the camera (indices of the faces shown)
+    recent = [k for k in shown[-5 * FPS :] if k >= 0]
+    assert max(pipeline.engine.mouth(k)[0] for k in recent) > 0.2
 
 
 def _watch(pipeline, seconds: float) -> list:
@@ -85,7 +86,10 @@ def test_suspended_microphone_gives_idle_frames_and_recovers(pulse_mic):
     assert any("delivered no audio" in w for w in during[-1].warnings), [
         (s.frames_generated, s.frames_silent, s.warnings) for s in during[::4]
     ]
-    assert during[-1].frames_silent - during[0].frames_silent > 0.5 * 30  # idle frames
-    assert during[-1].shown_fps > 25  # the camera never stopped
-    assert after[-1].frames_generated - after[0].frames_generated > 30  # audio flows again
+    assert during[-1].frames_silent > during[0].frames_silent  # idle frames were made
+    # the camera never stopped: frames went out in each half of the suspension
+    half = len(during) // 2
+    assert during[half].frames_shown > during[0].frames_shown
+    assert during[-1].frames_shown > during[half].frames_shown
+    assert after[-1].frames_generated > after[0].frames_generated  # audio flows again
     assert not after[-1].warnings

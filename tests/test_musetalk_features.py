@@ -12,8 +12,10 @@ import torch
 from typer.testing import CliRunner
 
 from livecam.audio.files import read_audio
+from livecam.audio.ring import AudioRing
 from livecam.cli import app
 from livecam.musetalk.features import (
+    StreamingFeatures,
     compute_features,
     frame_steps,
     offline_features,
@@ -22,6 +24,7 @@ from livecam.musetalk.features import (
     whisper_from_dir,
 )
 from tests.conftest import JFK
+from tests.helpers import write_clip
 from tests.musetalk_tiny import tiny_models_dir
 
 
@@ -92,9 +95,66 @@ def test_streaming_stays_close_to_offline(tiny: Path) -> None:
 
 
 def test_features_cli_writes_npy(tiny: Path, tmp_path: Path) -> None:
-    out = tmp_path / "f.npy"
-    args = ["features", str(JFK), "--models-dir", str(tiny), "--out", str(out), "--fps", "25"]
-    result = CliRunner().invoke(app, [*args, "--streaming"])
-    assert result.exit_code == 0, result.output
-    feats = np.load(out)
-    assert feats.dtype == np.float32 and feats.shape == (275, 50, 384)
+    clip = write_clip(tmp_path / "two.wav", read_audio(JFK)[: 2 * 16_000])
+    for streaming in (True, False):
+        out = tmp_path / f"f-{streaming}.npy"
+        args = ["features", str(clip), "--models-dir", str(tiny), "--out", str(out)]
+        flag = "--streaming" if streaming else "--no-streaming"
+        result = CliRunner().invoke(app, [*args, "--fps", "25", flag])
+        assert result.exit_code == 0, result.output
+        feats = np.load(out)
+        assert feats.dtype == np.float32 and feats.shape == (50, 50, 384)
+        audio = read_audio(clip)
+        want = compute_features(tiny, audio, 25, streaming=streaming, device="cpu")
+        assert np.array_equal(feats, want)  # what the command wrote is the chosen path's
+    offline, live = np.load(tmp_path / "f-False.npy"), np.load(tmp_path / "f-True.npy")
+    assert not np.array_equal(offline, live)
+
+
+def _ring_until(audio: np.ndarray, end: int) -> AudioRing:
+    ring = AudioRing(len(audio) + 16_000 * 30)
+    ring.write(np.concatenate([audio, np.zeros(max(0, end - len(audio)), np.float32)])[:end])
+    return ring
+
+
+def test_streaming_windows_take_their_position_in_the_segment(tiny: Path) -> None:
+    """With the convolutions zeroed, whisper's embedding output (hidden state 0) is a constant
+    plus the positional embedding of the step: it depends on where a step sits in its 30 s
+    segment and on nothing else. So streaming must match offline exactly there, also for
+    steps whose 8 s window starts well after the segment start (audio longer than a window)."""
+    whisper = whisper_from_dir(tiny, "cpu")
+    with torch.no_grad():
+        whisper.encoder.conv1.weight.zero_()
+        whisper.encoder.conv2.weight.zero_()
+    audio = read_audio(JFK)  # 11 s: longer than the 8 s window
+    fps, frames = 25.0, list(range(240, 250))  # 9.6 s .. 10 s
+    stream = StreamingFeatures(whisper, fps)
+    assert stream.window * 320 < 240 / fps * 16_000  # the window no longer starts at 0
+    got = stream.features(_ring_until(audio, stream.samples_needed(frames[-1])), frames)
+    want = offline_features(whisper, audio, fps)[frames[0] : frames[-1] + 1]
+    state0 = (slice(None), slice(None), 0)
+    got, want = got.reshape(len(frames), 10, 5, -1), want.reshape(len(frames), 10, 5, -1)
+    assert float(torch.abs(want[state0]).max()) > 0.1  # the positions are not all zero
+    assert torch.allclose(got[state0], want[state0], atol=1e-5)
+
+
+@pytest.mark.parametrize("first", [250, 100])
+def test_streaming_features_see_seconds_of_left_context(tiny: Path, first: int) -> None:
+    """Every streamed step is encoded with at least half the window (4 s of the default 8 s)
+    of audio before it: changing the audio 3 s before a frame must change that frame's
+    features (attention mixes the whole window); with a short context it could not. Frames
+    4 s .. 10 s asked at once (catching up) must keep that context for the first of them."""
+    whisper = whisper_from_dir(tiny, "cpu")
+    audio = read_audio(JFK)
+    fps, frames = 25.0, list(range(first, 251))
+    changed = audio.copy()
+    a = round((first / fps - 3.0) * 16_000)
+    changed[a : a + 8_000] = 0.0  # silence half a second of speech, 3 s before the frame
+    out = []
+    for clip in (audio, changed):
+        stream = StreamingFeatures(whisper, fps)
+        ring = _ring_until(clip, stream.samples_needed(frames[-1]))
+        out.append(stream.features(ring, frames)[0].numpy())
+    assert np.abs(changed - audio)[a : a + 8_000].max() > 0.1  # it was speech
+    layers = out[0].reshape(10, 5, -1)[:, 1:], out[1].reshape(10, 5, -1)[:, 1:]
+    assert not np.allclose(*layers, atol=1e-4)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import http.server
 import pickle
 import shutil
+import threading
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from livecam.cli import app
@@ -61,10 +66,29 @@ def test_pickle_converted_once_to_safetensors(tmp_path: Path) -> None:
     weights.load_state_dict(path, first.append)
     cached = weights.weights_cache_dir() / f"{weights.sha256_file(path)}.safetensors"
     assert cached.is_file()
-    torch.save({"poison": torch.zeros(1)}, tmp_path / "other.bin")
+    assert set(load_file(cached)) == {"a", "b"}
+    # poison the cache file itself: a second load must come from it, not from the pickle
+    save_file({"poison": torch.zeros(1)}, str(cached))
     again: list[dict] = []
-    weights.load_state_dict(path, again.append)  # now read from the safetensors file
-    assert set(again[0]) == {"a", "b"} and torch.equal(again[0]["a"], first[0]["a"])
+    weights.load_state_dict(path, again.append)
+    assert set(again[0]) == {"poison"}
+    path.write_bytes(b"no longer a pickle")  # a changed source has another sha256: no reuse
+    with pytest.raises(weights.WeightsError, match="refused to load"):
+        weights.load_state_dict(path, again.append)
+    assert torch.equal(first[0]["a"], torch.arange(6.0).reshape(2, 3))
+
+
+@pytest.mark.parametrize("damage", [b"", b"garbage", b"\x08\x00\x00\x00\x00\x00\x00\x00{}"])
+def test_corrupt_safetensors_cache_is_converted_again(tmp_path: Path, damage: bytes) -> None:
+    path = tmp_path / "w.bin"
+    torch.save({"a": torch.arange(4.0)}, path)
+    weights.load_state_dict(path, lambda state: None)
+    cached = weights.weights_cache_dir() / f"{weights.sha256_file(path)}.safetensors"
+    cached.write_bytes(damage)
+    again: list[dict] = []
+    weights.load_state_dict(path, again.append)
+    assert torch.equal(again[-1]["a"], torch.arange(4.0))
+    assert torch.equal(load_file(cached)["a"], torch.arange(4.0))  # the cache was rewritten
 
 
 def test_vae_with_diffusers_0_4_attention_names_loads_exactly(tmp_path: Path) -> None:
@@ -182,3 +206,73 @@ def test_doctor_checks_the_weights_hashes(tiny: Path, monkeypatch: pytest.Monkey
     publish_tiny_hashes(monkeypatch, tiny)
     out = CliRunner().invoke(app, ["doctor"]).output
     assert "sha256 of the release" in out and "differ" not in out
+
+
+class _Mirror(http.server.BaseHTTPRequestHandler):
+    """A Hugging Face mirror serving the tiny files: /REPO/resolve/REVISION/FILE."""
+
+    root: Path
+    requests: list[str]
+
+    def _serve(self, body: bool) -> None:
+        head, _, rest = self.path.partition("/resolve/")
+        comp = next((c for c in COMPONENTS if rest and f"/{c.repo}" == head), None)
+        path = None
+        if comp is not None:
+            filename = unquote(rest.split("?")[0].partition("/")[2])
+            path = self.root / comp.local_root / filename
+        if path is None or not path.is_file():
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        data = path.read_bytes()
+        self.requests.append(f"{self.command} {self.path}")
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+        self.send_header("X-Repo-Commit", "0" * 40)
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def do_HEAD(self) -> None:
+        self._serve(False)
+
+    def do_GET(self) -> None:
+        self._serve(True)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_models_download_cli_from_a_mirror(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real huggingface_hub download path, against a local mirror (--endpoint)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    publish_tiny_hashes(monkeypatch, tiny)
+    handler = type("Mirror", (_Mirror,), {"root": tiny, "requests": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url, dest = f"http://127.0.0.1:{server.server_port}", tmp_path / "models"
+    runner = CliRunner()
+    try:
+        args = ["models", "download", "--models-dir", str(dest), "--endpoint", url]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        gets = [r for r in handler.requests if r.startswith("GET")]
+        assert len(gets) == sum(len(c.files) for c in COMPONENTS)
+        for comp in COMPONENTS:
+            for f in comp.files:
+                got, want = comp.local_path(dest, f), comp.local_path(tiny, f)
+                assert got.read_bytes() == want.read_bytes(), got
+        again = runner.invoke(app, args)
+        assert again.exit_code == 0 and "present" in again.output
+        assert len([r for r in handler.requests if r.startswith("GET")]) == len(gets)
+        verified = runner.invoke(app, ["models", "verify", "--models-dir", str(dest)])
+        assert verified.exit_code == 0, verified.output
+    finally:
+        server.shutdown()
+        server.server_close()

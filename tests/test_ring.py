@@ -36,14 +36,38 @@ def test_block_larger_than_capacity_keeps_the_newest_samples():
     np.testing.assert_array_equal(ring.read(7, 12), [7, 8, 9, 10, 11])
 
 
+@pytest.mark.parametrize("before", [5, 13])  # 13: every slot holds old non-zero samples
 @pytest.mark.parametrize("gap", [3, 8, 25])
-def test_write_silence_advances_like_zeros(gap):
+def test_write_silence_advances_like_zeros(gap, before):
     ring, reference = AudioRing(8), AudioRing(8)
     for r in (ring, reference):
-        r.write(np.arange(1, 6, dtype=np.float32))
+        r.write(np.arange(1, before + 1, dtype=np.float32))
     ring.write_silence(gap)
     reference.write(np.zeros(gap, dtype=np.float32))
     assert ring.end == reference.end
     np.testing.assert_array_equal(
         ring.read(ring.start, ring.end), reference.read(ring.start, ring.end)
     )
+
+
+def test_shapes_dtypes_and_empty_spans():
+    with pytest.raises(ValueError, match=r"^capacity must be positive$"):
+        AudioRing(0)
+    ring = AudioRing(8)
+    ring.write(np.arange(1, 5, dtype=np.float64).reshape(4, 1))  # a (frames, 1) device block
+    out = ring.read(0, 4)
+    assert out.dtype == np.float32 and out.shape == (4,)
+    np.testing.assert_array_equal(out, [1, 2, 3, 4])
+    assert ring.read(2, 2).shape == (0,)  # an empty span is not an error
+    with pytest.raises(ValueError, match="empty span"):
+        ring.read(3, 2)
+
+
+def test_one_sample_ring_and_the_first_overwritten_sample():
+    ring = AudioRing(1)
+    ring.write(np.array([3.0, 4.0], np.float32))
+    np.testing.assert_array_equal(ring.read(1, 2), [4.0])
+    ring = AudioRing(4)
+    ring.write(np.arange(5, dtype=np.float32))  # sample 0 is gone, 1..4 held
+    with pytest.raises(IndexError, match="overwritten"):
+        ring.read(0, 5)

@@ -30,11 +30,7 @@ NO_AUDIO = np.zeros(0, np.float32)
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="v4l2loopback backend")
 
 
-@pytest.fixture(autouse=True)
-def fake_backend() -> Iterator[None]:
-    fake_camera.register()
-    yield
-    fake_camera.unregister()
+pytestmark = pytest.mark.usefixtures("fake_cam")
 
 
 def pattern(k: int = 0) -> np.ndarray:

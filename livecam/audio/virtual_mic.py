@@ -10,6 +10,7 @@ of a crashed run are removed at the next start.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 
@@ -20,9 +21,10 @@ from livecam.constants import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
-SINK = "livecam_mic_sink"
 SOURCE = "livecam_mic"
+SINK = f"{SOURCE}_sink"
 DESCRIPTION = "LiveCam Microphone"
+NAME_ENV = "LIVECAM_VIRTUAL_MIC_NAME"  # another source name (tests never touch the user's)
 BLOCK = 160  # 10 ms output blocks
 
 
@@ -30,12 +32,18 @@ class VirtualMicError(Exception):
     """The virtual microphone cannot be created, with a message fit for the user."""
 
 
-def remove_stale() -> int:
+def source_name() -> str:
+    """The virtual microphone's PulseAudio source name: $LIVECAM_VIRTUAL_MIC_NAME or SOURCE."""
+    return os.environ.get(NAME_ENV) or SOURCE
+
+
+def remove_stale(source: str = SOURCE) -> int:
     """Unload virtual-microphone modules left by a previous run; returns how many."""
     removed = 0
     for line in pulse.pactl("list", "short", "modules").splitlines():
         module_id, _, rest = line.partition("\t")
-        if f"sink_name={SINK}" in rest or f"source_name={SOURCE}" in rest:
+        words = rest.split()
+        if f"sink_name={source}_sink" in words or f"source_name={source}" in words:
             pulse.unload(module_id)
             removed += 1
     return removed
@@ -48,8 +56,16 @@ class VirtualMic:
     heard (PortAudio's DAC time), so the delay holds exactly and never accumulates.
     """
 
-    def __init__(self, ring: AudioRing, clock: AudioClock, delay: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        ring: AudioRing,
+        clock: AudioClock,
+        delay: Callable[[], float],
+        name: str | None = None,
+    ) -> None:
         self.ring, self.clock, self.delay = ring, clock, delay
+        self.source = name or source_name()
+        self.sink = f"{self.source}_sink"
         self.muted = False
         self._modules: list[str] = []
         self._stream = None
@@ -68,18 +84,18 @@ class VirtualMic:
         self._open_stream()
 
     def _create_devices(self) -> None:
-        if remove_stale():
+        if remove_stale(self.source):
             log.warning("removed a virtual microphone left over by an earlier run")
         self._modules.append(
             pulse.pactl(
-                "load-module", "module-null-sink", f"sink_name={SINK}",
+                "load-module", "module-null-sink", f"sink_name={self.sink}",
                 f"sink_properties='device.description=\"{DESCRIPTION} (feed)\"'",
             )
         )  # fmt: skip
         self._modules.append(
             pulse.pactl(
-                "load-module", "module-remap-source", f"master={SINK}.monitor",
-                f"source_name={SOURCE}",
+                "load-module", "module-remap-source", f"master={self.sink}.monitor",
+                f"source_name={self.source}",
                 f"source_properties='device.description=\"{DESCRIPTION}\"'",
             )
         )  # fmt: skip
@@ -88,7 +104,7 @@ class VirtualMic:
         import sounddevice as sd
 
         try:
-            with pulse.device_override("PULSE_SINK", SINK):
+            with pulse.device_override("PULSE_SINK", self.sink):
                 self._stream = sd.OutputStream(
                     samplerate=SAMPLE_RATE, channels=1, dtype="float32", blocksize=BLOCK,
                     latency="low", callback=self._callback,

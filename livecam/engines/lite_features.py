@@ -133,6 +133,7 @@ class HopTrack:
     def __init__(self, capacity: int) -> None:
         self.features = LiteFeatures()
         self._fed = 0  # absolute sample index up to which audio went into the features
+        self._first = 0  # oldest hop analysed since the last restart
         self._values = np.zeros((capacity, 3), dtype=np.float32)  # ring of (open, width, voiced)
 
     @property
@@ -145,7 +146,7 @@ class HopTrack:
             if self._fed < ring.start:  # fell more than the ring's length behind: resume there
                 hop = -(-ring.start // HOP_LENGTH)
                 self.features.restart_at(hop)
-                self._fed = hop * HOP_LENGTH
+                self._fed, self._first = hop * HOP_LENGTH, hop
             if upto <= self._fed:
                 return
             try:
@@ -161,6 +162,6 @@ class HopTrack:
 
     def get(self, hop: int) -> np.ndarray | None:
         """(openness, width, voiced) of a hop, or None if not yet (or no longer) known."""
-        if not self.hops_done - len(self._values) <= hop < self.hops_done:
+        if not max(self._first, self.hops_done - len(self._values)) <= hop < self.hops_done:
             return None
         return self._values[hop % len(self._values)]

@@ -68,6 +68,9 @@ def models_list(models_dir: ModelsDirOpt = None) -> None:
 def models_download(
     models_dir: ModelsDirOpt = None,
     optional: Annotated[bool, typer.Option(help="Also the tiny decoder (taesd).")] = True,
+    endpoint: Annotated[
+        str | None, typer.Option(help="Hugging Face mirror URL (default: $HF_ENDPOINT or the hub).")
+    ] = None,
 ) -> None:
     """Download the weights from Hugging Face (resumable; respects HF_HUB_OFFLINE)."""
     _need_extra()
@@ -75,7 +78,7 @@ def models_download(
 
     root = _dir(models_dir)
     try:
-        files = download(root, include_optional=optional, report=console.print)
+        files = download(root, include_optional=optional, report=console.print, endpoint=endpoint)
     except DownloadError as exc:
         _fail(str(exc))
     console.print(f"{len(files)} files ready in {root}: check them with `livecam models verify`")

@@ -59,8 +59,10 @@ def download(
     include_optional: bool = True,
     fetch: Fetch | None = None,
     report: Callable[[str], None] = lambda _msg: None,
+    endpoint: str | None = None,
 ) -> list[Path]:
-    """Fetch every missing (or hash-mismatched) file; returns the files now present."""
+    """Fetch every missing (or hash-mismatched) file; returns the files now present.
+    `endpoint`: a Hugging Face mirror's base URL (default: $HF_ENDPOINT, else the hub)."""
     if fetch is None:
         from huggingface_hub import hf_hub_download as fetch
     offline = hub_offline()
@@ -78,7 +80,7 @@ def download(
                 missing.append(path)
                 continue
             report(f"fetching {comp.repo}/{f.repo_path}")
-            got = Path(_fetch(fetch, comp, f, models_dir))
+            got = Path(_fetch(fetch, comp, f, models_dir, endpoint))
             if got.resolve() != path.resolve():
                 raise DownloadError(f"{comp.repo}/{f.repo_path} landed in {got}, not {path}")
             if hash_status(path, f) == "mismatch":
@@ -97,13 +99,15 @@ def download(
     return done
 
 
-def _fetch(fetch: Fetch, comp: Component, f: ModelFile, models_dir: Path) -> str:
+def _fetch(
+    fetch: Fetch, comp: Component, f: ModelFile, models_dir: Path, endpoint: str | None
+) -> str:
     local_dir = models_dir / comp.local_root if comp.local_root else models_dir
     local_dir.mkdir(parents=True, exist_ok=True)
+    mirror = {"endpoint": endpoint} if endpoint else {}
     try:
-        return fetch(
-            repo_id=comp.repo, filename=f.repo_path, revision=comp.revision, local_dir=local_dir
-        )
+        return fetch(repo_id=comp.repo, filename=f.repo_path, revision=comp.revision,
+                     local_dir=local_dir, **mirror)  # fmt: skip
     except Exception as exc:  # network, auth, missing file: one clear line for the user
         raise DownloadError(
             f"could not download {comp.repo}/{f.repo_path}: {type(exc).__name__}: {exc}"

@@ -1,0 +1,114 @@
+"""Audio delivery without a sound card: gap fill, the stalled-microphone reopen, and the hop
+track falling behind the ring (explicit times, no sleeps)."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+
+from livecam.audio import sources
+from livecam.audio.clock import AudioClock
+from livecam.audio.ring import AudioRing
+from livecam.audio.sources import GAP_FILL_S, REOPEN_S, RETRY_S, STALL_S, MicSource, deliver
+from livecam.constants import HOP_LENGTH, SAMPLE_RATE
+from livecam.engines.lite_features import HopTrack, LiteFeatures
+
+BLOCK = 160
+
+
+def test_a_gap_in_delivery_becomes_silence_so_samples_keep_wall_time() -> None:
+    ring, clock = AudioRing(10 * SAMPLE_RATE), AudioClock()
+    t0 = 100.0
+    for n in range(1, 11):  # 10 blocks on time
+        deliver(ring, clock, np.ones(BLOCK, np.float32), t0 + n * BLOCK / SAMPLE_RATE)
+    before = ring.end
+    # the device stalls for 1.2 s, then delivers one block again
+    now = t0 + before / SAMPLE_RATE + 1.2 + BLOCK / SAMPLE_RATE
+    deliver(ring, clock, np.ones(BLOCK, np.float32), now)
+    gap = round(1.2 * SAMPLE_RATE)
+    assert ring.end == before + gap + BLOCK  # the new block lands at its wall-clock sample
+    assert not ring.read(before, before + gap).any()  # the gap is silence
+    assert ring.read(before + gap, ring.end).all()
+    assert clock.origin() == pytest.approx(t0, abs=1e-6)  # the clock did not jump
+
+
+def test_ordinary_jitter_is_not_filled() -> None:
+    ring, clock = AudioRing(SAMPLE_RATE), AudioClock()
+    deliver(ring, clock, np.ones(BLOCK, np.float32), 10.0)
+    late = 0.9 * GAP_FILL_S  # late, but under the gap threshold
+    deliver(ring, clock, np.ones(BLOCK, np.float32), 10.0 + BLOCK / SAMPLE_RATE + late)
+    assert ring.end == 2 * BLOCK and ring.read(0, ring.end).all()
+
+
+class _Stream:
+    def __init__(self) -> None:
+        self.closed = False
+
+    def abort(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_silent_microphone_is_reported_then_reopened_every_retry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = types.SimpleNamespace(t=0.0)
+    monkeypatch.setattr(sources, "time", types.SimpleNamespace(monotonic=lambda: clock.t))
+    monkeypatch.setattr(sources, "resolve_input_device", lambda spec: (3, spec or "test mic"))
+    opened: list[float] = []
+
+    def start(self) -> None:
+        opened.append(clock.t)
+        self._stream = _Stream()
+        self._last_block = clock.t  # like the real start: a fresh stream gets its own grace
+
+    monkeypatch.setattr(MicSource, "start", start)
+    mic = MicSource(AudioRing(SAMPLE_RATE), AudioClock())
+    mic.start()
+    first = mic._stream
+
+    def at(t: float) -> None:
+        clock.t = t
+        mic.poll()
+
+    at(STALL_S * 0.9)
+    assert mic.stats.problem == ""
+    at(STALL_S + 0.1)
+    assert "delivered no audio" in mic.stats.problem and opened == [0.0]
+    at(REOPEN_S - 0.1)
+    assert opened == [0.0]  # reported, not yet reopened
+    at(REOPEN_S + 0.1)
+    assert opened == [0.0, REOPEN_S + 0.1] and first.closed
+    # still silent: the next try waits for the retry interval, counted from the reopen
+    for t in np.arange(REOPEN_S + 0.2, 2 * REOPEN_S + 0.1, 0.25):
+        at(float(t))
+    assert len(opened) == 2
+    at(2 * REOPEN_S + 0.2)
+    assert len(opened) == 3 and opened[2] - opened[1] >= RETRY_S
+    mic._callback(np.ones((BLOCK, 1), np.float32), BLOCK, None,
+                  types.SimpleNamespace(input_overflow=False))  # fmt: skip
+    at(clock.t + 0.1)
+    assert mic.stats.problem == "" and mic.ring.end == BLOCK
+
+
+def test_hop_track_that_fell_behind_the_ring_resumes_at_its_start() -> None:
+    ring = AudioRing(SAMPLE_RATE)
+    rng = np.random.default_rng(0)
+    audio = (0.2 * rng.standard_normal(3 * SAMPLE_RATE + 77)).astype(np.float32)
+    track = HopTrack(10 * SAMPLE_RATE // HOP_LENGTH)
+    track.feed(ring, 0)
+    ring.write(audio)  # 3 s arrived, the ring holds only the last 1 s
+    track.feed(ring, ring.end)  # no IndexError: it resumes at the ring's oldest hop
+    first = -(-ring.start // HOP_LENGTH)
+    assert track.hops_done == ring.end // HOP_LENGTH  # hops 0 .. end // HOP_LENGTH - 1
+    assert track.get(first - 1) is None  # before the resume point: unknown, never stale
+    reference = LiteFeatures()
+    reference.restart_at(first)
+    expected = reference.push(audio[first * HOP_LENGTH :])
+    got = np.array([track.get(h) for h in range(first, first + len(expected))])
+    assert len(expected) > 0.9 * SAMPLE_RATE / HOP_LENGTH
+    assert np.array_equal(got, expected)  # the same as a stream that started there
