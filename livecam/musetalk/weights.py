@@ -180,14 +180,18 @@ def load_whisper_encoder(models_dir: Path) -> torch.nn.Module:
 
     folder = _folder(models_dir, "whisper")
     config = WhisperConfig.from_dict(read_json(folder / "config.json"))
-    state = load_state_dict(folder / "pytorch_model.bin")
+    comp = component("whisper")
+    f = next(f for f in comp.files if f.repo_path == "pytorch_model.bin")
+    # the release pickle, else an imported model.safetensors (its accepted alternative)
+    path = comp.present_path(models_dir, f) or comp.local_path(models_dir, f)
+    state = load_state_dict(path)
     enc = {}
     for key, value in state.items():
         for prefix in ("model.encoder.", "encoder."):
             if key.startswith(prefix):
                 enc[key[len(prefix) :]] = value
     model = WhisperEncoder(config)
-    _load_into(model, enc, "whisper/pytorch_model.bin (encoder)")
+    _load_into(model, enc, f"whisper/{path.name} (encoder)")
     return model.eval().requires_grad_(False)
 
 
