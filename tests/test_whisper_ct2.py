@@ -4,6 +4,7 @@ against CTranslate2's own encoder; bad files refused in one line with nothing le
 from __future__ import annotations
 
 import importlib.util
+import math
 import shutil
 import struct
 from pathlib import Path
@@ -15,8 +16,9 @@ from typer.testing import CliRunner
 from livecam.audio.files import read_audio
 from livecam.cli import app
 from livecam.musetalk.features import SEGMENT_SAMPLES, whisper_from_dir
-from tests.conftest import JFK
+from tests.conftest import JFK, SPEECH
 from tests.musetalk_tiny import tiny_models_dir
+from tests.whisper_reference import causal_reference, live_frames, reference_features, rel_l2
 
 
 def real_model_dir() -> Path:
@@ -219,3 +221,22 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path: Path, case: str) -> 
     assert lines[0].startswith("error:") and "Traceback" not in result.output
     assert expected in " ".join(result.output.split()), result.output
     assert list(root.iterdir()) == []  # nothing half-written
+
+
+@pytest.mark.parametrize("clip", ["jfk2", "speech"])
+def test_streaming_on_real_weights_adds_little_to_what_causality_costs(
+    imported: Path, clip: str
+) -> None:
+    """A live frame cannot hear the future, and whisper's encoder attends to all of it: the
+    reference is MuseTalk's own computation on the audio heard so far (independent code,
+    transformers' encoder, whole past, 30 s padding). The stream's own choices (8 s window,
+    its placement and positions, running-max normalisation) may add at most the issue's 0.05."""
+    jfk = read_audio(JFK)
+    audio = np.concatenate([jfk, jfk]) if clip == "jfk2" else read_audio(SPEECH)
+    whisper = whisper_from_dir(imported, "cpu")
+    frames = list(range(5, math.floor(len(audio) / 16_000 * 25) - 3, 45))
+    offline = reference_features(imported, audio, 25)[frames]
+    causal = rel_l2(causal_reference(imported, audio, 25, frames), offline)
+    live = rel_l2(live_frames(whisper, audio, 25, frames), offline)
+    print(f"{clip}: live {live:.4f}, causal reference {causal:.4f}")
+    assert live <= causal + 0.05
