@@ -134,8 +134,11 @@ def _unpublished(models_dir: Path) -> tuple[str, ...]:
     return notes
 
 
-def random_models(device: str | None = None, seed: int = 0) -> MuseTalkModels:
-    """Full-size models with random weights (benchmarks without downloads)."""
+def random_models(
+    device: str | None = None, seed: int = 0, whisper_dir: Path | None = None
+) -> MuseTalkModels:
+    """Full-size models with random weights (benchmarks without downloads); the whisper of
+    `whisper_dir` instead where it holds one (e.g. imported real weights)."""
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     from transformers import WhisperConfig, WhisperFeatureExtractor
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
@@ -149,9 +152,13 @@ def random_models(device: str | None = None, seed: int = 0) -> MuseTalkModels:
         "taesd": AutoencoderTiny.from_config({}),
         "encoder": WhisperEncoder(WhisperConfig(**REFERENCE_WHISPER)),
     }
+    extractor: Any = WhisperFeatureExtractor(feature_size=80)
+    if whisper_dir is not None and has_component(whisper_dir, "whisper"):
+        parts["encoder"] = weights.load_whisper_encoder(whisper_dir)
+        extractor = weights.load_feature_extractor(whisper_dir)
     _place(parts, dev, dtype)
     return MuseTalkModels(
         parts["unet"], parts["vae"], parts["taesd"],
-        WhisperAudio(parts["encoder"], WhisperFeatureExtractor(feature_size=80), dev),
+        WhisperAudio(parts["encoder"], extractor, dev),
         dev, dtype, f"random-{seed}",
     )  # fmt: skip
