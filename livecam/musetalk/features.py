@@ -12,7 +12,12 @@ Streaming: the encoder runs on a fixed-length window of recent audio (left conte
 the newest sample a frame needs), once per generate call. Windows stay inside the offline
 30 s segment grid and take the positional embedding of their place in the segment, so a step
 gets the same position as offline (whisper's embedding output, one of the 5 states, is
-mostly position); what differs is only the context: none to the right of the newest sample.
+mostly position). whisper clamps the log-mel at its maximum - 8 over the whole segment; the
+stream uses the loudest value heard so far in the segment (a running maximum). What remains is
+the context: none to the right of the newest sample. On real whisper weights that is nearly
+all of the deviation (about 0.35 relative L2; left context, zero padding and placement change it
+by under 0.03), because the encoder attends to the whole future; `lookahead_s` trades latency
+for it (0.16 s: 0.25, 0.64 s: 0.17, 2.56 s: 0.13 to 0.15; README, "Real whisper weights").
 Step outputs are cached by absolute step index: the encoder runs once per generate call
 (a feature step of several frames), not once per frame.
 """
@@ -96,6 +101,24 @@ class WhisperAudio:
         mel_t = torch.from_numpy(mel).to(self.device, self.dtype)
         return encoder_states(self.encoder, mel_t, position)[0].float()
 
+    def log_mel(self, audio: np.ndarray, length: int) -> torch.Tensor:
+        """(80, length / 160) log10 mel power of audio zero-padded to length, on the CPU in
+        float32, before whisper's normalisation (which `normalised` applies)."""
+        ex = self.extractor
+        wave = torch.zeros(length)
+        wave[: len(audio)] = torch.from_numpy(np.asarray(audio[:length], dtype=np.float32))
+        stft = torch.stft(wave, ex.n_fft, ex.hop_length, window=torch.hann_window(ex.n_fft),
+                          return_complex=True)  # fmt: skip
+        power = (stft[..., :-1].abs() ** 2).contiguous()
+        mel = torch.from_numpy(ex.mel_filters).float().T @ power
+        return torch.clamp(mel, min=1e-10).log10()
+
+    def steps_from_mel(self, log_mel: torch.Tensor, peak: float, position: int) -> torch.Tensor:
+        """(N / 2, 5, D) float32 steps of a log_mel whose clamp uses `peak` as its maximum."""
+        norm = (torch.maximum(log_mel, torch.tensor(peak - 8.0)) + 4.0) / 4.0
+        mel_t = norm[None].to(self.device, self.dtype)
+        return encoder_states(self.encoder, mel_t, position)[0].float()
+
 
 def offline_steps(whisper: WhisperAudio, audio: np.ndarray) -> torch.Tensor:
     """(floor(seconds * 50), 5, D): 30 s segments, concatenated and trimmed."""
@@ -141,6 +164,7 @@ class StreamingFeatures:
         context_s: float = 8.0,
         right_pad_s: float = 0.0,
         capacity_s: float = 20.0,
+        lookahead_s: float = 0.0,
     ) -> None:
         self.whisper = whisper
         self.fps = fps
@@ -150,29 +174,35 @@ class StreamingFeatures:
             raise ValueError("the streaming window must fit in whisper's 30 s")
         self.min_left = self.window // 2  # every cached step has at least this much context
         self.capacity = max(round(capacity_s * STEPS_PER_SECOND), self.window)
+        self.lookahead = round(lookahead_s * STEPS_PER_SECOND)  # heard past a frame: latency
         self._cache = torch.zeros((self.capacity, N_STATES, whisper.dim), device=whisper.device)
         self._lo = self._hi = 0  # cached absolute steps [lo, hi)
+        self._peak = (-1, -math.inf)  # (segment, loudest log-mel value heard in it so far)
         self.encoder_runs = 0
 
     def samples_needed(self, frame: int) -> int:
-        return frame_steps(frame, self.fps)[1] * STEP_SAMPLES
+        return (frame_steps(frame, self.fps)[1] + self.lookahead) * STEP_SAMPLES
 
     def _run_window(self, ring: AudioRing, end: int, write_from: int) -> None:
         """Encode a window ending at step `end` (zeros after it near a segment start)."""
         segment = (end - 1) // SEGMENT_STEPS * SEGMENT_STEPS
         start = max(segment, end - self.window)
         a = max(start * STEP_SAMPLES, ring.start)  # overwritten audio reads as silence
-        audio = np.zeros(self.window * STEP_SAMPLES, dtype=np.float32)
+        audio = np.zeros((end - start) * STEP_SAMPLES, dtype=np.float32)
         if a < end * STEP_SAMPLES:
-            audio[a - start * STEP_SAMPLES : (end - start) * STEP_SAMPLES] = ring.read(
-                a, end * STEP_SAMPLES
-            )
-        length = (self.window + self.right_pad) * STEP_SAMPLES
-        steps = self.whisper.steps(audio, length, start - segment)[: self.window]
+            audio[a - start * STEP_SAMPLES :] = ring.read(a, end * STEP_SAMPLES)
+        steps_in = min(self.window + self.right_pad, segment + SEGMENT_STEPS - start)
+        log_mel = self.whisper.log_mel(audio, steps_in * STEP_SAMPLES)
+        peak = float(log_mel[:, : 2 * (end - start)].max())
+        if self._peak[0] == segment:  # whisper clamps at the segment's max - 8; a running max
+            peak = max(peak, self._peak[1])  # is the closest a stream knows
+        self._peak = (segment, peak)
+        steps = self.whisper.steps_from_mel(log_mel, peak, start - segment)
         self.encoder_runs += 1
+        contiguous = self._lo <= write_from <= self._hi
         idx = torch.arange(write_from, end, device=self._cache.device)
         self._cache[idx % self.capacity] = steps[write_from - start : end - start]
-        self._lo = self._lo if self._lo <= write_from <= self._hi else write_from
+        self._lo = self._lo if contiguous else write_from
         self._hi = end
         self._lo = max(self._lo, end - self.capacity)
 
@@ -192,7 +222,7 @@ class StreamingFeatures:
     def features(self, ring: AudioRing, frames: Sequence[int]) -> torch.Tensor:
         """(n, 50, D) features for increasing frames."""
         want_lo, want_hi = frame_steps(frames[0], self.fps)[0], frame_steps(frames[-1], self.fps)[1]
-        self.update(ring, want_lo, want_hi)
+        self.update(ring, want_lo, want_hi + self.lookahead)
         lo, hi = max(self._lo, want_lo, 0), min(self._hi, want_hi)  # gather only these steps
         idx = torch.arange(lo, max(lo, hi), device=self._cache.device) % self.capacity
         return frames_from_steps(self._cache[idx], frames, self.fps, first_step=lo)
@@ -246,10 +276,12 @@ def compute_features(
 
 
 def streaming_features(
-    whisper: WhisperAudio, audio: np.ndarray, fps: float, n_frames: int, batch: int = 1
-) -> np.ndarray:
-    """Live-path features: the ring holds only what has 'arrived' for each batch of frames."""
-    stream = StreamingFeatures(whisper, fps)
+    whisper: WhisperAudio, audio: np.ndarray, fps: float, n_frames: int, batch: int = 1,
+    **options: float,
+) -> np.ndarray:  # fmt: skip
+    """Live-path features: the ring holds only what has 'arrived' for each batch of frames
+    (options: StreamingFeatures' context_s, lookahead_s...)."""
+    stream = StreamingFeatures(whisper, fps, **options)
     ring = AudioRing(len(audio) + SEGMENT_SAMPLES)
     out = np.zeros((n_frames, WINDOW_STEPS * N_STATES, whisper.dim), np.float32)
     for first in range(0, n_frames, batch):
@@ -263,13 +295,13 @@ def streaming_features(
 
 
 def streaming_deviation(
-    whisper: WhisperAudio, audio: np.ndarray, fps: float, batch: int = 4
+    whisper: WhisperAudio, audio: np.ndarray, fps: float, batch: int = 4, **options: float
 ) -> dict[str, Any]:
     """How far the live (streaming) features are from MuseTalk's offline ones on a clip:
     relative L2 over all frames, and per hidden state (0 = embedding output, 4 = last)."""
     n = math.floor(len(audio) / SAMPLE_RATE * fps)
     offline = offline_features(whisper, audio, fps, n).cpu().numpy()
-    live = streaming_features(whisper, audio, fps, n, batch=batch)
+    live = streaming_features(whisper, audio, fps, n, batch, **options)
     shape = (n, WINDOW_STEPS, N_STATES, whisper.dim)  # frames are flattened time-major
 
     def rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -279,4 +311,4 @@ def streaming_deviation(
         rel(live.reshape(shape)[:, :, s], offline.reshape(shape)[:, :, s]) for s in range(N_STATES)
     ]
     return {"relative_l2": rel(live, offline), "per_state_relative_l2": per_state,
-            "frames": n, "batch": batch}  # fmt: skip
+            "frames": n, "batch": batch, **options}  # fmt: skip

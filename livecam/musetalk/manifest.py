@@ -27,6 +27,7 @@ class ModelFile:
     approx_bytes: int | None  # exact where recorded, else rounded from the hub listing
     release_sha256: tuple[str, ...] = ()  # published hashes; () = unknown
     pickle: bool = False  # a torch pickle: loaded with weights_only=True, converted once
+    alt_path: str | None = None  # also accepted in its place (never a published release)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,13 @@ class Component:
 
     def local_path(self, models_dir: Path, f: ModelFile) -> Path:
         return models_dir / self.local_root / f.repo_path
+
+    def present_path(self, models_dir: Path, f: ModelFile) -> Path | None:
+        """The file, else its accepted alternative, whichever exists first; None if neither."""
+        for name in (f.repo_path, f.alt_path):
+            if name and (path := models_dir / self.local_root / name).is_file():
+                return path
+        return None
 
     @property
     def folder(self) -> str:
@@ -123,6 +131,7 @@ COMPONENTS: tuple[Component, ...] = (
                 release_sha256=(
                     "9607f98a2b22d9e229ae43c52ecea79dcede9e0c5cfae67e8da6eda86d8aac1d",
                 ),
+                alt_path="model.safetensors",  # `livecam models import-whisper-ct2` writes it
             ),
             ModelFile(
                 "preprocessor_config.json",
@@ -178,10 +187,11 @@ def missing_files(models_dir: Path, *, include_optional: bool = False) -> list[P
     for comp in COMPONENTS:
         if comp.optional and not include_optional:
             continue
-        out += [p for f in comp.files if not (p := comp.local_path(models_dir, f)).is_file()]
+        out += [comp.local_path(models_dir, f) for f in comp.files
+                if comp.present_path(models_dir, f) is None]  # fmt: skip
     return out
 
 
 def has_component(models_dir: Path, name: str) -> bool:
     comp = component(name)
-    return all(comp.local_path(models_dir, f).is_file() for f in comp.files)
+    return all(comp.present_path(models_dir, f) is not None for f in comp.files)

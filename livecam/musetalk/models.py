@@ -112,8 +112,11 @@ def _unpublished(models_dir: Path) -> tuple[str, ...]:
     return notes
 
 
-def random_models(device: str | None = None, seed: int = 0, tiny: bool = False) -> MuseTalkModels:
-    """Full-size (or toy-size) models with random weights: benchmarks without downloads."""
+def random_models(
+    device: str | None = None, seed: int = 0, tiny: bool = False, whisper_dir: Path | None = None
+) -> MuseTalkModels:
+    """Full-size (or toy-size) models with random weights: benchmarks without downloads; the
+    whisper of `whisper_dir` instead where it holds one (e.g. imported real weights)."""
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     from transformers import WhisperConfig, WhisperFeatureExtractor
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
@@ -127,9 +130,13 @@ def random_models(device: str | None = None, seed: int = 0, tiny: bool = False) 
         "taesd": AutoencoderTiny.from_config(TINY_TAESD if tiny else {}),
         "encoder": WhisperEncoder(WhisperConfig(**(TINY_WHISPER if tiny else REFERENCE_WHISPER))),
     }
+    extractor: Any = WhisperFeatureExtractor(feature_size=80)
+    if whisper_dir is not None and has_component(whisper_dir, "whisper"):
+        parts["encoder"] = weights.load_whisper_encoder(whisper_dir)
+        extractor = weights.load_feature_extractor(whisper_dir)
     _place(parts, dev, dtype)
     return MuseTalkModels(
         parts["unet"], parts["vae"], parts["taesd"],
-        WhisperAudio(parts["encoder"], WhisperFeatureExtractor(feature_size=80), dev),
+        WhisperAudio(parts["encoder"], extractor, dev),
         dev, dtype, f"random-{seed}{'-tiny' if tiny else ''}",
     )  # fmt: skip

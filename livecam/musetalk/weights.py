@@ -260,9 +260,13 @@ def load_whisper_encoder(models_dir: Path) -> torch.nn.Module:
 
     folder = _folder(models_dir, "whisper")
     config = read_json(folder / "config.json", "whisper")
-    what = "whisper/pytorch_model.bin (encoder)"
+    comp = component("whisper")
+    f = next(f for f in comp.files if f.repo_path == "pytorch_model.bin")
+    # the release pickle, else an imported model.safetensors (its accepted alternative)
+    path = comp.present_path(models_dir, f) or comp.local_path(models_dir, f)
+    what = f"whisper/{path.name} (encoder)"
     model = _build(lambda: WhisperEncoder(WhisperConfig.from_dict(config)), what)
-    load_state_dict(folder / "pytorch_model.bin", _loader(model, what, _encoder_key))
+    load_state_dict(path, _loader(model, what, _encoder_key))
     return model.eval().requires_grad_(False)
 
 
