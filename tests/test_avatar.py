@@ -276,9 +276,9 @@ def _count_builds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
     real = store.build_avatar
 
-    def counting(name: str, source: Path) -> Avatar:
+    def counting(name: str, source: Path, *args: int) -> Avatar:
         calls.append(name)
-        return real(name, source)
+        return real(name, source, *args)
 
     monkeypatch.setattr(store, "build_avatar", counting)
     return calls
