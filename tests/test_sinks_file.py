@@ -85,6 +85,20 @@ def test_writes_h264_and_aac_in_sync(tmp_path: Path) -> None:
     assert int(np.argmax(np.array(means) > 64)) == ONSET
 
 
+def test_a_frame_after_dropped_ticks_lasts_as_long_as_its_audio(tmp_path: Path) -> None:
+    out = tmp_path / "clip.mp4"
+    sink = FileSink(out, W, H, FPS)
+    for k in range(ONSET, N):
+        if k in (ONSET + 11, ONSET + 12):
+            continue  # two ticks dropped: the next frame brings their audio along
+        sound = audio(k) if k != ONSET + 13 else np.concatenate([audio(j) for j in (41, 42, 43)])
+        sink.send(frame(k), sound)
+    sink.close()
+    video, sound = sorted(probe(out), key=lambda s: s["codec_type"], reverse=True)
+    assert int(video["nb_read_frames"]) == N - ONSET  # the held frame fills the dropped ticks
+    assert abs(float(video["duration"]) - float(sound["duration"])) <= 1 / FPS
+
+
 def test_killed_encoder_leaves_a_playable_file(tmp_path: Path) -> None:
     out, fps = tmp_path / "killed.mp4", 10  # a keyframe, so a fragment, every 20 frames
     sink = FileSink(out, W, H, fps)

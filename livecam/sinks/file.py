@@ -120,12 +120,18 @@ class FileSink:
         if self._closed:
             raise SinkError(f"file sink {self.path} is closed")
         self._write_audio(audio)
+        # a frame that brings several frames' audio (the camera clock dropped ticks) is shown
+        # that long, as a camera would have, so the video keeps the audio's length
+        audio_frames = round(self.audio_samples * self.fps / SAMPLE_RATE)
+        repeats = max(1, audio_frames - self.frames)
         try:
             # BGR -> I420 here is ~0.4 ms and halves the pipe traffic and ffmpeg's work.
-            self._proc.stdin.write(cv2.cvtColor(frame, cv2.COLOR_BGR2YUV_I420).data)
+            data = cv2.cvtColor(frame, cv2.COLOR_BGR2YUV_I420).data
+            for _ in range(repeats):
+                self._proc.stdin.write(data)
         except (BrokenPipeError, ValueError) as e:
             raise SinkError(f"ffmpeg stopped while writing {self.path}: {self._errors()}") from e
-        self.frames += 1
+        self.frames += repeats
 
     def _write_audio(self, audio: np.ndarray) -> None:
         # Pad with silence up to this frame's start so audio stays aligned with the video.
