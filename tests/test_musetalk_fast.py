@@ -153,4 +153,6 @@ def test_gpu_suite_dry_run_on_the_cpu() -> None:
     streams = report["streams_25fps"]
     assert [s["tier"] for s in streams] == ["full", "tiny"]
     assert all(s["trials"] and s["streams_held"] >= 0 for s in streams)
+    # a CPU holds no 25-fps stream, so one stream is tried: its calls are 4 frames, unpadded
+    assert all(s["trials"][1]["median_merged_batch"] == 4.0 for s in streams)
     assert report["reference_loop"] is None

@@ -78,9 +78,15 @@ class Suite:
         self.device, self.batches, self.context_s = models.device, batches, context_s
 
     def engine(
-        self, paths: FastPaths, forward: Forward | SharedForward | None = None
+        self,
+        paths: FastPaths,
+        forward: Forward | SharedForward | None = None,
+        batches: tuple[int, ...] | None = None,
     ) -> MuseTalkEngine:
-        opts = MuseTalkOptions(warmup=False, batch_sizes=self.batches, fast=paths, voice_gate=False)
+        opts = MuseTalkOptions(
+            warmup=False, batch_sizes=batches or self.batches, fast=paths, voice_gate=False,
+            context_s=self.context_s,
+        )  # fmt: skip
         return MuseTalkEngine(self.avatar, STREAM_FPS, self.models, opts, forward=forward)
 
     def _fps(self, engine: MuseTalkEngine, ring: AudioRing, batch: int, start: int) -> float:
@@ -176,7 +182,7 @@ class Suite:
         """The most 25-fps streams generating at once, each at >= 25 fps in calls of 4 frames,
         their model calls merged into shared batches (up to 64 frames)."""
         shared = SharedForward(Forward(self.models, FastPaths()))
-        base = self.engine(FastPaths(), shared)
+        base = self.engine(FastPaths(), shared, (STREAM_BATCH,))  # calls of 4, never padded
         base.set_tier(tier)
         feats = torch.zeros((1, 50, self.models.whisper.dim), device=self.device)
         for size in shared.sizes:  # capture every merged shape before measuring
@@ -205,7 +211,7 @@ class Suite:
         self, n: int, tier: str, forward: SharedForward, seconds: float
     ) -> dict[str, Any]:
         forward.batches.clear()
-        engines = [self.engine(FastPaths(), forward) for _ in range(n)]
+        engines = [self.engine(FastPaths(), forward, (STREAM_BATCH,)) for _ in range(n)]
         rings = [_long_ring(self.audio, 60 + 10 * seconds) for _ in range(n)]
         counts, calls = [0] * n, [[] for _ in range(n)]
         stop = time.perf_counter() + seconds
