@@ -43,7 +43,6 @@ STREAM_FPS = 25.0
 STREAM_BATCH = 4  # live streams generate 4 frames (160 ms) a call
 SWITCHES = ("cuda_graphs", "channels_last", "gpu_blend", "pinned")
 LIVE_DEFAULT = "all_again"  # FastPaths(), what the engine runs, measured last (warmest)
-WARM_SECONDS = 15.0  # GPU clocks and caches settle: a first measured row ran 2.5x slow without
 
 
 def configurations() -> list[tuple[str, FastPaths]]:
@@ -99,20 +98,6 @@ class Suite:
             engine.generate(ring, frames(k))
         _sync(self.device)
         return batch * self.repeats / (time.perf_counter() - t0)
-
-    def warm_up(self, seconds: float) -> None:
-        """Unmeasured forwards until `seconds` have passed: the rows after it compare fairly."""
-        engine = self.engine(FastPaths())
-        inputs = engine.model_inputs(
-            torch.zeros((8, 50, self.models.whisper.dim), device=self.device)
-        )
-        stop = time.perf_counter() + seconds
-        while time.perf_counter() < stop:
-            for tier in engine.tiers:
-                engine.forward(*inputs, tier)
-            _sync(self.device)
-        del engine
-        self._release()
 
     def model_only(self) -> list[dict[str, Any]]:
         """fps of the bare forward (UNet + decoder, captured): the GPU's own ceiling."""
@@ -280,8 +265,6 @@ def run_gpu_suite(
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats(dev)
-    if dev.type == "cuda":
-        _timed("warm_up", lambda: suite.warm_up(WARM_SECONDS), seconds)
     rows, agreement = _timed("table", suite.table, seconds)
     rows += _timed("model_only", suite.model_only, seconds)
     streams = [
