@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from livecam.audio import pulse
+from livecam.audio import portaudio, pulse
 from livecam.audio.virtual_mic import VirtualMic
 from livecam.constants import SAMPLE_RATE
 from livecam.live import LiveOptions, build_pipeline
@@ -189,10 +189,11 @@ class _Recorder:
 
         self.blocks: list[tuple[float, np.ndarray]] = []
         with pulse.device_override("PULSE_SOURCE", source):
-            self.stream = sd.InputStream(
+            stream = sd.InputStream(
                 samplerate=SAMPLE_RATE, channels=1, dtype="float32", blocksize=160,
                 latency="low", callback=self._callback,
             )  # fmt: skip
+        self.stream = portaudio.track(stream)
 
     def _callback(self, indata, frames, time_info, status) -> None:
         self.blocks.append((time.monotonic(), indata[:, 0].copy()))

@@ -66,8 +66,12 @@ def write_problem(device: str, user: User) -> str | None:
     """None if `user` may write `device`, else what stops it and the exact fix."""
     st = os.stat(device)
     mode = stat.S_IMODE(st.st_mode)
-    if (user.uid == 0 or (st.st_uid == user.uid and mode & stat.S_IWUSR)
-            or (st.st_gid in user.groups and mode & stat.S_IWGRP) or mode & stat.S_IWOTH):
+    if (
+        user.uid == 0
+        or (st.st_uid == user.uid and mode & stat.S_IWUSR)
+        or (st.st_gid in user.groups and mode & stat.S_IWGRP)
+        or mode & stat.S_IWOTH
+    ):
         return None  # fmt: skip
     try:
         group = grp.getgrgid(st.st_gid)

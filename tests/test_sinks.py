@@ -255,5 +255,7 @@ def test_bench_times_the_camera_sink() -> None:
     assert cost["device"] == fake_camera.DEFAULT_DEVICE and cost["input"] == "BGR"
     assert len(FakeBackend.instances[0].frames) == 5 and FakeBackend.instances[0].closed
     assert 0 <= cost["ms_per_frame"]["p50"] <= cost["ms_per_frame"]["p95"]
-    assert "unknown virtual camera backend" in camera_sink_cost(pattern(), FPS,
-                                                                backend="nope")["unavailable"]
+    assert (
+        "unknown virtual camera backend"
+        in camera_sink_cost(pattern(), FPS, backend="nope")["unavailable"]
+    )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from livecam.audio import portaudio
 from livecam.audio.clock import AudioClock
 from livecam.audio.files import read_audio
 from livecam.audio.ring import AudioRing
@@ -71,15 +72,33 @@ def input_devices() -> list[dict]:
 
 
 def resolve_input_device(spec: str | None) -> tuple[int | None, str]:
-    """Pick an input device by index or by (part of) its name; None means the default."""
-    import sounddevice as sd
-
+    """Pick an input device by index or by (part of) its name; None means the default.
+    A device PortAudio does not list yet (a sound server or a microphone that came later)
+    is looked for again after a rescan."""
     devices = input_devices()
+    found = _pick_input(devices, spec)
+    if found is None and portaudio.rescan():
+        devices = input_devices()
+        found = _pick_input(devices, spec)
+    if found is not None:
+        return found
     if not devices:
         raise AudioDeviceError(
             "no microphone found: PortAudio sees no input device. Plug one in, or check that "
             "PulseAudio/PipeWire is running (`pactl list short sources`)."
         )
+    names = ", ".join(f"{d['index']}: {d['name']}" for d in devices)
+    raise AudioDeviceError(
+        f"no microphone matches {spec!r}. Available inputs: {names}. "
+        "List them with `livecam devices`."
+    )
+
+
+def _pick_input(devices: list[dict], spec: str | None) -> tuple[int, str] | None:
+    import sounddevice as sd
+
+    if not devices:
+        return None
     if spec is None:
         try:
             index = sd.default.device[0]
@@ -88,16 +107,10 @@ def resolve_input_device(spec: str | None) -> tuple[int | None, str]:
         except Exception:
             index = devices[0]["index"]
         match = [d for d in devices if d["index"] == index] or devices[:1]
-        return match[0]["index"], match[0]["name"]
-    match = [d for d in devices if spec.isdigit() and d["index"] == int(spec)]
-    match = match or [d for d in devices if spec.lower() in d["name"].lower()]
-    if not match:
-        names = ", ".join(f"{d['index']}: {d['name']}" for d in devices)
-        raise AudioDeviceError(
-            f"no microphone matches {spec!r}. Available inputs: {names}. "
-            "List them with `livecam devices`."
-        )
-    return match[0]["index"], match[0]["name"]
+    else:
+        match = [d for d in devices if spec.isdigit() and d["index"] == int(spec)]
+        match = match or [d for d in devices if spec.lower() in d["name"].lower()]
+    return (match[0]["index"], match[0]["name"]) if match else None
 
 
 class MicSource:
@@ -127,14 +140,16 @@ class MicSource:
         import sounddevice as sd
 
         try:
-            self._stream = sd.InputStream(
-                samplerate=SAMPLE_RATE,
-                channels=1,
-                dtype="float32",
-                blocksize=BLOCK,
-                device=self.device_index,
-                callback=self._callback,
-                latency="low",
+            self._stream = portaudio.track(
+                sd.InputStream(
+                    samplerate=SAMPLE_RATE,
+                    channels=1,
+                    dtype="float32",
+                    blocksize=BLOCK,
+                    device=self.device_index,
+                    callback=self._callback,
+                    latency="low",
+                )
             )
             self._stream.start()
         except sd.PortAudioError as exc:
@@ -159,6 +174,7 @@ class MicSource:
         self._next_retry = now + RETRY_S
         log.warning("%s; reopening it", self.stats.problem)
         self.stop()
+        portaudio.rescan()  # a microphone plugged in again may come back under a new index
         try:
             self.device_index, self.name = resolve_input_device(self.name)
             self.start()

@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Callable
 
-from livecam.audio import pulse
+from livecam.audio import portaudio, pulse
 from livecam.audio.clock import AudioClock
 from livecam.audio.ring import AudioRing
 from livecam.constants import SAMPLE_RATE
@@ -103,16 +103,22 @@ class VirtualMic:
     def _open_stream(self) -> None:
         import sounddevice as sd
 
-        try:
-            with pulse.device_override("PULSE_SINK", self.sink):
-                self._stream = sd.OutputStream(
-                    samplerate=SAMPLE_RATE, channels=1, dtype="float32", blocksize=BLOCK,
-                    latency="low", callback=self._callback,
-                )  # fmt: skip
-            self._stream.start()
-        except sd.PortAudioError as exc:
-            self.stop()
-            raise VirtualMicError(f"cannot play into the virtual microphone: {exc}") from None
+        for attempt in range(2):
+            try:
+                with pulse.device_override("PULSE_SINK", self.sink):
+                    self._stream = sd.OutputStream(
+                        samplerate=SAMPLE_RATE, channels=1, dtype="float32", blocksize=BLOCK,
+                        latency="low", callback=self._callback,
+                    )  # fmt: skip
+                portaudio.track(self._stream).start()
+                return
+            except sd.PortAudioError as exc:
+                self._close_stream()
+                # PortAudio may have listed its devices before the sound server came up
+                if attempt == 0 and portaudio.rescan():
+                    continue
+                self.stop()
+                raise VirtualMicError(f"cannot play into the virtual microphone: {exc}") from None
 
     def _callback(self, outdata, frames, time_info, status) -> None:
         ahead = time_info.outputBufferDacTime - time_info.currentTime
@@ -127,11 +133,14 @@ class VirtualMic:
         if hi > lo:
             outdata[lo - first : hi - first, 0] = self.ring.read(lo, hi)
 
-    def stop(self) -> None:
+    def _close_stream(self) -> None:
         if self._stream is not None:
             self._stream.abort()
             self._stream.close()
             self._stream = None
+
+    def stop(self) -> None:
+        self._close_stream()
         for module in reversed(self._modules):
             pulse.unload(module)
         self._modules.clear()

@@ -22,9 +22,15 @@ MODPROBE = ["modprobe", "v4l2loopback", "devices=1", "video_nr=10", "card_label=
             "exclusive_caps=1"]  # fmt: skip
 OUT, REPO, PY, AUDIO = (Path(a) for a in sys.argv[1:5])
 RUN = Path("/dev/shm/livecam-run")  # Unix sockets cannot be bound on the 9p root
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "LIVECAM_RUNTIME_DIR": str(RUN),
-       "HOME": "/dev/shm/home", "XDG_RUNTIME_DIR": "/dev/shm/xdg",
-       "PYTHONUNBUFFERED": "1", "COLUMNS": "300"}  # fmt: skip (COLUMNS: unwrapped log lines)
+ENV = {
+    **os.environ,
+    "PYTHONPATH": str(REPO),
+    "LIVECAM_RUNTIME_DIR": str(RUN),
+    "HOME": "/dev/shm/home",
+    "XDG_RUNTIME_DIR": "/dev/shm/xdg",
+    "PYTHONUNBUFFERED": "1",
+    "COLUMNS": "300",
+}  # fmt: skip (COLUMNS: unwrapped log lines)
 SLOW = float(os.environ.get("LIVECAM_GUEST_SLOWNESS", "1"))  # scales every wait
 SMALL = ("--size", "640x360")  # scenarios about the device, not the picture: cheaper frames
 results: dict[str, dict] = {}
