@@ -69,7 +69,7 @@ class LiteEngine:
             n_open, n_width = self.renderer.avatar.mouth.patches.shape[:2]
             openness = round(openness * (n_open - 1)) / (n_open - 1)
             width = round((width + 1) / 2 * (n_width - 1)) / (n_width - 1) * 2 - 1
-        return self.renderer.render(openness, width, eyes, frame / self.fps).copy()
+        return self.renderer.render(openness, width, eyes, frame / self.fps)
 
     def generate(self, ring: AudioRing, frames: Sequence[int]) -> list[np.ndarray]:
         self.track.feed(ring, self.samples_needed(frames[-1]))

@@ -106,7 +106,7 @@ class MuseTalkEngine:
         self.device, self.dtype = models.device, models.dtype
         self.warnings = models.warnings
         self.renderer = FaceRenderer(avatar)
-        neutral = self.renderer.render(0.0, 0.0, 0.0).copy()  # closed mouth, open eyes
+        neutral = self.renderer.render(0.0, 0.0, 0.0)  # closed mouth, open eyes
         self.data = prepare_latents(
             avatar.name, neutral, avatar.landmarks, models.vae, models.vae_id
         )
@@ -203,7 +203,7 @@ class MuseTalkEngine:
 
     def _base(self, frame: int) -> np.ndarray:
         eyes = idle.blink(frame / self.fps) if self.idle_motion else 0.0
-        return self.renderer.render(0.0, 0.0, eyes, frame / self.fps).copy()
+        return self.renderer.render(0.0, 0.0, eyes, frame / self.fps)
 
     def paste(self, image: np.ndarray, face: np.ndarray, weight: float) -> None:
         """Blend a 256x256 face into the face box of `image` (in place)."""
