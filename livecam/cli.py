@@ -15,6 +15,7 @@ from rich.table import Table
 
 from livecam.constants import DEFAULT_AVATAR, DEFAULT_FPS, DEFAULT_HEIGHT, DEFAULT_WIDTH
 from livecam.musetalk.cli import ModelsDirOpt, features_command, models_app
+from livecam.service.cli import service_app
 from livecam.terminal import console, err_console, print_error
 
 app = typer.Typer(
@@ -28,6 +29,7 @@ avatars_app = typer.Typer(
 )
 app.add_typer(avatars_app, name="avatars")
 app.add_typer(models_app, name="models")
+app.add_typer(service_app, name="service")
 app.command("features")(features_command)
 
 SWITCH_TIMEOUT_S = 120.0  # a first switch may prepare the avatar (and its musetalk latents)

@@ -31,6 +31,7 @@ from livecam.avatar.model import Avatar, BankParams, PatchBank
 from livecam.avatar.mouth import build_mouth_bank
 from livecam.hashing import sha256_array, sha256_file
 from livecam.limits import MAX_IMAGE_PIXELS, LimitError, check_pixels
+from livecam.paths import cache_home
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,7 @@ def cache_root() -> Path:
     """$LIVECAM_CACHE_DIR, else $XDG_CACHE_HOME/livecam, else ~/.cache/livecam."""
     if env := os.environ.get("LIVECAM_CACHE_DIR"):
         return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "livecam"
+    return cache_home() / "livecam"
 
 
 def bundled_root() -> Path:
