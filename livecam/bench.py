@@ -66,8 +66,8 @@ def run_bench(
 ) -> dict:
     audio_path = audio_path or SAMPLE_AUDIO
     if engine_name == "musetalk":  # per-stage model timings instead of a render
-        from livecam.musetalk.bench import run_musetalk_bench
-        from livecam.musetalk.weights import WeightsError
+        from livecam.engines.musetalk.bench import run_musetalk_bench
+        from livecam.engines.musetalk.weights import WeightsError
         from livecam.session import EngineError
 
         try:

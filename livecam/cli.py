@@ -14,7 +14,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from livecam.constants import DEFAULT_AVATAR, DEFAULT_FPS, DEFAULT_HEIGHT, DEFAULT_WIDTH
-from livecam.musetalk.cli import ModelsDirOpt, features_command, models_app
+from livecam.models_cli import ModelsDirOpt, features_command, models_app
 from livecam.service.cli import service_app
 from livecam.terminal import console, err_console, print_error
 
@@ -41,7 +41,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from livecam.audio.virtual_mic import VirtualMicError
     from livecam.avatar.store import AvatarError
     from livecam.control import ControlError
-    from livecam.musetalk import ExtraMissing
+    from livecam.engines.musetalk import ExtraMissing
     from livecam.session import EngineError
     from livecam.sinks.base import SinkError
 
@@ -301,11 +301,11 @@ def bench(
 
     def action() -> None:
         if engine == "musetalk" or gpu_suite:
-            from livecam.musetalk import require_extra
+            from livecam.engines.musetalk import require_extra
 
             require_extra()
         if gpu_suite:
-            from livecam.musetalk.gpu_suite import run_gpu_suite
+            from livecam.engines.musetalk.gpu_suite import run_gpu_suite
 
             report = run_gpu_suite(avatar, audio or SAMPLE_AUDIO, torch_device, tiny, reference)
         elif latency or soak:

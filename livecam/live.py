@@ -246,5 +246,3 @@ def _logging_to(console: Console) -> Iterator[None]:
     finally:
         for handler, old in zip(handlers, previous, strict=True):
             handler.console = old
-
-

@@ -205,10 +205,6 @@ class FileSource:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="file-audio", daemon=True)
 
-    @property
-    def duration_s(self) -> float:
-        return len(self.samples) / SAMPLE_RATE
-
     def start(self) -> None:
         self._thread.start()
 

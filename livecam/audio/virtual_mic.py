@@ -22,7 +22,6 @@ from livecam.constants import SAMPLE_RATE
 log = logging.getLogger(__name__)
 
 SOURCE = "livecam_mic"
-SINK = f"{SOURCE}_sink"
 DESCRIPTION = "LiveCam Microphone"
 NAME_ENV = "LIVECAM_VIRTUAL_MIC_NAME"  # another source name (tests never touch the user's)
 BLOCK = 160  # 10 ms output blocks

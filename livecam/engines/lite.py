@@ -12,11 +12,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from livecam.audio.ring import AudioRing
+from livecam.avatar import idle
 from livecam.avatar.face import FaceRenderer
 from livecam.avatar.model import Avatar
 from livecam.constants import HOP_LENGTH, HOPS_PER_SECOND
-from livecam.engines.lite_features import HopTrack
-from livecam.pipeline import idle
+from livecam.features.lite import HopTrack
 
 TRACK_HOPS = 10 * HOPS_PER_SECOND  # keep 10 s of per-hop features, enough for any lateness
 

@@ -272,7 +272,7 @@ print(json.dumps(camera_sink_cost(frame, 30, frames=20)))
 # venv's interpreter may not be runnable by another user, so that user is described to it)
 DOCTOR = """
 import json
-from livecam.camera_check import User, camera_findings
+from livecam.doctor.camera import User, camera_findings
 nobody = User("nobody", 65534, frozenset({65534}))
 print(json.dumps({who: [[c.name, c.ok, c.detail] for c in camera_findings(user=user)]
                   for who, user in (("root", None), ("nobody", nobody))}))

@@ -17,10 +17,11 @@ import torch
 from livecam.audio.files import read_audio
 from livecam.audio.ring import AudioRing
 from livecam.avatar.store import load_avatar
-from livecam.musetalk.engine import MuseTalkEngine, MuseTalkOptions, VoiceGate
-from livecam.musetalk.features import offline_features, streaming_deviation
-from livecam.musetalk.manifest import default_models_dir, has_component
-from livecam.musetalk.models import load_models, random_models
+from livecam.engines.musetalk.engine import MuseTalkEngine, MuseTalkOptions
+from livecam.engines.musetalk.manifest import default_models_dir, has_component
+from livecam.engines.musetalk.models import load_models, random_models
+from livecam.features.voice import VoiceGate
+from livecam.features.whisper import offline_features, streaming_deviation
 
 BATCHES = (1, 4, 8)
 

@@ -21,21 +21,19 @@ import numpy as np
 import torch
 
 from livecam.audio.ring import AudioRing
+from livecam.avatar import idle
 from livecam.avatar.face import FaceRenderer
 from livecam.avatar.model import Avatar
-from livecam.constants import HOP_LENGTH, HOPS_PER_SECOND
-from livecam.engines.lite_features import HopTrack
-from livecam.musetalk.avatar_latents import prepare_latents
-from livecam.musetalk.blend import DeviceBlender, faces_to_host, host_buffer
-from livecam.musetalk.features import WINDOW_STEPS, OfflineFeatures, StreamingFeatures
-from livecam.musetalk.forward import FastPaths, Forward, SharedForward
-from livecam.musetalk.models import MuseTalkModels
-from livecam.pipeline import idle
+from livecam.engines.musetalk.avatar_latents import prepare_latents
+from livecam.engines.musetalk.blend import DeviceBlender, faces_to_host, host_buffer
+from livecam.engines.musetalk.forward import FastPaths, Forward, SharedForward
+from livecam.engines.musetalk.models import MuseTalkModels
+from livecam.features.voice import VoiceGate
+from livecam.features.whisper import WINDOW_STEPS, OfflineFeatures, StreamingFeatures
 
 log = logging.getLogger(__name__)
 
 BATCH_SIZES = (1, 2, 4, 8)
-GATE_HOPS = 3  # the gate averages voicing over +-3 hops (140 ms): a soft fade in and out
 
 
 @dataclass(frozen=True)
@@ -60,30 +58,6 @@ def positional_encoding(length: int, dim: int) -> torch.Tensor:
     pe[:, 0::2] = torch.sin(pos * div)
     pe[:, 1::2] = torch.cos(pos * div)
     return pe
-
-
-class VoiceGate:
-    """Per-frame speech weight 0..1 from the lite engine's voice activity, streamed by hop."""
-
-    def __init__(self, fps: float, track_hops: int = 10 * HOPS_PER_SECOND) -> None:
-        self.fps = fps
-        self.track = HopTrack(track_hops)
-
-    def _centre(self, frame: int) -> int:
-        return math.floor((frame + 0.5) / self.fps * HOPS_PER_SECOND)
-
-    def samples_needed(self, frame: int) -> int:
-        return (self._centre(frame) + GATE_HOPS + 2) * HOP_LENGTH
-
-    def levels(self, ring: AudioRing, frames: Sequence[int]) -> list[float]:
-        self.track.feed(ring, self.samples_needed(frames[-1]))
-        out = []
-        for frame in frames:
-            c = self._centre(frame)
-            known = [self.track.get(h) for h in range(c - GATE_HOPS, c + GATE_HOPS + 1)]
-            voiced = [v[2] for v in known if v is not None]
-            out.append(float(np.mean(voiced)) if voiced else 0.0)
-        return out
 
 
 class MuseTalkEngine:
