@@ -218,7 +218,7 @@ def render(
     from livecam.audio.files import read_audio
     from livecam.avatar.store import load_avatar
     from livecam.session import build_compositor, build_engine, render_audio
-    from livecam.sinks import open_sink
+    from livecam.sinks import SinkSettings, open_sink
 
     width, height = _parse_size(size)
 
@@ -234,7 +234,7 @@ def render(
             except ValueError as exc:
                 raise typer.BadParameter(str(exc), param_hint="--tier") from None
         comp = build_compositor(face, width, height, fps, idle)
-        sink, _ = open_sink("file", width=width, height=height, fps=fps, out=out)
+        sink, _ = open_sink("file", SinkSettings(width=width, height=height, fps=fps, out=out))
         result = render_audio(samples, eng, comp, sink)
         console.print(
             f"wrote {out}: {result.frames} frames, {result.audio_seconds:.1f} s of "

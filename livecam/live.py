@@ -29,7 +29,7 @@ from livecam.pipeline.stats import Snapshot
 from livecam.service.heartbeat import Heartbeat, status_line
 from livecam.service.notify import Notifier
 from livecam.session import build_compositor, build_engine
-from livecam.sinks import open_sink
+from livecam.sinks import SinkSettings, open_sink
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +82,15 @@ def build_pipeline(opts: LiveOptions) -> Pipeline:
         source = MicSource(ring, clock, opts.mic)
     sink, warnings = open_sink(
         opts.sink,
-        width=opts.width,
-        height=opts.height,
-        fps=opts.fps,
-        device=opts.camera,
-        backend=opts.camera_backend,
-        port=opts.port,
-        out=opts.out,
+        SinkSettings(
+            width=opts.width,
+            height=opts.height,
+            fps=opts.fps,
+            device=opts.camera,
+            backend=opts.camera_backend,
+            port=opts.port,
+            out=opts.out,
+        ),
     )
     for warning in warnings:
         log.warning("%s", warning)

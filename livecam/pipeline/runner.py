@@ -144,6 +144,13 @@ class Pipeline:
 
         return run
 
+    def __enter__(self) -> Pipeline:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         self._stop.set()
         for thread in self._threads:

@@ -64,7 +64,7 @@ def _stages(engine: MuseTalkEngine, ring: AudioRing, frames: list[int], repeats:
         if "tiny" in engine.tiers:
             tiny_s, _ = _timed(lambda: fwd.decode(lat, "tiny"), dev, repeats)
         faces = img.cpu().numpy()
-        bases = [engine._base(k) for k in frames]
+        bases = [engine.base_frame(k) for k in frames]
         blend_s, _ = _timed(
             lambda: [engine.paste(x, f, 1.0) for x, f in zip(bases, faces, strict=True)], dev, 1
         )

@@ -84,7 +84,8 @@ class MuseTalkEngine:
         self.data = prepare_latents(
             avatar.name, neutral, avatar.landmarks, models.vae, models.vae_id
         )
-        self._latents = torch.from_numpy(self.data.latents).to(self.device, self.dtype)
+        # the avatar's VAE latents on the device: every frame's UNet input starts from them
+        self.latents = torch.from_numpy(self.data.latents).to(self.device, self.dtype)
         self._pe = positional_encoding(WINDOW_STEPS * 5, models.whisper.dim).to(self.device)
         self.forward = forward or Forward(models, opts.fast)
         x1, y1, x2, y2 = self.data.box
@@ -153,7 +154,7 @@ class MuseTalkEngine:
     def model_inputs(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 50, D) float32 features -> the UNet's latents (B, 8, 32, 32) and conditioning."""
         cond = (feats + self._pe).to(self.dtype)
-        return self._latents.expand(len(feats), -1, -1, -1), cond
+        return self.latents.expand(len(feats), -1, -1, -1), cond
 
     @torch.inference_mode()
     def faces_on_device(self, feats: torch.Tensor, tier: str | None = None) -> torch.Tensor:
@@ -175,7 +176,8 @@ class MuseTalkEngine:
         chunks = faces.split(self.batch_sizes[-1])  # the staging buffer holds one chunk
         return np.concatenate([faces_to_host(chunk, self._staging) for chunk in chunks])
 
-    def _base(self, frame: int) -> np.ndarray:
+    def base_frame(self, frame: int) -> np.ndarray:
+        """The idle frame (closed mouth, blinks) that a generated face is pasted into."""
         eyes = idle.blink(frame / self.fps) if self.idle_motion else 0.0
         return self.renderer.render(0.0, 0.0, eyes, frame / self.fps)
 
@@ -191,7 +193,7 @@ class MuseTalkEngine:
         weights = self.gate.levels(ring, frames) if self.options.voice_gate else [1.0] * len(frames)
         speaking = [k for k, w in zip(frames, weights, strict=True) if w > 0.0]
         faces = self.faces_on_device(self.source.features(ring, speaking)) if speaking else None
-        images = [self._base(k) for k in frames]  # on the CPU while the GPU runs the model
+        images = [self.base_frame(k) for k in frames]  # on the CPU while the GPU runs the model
         if faces is None:
             return images
         spoken = [(image, w) for image, w in zip(images, weights, strict=True) if w > 0.0]
@@ -205,4 +207,4 @@ class MuseTalkEngine:
         return images
 
     def generate_silent(self, frames: Sequence[int]) -> list[np.ndarray]:
-        return [self._base(k) for k in frames]
+        return [self.base_frame(k) for k in frames]

@@ -235,7 +235,7 @@ def _reference(suite: Suite, checkout: Path, tiny: bool) -> dict[str, Any]:
     frames = 200 if not tiny else 40
     feats = feats[np.arange(frames) % len(feats)]  # (n, 50, D)
     inputs = ReferenceInputs(suite.avatar.image, engine.data.box, engine.data.mask,
-                             engine._latents, feats)  # fmt: skip
+                             engine.latents, feats)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         return run_reference(checkout, suite.models, inputs, Path(tmp), tiny)
 
