@@ -351,7 +351,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
         if as_json:
             print(json.dumps(answer, indent=2))
             return
-        fields = {f: answer[f] for f in Snapshot.__dataclass_fields__}
+        fields = {f: answer[f] for f in Snapshot.__dataclass_fields__ if f in answer}
         fields["stages_ms"] = {k: tuple(v) for k, v in fields["stages_ms"].items()}
         fields["warnings"] = tuple(fields["warnings"])
         console.print(dashboard.render(Snapshot(**fields)))

@@ -25,10 +25,11 @@ class LiteEngine:
     name = "lite"
     tiers = ("full", "nearest")  # nearest: snap to the closest bank shape instead of blending
     batch_sizes = (1, 2, 4)
-    # A sound's onset shows as a visibly opening mouth this long after its frame is due:
-    # half an analysis window, the attack smoothing, and on average half a frame (measured
-    # with `livecam bench --latency`). The virtual microphone adds it to its delay.
-    response_s = 0.05
+    # A sound's onset shows as a visibly opening mouth this long after its frame is due
+    # (`livecam bench --latency`, file source: 4.6-6.6 ms beyond the playout delay over five
+    # runs; the playout delay already holds the analysis look-ahead). The virtual microphone
+    # adds it to its delay, the latency estimate to its sum.
+    response_s = 0.005
     warnings: tuple[str, ...] = ()
 
     def __init__(self, avatar: Avatar, fps: float, idle_motion: bool = True) -> None:

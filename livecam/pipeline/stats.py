@@ -87,6 +87,11 @@ class Snapshot:
     stages_ms: dict[str, tuple[float, float]]
     warnings: tuple[str, ...] = ()
     uptime_s: float = 0.0
+    # the microphone's input latency: measured (and how), asked for, granted by the device
+    capture_ms: float = 0.0
+    capture_basis: str = ""
+    capture_requested_ms: float = 0.0
+    capture_granted_ms: float = 0.0
 
     @property
     def repeat_ratio(self) -> float:
