@@ -15,6 +15,7 @@ from rich.table import Table
 
 from livecam.constants import DEFAULT_AVATAR, DEFAULT_FPS, DEFAULT_HEIGHT, DEFAULT_WIDTH
 from livecam.musetalk.cli import ModelsDirOpt, features_command, models_app
+from livecam.remote.cli import serve_command
 from livecam.terminal import console, err_console, print_error
 
 app = typer.Typer(
@@ -29,6 +30,7 @@ avatars_app = typer.Typer(
 app.add_typer(avatars_app, name="avatars")
 app.add_typer(models_app, name="models")
 app.command("features")(features_command)
+app.command("serve")(serve_command)
 
 SWITCH_TIMEOUT_S = 120.0  # a first switch may prepare the avatar (and its musetalk latents)
 
@@ -40,11 +42,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from livecam.avatar.store import AvatarError
     from livecam.control import ControlError
     from livecam.musetalk import ExtraMissing
+    from livecam.remote.tokens import TokenError
     from livecam.session import EngineError
     from livecam.sinks.base import SinkError
 
     return (AudioFileError, AudioDeviceError, AvatarError, EngineError, SinkError,
-            VirtualMicError, ControlError, ExtraMissing)  # fmt: skip
+            VirtualMicError, ControlError, ExtraMissing, TokenError)  # fmt: skip
 
 
 def _run(action: Callable[[], int | None]) -> None:
@@ -137,6 +140,12 @@ TorchDeviceOpt = Annotated[
 FpsOpt = Annotated[float, typer.Option(help="Camera frame rate.", callback=_check_fps)]
 SizeOpt = Annotated[str, typer.Option(help="Camera frame size WIDTHxHEIGHT.", callback=_check_size)]
 IdleOpt = Annotated[bool, typer.Option("--idle/--no-idle", help="Blinks and head sway.")]
+RemoteOpt = Annotated[
+    str | None, typer.Option(help="Generate on `livecam serve` at ws://HOST:PORT (lite engine).")
+]
+TokenFileOpt = Annotated[
+    Path | None, typer.Option(help="With --remote: the server's token file (a copy of it).")
+]
 
 
 @app.command()
@@ -166,6 +175,11 @@ def start(
     virtual_mic: Annotated[
         bool, typer.Option(help='Publish "LiveCam Microphone": your voice in step with the face.')
     ] = False,
+    remote: RemoteOpt = None,
+    token_file: TokenFileOpt = None,
+    remote_only: Annotated[
+        bool, typer.Option(help="With --remote: exit if the server is unreachable at start.")
+    ] = False,
 ) -> None:
     """Run the live camera: microphone in, talking avatar out."""
     from livecam.live import LiveOptions, run
@@ -192,6 +206,9 @@ def start(
         virtual_mic=virtual_mic,
         models_dir=models_dir,
         torch_device=torch_device,
+        remote=remote,
+        token_file=token_file,
+        remote_only=remote_only,
     )
     _run(lambda: run(opts, console))
 
@@ -211,11 +228,14 @@ def render(
         str | None,
         typer.Option(help="Quality tier: lite full|nearest, musetalk full|tiny (default: full)."),
     ] = None,
+    remote: RemoteOpt = None,
+    token_file: TokenFileOpt = None,
 ) -> None:
     """Render an audio file to an mp4 offline, as fast as the machine allows."""
     from livecam.audio.files import read_audio
     from livecam.avatar.store import load_avatar
-    from livecam.session import build_compositor, build_engine, render_audio
+    from livecam.live import close_engine
+    from livecam.session import build_compositor, build_engine, build_remote, render_audio
     from livecam.sinks import open_sink
 
     width, height = _parse_size(size)
@@ -223,9 +243,12 @@ def render(
     def action() -> None:
         samples = read_audio(audio)
         face = load_avatar(avatar)
-        eng = build_engine(
-            engine, face, fps, idle, models_dir=models_dir, device=torch_device, streaming=False
-        )
+        if remote:
+            eng = build_remote(remote, token_file, face, fps, idle, remote_only=True)
+        else:
+            eng = build_engine(
+                engine, face, fps, idle, models_dir=models_dir, device=torch_device, streaming=False
+            )
         if tier is not None:
             try:
                 eng.set_tier(tier)
@@ -233,7 +256,10 @@ def render(
                 raise typer.BadParameter(str(exc), param_hint="--tier") from None
         comp = build_compositor(face, width, height, fps, idle)
         sink, _ = open_sink("file", width=width, height=height, fps=fps, out=out)
-        result = render_audio(samples, eng, comp, sink)
+        try:
+            result = render_audio(samples, eng, comp, sink)
+        finally:
+            close_engine(eng)
         console.print(
             f"wrote {out}: {result.frames} frames, {result.audio_seconds:.1f} s of "
             f"audio in {result.seconds:.1f} s "

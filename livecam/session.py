@@ -60,6 +60,31 @@ def build_engine(
     raise EngineError(f"unknown engine {name!r}: choose one of {', '.join(ENGINES)}")
 
 
+def build_remote(
+    url: str,
+    token_file: Path | None,
+    avatar: Avatar,
+    fps: float,
+    idle_motion: bool = True,
+    *,
+    remote_only: bool = False,
+) -> Engine:
+    """The remote engine on `livecam serve` at `url` (local lite frames while unreachable,
+    unless remote_only). Raises EngineError for a bad address, token or refusal."""
+    from livecam.engines.lite import LiteEngine
+    from livecam.remote.client import RemoteError, open_remote
+    from livecam.remote.tokens import TokenError, read_token
+
+    if token_file is None:
+        raise EngineError("--remote needs --token-file FILE (the server's token)")
+    try:
+        token = read_token(token_file)
+        fallback = LiteEngine(avatar, fps, idle_motion=idle_motion)
+        return open_remote(url, token, avatar, fallback, remote_only=remote_only)
+    except (RemoteError, TokenError, ValueError) as exc:
+        raise EngineError(str(exc)) from None
+
+
 def _build_musetalk(avatar: Avatar, fps: float, idle_motion: bool, options: Any) -> Engine:
     from livecam.musetalk.engine import MuseTalkEngine, MuseTalkOptions
     from livecam.musetalk.manifest import default_models_dir

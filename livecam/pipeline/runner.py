@@ -301,7 +301,7 @@ class Pipeline:
     def snapshot(self) -> Snapshot:
         c = self.counters
         now = time.monotonic()
-        warnings = list(self.warnings)
+        warnings = [*self.warnings, *self.engine.warnings]  # the engine's may change (remote)
         if self.source.stats.problem:
             warnings.append(self.source.stats.problem + ": showing idle frames")
         if getattr(self.sink, "problem", None):  # e.g. the camera is held by another program
@@ -338,4 +338,5 @@ class Pipeline:
             stages_ms=c.stage_percentiles(),
             warnings=tuple(warnings),
             uptime_s=now - self._started_at if self._started_at else 0.0,
+            remote=getattr(self.engine, "status_line", str)(),
         )

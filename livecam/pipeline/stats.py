@@ -79,6 +79,7 @@ class Snapshot:
     stages_ms: dict[str, tuple[float, float]]
     warnings: tuple[str, ...] = ()
     uptime_s: float = 0.0
+    remote: str = ""  # remote generation: server, round trip, its queue ("" when local)
 
     @property
     def repeat_ratio(self) -> float:
