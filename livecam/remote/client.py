@@ -158,6 +158,8 @@ class Link:
     def connect(self) -> None:
         """Open and authenticate a stream; RemoteError (RemoteRefused) if that fails."""
         try:
+            # entered by hand: the stream outlives this call (websockets >= 17.1 warns
+            # about connect() used outside `with`; __enter__ works on 15 and later)
             ws = connect(
                 self.url,
                 open_timeout=OPEN_TIMEOUT_S,
@@ -165,7 +167,7 @@ class Link:
                 compression=None,
                 close_timeout=1,
                 proxy=None,
-            )
+            ).__enter__()
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
             raise RemoteError(f"cannot reach the livecam server at {self.url}: {exc}") from None
         try:

@@ -1,0 +1,248 @@
+"""`livecam serve` on a local Ray cluster (2 CPUs, 2 generator replicas), shared by the tests
+here: concurrent clients on their own avatars, the token, malformed messages, faults."""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+from websockets.sync.client import connect  # noqa: E402
+
+from livecam.audio.files import read_audio  # noqa: E402
+from livecam.audio.ring import AudioRing  # noqa: E402
+from livecam.avatar.store import load_avatar  # noqa: E402
+from livecam.engines.lite import LiteEngine  # noqa: E402
+from livecam.remote import protocol as wire  # noqa: E402
+from livecam.remote.client import RemoteRefused, open_remote, stream_url  # noqa: E402
+from tests.conftest import JFK, REPO  # noqa: E402
+
+TOKEN = "test-token-" + "x" * 24
+FPS = 30.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server() -> str:
+    """One Ray cluster and Serve app for the whole session (start-up costs ~10 s)."""
+    from livecam.remote.server import start_app
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    try:
+        yield start_app("lite", 2, TOKEN, "127.0.0.1", _free_port())
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def avatars() -> list:
+    """Four different avatars: the two bundled ones and colour-swapped copies of them."""
+    base = [load_avatar("astronaut"), load_avatar("portrait")]
+
+    def swapped(av):
+        return dataclasses.replace(
+            av,
+            image=np.ascontiguousarray(av.image[..., ::-1]),
+            mouth=dataclasses.replace(
+                av.mouth, patches=np.ascontiguousarray(av.mouth.patches[..., ::-1])
+            ),
+            eyes=dataclasses.replace(
+                av.eyes, patches=np.ascontiguousarray(av.eyes.patches[..., ::-1])
+            ),
+        )
+
+    return [*base, *(swapped(av) for av in base)]
+
+
+@pytest.fixture(scope="module")
+def ring() -> AudioRing:
+    audio = read_audio(JFK)[: 5 * 16000]
+    ring = AudioRing(len(audio))
+    ring.write(audio)
+    return ring
+
+
+# frames as the scheduler asks for them: batches, a jump forward, a stride of 2
+SCHEDULE = [[0, 1, 2, 3], [4, 5], [20, 21, 22, 23], [24, 26, 28, 30], *[[k] for k in range(31, 60)],
+            *[list(range(k, k + 4)) for k in range(60, 140, 4)]]  # fmt: skip
+
+
+def test_four_clients_get_their_own_avatars_faces_keyed_to_the_sample_clock(server, avatars, ring):
+    errors: list[BaseException] = []
+    engines = [
+        open_remote(server, TOKEN, av, LiteEngine(av, FPS), remote_only=True) for av in avatars
+    ]
+
+    def stream(engine, avatar) -> None:
+        local = LiteEngine(avatar, FPS)
+        try:
+            for frames in SCHEDULE:
+                remote = engine.generate(ring, frames)
+                expected = local.generate(ring, frames)
+                for k, a, b in zip(frames, remote, expected, strict=True):
+                    assert np.array_equal(a, b), f"frame {k} of {avatar.name} differs"
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=stream, args=pair) for pair in zip(engines, avatars, strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    for engine in engines:
+        engine.close()
+    assert not errors, errors[0]
+    assert len({e.sha for e in engines}) == 4 and len({e.link._conn is None for e in engines}) == 1
+    for engine in engines:
+        assert engine.link.stats.local_frames == 0
+        assert engine.link.stats.remote_frames == sum(map(len, SCHEDULE))
+
+
+def test_the_generator_merges_streams_into_one_call(server, avatars):
+    from livecam.remote.generator import RenderRequest
+
+    handle = serve.get_deployment_handle("Generator", app_name="livecam")
+    sha, blob = wire.avatar_blob(avatars[0])
+    ref = ray.put(blob)
+    requests = [RenderRequest(s, sha, (s,), ((0.5, 0.0),), "full", FPS, True) for s in range(12)]
+    calls = [handle.render.remote((request, [ref])) for request in requests]
+    results = [call.result(timeout_s=60) for call in calls]
+    assert [r.stream for r in results] == list(range(12))
+    assert [r.frames for r in results] == [(s,) for s in range(12)]
+    assert max(r.batch_streams for r in results) >= 2
+
+
+def test_a_wrong_token_is_refused_before_any_work(server, avatars):
+    with pytest.raises(RemoteRefused, match="refused the token"):
+        open_remote(server, "wrong-" + "y" * 30, avatars[0], LiteEngine(avatars[0], FPS))
+    with connect(stream_url(server), proxy=None) as ws:  # no hello first: refused too
+        ws.send(wire.pack({"type": "avatar", "sha256": "0" * 64}))
+        header, _ = wire.unpack(ws.recv(timeout=10))
+        assert header["code"] == "auth"
+
+
+def _hello(ws) -> dict:
+    ws.send(wire.pack({"type": "hello", "version": wire.VERSION, "token": TOKEN, "engine": "lite",
+                       "fps": FPS, "idle": True, "encoding": "raw"}))  # fmt: skip
+    return wire.unpack(ws.recv(timeout=10))[0]
+
+
+def test_malformed_and_oversized_messages_get_error_replies(server, avatars, ring):
+    bad = [
+        "text message",
+        b"\x00\x00\x00\x03{x}",
+        wire.pack({"type": "nonsense"}),
+        wire.pack({"type": "audio", "start": 0}, b"123"),
+        wire.pack({"type": "audio", "start": -5}, np.zeros(4, "<f4").tobytes()),
+        wire.pack({"type": "frames", "id": 1, "avatar": "0" * 64, "frames": [0], "tier": "full"}),
+        wire.pack({"type": "frames", "id": 1, "avatar": "x", "frames": [3, 1], "tier": "full"}),
+        wire.pack({"type": "avatar", "sha256": "0" * 64}, b"not an npz"),
+        wire.pack({"type": "avatar", "sha256": "0" * 64}, b"\x00" * (wire.MAX_AVATAR_BYTES + 10)),
+    ]
+    with connect(stream_url(server), proxy=None, max_size=None) as ws:
+        assert _hello(ws)["type"] == "ready"
+        for message in bad:
+            ws.send(message)
+            header, _ = wire.unpack(ws.recv(timeout=10))
+            assert header["type"] == "error" and header["code"] == "bad_request", message[:40]
+        # the stream still works afterwards
+        sha, blob = wire.avatar_blob(avatars[0])
+        ws.send(wire.pack({"type": "avatar", "sha256": sha}, blob))
+        assert wire.unpack(ws.recv(timeout=10))[0]["known"]
+        ws.send(wire.pack({"type": "audio", "start": 0}, ring.read(0, 3200).tobytes()))
+        ws.send(
+            wire.pack({"type": "frames", "id": 7, "avatar": sha, "frames": [0, 1], "tier": "full"})
+        )
+        header, _ = wire.unpack(ws.recv(timeout=10))
+        assert header["type"] == "faces" and header["id"] == 7 and header["frames"] == [0, 1]
+
+
+def test_a_dropped_connection_gives_local_frames_then_reconnects(server, avatars, ring):
+    engine = open_remote(server, TOKEN, avatars[1], LiteEngine(avatars[1], FPS), remote_only=True)
+    try:
+        engine.generate(ring, [0, 1])
+        engine.link._conn.ws.close()  # the network goes away under the stream
+        local = LiteEngine(avatars[1], FPS)
+        faces = engine.generate(ring, [2, 3])
+        assert all(
+            np.array_equal(a, b) for a, b in zip(faces, local.generate(ring, [2, 3]), strict=True)
+        )
+        assert engine.link.stats.local_frames == 2 and engine.warnings
+        deadline = time.monotonic() + 10
+        while engine.link._conn is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.link.stats.reconnects == 1 and not engine.warnings
+        before = engine.link.stats.remote_frames
+        engine.generate(ring, [40, 41])
+        assert engine.link.stats.remote_frames == before + 2
+    finally:
+        engine.close()
+
+
+def _generator_replicas() -> list:
+    names = ray.util.list_named_actors(all_namespaces=True)
+    return [n for n in names if "Generator" in n["name"] and n["namespace"] == "serve"]
+
+
+def test_a_killed_replica_does_not_stop_the_stream(server, avatars, ring):
+    """Last test on the shared server: it kills a generator replica."""
+    engine = open_remote(server, TOKEN, avatars[2], LiteEngine(avatars[2], FPS), remote_only=True)
+    replicas = _generator_replicas()
+    assert len(replicas) == 2
+    try:
+        for k in range(0, 30):
+            engine.generate(ring, [k])
+        victim = ray.get_actor(replicas[0]["name"], namespace="serve")
+        ray.kill(victim, no_restart=True)
+        local_before = engine.link.stats.local_frames
+        for k in range(30, 120):
+            engine.generate(ring, [k])
+            time.sleep(1 / FPS)
+        stats = engine.link.stats
+        assert stats.local_frames - local_before <= FPS  # at most a second of local frames
+        assert engine.link._conn is not None and stats.remote_frames >= 120 - FPS
+    finally:
+        engine.close()
+
+
+def test_livecam_serve_prints_its_url_and_stops_on_sigint(tmp_path):
+    token_file = tmp_path / "token"
+    port = _free_port()
+    command = ["serve", "--token-file", str(token_file), "--port", str(port)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "livecam", *command],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if f"ws://127.0.0.1:{port}" in line:
+                break
+        assert any(f"ws://127.0.0.1:{port}" in line for line in lines), "".join(lines)
+        assert len(token_file.read_text().strip()) >= 32
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out
+        assert "shutting down" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
