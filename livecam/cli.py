@@ -317,6 +317,12 @@ def bench(
     reference: Annotated[
         Path | None, typer.Option(help="With --gpu-suite: a MuseTalk checkout to run beside it.")
     ] = None,
+    streams: Annotated[
+        int | None,
+        typer.Option(help="Run N live streams at once (--soak seconds, default 10).", min=1),
+    ] = None,
+    remote: RemoteOpt = None,
+    token_file: TokenFileOpt = None,
 ) -> None:
     """Measure engine, compositing and render speed (or live latency, or a long run)."""
     from livecam.bench import SAMPLE_AUDIO, run_bench
@@ -328,7 +334,16 @@ def bench(
             from livecam.musetalk import require_extra
 
             require_extra()
-        if gpu_suite:
+        if remote or streams:
+            from livecam.live import LiveOptions
+            from livecam.remote.bench import streams_report
+
+            opts = LiveOptions(
+                avatar=avatar, engine=engine, width=width, height=height, fps=fps, audio_file=audio,
+                dashboard=False, remote=remote, token_file=token_file, simulate_load=simulate_load,
+            )  # fmt: skip
+            report = streams_report(opts, streams or 1, soak or 10.0)
+        elif gpu_suite:
             from livecam.musetalk.gpu_suite import run_gpu_suite
 
             report = run_gpu_suite(avatar, audio or SAMPLE_AUDIO, torch_device, tiny, reference)

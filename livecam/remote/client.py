@@ -108,24 +108,24 @@ class _Connection:
             raise RemoteError("the server did not take the avatar")
         self.avatars.add(sha)
 
-    def send_audio(self, ring: AudioRing, upto: int) -> None:
+    def request(
+        self, ring: AudioRing, upto: int, sha: str, frames: list[int], tier: str
+    ) -> tuple[dict, bytes]:
+        """Ask for faces, with the audio up to `upto` the server has not had yet (the last
+        piece rides in the request: one message per call in the common case)."""
         start = max(self.sent if self.sent is not None else upto - int(CONTEXT_S * 16000), 0)
         start = max(start, ring.start)
-        while start < upto:
-            stop = min(upto, start + wire.MAX_AUDIO_SAMPLES)
-            self.ws.send(
-                wire.pack({"type": "audio", "start": start}, ring.read(start, stop).tobytes())
-            )
+        while upto - start > wire.MAX_AUDIO_SAMPLES:
+            stop = start + wire.MAX_AUDIO_SAMPLES
+            audio = ring.read(start, stop).tobytes()
+            self.ws.send(wire.pack({"type": "audio", "start": start}, audio))
             start = stop
+        audio = ring.read(start, upto).tobytes() if start < upto else b""
         self.sent = max(self.sent or 0, upto)
-
-    def request(self, sha: str, frames: list[int], tier: str) -> tuple[dict, bytes]:
         request_id = next(self.ids)
-        self.ws.send(
-            wire.pack(
-                {"type": "frames", "id": request_id, "avatar": sha, "frames": frames, "tier": tier}
-            )
-        )
+        header = {"type": "frames", "id": request_id, "avatar": sha, "frames": frames,
+                  "tier": tier, "audio_start": start}  # fmt: skip
+        self.ws.send(wire.pack(header, audio))
         deadline = time.monotonic() + REPLY_TIMEOUT_S
         while True:  # an older request's late reply is dropped here
             header, payload = self.recv(max(deadline - time.monotonic(), 0.0))
@@ -199,6 +199,16 @@ class Link:
             self.problem = None
         log.info("remote generation: stream %d on %s", header["stream"], self.url)
 
+    def upload(self, sha: str, blob: bytes) -> None:
+        """Send an avatar now (before the camera runs), not with the first frames."""
+        with self._lock:
+            if self._conn is None:
+                return
+            try:
+                self._conn.ensure_avatar(sha, blob)
+            except (OSError, TimeoutError, ConnectionClosed, wire.ProtocolError) as exc:
+                raise RemoteError(f"cannot send the avatar to {self.url}: {exc}") from None
+
     def start_reconnecting(self, reason: str) -> None:
         self.problem = reason
         if self._reconnecting is None or not self._reconnecting.is_alive():
@@ -240,8 +250,7 @@ class Link:
             t0 = time.perf_counter()
             try:
                 conn.ensure_avatar(sha, blob)
-                conn.send_audio(ring, upto)
-                header, payload = conn.request(sha, frames, tier)
+                header, payload = conn.request(ring, upto, sha, frames, tier)
                 patches = _decode(header, payload, len(frames), shape)
             except TimeoutError:
                 self.stats.timeouts += 1
@@ -361,6 +370,7 @@ def open_remote(
     engine = RemoteEngine(link, avatar, fallback)
     try:
         link.connect()
+        link.upload(engine.sha, engine.blob)
     except RemoteRefused:
         raise
     except RemoteError as exc:

@@ -8,7 +8,8 @@ client -> server                               server -> client
           idle, encoding}                                response_s}
   avatar {sha256} [+ npz payload]                avatar {sha256, known}
   audio  {start} + float32 LE samples            faces  {id, stream, avatar, frames, patches,
-  frames {id, frames, tier}                              encoding, ...} + patch bytes
+  frames {id, avatar, frames, tier,                      encoding, ...} + patch bytes
+          audio_start} [+ float32 samples]
                                                  error  {code, message}
 
 The hello must come first and carry the token; nothing else is read before it is accepted.

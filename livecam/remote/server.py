@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 APP_NAME = "livecam"
 ENGINES = ("lite",)
 MAX_BATCH_STREAMS = 16  # requests merged into one generator call
-BATCH_WAIT_S = 0.002  # how long a call waits for other streams' requests
+BATCH_WAIT_S = 0.0  # no waiting: requests that queued during the last call form the batch
 HELLO_TIMEOUT_S = 10.0
 RETRY_FOR_S = 2.0  # a request whose replica died is retried on another for this long
 MAX_ERRORS = 16  # protocol errors on one connection before it is closed
@@ -173,6 +173,8 @@ class Ingress:
         elif kind == "avatar":
             await self._avatar(ws, wire.field(header, "sha256", str), payload)
         elif kind == "frames":
+            if payload:  # the audio these frames need, sent along
+                state.add_audio(wire.field(header, "audio_start", int), payload)
             await self._frames(ws, state, header)
         else:
             raise wire.ProtocolError(f"unknown message type {kind!r}")
