@@ -190,3 +190,29 @@ def test_bad_remote_addresses_are_refused(url):
 def test_stream_url_adds_the_path():
     assert stream_url("ws://h:1") == "ws://h:1" + wire.PATH
     assert stream_url("ws://h:1/") == "ws://h:1" + wire.PATH
+
+
+def test_start_with_remote_but_no_token_file_says_so():
+    from typer.testing import CliRunner
+
+    from livecam.cli import app
+
+    result = CliRunner().invoke(
+        app, ["start", "--remote", "ws://127.0.0.1:9", "--sink", "memory", "--no-dashboard"]
+    )
+    assert result.exit_code == 1
+    assert "--remote needs --token-file" in result.output
+
+
+def test_start_remote_only_exits_when_the_server_is_unreachable(tmp_path):
+    from typer.testing import CliRunner
+
+    from livecam.cli import app
+
+    token = tmp_path / "token"
+    token.write_text("t" * 32)
+    url = f"ws://127.0.0.1:{_free_port()}"
+    args = ["--remote", url, "--token-file", str(token), "--remote-only", "--sink", "memory"]
+    result = CliRunner().invoke(app, ["start", *args, "--no-dashboard"])
+    assert result.exit_code == 1
+    assert "cannot reach the livecam server" in result.output

@@ -202,7 +202,7 @@ def _generator_replicas() -> list:
 
 
 def test_a_killed_replica_does_not_stop_the_stream(server, avatars, ring):
-    """Last test on the shared server: it kills a generator replica."""
+    """Kills a generator replica of the shared server (Serve starts a new one)."""
     engine = open_remote(server, TOKEN, avatars[2], LiteEngine(avatars[2], FPS), remote_only=True)
     replicas = _generator_replicas()
     assert len(replicas) == 2
@@ -285,3 +285,22 @@ def test_a_slow_lossy_network_keeps_the_frame_rate_and_adds_about_the_round_trip
     assert (
         slow.playout_delay_ms >= 100 and slow.playout_delay_ms - direct.playout_delay_ms <= 100 + 80
     ), delays
+
+
+def test_render_remote_writes_the_same_frames_as_local(server, tmp_path):
+    from typer.testing import CliRunner
+
+    from livecam.cli import app
+    from tests.helpers import read_frames, write_clip
+
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    clip = write_clip(tmp_path / "a.wav", read_audio(JFK)[:16000])
+    common = ["render", "--audio", str(clip), "--size", "320x240"]
+    remote = [*common, "--out", str(tmp_path / "r.mp4"), "--remote", server]
+    result = CliRunner().invoke(app, [*remote, "--token-file", str(token_file)])
+    assert result.exit_code == 0, result.output
+    assert CliRunner().invoke(app, [*common, "--out", str(tmp_path / "l.mp4")]).exit_code == 0
+    frames_r, frames_l = read_frames(tmp_path / "r.mp4"), read_frames(tmp_path / "l.mp4")
+    assert len(frames_r) == len(frames_l) >= 30
+    assert all(np.array_equal(a, b) for a, b in zip(frames_r, frames_l, strict=True))
