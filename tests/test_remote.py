@@ -4,6 +4,7 @@ generator, and the client's fallback when no server answers."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 import stat
@@ -16,7 +17,7 @@ import pytest
 from livecam.audio.files import read_audio
 from livecam.audio.ring import AudioRing
 from livecam.avatar.store import load_avatar
-from livecam.engines.lite import LiteEngine
+from livecam.engines.lite import LiteEngine, MouthTrack
 from livecam.remote import protocol as wire
 from livecam.remote.client import RemoteError, open_remote, stream_url
 from livecam.remote.generator import LiteGenerator, RenderRequest, paste
@@ -121,7 +122,7 @@ def test_token_file_is_created_private_and_read_back(tmp_path):
 
 # -- server side without Ray --------------------------------------------------------------------
 def test_stream_state_keeps_the_sample_clock_through_gaps_and_resends():
-    state = StreamState(1, 30.0, "raw", True)
+    state = StreamState(1, 30.0, "raw", True, "lite", MouthTrack(30.0).samples_needed)
     state.add_audio(0, np.ones(100, "<f4").tobytes())
     state.add_audio(50, np.full(100, 2, "<f4").tobytes())  # overlap: only new samples kept
     state.add_audio(400, np.full(10, 3, "<f4").tobytes())  # gap: silence in between
@@ -130,7 +131,7 @@ def test_stream_state_keeps_the_sample_clock_through_gaps_and_resends():
     assert ring.read(0, 100).tolist() == [1] * 100 and ring.read(100, 150).tolist() == [2] * 50
     assert not ring.read(150, 400).any() and ring.read(400, 410).tolist() == [3] * 10
     with pytest.raises(wire.ProtocolError, match="needs audio"):
-        state.mouths([30])
+        state.conditions([30])
 
 
 def test_generator_renders_each_request_on_its_own_avatar(astronaut):
@@ -152,7 +153,9 @@ def test_generator_renders_each_request_on_its_own_avatar(astronaut):
     assert results[0].batch_streams == 2 and results[0].batch_frames == 3
     for avatar, request, result in zip((astronaut, portrait), req, results, strict=True):
         local = LiteEngine(avatar, fps)
-        for k, mouth, patches in zip(request.frames, request.mouths, result.patches, strict=True):
+        for k, mouth, patches in zip(
+            request.frames, request.conditions, result.patches, strict=True
+        ):
             assert np.array_equal(paste(avatar.image, patches), local.face(k, *mouth))
 
 
@@ -190,6 +193,30 @@ def test_bad_remote_addresses_are_refused(url):
 def test_stream_url_adds_the_path():
     assert stream_url("ws://h:1") == "ws://h:1" + wire.PATH
     assert stream_url("ws://h:1/") == "ws://h:1" + wire.PATH
+    assert stream_url("wss://h/mt") == "wss://h/mt" + wire.PATH
+    assert stream_url("ws://h:1" + wire.PATH) == "ws://h:1" + wire.PATH
+
+
+@pytest.mark.parametrize("fps", [30.0, 25.0, 29.97, 24.0, 60.0, 12.5])
+def test_the_look_ahead_table_reproduces_the_engine_at_any_frame(fps):
+    track = MouthTrack(fps)
+    needed = wire.needed_from_table(
+        json.loads(json.dumps(wire.needed_table(track.samples_needed, fps)))
+    )
+    assert all(needed(k) == track.samples_needed(k) for k in range(0, 20000, 7))
+
+
+def test_malformed_look_ahead_tables_are_refused():
+    bad_tables = [
+        None,
+        {},
+        {"period": 2, "shift": 10, "table": [1]},
+        {"period": 1, "shift": 0, "table": [1]},
+        {"period": 1, "shift": 5, "table": ["1"]},
+    ]
+    for bad in bad_tables:
+        with pytest.raises(wire.ProtocolError):
+            wire.needed_from_table(bad)
 
 
 def test_start_with_remote_but_no_token_file_says_so():

@@ -14,7 +14,7 @@ import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -53,7 +53,7 @@ def stream_url(url: str) -> str:
         parts = None
     if parts is None or parts.scheme not in ("ws", "wss") or not parts.hostname:
         raise RemoteError(f"--remote {url!r} is not a ws://HOST:PORT (or wss://) address")
-    return url.rstrip("/") + wire.PATH if parts.path in ("", "/") else url
+    return url if parts.path.endswith(wire.PATH) else url.rstrip("/") + wire.PATH
 
 
 def _loopback(url: str) -> bool:
@@ -79,6 +79,28 @@ class LinkStats:
     local_frames: int = 0
     timeouts: int = 0
     reconnects: int = 0
+
+
+@dataclass(frozen=True)
+class ServerEngine:
+    """The engine a server runs, from its ready message."""
+
+    name: str
+    tiers: tuple[str, ...]
+    batch_sizes: tuple[int, ...]
+    response_s: float
+    samples_needed: Callable[[int], int]
+
+    @classmethod
+    def from_ready(cls, header: dict) -> ServerEngine:
+        tiers, sizes = wire.field(header, "tiers", list), wire.field(header, "batch_sizes", list)
+        if not tiers or not all(isinstance(t, str) for t in tiers):
+            raise wire.ProtocolError("the server sent no tiers")
+        if not sizes or not all(isinstance(b, int) and 0 < b <= wire.MAX_FRAMES for b in sizes):
+            raise wire.ProtocolError("the server sent unusable batch sizes")
+        return cls(wire.field(header, "engine", str), tuple(tiers), tuple(sizes),
+                   float(wire.field(header, "response_s", (int, float))),
+                   wire.needed_from_table(header.get("needed")))  # fmt: skip
 
 
 class _Connection:
@@ -144,9 +166,10 @@ class Link:
     """The connection to the server, shared by a stream's engines (one per avatar shown):
     one request at a time, reconnecting in the background after a drop."""
 
-    def __init__(self, url: str, token: str, engine: str, fps: float, idle: bool) -> None:
+    def __init__(self, url: str, token: str, fps: float, idle: bool) -> None:
         self.url = stream_url(url)
-        self.token, self.engine, self.fps, self.idle = token, engine, fps, idle
+        self.token, self.fps, self.idle = token, fps, idle
+        self.server: ServerEngine | None = None  # what the server said it runs
         self.encoding = "raw" if _loopback(self.url) else "jpeg"
         self.stats = LinkStats()
         self.problem: str | None = None  # why the server is not used right now
@@ -177,7 +200,6 @@ class Link:
                         "type": "hello",
                         "version": wire.VERSION,
                         "token": self.token,
-                        "engine": self.engine,
                         "fps": self.fps,
                         "idle": self.idle,
                         "encoding": self.encoding,
@@ -194,9 +216,16 @@ class Link:
                 f"the livecam server at {self.url} refused this client: "
                 f"{header.get('message', header)}"
             )
+        try:
+            server = ServerEngine.from_ready(header)
+        except wire.ProtocolError as exc:
+            ws.close()
+            raise RemoteRefused(
+                f"the livecam server at {self.url} is not compatible: {exc}"
+            ) from None
         with self._lock:
             self._conn = _Connection(ws, int(header["stream"]), self.encoding)
-            self.problem = None
+            self.server, self.problem = server, None
         log.info("remote generation: stream %d on %s", header["stream"], self.url)
 
     def upload(self, sha: str, blob: bytes) -> None:
@@ -314,14 +343,17 @@ class RemoteEngine:
     """The Engine contract over a Link; a local lite engine on the same avatar stands in while
     the server is unreachable and makes the idle faces (the client holds the avatar)."""
 
-    batch_sizes = (1, 2, 4)
-
     def __init__(self, link: Link, avatar: Avatar, fallback: LiteEngine) -> None:
+        """Takes the server's tiers, batch sizes and look-ahead when it answered already
+        (else the local engine's: the pipeline plans with them from the start)."""
         self.link, self.avatar, self.local = link, avatar, fallback
-        self.name = f"{link.engine} (remote)"
-        self.tiers = fallback.tiers
-        self.tier = fallback.tier
-        self.response_s = fallback.response_s
+        server = link.server
+        self.name = f"{server.name if server else 'lite'} (remote)"
+        self.tiers = server.tiers if server else fallback.tiers
+        self.batch_sizes = server.batch_sizes if server else fallback.batch_sizes
+        self.response_s = server.response_s if server else fallback.response_s
+        self._needed = server.samples_needed if server else fallback.samples_needed
+        self.tier = self.tiers[0]
         self.sha, self.blob = wire.avatar_blob(avatar)
         self._base = np.ascontiguousarray(avatar.image)
 
@@ -334,20 +366,23 @@ class RemoteEngine:
         return self.link.status_line()
 
     def set_tier(self, tier: str) -> None:
-        self.local.set_tier(tier)
+        if tier not in self.tiers:
+            raise ValueError(f"unknown tier {tier!r} for the remote engine: {self.tiers}")
         self.tier = tier
 
     def samples_needed(self, frame: int) -> int:
-        return self.local.samples_needed(frame)
+        return self._needed(frame)
 
     def generate(self, ring: AudioRing, frames: Sequence[int]) -> list[np.ndarray]:
         frames = list(frames)
         self.local.analysis.feed(ring, frames[-1])  # cheap; keeps local frames ready
         upto = self.samples_needed(frames[-1])
-        shape = self._base.shape
-        patches = self.link.faces(self.sha, self.blob, ring, frames, self.tier, upto, shape)
+        server, shape = self.link.server, self._base.shape
+        tier = self.tier if server is None or self.tier in server.tiers else server.tiers[0]
+        patches = self.link.faces(self.sha, self.blob, ring, frames, tier, upto, shape)
         if patches is None:
             self.link.stats.local_frames += len(frames)
+            self.local.set_tier(self.tier if self.tier in self.local.tiers else "full")
             return self.local.generate(ring, frames)
         self.link.stats.remote_frames += len(frames)
         return [paste(self._base, p) for p in patches]
@@ -366,11 +401,9 @@ def open_remote(
     url: str, token: str, avatar: Avatar, fallback: LiteEngine, *, remote_only: bool = False
 ) -> RemoteEngine:
     """Connect, or (unless remote_only) start with local frames and keep trying."""
-    link = Link(url, token, "lite", fallback.fps, fallback.idle_motion)
-    engine = RemoteEngine(link, avatar, fallback)
+    link = Link(url, token, fallback.fps, fallback.idle_motion)
     try:
         link.connect()
-        link.upload(engine.sha, engine.blob)
     except RemoteRefused:
         raise
     except RemoteError as exc:
@@ -378,4 +411,10 @@ def open_remote(
             raise
         log.warning("%s: showing local lite frames until it answers", exc)
         link.start_reconnecting(str(exc))
+    engine = RemoteEngine(link, avatar, fallback)
+    try:
+        link.upload(engine.sha, engine.blob)
+    except RemoteError:
+        engine.close()
+        raise
     return engine

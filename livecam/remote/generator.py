@@ -1,21 +1,23 @@
 """Stateless face generation for the server: one call renders frames of several streams.
 
-Each request carries everything its frames need (avatar hash, frame indices, per-frame mouth
-state, tier, fps), so any replica can serve it and a failed call can be retried elsewhere.
-Prepared avatars (the lite engine's premultiplied patch banks) are kept in an LRU by content
-hash; a miss loads the uploaded avatar through `fetch`.
+Each request carries everything its frames need (avatar hash, frame indices, per-frame state
+from the stream's audio analysis, the audio window a neural engine encodes, tier, fps), so any
+replica can serve it and a failed call can be retried elsewhere. Prepared avatars (lite patch
+banks, musetalk latents) are kept in an LRU by content hash; the caller prepares a missing one.
 """
 
 from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from livecam.avatar.model import Avatar
-from livecam.engines.lite import LiteEngine
+from livecam.engines.lite import LiteEngine, MouthTrack
 from livecam.remote.protocol import Patch
 
 PREPARED_AVATARS = 16  # per replica; a lite avatar takes ~10 MB prepared
@@ -26,10 +28,13 @@ class RenderRequest:
     stream: int
     avatar: str  # content hash
     frames: tuple[int, ...]
-    mouths: tuple[tuple[float, float], ...]  # (openness, width) per frame
+    # per frame, from the stream's analysis: lite (openness, width), musetalk (voice weight,)
+    conditions: tuple[tuple[float, ...], ...]
     tier: str
     fps: float
     idle: bool
+    audio_start: int = 0  # musetalk: the window its features are encoded from
+    audio: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -46,10 +51,22 @@ class MissingAvatar(KeyError):
     """The avatar is not prepared here and could not be fetched."""
 
 
+class EngineInfo(NamedTuple):
+    name: str
+    tiers: tuple[str, ...]
+    batch_sizes: tuple[int, ...]
+    response_s: float
+
+
 class LiteGenerator:
+    info = EngineInfo("lite", LiteEngine.tiers, LiteEngine.batch_sizes, LiteEngine.response_s)
+
     def __init__(self, capacity: int = PREPARED_AVATARS) -> None:
         self.capacity = capacity
         self._engines: collections.OrderedDict[tuple, LiteEngine] = collections.OrderedDict()
+
+    def samples_needed(self, fps: float) -> Callable[[int], int]:
+        return MouthTrack(fps).samples_needed
 
     def has(self, request: RenderRequest) -> bool:
         return self._key(request) in self._engines
@@ -76,7 +93,7 @@ class LiteGenerator:
             engine.set_tier(request.tier)
             regions = _regions(engine.renderer.avatar)
             patches = []
-            for k, (openness, width) in zip(request.frames, request.mouths, strict=True):
+            for k, (openness, width) in zip(request.frames, request.conditions, strict=True):
                 face = engine.face(k, openness, width)
                 patches.append(tuple((x, y, face[y : y + h, x : x + w]) for x, y, w, h in regions))
             out.append(tuple(patches))

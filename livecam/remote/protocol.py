@@ -4,8 +4,8 @@ Every WebSocket message is binary: a 4-byte big-endian header length, a UTF-8 JS
 (the header, at most MAX_HEADER bytes, with a "type"), then an optional binary payload.
 
 client -> server                               server -> client
-  hello  {version, token, engine, fps,           ready  {stream, engine, tiers, batch_sizes,
-          idle, encoding}                                response_s}
+  hello  {version, token, fps, idle,            ready  {stream, engine, tiers, batch_sizes,
+          encoding}                                      response_s, needed}
   avatar {sha256} [+ npz payload]                avatar {sha256, known}
   audio  {start} + float32 LE samples            faces  {id, stream, avatar, frames, patches,
   frames {id, avatar, frames, tier,                      encoding, ...} + patch bytes
@@ -24,14 +24,17 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import math
 import struct
+from collections.abc import Callable
+from fractions import Fraction
 from typing import Any
 
 import cv2
 import numpy as np
 
 from livecam.avatar.model import Avatar, PatchBank
-from livecam.constants import SAMPLE_RATE
+from livecam.constants import HOPS_PER_SECOND, SAMPLE_RATE
 from livecam.hashing import sha256_array
 from livecam.limits import MAX_HEIGHT, MAX_WIDTH
 
@@ -118,6 +121,44 @@ def audio_samples(payload: bytes) -> np.ndarray:
     return samples
 
 
+# -- the engine's look-ahead -------------------------------------------------------------------
+MAX_PERIOD = 10_000
+
+
+def needed_table(samples_needed: Callable[[int], int], fps: float) -> dict[str, Any]:
+    """The server engine's samples_needed as a table the client extends: both engines step in
+    20 ms hops, so it repeats every `period` frames, shifted by `period / fps` seconds."""
+    rate = Fraction(fps).limit_denominator(1001)
+    period = rate.numerator // math.gcd(rate.numerator, HOPS_PER_SECOND * rate.denominator)
+    shift = Fraction(period * SAMPLE_RATE) / rate
+    if period > MAX_PERIOD or shift.denominator != 1:
+        raise ProtocolError(f"frame rate {fps} has no short period on the 20 ms hop grid")
+    return {
+        "period": period,
+        "shift": int(shift),
+        "table": [samples_needed(k) for k in range(period)],
+    }
+
+
+def needed_from_table(info: Any) -> Callable[[int], int]:
+    """samples_needed(frame) from a needed_table() (checked: it comes off the wire)."""
+    if not isinstance(info, dict):
+        raise ProtocolError("ready has no look-ahead table")
+    period, shift, table = info.get("period"), info.get("shift"), info.get("table")
+    if not (isinstance(period, int) and isinstance(shift, int) and isinstance(table, list)):
+        raise ProtocolError("malformed look-ahead table")
+    if not (0 < period == len(table) <= MAX_PERIOD and shift > 0):
+        raise ProtocolError("malformed look-ahead table")
+    if not all(isinstance(v, int) for v in table):
+        raise ProtocolError("malformed look-ahead table")
+
+    def samples_needed(frame: int) -> int:
+        cycle, k = divmod(frame, period)
+        return table[k] + cycle * shift
+
+    return samples_needed
+
+
 # -- avatars ------------------------------------------------------------------------------------
 def avatar_blob(avatar: Avatar) -> tuple[str, bytes]:
     """(content hash, npz bytes) of what a remote lite engine needs of a still avatar."""
@@ -170,10 +211,11 @@ def avatar_from_blob(data: bytes, expected: str) -> Avatar:
         raise ProtocolError(f"avatar upload is not a valid npz: {exc}") from None
     if avatar_hash(arrays) != expected:
         raise ProtocolError("avatar upload does not match its sha256")
-    return _checked_avatar(arrays)
+    # named by content: musetalk caches an avatar's latents under its name
+    return _checked_avatar(arrays, f"remote-{expected[:16]}")
 
 
-def _checked_avatar(a: dict[str, np.ndarray]) -> Avatar:
+def _checked_avatar(a: dict[str, np.ndarray], name: str) -> Avatar:
     image = a["image"]
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ProtocolError("avatar image must be uint8 (H, W, 3)")
@@ -195,7 +237,7 @@ def _checked_avatar(a: dict[str, np.ndarray]) -> Avatar:
             raise ProtocolError(f"{key} patches lie outside the image")
         return PatchBank(x, y, patches, mask.astype(np.float32))
 
-    return Avatar("remote", image, a["landmarks"].astype(np.float32), bank("mouth"), bank("eyes"))
+    return Avatar(name, image, a["landmarks"].astype(np.float32), bank("mouth"), bank("eyes"))
 
 
 # -- faces ----------------------------------------------------------------------------------------

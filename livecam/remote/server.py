@@ -26,10 +26,9 @@ import ray
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from ray import serve
 
-from livecam.engines.lite import LiteEngine
 from livecam.limits import LimitError, check_fps
 from livecam.remote import protocol as wire
-from livecam.remote.generator import LiteGenerator, RenderRequest, RenderResult
+from livecam.remote.generator import EngineInfo, LiteGenerator, RenderRequest, RenderResult
 from livecam.remote.stream import StreamState
 from livecam.remote.tokens import read_token
 from livecam.session import EngineError
@@ -37,7 +36,7 @@ from livecam.session import EngineError
 log = logging.getLogger(__name__)
 
 APP_NAME = "livecam"
-ENGINES = ("lite",)
+ENGINES = ("lite", "musetalk")
 MAX_BATCH_STREAMS = 16  # requests merged into one generator call
 BATCH_WAIT_S = 0.0  # no waiting: requests that queued during the last call form the batch
 HELLO_TIMEOUT_S = 10.0
@@ -75,17 +74,25 @@ def _quiet() -> contextlib.AbstractContextManager:
     logging_config=QUIET,
 )
 class Generator:
-    def __init__(self, engine: str) -> None:
-        self.engine = engine
-        self.lite = LiteGenerator()
+    def __init__(self, engine: str, models_dir: Path | None) -> None:
+        if engine == "musetalk":
+            from livecam.remote.musetalk_generator import MuseTalkGenerator
+
+            self.impl: Any = MuseTalkGenerator(models_dir)
+        else:
+            self.impl = LiteGenerator()
+
+    def describe(self, fps: float) -> tuple[EngineInfo, dict]:
+        """The engine's tiers, batch sizes, response and look-ahead table at this frame rate."""
+        return self.impl.info, wire.needed_table(self.impl.samples_needed(fps), fps)
 
     @serve.batch(max_batch_size=MAX_BATCH_STREAMS, batch_wait_timeout_s=BATCH_WAIT_S)
     async def render(self, calls: list[tuple[RenderRequest, list]]) -> list[RenderResult]:
         for request, ref in calls:
-            if not self.lite.has(request):  # ref: [ObjectRef] of the uploaded npz
+            if not self.impl.has(request):  # ref: [ObjectRef] of the uploaded npz
                 data = await ref[0]
-                self.lite.prepare(request, wire.avatar_from_blob(data, request.avatar))
-        return self.lite.render([request for request, _ in calls])
+                self.impl.prepare(request, wire.avatar_from_blob(data, request.avatar))
+        return self.impl.render([request for request, _ in calls])
 
 
 @serve.deployment(
@@ -93,10 +100,10 @@ class Generator:
 )
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, generator: Any, engine: str, token_sha256: str) -> None:
+    def __init__(self, generator: Any, token_sha256: str) -> None:
         self.generator = generator
-        self.engine = engine
         self.token_sha256 = token_sha256
+        self.engines: dict[float, tuple[EngineInfo, dict]] = {}  # per frame rate
         self.avatars: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self.streams = itertools.count(1)
         self.in_flight = 0  # generator calls waiting, over all streams: the remote queue
@@ -143,27 +150,23 @@ class Ingress:
                 raise wire.ProtocolError(
                     f"protocol version {header['version']} is not {wire.VERSION}: update livecam"
                 )
-            if wire.field(header, "engine", str) != self.engine:
-                raise wire.ProtocolError(f"this server runs the {self.engine} engine")
             fps = check_fps(float(wire.field(header, "fps", (int, float))))
             if wire.field(header, "encoding", str) not in wire.ENCODINGS:
                 raise wire.ProtocolError(f"encoding must be one of {wire.ENCODINGS}")
             wire.field(header, "idle", bool)
         except (wire.ProtocolError, LimitError) as exc:
             return await _refuse(ws, "bad_request", str(exc))
-        state = StreamState(next(self.streams), fps, header["encoding"], header["idle"])
-        await _send(
-            ws,
-            {
-                "type": "ready",
-                "version": wire.VERSION,
-                "stream": state.stream,
-                "engine": self.engine,
-                "tiers": list(LiteEngine.tiers),
-                "batch_sizes": list(LiteEngine.batch_sizes),
-                "response_s": LiteEngine.response_s,
-            },
-        )
+        if fps not in self.engines:
+            self.engines[fps] = await self.generator.describe.remote(fps)
+        info, needed = self.engines[fps]
+        state = StreamState(next(self.streams), fps, header["encoding"], header["idle"],
+                            info.name, wire.needed_from_table(needed))  # fmt: skip
+        state.tiers = info.tiers
+        ready = {"type": "ready", "version": wire.VERSION, "stream": state.stream,
+                 "engine": info.name, "tiers": list(info.tiers),
+                 "batch_sizes": list(info.batch_sizes), "response_s": info.response_s,
+                 "needed": needed}  # fmt: skip
+        await _send(ws, ready)
         return state
 
     async def _handle(self, ws: WebSocket, state: StreamState, header: dict, payload: bytes):
@@ -195,20 +198,15 @@ class Ingress:
         request_id = wire.field(header, "id", int)
         frames = wire.frame_list(header)
         tier = wire.field(header, "tier", str)
-        if tier not in LiteEngine.tiers:
-            raise wire.ProtocolError(f"tier must be one of {LiteEngine.tiers}")
+        if tier not in state.tiers:
+            raise wire.ProtocolError(f"tier must be one of {state.tiers}")
         avatar = wire.field(header, "avatar", str)
         if avatar not in self.avatars:
             raise wire.ProtocolError("send the avatar before asking for its frames")
-        request = RenderRequest(
-            state.stream,
-            avatar,
-            tuple(frames),
-            tuple(state.mouths(frames)),
-            tier,
-            state.fps,
-            state.idle,
-        )
+        conditions = tuple(state.conditions(frames))
+        start, audio = state.window(frames)
+        request = RenderRequest(state.stream, avatar, tuple(frames), conditions, tier, state.fps,
+                                state.idle, start, audio)  # fmt: skip
         result = await self._generate(request, self.avatars[avatar])
         if result.stream != state.stream or result.frames != request.frames:
             raise RuntimeError("a generator answered another request")  # never sent on
@@ -270,7 +268,7 @@ def check_engine(engine: str) -> None:
         )
 
 
-def build_app(engine: str, replicas: int, token: str) -> Any:
+def build_app(engine: str, replicas: int, token: str, models_dir: Path | None = None) -> Any:
     """The Serve application: ingress bound to a generator pool of `replicas`."""
     check_engine(engine)
     resources = ray.cluster_resources()
@@ -278,19 +276,30 @@ def build_app(engine: str, replicas: int, token: str) -> Any:
         actor = {"num_gpus": 1, "num_cpus": 1}
     else:  # share the CPUs: replicas above the CPU count must still be placed
         actor = {"num_cpus": min(1.0, resources.get("CPU", 1) / replicas)}
-    generator = Generator.options(num_replicas=replicas, ray_actor_options=actor).bind(engine)
-    return Ingress.bind(generator, engine, hashlib.sha256(token.encode()).hexdigest())
+    generator = Generator.options(num_replicas=replicas, ray_actor_options=actor)
+    return Ingress.bind(
+        generator.bind(engine, models_dir), hashlib.sha256(token.encode()).hexdigest()
+    )
 
 
-def start_app(engine: str, replicas: int, token: str, host: str, port: int) -> str:
+def start_app(
+    engine: str,
+    replicas: int,
+    token: str,
+    host: str,
+    port: int,
+    models_dir: Path | None = None,
+    name: str = APP_NAME,
+    route: str = "/",
+) -> str:
     """Deploy on the connected Ray cluster; returns the stream URL."""
     serve.start(
         http_options={"host": host, "port": port},
         logging_config=QUIET,
     )
-    serve.run(build_app(engine, replicas, token), name=APP_NAME, route_prefix="/")
+    serve.run(build_app(engine, replicas, token, models_dir), name=name, route_prefix=route)
     shown = f"[{host}]" if ":" in host else host
-    return f"ws://{shown}:{port}"
+    return f"ws://{shown}:{port}{route.rstrip('/')}"
 
 
 def run_server(opts: ServeOptions, say: Any = print) -> int:
@@ -307,7 +316,9 @@ def run_server(opts: ServeOptions, say: Any = print) -> int:
         else:
             ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, logging_level="warning")
         try:
-            url = start_app(opts.engine, opts.replicas, token, opts.host, opts.port)
+            url = start_app(
+                opts.engine, opts.replicas, token, opts.host, opts.port, opts.models_dir
+            )
             say(
                 f"livecam serve: {opts.engine} x{opts.replicas} at {url} "
                 f"(clients: livecam start --remote {url} --token-file FILE)"

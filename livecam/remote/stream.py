@@ -1,27 +1,43 @@
-"""Per-stream state on the server's ingress: the stream's audio and its mouth analysis.
+"""Per-stream state on the server's ingress: the stream's audio and its analysis.
 
 A stream is pinned to its WebSocket (one ingress replica), so its audio context lives here
-and each generation request carries only per-frame mouth state: generators stay stateless.
+and each generation request carries only per-frame state (lite: the mouth shape; musetalk:
+the voice weight and the audio window its features are encoded from): generators stay
+stateless.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
 
 from livecam.audio.ring import AudioRing
 from livecam.constants import SAMPLE_RATE
 from livecam.engines.lite import MouthTrack
 from livecam.remote.protocol import ProtocolError, audio_samples
 
-RING_SECONDS = 10  # the analysis never looks further back
+RING_SECONDS = 10  # more than any analysis or feature window looks back
+WINDOW_SECONDS = 8.5  # musetalk: its 8 s encoder context, and a margin
 
 
 class StreamState:
-    def __init__(self, stream: int, fps: float, encoding: str, idle: bool) -> None:
+    def __init__(self, stream: int, fps: float, encoding: str, idle: bool, engine: str,
+                 samples_needed: Callable[[int], int]) -> None:  # fmt: skip
         self.stream = stream
         self.fps = fps
         self.encoding = encoding  # of the faces sent back
         self.idle = idle  # blinks
+        self.engine = engine
+        self.samples_needed = samples_needed
+        self.tiers: tuple[str, ...] = ()  # the engine's, for checking requests
         self.ring = AudioRing(RING_SECONDS * SAMPLE_RATE)
-        self.analysis = MouthTrack(fps)
+        if engine == "lite":
+            self.analysis = MouthTrack(fps)
+        else:
+            from livecam.musetalk.engine import VoiceGate  # torch: only on a musetalk server
+
+            self.gate = VoiceGate(fps)
 
     def add_audio(self, start: int, payload: bytes) -> None:
         """Samples at absolute index `start`: a gap becomes silence, a resent overlap is
@@ -37,11 +53,22 @@ class StreamState:
         if len(samples):
             self.ring.write(samples)
 
-    def mouths(self, frames: list[int]) -> list[tuple[float, float]]:
-        needed = self.analysis.samples_needed(frames[-1])
+    def conditions(self, frames: list[int]) -> list[tuple[float, ...]]:
+        """Per-frame state for the generator (the frames' audio must have arrived)."""
+        needed = self.samples_needed(frames[-1])
         if needed > self.ring.end:
             raise ProtocolError(
                 f"frame {frames[-1]} needs audio up to sample {needed}; {self.ring.end} received"
             )
-        self.analysis.feed(self.ring, frames[-1])
-        return [self.analysis.mouth(k) for k in frames]
+        if self.engine == "lite":
+            self.analysis.feed(self.ring, frames[-1])
+            return [self.analysis.mouth(k) for k in frames]
+        return [(w,) for w in self.gate.levels(self.ring, frames)]
+
+    def window(self, frames: list[int]) -> tuple[int, np.ndarray | None]:
+        """(absolute start, samples) of the audio a neural engine encodes for these frames."""
+        if self.engine == "lite":
+            return 0, None
+        end = self.samples_needed(frames[-1])
+        start = max(end - int(WINDOW_SECONDS * SAMPLE_RATE), self.ring.start, 0)
+        return start, self.ring.read(start, end)
