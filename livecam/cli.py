@@ -244,7 +244,10 @@ def render(
         samples = read_audio(audio)
         face = load_avatar(avatar)
         if remote:
-            eng = build_remote(remote, token_file, face, fps, idle, remote_only=True)
+            # offline: wait for the server (30 s a call) rather than fall back to local frames
+            eng = build_remote(
+                remote, token_file, face, fps, idle, remote_only=True, reply_timeout_s=30.0
+            )
         else:
             eng = build_engine(
                 engine, face, fps, idle, models_dir=models_dir, device=torch_device, streaming=False

@@ -68,11 +68,13 @@ def build_remote(
     idle_motion: bool = True,
     *,
     remote_only: bool = False,
+    reply_timeout_s: float | None = None,
 ) -> Engine:
     """The remote engine on `livecam serve` at `url` (local lite frames while unreachable,
-    unless remote_only). Raises EngineError for a bad address, token or refusal."""
+    unless remote_only; and for replies later than `reply_timeout_s`, default live: 1 s).
+    Raises EngineError for a bad address, token or refusal."""
     from livecam.engines.lite import LiteEngine
-    from livecam.remote.client import RemoteError, open_remote
+    from livecam.remote.client import REPLY_TIMEOUT_S, RemoteError, open_remote
     from livecam.remote.tokens import TokenError, read_token
 
     if token_file is None:
@@ -80,7 +82,10 @@ def build_remote(
     try:
         token = read_token(token_file)
         fallback = LiteEngine(avatar, fps, idle_motion=idle_motion)
-        return open_remote(url, token, avatar, fallback, remote_only=remote_only)
+        timeout = reply_timeout_s or REPLY_TIMEOUT_S
+        return open_remote(
+            url, token, avatar, fallback, remote_only=remote_only, reply_timeout_s=timeout
+        )
     except (RemoteError, TokenError, ValueError) as exc:
         raise EngineError(str(exc)) from None
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,7 +42,8 @@ def server() -> str:
     """One Ray cluster and Serve app for the whole session (start-up costs ~10 s)."""
     from livecam.remote.server import start_app
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    # 2 CPUs for the lite pool's two replicas, one for the musetalk app below
+    ray.init(num_cpus=3, include_dashboard=False, logging_level="warning")
     try:
         yield start_app("lite", 2, TOKEN, "127.0.0.1", _free_port())
     finally:
@@ -304,3 +306,66 @@ def test_render_remote_writes_the_same_frames_as_local(server, tmp_path):
     frames_r, frames_l = read_frames(tmp_path / "r.mp4"), read_frames(tmp_path / "l.mp4")
     assert len(frames_r) == len(frames_l) >= 30
     assert all(np.array_equal(a, b) for a, b in zip(frames_r, frames_l, strict=True))
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> Path:
+    pytest.importorskip("torch")
+    from tests.musetalk_tiny import write_tiny_models
+
+    return write_tiny_models(tmp_path_factory.mktemp("remote-models") / "models")
+
+
+@pytest.fixture(scope="module")
+def musetalk_server(server, tiny_models) -> str:
+    """A musetalk pool (one replica, tiny random weights) beside the lite one."""
+    from livecam.remote.server import start_app
+
+    port = int(server.rsplit(":", 1)[1])
+    url = start_app("musetalk", 1, TOKEN, "127.0.0.1", port, tiny_models, name="mt", route="/mt")
+    yield url
+    serve.delete("mt")
+
+
+def test_musetalk_clients_get_their_own_avatars_faces(musetalk_server, avatars, ring, tiny_models):
+    """Two streams at once on one replica (tiny random weights); each face is the one an
+    in-process generator makes from that stream's own audio and avatar."""
+    from livecam.remote.generator import RenderRequest, paste
+    from livecam.remote.musetalk_generator import MuseTalkGenerator
+    from livecam.remote.stream import StreamState
+
+    fps, schedule = 25.0, [list(range(k, k + 4)) for k in range(0, 48, 4)]
+    mine = [avatars[0], avatars[2]]  # the same geometry, other colours: a mix-up shows
+    engines = [open_remote(musetalk_server, TOKEN, av, LiteEngine(av, fps), remote_only=True,
+                           reply_timeout_s=60.0) for av in mine]  # fmt: skip
+    assert engines[0].name == "musetalk (remote)" and engines[0].batch_sizes == (1, 2, 4, 8)
+    got: dict[int, list] = {0: [], 1: []}
+
+    def stream(i: int) -> None:
+        for frames in schedule:
+            got[i].extend(engines[i].generate(ring, frames))
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    for engine in engines:
+        assert engine.link.stats.local_frames == 0
+        engine.close()
+    gen = MuseTalkGenerator(tiny_models)
+    for i, avatar in enumerate(mine):
+        sha = engines[i].sha
+        state = StreamState(1, fps, "raw", True, "musetalk", gen.samples_needed(fps))
+        expected = []
+        for frames in schedule:
+            state.add_audio(0, ring.read(0, engines[i].samples_needed(frames[-1])).tobytes())
+            request = RenderRequest(1, sha, tuple(frames), tuple(state.conditions(frames)), "full",
+                                    fps, True, *state.window(frames))  # fmt: skip
+            if not gen.has(request):
+                gen.prepare(request, wire.avatar_from_blob(engines[i].blob, sha))
+            expected += [paste(avatar.image, p) for p in gen.render([request])[0].patches]
+        assert len(got[i]) == len(expected)
+        for k, (a, b) in enumerate(zip(got[i], expected, strict=True)):
+            diff = np.abs(a.astype(int) - b)  # batch shapes differ: float rounding only
+            assert diff.max() <= 12 and diff.mean() < 0.05, (i, k, diff.max(), diff.mean())

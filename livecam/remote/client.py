@@ -31,7 +31,7 @@ from livecam.remote.generator import paste
 log = logging.getLogger(__name__)
 
 OPEN_TIMEOUT_S = 3.0
-REPLY_TIMEOUT_S = 1.0  # a reply this late: the frames come from the local engine
+REPLY_TIMEOUT_S = 1.0  # live: a reply this late and the frames come from the local engine
 CONTEXT_S = 2.0  # audio sent before the first frame after (re)connecting
 BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 4.0)
 RTT_WINDOW = 300
@@ -131,7 +131,7 @@ class _Connection:
         self.avatars.add(sha)
 
     def request(
-        self, ring: AudioRing, upto: int, sha: str, frames: list[int], tier: str
+        self, ring: AudioRing, upto: int, sha: str, frames: list[int], tier: str, timeout: float
     ) -> tuple[dict, bytes]:
         """Ask for faces, with the audio up to `upto` the server has not had yet (the last
         piece rides in the request: one message per call in the common case)."""
@@ -148,7 +148,7 @@ class _Connection:
         header = {"type": "frames", "id": request_id, "avatar": sha, "frames": frames,
                   "tier": tier, "audio_start": start}  # fmt: skip
         self.ws.send(wire.pack(header, audio))
-        deadline = time.monotonic() + REPLY_TIMEOUT_S
+        deadline = time.monotonic() + timeout
         while True:  # an older request's late reply is dropped here
             header, payload = self.recv(max(deadline - time.monotonic(), 0.0))
             if header["type"] == "faces" and header.get("id") == request_id:
@@ -166,8 +166,11 @@ class Link:
     """The connection to the server, shared by a stream's engines (one per avatar shown):
     one request at a time, reconnecting in the background after a drop."""
 
-    def __init__(self, url: str, token: str, fps: float, idle: bool) -> None:
+    def __init__(
+        self, url: str, token: str, fps: float, idle: bool, reply_timeout_s: float = REPLY_TIMEOUT_S
+    ) -> None:
         self.url = stream_url(url)
+        self.reply_timeout_s = reply_timeout_s
         self.token, self.fps, self.idle = token, fps, idle
         self.server: ServerEngine | None = None  # what the server said it runs
         self.encoding = "raw" if _loopback(self.url) else "jpeg"
@@ -279,7 +282,7 @@ class Link:
             t0 = time.perf_counter()
             try:
                 conn.ensure_avatar(sha, blob)
-                header, payload = conn.request(ring, upto, sha, frames, tier)
+                header, payload = conn.request(ring, upto, sha, frames, tier, self.reply_timeout_s)
                 patches = _decode(header, payload, len(frames), shape)
             except TimeoutError:
                 self.stats.timeouts += 1
@@ -398,10 +401,16 @@ class RemoteEngine:
 
 
 def open_remote(
-    url: str, token: str, avatar: Avatar, fallback: LiteEngine, *, remote_only: bool = False
+    url: str,
+    token: str,
+    avatar: Avatar,
+    fallback: LiteEngine,
+    *,
+    remote_only: bool = False,
+    reply_timeout_s: float = REPLY_TIMEOUT_S,
 ) -> RemoteEngine:
     """Connect, or (unless remote_only) start with local frames and keep trying."""
-    link = Link(url, token, fallback.fps, fallback.idle_motion)
+    link = Link(url, token, fallback.fps, fallback.idle_motion, reply_timeout_s)
     try:
         link.connect()
     except RemoteRefused:
