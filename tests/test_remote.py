@@ -122,7 +122,7 @@ def test_token_file_is_created_private_and_read_back(tmp_path):
 
 # -- server side without Ray --------------------------------------------------------------------
 def test_stream_state_keeps_the_sample_clock_through_gaps_and_resends():
-    state = StreamState(1, 30.0, "raw", True, "lite", MouthTrack(30.0).samples_needed)
+    state = StreamState(1, 30.0, "raw", True, "lite", ("full",), MouthTrack(30.0).samples_needed)
     state.add_audio(0, np.ones(100, "<f4").tobytes())
     state.add_audio(50, np.full(100, 2, "<f4").tobytes())  # overlap: only new samples kept
     state.add_audio(400, np.full(10, 3, "<f4").tobytes())  # gap: silence in between

@@ -356,7 +356,7 @@ def test_musetalk_clients_get_their_own_avatars_faces(musetalk_server, avatars, 
     gen = MuseTalkGenerator(tiny_models)
     for i, avatar in enumerate(mine):
         sha = engines[i].sha
-        state = StreamState(1, fps, "raw", True, "musetalk", gen.samples_needed(fps))
+        state = StreamState(1, fps, "raw", True, "musetalk", ("full",), gen.samples_needed(fps))
         expected = []
         for frames in schedule:
             state.add_audio(0, ring.read(0, engines[i].samples_needed(frames[-1])).tobytes())

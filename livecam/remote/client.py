@@ -24,6 +24,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from livecam.audio.ring import AudioRing
 from livecam.avatar.model import Avatar
+from livecam.constants import SAMPLE_RATE
 from livecam.engines.lite import LiteEngine
 from livecam.remote import protocol as wire
 from livecam.remote.generator import paste
@@ -112,21 +113,25 @@ class _Connection:
         self.avatars: set[str] = set()
         self.ids = iter(range(1, 1 << 62))
 
-    def recv(self, timeout: float) -> tuple[dict, bytes]:
-        header, payload = wire.unpack(self.ws.recv(timeout=timeout))
-        if header["type"] == "error":
-            raise RemoteError(f"the server says: {header.get('message')}")
-        return header, payload
+    def recv(self, kind: str, timeout: float, request_id: int | None = None) -> tuple[dict, bytes]:
+        """The next message of `kind` (and id); late replies to older requests are dropped."""
+        deadline = time.monotonic() + timeout
+        while True:
+            header, payload = wire.unpack(self.ws.recv(max(deadline - time.monotonic(), 0.0)))
+            if header["type"] == "error":
+                raise RemoteError(f"the server says: {header.get('message')}")
+            if header["type"] == kind and (request_id is None or header.get("id") == request_id):
+                return header, payload
 
     def ensure_avatar(self, sha: str, blob: bytes) -> None:
         if sha in self.avatars:
             return
         self.ws.send(wire.pack({"type": "avatar", "sha256": sha}))  # known there already?
-        header, _ = self.recv(OPEN_TIMEOUT_S)
+        header, _ = self.recv("avatar", OPEN_TIMEOUT_S)
         if not header.get("known"):
             self.ws.send(wire.pack({"type": "avatar", "sha256": sha}, blob))
-            header, _ = self.recv(OPEN_TIMEOUT_S + len(blob) / 1e6)
-        if header.get("type") != "avatar" or header.get("sha256") != sha or not header["known"]:
+            header, _ = self.recv("avatar", OPEN_TIMEOUT_S + len(blob) / 1e6)
+        if header.get("sha256") != sha or not header.get("known"):
             raise RemoteError("the server did not take the avatar")
         self.avatars.add(sha)
 
@@ -135,7 +140,7 @@ class _Connection:
     ) -> tuple[dict, bytes]:
         """Ask for faces, with the audio up to `upto` the server has not had yet (the last
         piece rides in the request: one message per call in the common case)."""
-        start = max(self.sent if self.sent is not None else upto - int(CONTEXT_S * 16000), 0)
+        start = max(self.sent if self.sent is not None else upto - int(CONTEXT_S * SAMPLE_RATE), 0)
         start = max(start, ring.start)
         while upto - start > wire.MAX_AUDIO_SAMPLES:
             stop = start + wire.MAX_AUDIO_SAMPLES
@@ -148,11 +153,7 @@ class _Connection:
         header = {"type": "frames", "id": request_id, "avatar": sha, "frames": frames,
                   "tier": tier, "audio_start": start}  # fmt: skip
         self.ws.send(wire.pack(header, audio))
-        deadline = time.monotonic() + timeout
-        while True:  # an older request's late reply is dropped here
-            header, payload = self.recv(max(deadline - time.monotonic(), 0.0))
-            if header["type"] == "faces" and header.get("id") == request_id:
-                break
+        header, payload = self.recv("faces", timeout, request_id)
         if (
             header.get("stream") != self.stream
             or header.get("avatar") != sha

@@ -160,8 +160,7 @@ class Ingress:
             self.engines[fps] = await self.generator.describe.remote(fps)
         info, needed = self.engines[fps]
         state = StreamState(next(self.streams), fps, header["encoding"], header["idle"],
-                            info.name, wire.needed_from_table(needed))  # fmt: skip
-        state.tiers = info.tiers
+                            info.name, info.tiers, wire.needed_from_table(needed))  # fmt: skip
         ready = {"type": "ready", "version": wire.VERSION, "stream": state.stream,
                  "engine": info.name, "tiers": list(info.tiers),
                  "batch_sizes": list(info.batch_sizes), "response_s": info.response_s,

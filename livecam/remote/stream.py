@@ -23,14 +23,14 @@ WINDOW_SECONDS = 8.5  # musetalk: its 8 s encoder context, and a margin
 
 class StreamState:
     def __init__(self, stream: int, fps: float, encoding: str, idle: bool, engine: str,
-                 samples_needed: Callable[[int], int]) -> None:  # fmt: skip
+                 tiers: tuple[str, ...], samples_needed: Callable[[int], int]) -> None:  # fmt: skip
         self.stream = stream
         self.fps = fps
         self.encoding = encoding  # of the faces sent back
         self.idle = idle  # blinks
         self.engine = engine
         self.samples_needed = samples_needed
-        self.tiers: tuple[str, ...] = ()  # the engine's, for checking requests
+        self.tiers = tiers  # the engine's, for checking requests
         self.ring = AudioRing(RING_SECONDS * SAMPLE_RATE)
         if engine == "lite":
             self.analysis = MouthTrack(fps)
