@@ -15,6 +15,7 @@ from rich.table import Table
 
 from livecam.constants import DEFAULT_AVATAR, DEFAULT_FPS, DEFAULT_HEIGHT, DEFAULT_WIDTH
 from livecam.models_cli import ModelsDirOpt, features_command, models_app
+from livecam.remote.cli import serve_command
 from livecam.service.cli import service_app
 from livecam.terminal import console, err_console, print_error
 
@@ -31,6 +32,7 @@ app.add_typer(avatars_app, name="avatars")
 app.add_typer(models_app, name="models")
 app.add_typer(service_app, name="service")
 app.command("features")(features_command)
+app.command("serve")(serve_command)
 
 SWITCH_TIMEOUT_S = 120.0  # a first switch may prepare the avatar (and its musetalk latents)
 
@@ -42,11 +44,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from livecam.avatar.store import AvatarError
     from livecam.control import ControlError
     from livecam.engines.musetalk import ExtraMissing
+    from livecam.remote.tokens import TokenError
     from livecam.session import EngineError
     from livecam.sinks.base import SinkError
 
     return (AudioFileError, AudioDeviceError, AvatarError, EngineError, SinkError,
-            VirtualMicError, ControlError, ExtraMissing)  # fmt: skip
+            VirtualMicError, ControlError, ExtraMissing, TokenError)  # fmt: skip
 
 
 def _run(action: Callable[[], int | None]) -> None:
@@ -139,6 +142,12 @@ TorchDeviceOpt = Annotated[
 FpsOpt = Annotated[float, typer.Option(help="Camera frame rate.", callback=_check_fps)]
 SizeOpt = Annotated[str, typer.Option(help="Camera frame size WIDTHxHEIGHT.", callback=_check_size)]
 IdleOpt = Annotated[bool, typer.Option("--idle/--no-idle", help="Blinks and head sway.")]
+RemoteOpt = Annotated[
+    str | None, typer.Option(help="Generate on `livecam serve` at ws://HOST:PORT (lite engine).")
+]
+TokenFileOpt = Annotated[
+    Path | None, typer.Option(help="With --remote: the server's token file (a copy of it).")
+]
 
 
 @app.command()
@@ -168,6 +177,11 @@ def start(
     virtual_mic: Annotated[
         bool, typer.Option(help='Publish "LiveCam Microphone": your voice in step with the face.')
     ] = False,
+    remote: RemoteOpt = None,
+    token_file: TokenFileOpt = None,
+    remote_only: Annotated[
+        bool, typer.Option(help="With --remote: exit if the server is unreachable at start.")
+    ] = False,
 ) -> None:
     """Run the live camera: microphone in, talking avatar out."""
     from livecam.live import LiveOptions, run
@@ -194,6 +208,9 @@ def start(
         virtual_mic=virtual_mic,
         models_dir=models_dir,
         torch_device=torch_device,
+        remote=remote,
+        token_file=token_file,
+        remote_only=remote_only,
     )
     _run(lambda: run(opts, console))
 
@@ -213,11 +230,14 @@ def render(
         str | None,
         typer.Option(help="Quality tier: lite full|nearest, musetalk full|tiny (default: full)."),
     ] = None,
+    remote: RemoteOpt = None,
+    token_file: TokenFileOpt = None,
 ) -> None:
     """Render an audio file to an mp4 offline, as fast as the machine allows."""
     from livecam.audio.files import read_audio
     from livecam.avatar.store import load_avatar
-    from livecam.session import build_compositor, build_engine, render_audio
+    from livecam.live import close_engine
+    from livecam.session import build_compositor, build_engine, build_remote, render_audio
     from livecam.sinks import SinkSettings, open_sink
 
     width, height = _parse_size(size)
@@ -225,9 +245,15 @@ def render(
     def action() -> None:
         samples = read_audio(audio)
         face = load_avatar(avatar)
-        eng = build_engine(
-            engine, face, fps, idle, models_dir=models_dir, device=torch_device, streaming=False
-        )
+        if remote:
+            # offline: wait for the server (30 s a call) rather than fall back to local frames
+            eng = build_remote(
+                remote, token_file, face, fps, idle, remote_only=True, reply_timeout_s=30.0
+            )
+        else:
+            eng = build_engine(
+                engine, face, fps, idle, models_dir=models_dir, device=torch_device, streaming=False
+            )
         if tier is not None:
             try:
                 eng.set_tier(tier)
@@ -235,7 +261,10 @@ def render(
                 raise typer.BadParameter(str(exc), param_hint="--tier") from None
         comp = build_compositor(face, width, height, fps, idle)
         sink, _ = open_sink("file", SinkSettings(width=width, height=height, fps=fps, out=out))
-        result = render_audio(samples, eng, comp, sink)
+        try:
+            result = render_audio(samples, eng, comp, sink)
+        finally:
+            close_engine(eng)
         console.print(
             f"wrote {out}: {result.frames} frames, {result.audio_seconds:.1f} s of "
             f"audio in {result.seconds:.1f} s "
@@ -293,6 +322,12 @@ def bench(
     reference: Annotated[
         Path | None, typer.Option(help="With --gpu-suite: a MuseTalk checkout to run beside it.")
     ] = None,
+    streams: Annotated[
+        int | None,
+        typer.Option(help="Run N live streams at once (--soak seconds, default 10).", min=1),
+    ] = None,
+    remote: RemoteOpt = None,
+    token_file: TokenFileOpt = None,
 ) -> None:
     """Measure engine, compositing and render speed (or live latency, or a long run)."""
     from livecam.bench import SAMPLE_AUDIO, run_bench
@@ -304,7 +339,16 @@ def bench(
             from livecam.engines.musetalk import require_extra
 
             require_extra()
-        if gpu_suite:
+        if remote or streams:
+            from livecam.live import LiveOptions
+            from livecam.remote.bench import streams_report
+
+            opts = LiveOptions(
+                avatar=avatar, engine=engine, width=width, height=height, fps=fps, audio_file=audio,
+                dashboard=False, remote=remote, token_file=token_file, simulate_load=simulate_load,
+            )  # fmt: skip
+            report = streams_report(opts, streams or 1, soak or 10.0)
+        elif gpu_suite:
             from livecam.engines.musetalk.gpu_suite import run_gpu_suite
 
             report = run_gpu_suite(avatar, audio or SAMPLE_AUDIO, torch_device, tiny, reference)

@@ -60,6 +60,36 @@ def build_engine(
     raise EngineError(f"unknown engine {name!r}: choose one of {', '.join(ENGINES)}")
 
 
+def build_remote(
+    url: str,
+    token_file: Path | None,
+    avatar: Avatar,
+    fps: float,
+    idle_motion: bool = True,
+    *,
+    remote_only: bool = False,
+    reply_timeout_s: float | None = None,
+) -> Engine:
+    """The remote engine on `livecam serve` at `url` (local lite frames while unreachable,
+    unless remote_only; and for replies later than `reply_timeout_s`, default live: 1 s).
+    Raises EngineError for a bad address, token or refusal."""
+    from livecam.engines.lite import LiteEngine
+    from livecam.remote.client import REPLY_TIMEOUT_S, RemoteError, open_remote
+    from livecam.remote.tokens import TokenError, read_token
+
+    if token_file is None:
+        raise EngineError("--remote needs --token-file FILE (the server's token)")
+    try:
+        token = read_token(token_file)
+        fallback = LiteEngine(avatar, fps, idle_motion=idle_motion)
+        timeout = reply_timeout_s or REPLY_TIMEOUT_S
+        return open_remote(
+            url, token, avatar, fallback, remote_only=remote_only, reply_timeout_s=timeout
+        )
+    except (RemoteError, TokenError, ValueError) as exc:
+        raise EngineError(str(exc)) from None
+
+
 def _build_musetalk(avatar: Avatar, fps: float, idle_motion: bool, options: Any) -> Engine:
     from livecam.engines.musetalk.engine import MuseTalkEngine, MuseTalkOptions
     from livecam.engines.musetalk.manifest import default_models_dir

@@ -92,6 +92,7 @@ class Snapshot:
     capture_basis: str = ""
     capture_requested_ms: float = 0.0
     capture_granted_ms: float = 0.0
+    remote: str = ""  # remote generation: server, round trip, its queue ("" when local)
 
     @property
     def repeat_ratio(self) -> float:
