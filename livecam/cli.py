@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -17,7 +16,7 @@ from livecam.constants import DEFAULT_AVATAR, DEFAULT_FPS, DEFAULT_HEIGHT, DEFAU
 from livecam.models_cli import ModelsDirOpt, features_command, models_app
 from livecam.remote.cli import serve_command
 from livecam.service.cli import service_app
-from livecam.terminal import console, err_console, print_error
+from livecam.terminal import console, err_console, print_error, run_action
 
 app = typer.Typer(
     help="Turn your microphone into a talking face on a virtual webcam. "
@@ -35,31 +34,6 @@ app.command("features")(features_command)
 app.command("serve")(serve_command)
 
 SWITCH_TIMEOUT_S = 120.0  # a first switch may prepare the avatar (and its musetalk latents)
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    from livecam.audio.files import AudioFileError
-    from livecam.audio.sources import AudioDeviceError
-    from livecam.audio.virtual_mic import VirtualMicError
-    from livecam.avatar.store import AvatarError
-    from livecam.control import ControlError
-    from livecam.engines.musetalk import ExtraMissing
-    from livecam.remote.tokens import TokenError
-    from livecam.session import EngineError
-    from livecam.sinks.base import SinkError
-
-    return (AudioFileError, AudioDeviceError, AvatarError, EngineError, SinkError,
-            VirtualMicError, ControlError, ExtraMissing, TokenError)  # fmt: skip
-
-
-def _run(action: Callable[[], int | None]) -> None:
-    """Run a command; user-facing errors become one clear line and exit code 1."""
-    try:
-        code = action()
-    except _user_errors() as exc:
-        print_error(exc)
-        raise typer.Exit(1) from None
-    raise typer.Exit(code or 0)
 
 
 def _parse_size(size: str) -> tuple[int, int]:
@@ -212,7 +186,7 @@ def start(
         token_file=token_file,
         remote_only=remote_only,
     )
-    _run(lambda: run(opts, console))
+    run_action(lambda: run(opts, console))
 
 
 @app.command()
@@ -271,7 +245,7 @@ def render(
             f"({result.audio_seconds / result.seconds:.1f}x real time)"
         )
 
-    _run(action)
+    run_action(action)
 
 
 @app.command()
@@ -380,7 +354,7 @@ def bench(
         else:
             console.print_json(json.dumps(report))
 
-    _run(action)
+    run_action(action)
 
 
 @app.command()
@@ -400,7 +374,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
         fields["warnings"] = tuple(fields["warnings"])
         console.print(dashboard.render(Snapshot(**fields)))
 
-    _run(action)
+    run_action(action)
 
 
 @app.command()
@@ -408,7 +382,7 @@ def stop() -> None:
     """Stop the running livecam (it closes the camera and finishes any recording)."""
     from livecam.control import request
 
-    _run(lambda: request({"cmd": "stop"}) and console.print("livecam is stopping"))
+    run_action(lambda: request({"cmd": "stop"}) and console.print("livecam is stopping"))
 
 
 @app.command()
@@ -420,7 +394,7 @@ def mute(off: Annotated[bool, typer.Option("--off", help="Unmute.")] = False) ->
         answer = request({"cmd": "mute", "on": not off})
         console.print("muted" if answer["muted"] else "unmuted")
 
-    _run(action)
+    run_action(action)
 
 
 @app.command()
@@ -469,7 +443,7 @@ def avatars_prepare(
             err_console.print(f"[yellow]warning:[/] {warning}")
         console.print(f"avatar {name!r} ready: start it with `livecam start --avatar {name}`")
 
-    _run(action)
+    run_action(action)
 
 
 @avatars_app.command("show")
@@ -484,7 +458,7 @@ def avatars_show(name: str, out: Annotated[Path, typer.Option(help="Write a PNG 
         cv2.imwrite(str(out), contact_sheet(load_avatar(name)))
         console.print(f"wrote {out}")
 
-    _run(action)
+    run_action(action)
 
 
 @avatars_app.command("switch")
@@ -496,7 +470,7 @@ def avatars_switch(name: str) -> None:
         request({"cmd": "avatar", "name": name}, timeout=SWITCH_TIMEOUT_S)
         console.print(f"livecam now shows {name!r}")
 
-    _run(action)
+    run_action(action)
 
 
 @avatars_app.command("remove")
@@ -504,4 +478,4 @@ def avatars_remove(name: str) -> None:
     """Delete a prepared avatar's cache."""
     from livecam.avatar.store import remove_avatar
 
-    _run(lambda: remove_avatar(name))
+    run_action(lambda: remove_avatar(name))
