@@ -224,6 +224,16 @@ def test_a_killed_replica_does_not_stop_the_stream(server, avatars, ring):
         engine.close()
 
 
+def test_a_port_in_use_is_refused_clearly():
+    from livecam.remote.server import check_port
+    from livecam.session import EngineError
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        with pytest.raises(EngineError, match=f"cannot listen on 127.0.0.1:{port}"):
+            check_port("127.0.0.1", port)
+
+
 def test_livecam_serve_prints_its_url_and_stops_on_sigint(tmp_path):
     token_file = tmp_path / "token"
     port = _free_port()
