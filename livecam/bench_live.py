@@ -1,33 +1,36 @@
 """Live-pipeline benchmarks: measured mic-to-frame latency, and long runs under load.
 
 Latency is measured, not assumed: a train of vowel-like bursts goes in through a file source
-(paced like a microphone) or through a real PulseAudio input device, and the mouth's response
-is detected in the frames the sink receives.
+(paced like a microphone) or through a real PulseAudio/PipeWire input device, and the mouth's
+response is detected in the frames the sink receives. Through a sound server each burst's
+onset time is when the server played it into the microphone's null sink (the player's DAC
+time), so the capture side's own latency figure is checked, never assumed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import soundfile as sf
 
 from livecam.audio import portaudio, pulse
+from livecam.audio.timing import StreamTiming, host_delay
 from livecam.audio.virtual_mic import VirtualMic
 from livecam.constants import SAMPLE_RATE
 from livecam.live import LiveOptions, build_pipeline
 from livecam.pipeline.runner import Pipeline
 
 LEAD_S = 1.5  # silence first, so the noise floor settles
+EARLY_S = 0.4  # a mouth opening this long before a sound still counts as its response
 
 
 def burst_train(
@@ -76,16 +79,20 @@ def attach_probe(pipeline: Pipeline) -> MouthProbe:
 
 
 def _responses(probe: MouthProbe, onset_times: list[float], sink_latency: float) -> list[float]:
+    """Per burst: when the mouth opened (first frame crossing the threshold from below, from
+    EARLY_S before the sound on, so a mouth that leads the sound shows as negative) minus
+    the sound's onset, plus the sink's latency."""
     times = np.array([t for t, _ in probe.samples])
     motion = np.array([m for _, m in probe.samples])
     threshold = 0.25 * np.median(
-        [motion[(times >= t) & (times < t + 0.6)].max() for t in onset_times]
+        [motion[(times >= t - EARLY_S) & (times < t + 0.6)].max() for t in onset_times]
     )
+    opened = np.nonzero((motion[1:] > threshold) & (motion[:-1] <= threshold))[0] + 1
     latencies = []
     for t in onset_times:
-        after = np.nonzero((times >= t) & (motion > threshold))[0]
-        if len(after) and times[after[0]] < t + 1.0:
-            latencies.append(times[after[0]] - t + sink_latency)
+        near = opened[(times[opened] >= t - EARLY_S) & (times[opened] < t + 1.0)]
+        if len(near):
+            latencies.append(times[near[0]] - t + sink_latency)
     return latencies
 
 
@@ -131,10 +138,12 @@ def latency_from_file(opts: LiveOptions, bursts: int = 15) -> dict:
 
 
 @contextlib.contextmanager
-def _pulse_pipeline(opts: LiveOptions, bursts: int) -> Iterator[tuple[Pipeline, MouthProbe, Any]]:
-    """A pipeline whose microphone is a fresh PulseAudio null sink's monitor, a probe on its
-    frames, and a function that plays the burst train into that sink."""
-    audio, _ = burst_train(bursts)
+def _pulse_pipeline(
+    opts: LiveOptions, bursts: int
+) -> Iterator[tuple[Pipeline, MouthProbe, _Player]]:
+    """A pipeline whose microphone is a fresh null sink's monitor, a probe on its frames, and
+    a player that speaks the burst train into that sink."""
+    audio, onsets = burst_train(bursts)
     name = f"livecam_bench_{uuid.uuid4().hex[:6]}"
     modules = [
         pulse.pactl("load-module", "module-null-sink", f"sink_name={name}"),
@@ -142,52 +151,114 @@ def _pulse_pipeline(opts: LiveOptions, bursts: int) -> Iterator[tuple[Pipeline, 
                     f"source_name={name}_mic"),
     ]  # fmt: skip
     try:
-        with (
-            tempfile.TemporaryDirectory() as tmp,
-            pulse.device_override("PULSE_SOURCE", f"{name}_mic"),
-        ):
-            path = Path(tmp) / "bursts.wav"
-            sf.write(str(path), audio, SAMPLE_RATE)
+        with pulse.device_override("PULSE_SOURCE", f"{name}_mic"):
             pipeline = build_pipeline(
                 replace(opts, audio_file=None, mic=None, sink="memory", idle_motion=False)
             )
-
-            def play() -> None:
-                time.sleep(3.0)  # let the devices start delivering
-                subprocess.run(["paplay", f"--device={name}", str(path)], check=True,
-                               timeout=len(audio) / SAMPLE_RATE + 30)  # fmt: skip
-                time.sleep(1.5)
-
-            yield pipeline, attach_probe(pipeline), play
+            yield pipeline, attach_probe(pipeline), _Player(name, audio, onsets)
     finally:
         for module in reversed(modules):
             pulse.unload(module)
 
 
+Block = tuple[int, int, float, float | None]  # first sample, frames, arrival, host delay
+
+
+def _times_of(blocks: list[Block], samples: list[int], latency: float, playback: bool):
+    """The monotonic time at which each sample met the sound card: the median of the host's
+    timestamps over the blocks within a second of it (so an underrun or drift elsewhere does
+    not count), or with no host timing the earliest arrival moved by the stream's latency."""
+    found = []
+    for sample in samples:
+        timing = StreamTiming(playback, window=len(blocks) or 1)
+        near = [b for b in blocks if abs(b[0] - sample) <= SAMPLE_RATE]
+        for block in near:
+            timing.on_block(*block)
+        origin = timing.origin()
+        if origin is None:  # no host timing: the earliest arrival and the reported latency
+            earliest = min(arrival - (first + frames) / SAMPLE_RATE
+                           for first, frames, arrival, _ in near)  # fmt: skip
+            origin = earliest + (latency if playback else -latency)
+        found.append(origin + sample / SAMPLE_RATE)
+    return found
+
+
+class _Player:
+    """Plays audio into a PulseAudio/PipeWire sink and notes when each block is heard there
+    (PortAudio's DAC time): the moment the sound reaches the null sink's monitor, i.e. the
+    microphone, independent of how the capture side reports its own latency."""
+
+    def __init__(self, sink: str, audio: np.ndarray, onsets: list[int]) -> None:
+        import sounddevice as sd
+
+        self.audio, self.onsets = audio, onsets
+        self.blocks: list[Block] = []
+        self._pos = 0
+        self._done = threading.Event()
+        with pulse.device_override("PULSE_SINK", sink):
+            stream = sd.OutputStream(
+                samplerate=SAMPLE_RATE, channels=1, dtype="float32", blocksize=160,
+                latency="low", callback=self._callback,
+            )  # fmt: skip
+        self.stream = portaudio.track(stream)
+
+    def _callback(self, outdata, frames, time_info, status) -> None:
+        chunk = self.audio[self._pos : self._pos + frames]
+        outdata[: len(chunk), 0] = chunk
+        outdata[len(chunk) :, 0] = 0.0
+        delay = host_delay(time_info.currentTime, time_info.outputBufferDacTime, playback=True)
+        self.blocks.append((self._pos, frames, time.monotonic(), delay))
+        self._pos += frames
+        if self._pos >= len(self.audio):
+            self._done.set()
+
+    def play(self) -> None:
+        time.sleep(3.0)  # let the capture start delivering
+        with self.stream:
+            self._done.wait(timeout=len(self.audio) / SAMPLE_RATE + 30)
+            time.sleep(1.5)  # the last burst's frames
+
+    def onset_times(self) -> list[float]:
+        return _times_of(self.blocks, self.onsets, float(self.stream.latency), playback=True)
+
+
 def latency_from_pulse(opts: LiveOptions, bursts: int = 15) -> dict:
-    """Bursts played into a PulseAudio sink and captured through the real input device.
-    Onsets are found in the captured audio; the device's reported input latency is added."""
-    with _pulse_pipeline(opts, bursts) as (pipeline, probe, play):
+    """Bursts played into a PulseAudio/PipeWire sink and captured through the real input
+    device; each onset's time is when the sink played it (the player's DAC time)."""
+    with _pulse_pipeline(opts, bursts) as (pipeline, probe, player):
         pipeline.start()
         try:
             first = pipeline.ring.end
-            play()
+            player.play()
         finally:
             pipeline.stop()
+    played = player.onset_times()
+    summary = _summary(_responses(probe, played, 0.0), bursts, pipeline)
+    # the capture on its own: where the pipeline's clock put each onset, minus when it played
     start = max(first, pipeline.ring.start)
     found = _onsets(pipeline.ring.read(start, pipeline.ring.end), bursts)
-    origin = pipeline.clock.origin() - pipeline.source.latency_s
-    onset_times = [origin + (start + n) / SAMPLE_RATE for n in found]
-    return _summary(_responses(probe, onset_times, 0.0), bursts, pipeline)
+    clocked = [pipeline.clock.origin() + (start + n) / SAMPLE_RATE for n in found]
+    late = [c - min(played, key=lambda p, c=c: abs(c - p)) for c in clocked]
+    capture, basis = pipeline.source.measured_latency()
+    summary["capture_ms"] = {
+        "measured": round(capture * 1e3, 1),  # what the estimate uses
+        "basis": basis,
+        "loopback_p50": round(float(np.median(late)) * 1e3, 1) if late else None,
+        "requested": round(pipeline.source.stats.requested_latency_s * 1e3, 1),
+        "reported": round(pipeline.source.stats.granted_latency_s * 1e3, 1),
+    }
+    return summary
 
 
 class _Recorder:
-    """Captures one PulseAudio source with arrival times, to check what an app would hear."""
+    """Captures one PulseAudio source with its timing, to check what an app would hear."""
 
     def __init__(self, source: str) -> None:
         import sounddevice as sd
 
-        self.blocks: list[tuple[float, np.ndarray]] = []
+        self.chunks: list[np.ndarray] = []
+        self.blocks: list[Block] = []
+        self._end = 0
         with pulse.device_override("PULSE_SOURCE", source):
             stream = sd.InputStream(
                 samplerate=SAMPLE_RATE, channels=1, dtype="float32", blocksize=160,
@@ -196,30 +267,33 @@ class _Recorder:
         self.stream = portaudio.track(stream)
 
     def _callback(self, indata, frames, time_info, status) -> None:
-        self.blocks.append((time.monotonic(), indata[:, 0].copy()))
+        delay = host_delay(time_info.currentTime, time_info.inputBufferAdcTime)
+        self.blocks.append((self._end, frames, time.monotonic(), delay))
+        self.chunks.append(indata[:, 0].copy())
+        self._end += frames
 
-    def sample_times(self) -> tuple[np.ndarray, np.ndarray]:
-        """All samples and the monotonic time at which each one reached the source."""
-        latency = float(self.stream.latency)
-        times = [t - latency - (len(b) - np.arange(len(b))) / SAMPLE_RATE for t, b in self.blocks]
-        return np.concatenate([b for _, b in self.blocks]), np.concatenate(times)
+    def heard(self) -> np.ndarray:
+        return np.concatenate(self.chunks)
+
+    def times(self, samples: list[int]) -> list[float]:
+        """When each sample was at the source (its ADC time), as an app would take it."""
+        return _times_of(self.blocks, samples, float(self.stream.latency), playback=False)
 
 
 def virtual_mic_offset(opts: LiveOptions, bursts: int = 15) -> dict:
     """Mouth onset in the frames minus speech onset on the LiveCam Microphone, per burst."""
-    with _pulse_pipeline(opts, bursts) as (pipeline, probe, play):
+    with _pulse_pipeline(opts, bursts) as (pipeline, probe, player):
         mic = VirtualMic(pipeline.ring, pipeline.clock, pipeline.audio_delay_s)
         pipeline.start()
         try:
             mic.start()
             recorder = _Recorder(mic.source)
             with recorder.stream:
-                play()
+                player.play()
         finally:
             mic.stop()
             pipeline.stop()
-    heard, heard_at = recorder.sample_times()
-    onset_times = [float(heard_at[n]) for n in _onsets(heard, bursts)]
+    onset_times = recorder.times(_onsets(recorder.heard(), bursts))
     offsets = np.array(_responses(probe, onset_times, pipeline.sink.latency_s)) * 1e3
     return {
         "bursts": bursts,
@@ -235,14 +309,14 @@ def virtual_mic_offset(opts: LiveOptions, bursts: int = 15) -> dict:
 
 
 def _onsets(audio: np.ndarray, expected: int) -> list[int]:
-    """Sample indices where the 5 ms energy first rises well above the quiet level."""
-    hop = SAMPLE_RATE // 200
+    """Sample indices where the 1 ms energy first rises well above the quiet level."""
+    hop = SAMPLE_RATE // 1000
     energy = np.sqrt(np.mean(audio[: len(audio) // hop * hop].reshape(-1, hop) ** 2, axis=1))
     loud = energy > 0.2 * np.percentile(energy, 99)
     starts = np.nonzero(loud[1:] & ~loud[:-1])[0] + 1
     kept: list[int] = []
     for s in starts:  # one onset per burst
-        if not kept or s - kept[-1] > 100:
+        if not kept or s - kept[-1] > 500:  # 0.5 s
             kept.append(int(s))
     return [s * hop for s in kept[:expected]]
 
@@ -324,10 +398,19 @@ def live_report(
     }
     if latency:
         report["latency_file"] = latency_from_file(opts, bursts)
-        running = pulse.available()
-        missing = "PulseAudio is not running"
-        report["latency_pulseaudio"] = latency_from_pulse(opts, bursts) if running else missing
-        report["virtual_mic_sync"] = virtual_mic_offset(opts, bursts) if running else missing
+        server = pulse.server_kind()  # measured through the one that runs; the other says so
+        for kind in pulse.SERVERS:
+            if server is None:
+                report[f"latency_{kind}"] = "no PulseAudio or PipeWire server answers"
+            elif kind != server:
+                report[f"latency_{kind}"] = f"not the running server ({server} is)"
+            else:
+                report[f"latency_{kind}"] = latency_from_pulse(opts, bursts)
+        report["virtual_mic_sync"] = (
+            {"server": server, **virtual_mic_offset(opts, bursts)}
+            if server
+            else "no PulseAudio or PipeWire server answers"
+        )
     if soak_seconds:
         report["soak"] = soak(opts, soak_seconds)
     return report

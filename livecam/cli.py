@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -14,9 +13,10 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from livecam.constants import DEFAULT_AVATAR, DEFAULT_FPS, DEFAULT_HEIGHT, DEFAULT_WIDTH
-from livecam.musetalk.cli import ModelsDirOpt, features_command, models_app
+from livecam.models_cli import ModelsDirOpt, features_command, models_app
 from livecam.remote.cli import serve_command
-from livecam.terminal import console, err_console, print_error
+from livecam.service.cli import service_app
+from livecam.terminal import console, err_console, print_error, run_action
 
 app = typer.Typer(
     help="Turn your microphone into a talking face on a virtual webcam. "
@@ -29,35 +29,11 @@ avatars_app = typer.Typer(
 )
 app.add_typer(avatars_app, name="avatars")
 app.add_typer(models_app, name="models")
+app.add_typer(service_app, name="service")
 app.command("features")(features_command)
 app.command("serve")(serve_command)
 
 SWITCH_TIMEOUT_S = 120.0  # a first switch may prepare the avatar (and its musetalk latents)
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    from livecam.audio.files import AudioFileError
-    from livecam.audio.sources import AudioDeviceError
-    from livecam.audio.virtual_mic import VirtualMicError
-    from livecam.avatar.store import AvatarError
-    from livecam.control import ControlError
-    from livecam.musetalk import ExtraMissing
-    from livecam.remote.tokens import TokenError
-    from livecam.session import EngineError
-    from livecam.sinks.base import SinkError
-
-    return (AudioFileError, AudioDeviceError, AvatarError, EngineError, SinkError,
-            VirtualMicError, ControlError, ExtraMissing, TokenError)  # fmt: skip
-
-
-def _run(action: Callable[[], int | None]) -> None:
-    """Run a command; user-facing errors become one clear line and exit code 1."""
-    try:
-        code = action()
-    except _user_errors() as exc:
-        print_error(exc)
-        raise typer.Exit(1) from None
-    raise typer.Exit(code or 0)
 
 
 def _parse_size(size: str) -> tuple[int, int]:
@@ -210,7 +186,7 @@ def start(
         token_file=token_file,
         remote_only=remote_only,
     )
-    _run(lambda: run(opts, console))
+    run_action(lambda: run(opts, console))
 
 
 @app.command()
@@ -236,7 +212,7 @@ def render(
     from livecam.avatar.store import load_avatar
     from livecam.live import close_engine
     from livecam.session import build_compositor, build_engine, build_remote, render_audio
-    from livecam.sinks import open_sink
+    from livecam.sinks import SinkSettings, open_sink
 
     width, height = _parse_size(size)
 
@@ -258,7 +234,7 @@ def render(
             except ValueError as exc:
                 raise typer.BadParameter(str(exc), param_hint="--tier") from None
         comp = build_compositor(face, width, height, fps, idle)
-        sink, _ = open_sink("file", width=width, height=height, fps=fps, out=out)
+        sink, _ = open_sink("file", SinkSettings(width=width, height=height, fps=fps, out=out))
         try:
             result = render_audio(samples, eng, comp, sink)
         finally:
@@ -269,7 +245,7 @@ def render(
             f"({result.audio_seconds / result.seconds:.1f}x real time)"
         )
 
-    _run(action)
+    run_action(action)
 
 
 @app.command()
@@ -334,7 +310,7 @@ def bench(
 
     def action() -> None:
         if engine == "musetalk" or gpu_suite:
-            from livecam.musetalk import require_extra
+            from livecam.engines.musetalk import require_extra
 
             require_extra()
         if remote or streams:
@@ -347,7 +323,7 @@ def bench(
             )  # fmt: skip
             report = streams_report(opts, streams or 1, soak or 10.0)
         elif gpu_suite:
-            from livecam.musetalk.gpu_suite import run_gpu_suite
+            from livecam.engines.musetalk.gpu_suite import run_gpu_suite
 
             report = run_gpu_suite(avatar, audio or SAMPLE_AUDIO, torch_device, tiny, reference)
         elif latency or soak:
@@ -378,7 +354,7 @@ def bench(
         else:
             console.print_json(json.dumps(report))
 
-    _run(action)
+    run_action(action)
 
 
 @app.command()
@@ -393,12 +369,12 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
         if as_json:
             print(json.dumps(answer, indent=2))
             return
-        fields = {f: answer[f] for f in Snapshot.__dataclass_fields__}
+        fields = {f: answer[f] for f in Snapshot.__dataclass_fields__ if f in answer}
         fields["stages_ms"] = {k: tuple(v) for k, v in fields["stages_ms"].items()}
         fields["warnings"] = tuple(fields["warnings"])
         console.print(dashboard.render(Snapshot(**fields)))
 
-    _run(action)
+    run_action(action)
 
 
 @app.command()
@@ -406,7 +382,7 @@ def stop() -> None:
     """Stop the running livecam (it closes the camera and finishes any recording)."""
     from livecam.control import request
 
-    _run(lambda: request({"cmd": "stop"}) and console.print("livecam is stopping"))
+    run_action(lambda: request({"cmd": "stop"}) and console.print("livecam is stopping"))
 
 
 @app.command()
@@ -418,7 +394,7 @@ def mute(off: Annotated[bool, typer.Option("--off", help="Unmute.")] = False) ->
         answer = request({"cmd": "mute", "on": not off})
         console.print("muted" if answer["muted"] else "unmuted")
 
-    _run(action)
+    run_action(action)
 
 
 @app.command()
@@ -467,7 +443,7 @@ def avatars_prepare(
             err_console.print(f"[yellow]warning:[/] {warning}")
         console.print(f"avatar {name!r} ready: start it with `livecam start --avatar {name}`")
 
-    _run(action)
+    run_action(action)
 
 
 @avatars_app.command("show")
@@ -482,7 +458,7 @@ def avatars_show(name: str, out: Annotated[Path, typer.Option(help="Write a PNG 
         cv2.imwrite(str(out), contact_sheet(load_avatar(name)))
         console.print(f"wrote {out}")
 
-    _run(action)
+    run_action(action)
 
 
 @avatars_app.command("switch")
@@ -494,7 +470,7 @@ def avatars_switch(name: str) -> None:
         request({"cmd": "avatar", "name": name}, timeout=SWITCH_TIMEOUT_S)
         console.print(f"livecam now shows {name!r}")
 
-    _run(action)
+    run_action(action)
 
 
 @avatars_app.command("remove")
@@ -502,4 +478,4 @@ def avatars_remove(name: str) -> None:
     """Delete a prepared avatar's cache."""
     from livecam.avatar.store import remove_avatar
 
-    _run(lambda: remove_avatar(name))
+    run_action(lambda: remove_avatar(name))

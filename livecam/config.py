@@ -18,6 +18,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from livecam.paths import config_home
+
 CONFIG_ENV = "LIVECAM_CONFIG"
 
 
@@ -28,8 +30,7 @@ class ConfigError(Exception):
 def config_path() -> Path:
     if env := os.environ.get(CONFIG_ENV):
         return Path(env)
-    xdg = os.environ.get("XDG_CONFIG_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".config") / "livecam" / "config.toml"
+    return config_home() / "livecam" / "config.toml"
 
 
 def load_config(path: Path, options: dict[str, set[str]]) -> dict[str, dict[str, Any]]:

@@ -59,6 +59,12 @@ def render(s: Snapshot) -> Panel:
         "latency",
         f"{s.latency_ms:5.0f} ms mic-to-frame (playout delay {s.playout_delay_ms:.0f} ms{seen})",
     )
+    if s.capture_requested_ms:  # a live microphone (a file has no input latency)
+        info.add_row(
+            "capture",
+            f"{s.capture_ms:5.0f} ms measured ({s.capture_basis}); asked "
+            f"{s.capture_requested_ms:.0f} ms, device reports {s.capture_granted_ms:.0f} ms",
+        )
     info.add_row("queue", f"{s.queue_depth}/{s.queue_capacity} frames, {s.queue_drops} dropped")
     info.add_row(
         "counts",

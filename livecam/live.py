@@ -25,8 +25,11 @@ from livecam.constants import SAMPLE_RATE
 from livecam.control import ControlError, ControlServer, snapshot_dict
 from livecam.engines.simulated import SimulatedLoad
 from livecam.pipeline.runner import Look, Pipeline, PipelineConfig
+from livecam.pipeline.stats import Snapshot
+from livecam.service.heartbeat import Heartbeat, status_line
+from livecam.service.notify import Notifier
 from livecam.session import build_compositor, build_engine, build_remote
-from livecam.sinks import open_sink
+from livecam.sinks import SinkSettings, open_sink
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +89,15 @@ def build_pipeline(opts: LiveOptions) -> Pipeline:
         source = MicSource(ring, clock, opts.mic)
     sink, warnings = open_sink(
         opts.sink,
-        width=opts.width,
-        height=opts.height,
-        fps=opts.fps,
-        device=opts.camera,
-        backend=opts.camera_backend,
-        port=opts.port,
-        out=opts.out,
+        SinkSettings(
+            width=opts.width,
+            height=opts.height,
+            fps=opts.fps,
+            device=opts.camera,
+            backend=opts.camera_backend,
+            port=opts.port,
+            out=opts.out,
+        ),
     )
     for warning in warnings:
         log.warning("%s", warning)
@@ -212,26 +217,38 @@ def _loop(
         expired = deadline is not None and time.monotonic() >= deadline
         return stop.is_set() or not pipeline.running or expired or pipeline.finished()
 
-    if console is None:  # headless (systemd): a status line in the log now and then
-        next_log = time.monotonic() + STATUS_LOG_EVERY_S
-        while not stop.wait(0.25) and not done():
-            pipeline.source.poll()
-            if time.monotonic() >= next_log:
-                next_log += STATUS_LOG_EVERY_S
-                _log_status(pipeline)
-        return
-    with (
-        Live(
-            dashboard.render(pipeline.snapshot()),
-            console=console,
-            refresh_per_second=4,
-            transient=False,
-        ) as live,
-        _logging_to(console),
-    ):
-        while not stop.wait(0.25) and not done():
-            pipeline.source.poll()
-            live.update(dashboard.render(pipeline.snapshot()))
+    notifier = Notifier()  # systemd's Type=notify; silent elsewhere
+    heartbeat = Heartbeat(notifier)
+
+    def tick() -> Snapshot:
+        pipeline.source.poll()
+        snap = pipeline.snapshot()
+        heartbeat.beat(snap, time.monotonic())
+        return snap
+
+    try:
+        if console is None:  # headless (systemd): a status line in the log now and then
+            next_log = time.monotonic() + STATUS_LOG_EVERY_S
+            while not stop.wait(0.25) and not done():
+                snap = tick()
+                if time.monotonic() >= next_log:
+                    next_log += STATUS_LOG_EVERY_S
+                    log.info("status: %s", status_line(snap))
+            return
+        with (
+            Live(
+                dashboard.render(pipeline.snapshot()),
+                console=console,
+                refresh_per_second=4,
+                transient=False,
+            ) as live,
+            _logging_to(console),
+        ):
+            while not stop.wait(0.25) and not done():
+                live.update(dashboard.render(tick()))
+    finally:
+        notifier.stopping()
+        notifier.close()
 
 
 @contextlib.contextmanager
@@ -246,16 +263,3 @@ def _logging_to(console: Console) -> Iterator[None]:
     finally:
         for handler, old in zip(handlers, previous, strict=True):
             handler.console = old
-
-
-def _log_status(pipeline: Pipeline) -> None:
-    s = pipeline.snapshot()
-    log.info(
-        "status: %.1f/%g fps shown, %.1f%% repeated, latency %.0f ms, %d overruns%s",
-        s.shown_fps,
-        s.target_fps,
-        100 * s.repeat_ratio,
-        s.latency_ms,
-        s.audio_overruns,
-        "".join(f"; {w}" for w in s.warnings),
-    )

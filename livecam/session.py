@@ -45,14 +45,14 @@ def build_engine(
 
         return LiteEngine(avatar, fps, idle_motion=idle_motion)
     elif name == "musetalk":
-        from livecam.musetalk import ExtraMissing, require_extra
+        from livecam.engines.musetalk import ExtraMissing, require_extra
 
         try:
             require_extra()
         except ExtraMissing as exc:
             raise EngineError(str(exc)) from None
         if options is None:
-            from livecam.musetalk.engine import MuseTalkOptions
+            from livecam.engines.musetalk.engine import MuseTalkOptions
 
             features = "streaming" if streaming else "offline"
             options = MuseTalkOptions(models_dir, device, features=features)
@@ -91,10 +91,10 @@ def build_remote(
 
 
 def _build_musetalk(avatar: Avatar, fps: float, idle_motion: bool, options: Any) -> Engine:
-    from livecam.musetalk.engine import MuseTalkEngine, MuseTalkOptions
-    from livecam.musetalk.manifest import default_models_dir
-    from livecam.musetalk.models import load_models, random_models
-    from livecam.musetalk.weights import WeightsError
+    from livecam.engines.musetalk.engine import MuseTalkEngine, MuseTalkOptions
+    from livecam.engines.musetalk.manifest import default_models_dir
+    from livecam.engines.musetalk.models import load_models, random_models
+    from livecam.engines.musetalk.weights import WeightsError
 
     opts: MuseTalkOptions = options
     try:

@@ -1,20 +1,18 @@
-"""Shared fixtures: an isolated avatar cache, test audio, and a PulseAudio microphone."""
+"""Shared fixtures: an isolated avatar cache, test audio, and a microphone on a private
+PulseAudio and PipeWire server."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import subprocess
-import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from livecam.audio import pulse
 from livecam.audio.virtual_mic import NAME_ENV
-from tests import fake_camera
+from tests import fake_camera, sound_servers
 
 REPO = Path(__file__).resolve().parents[1]
 JFK = REPO / "livecam" / "samples" / "jfk.wav"
@@ -35,42 +33,43 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _ensure_pulseaudio() -> bool:
-    """A PulseAudio server answers; returns True when this session had to start it."""
-    if shutil.which("pulseaudio") is None or shutil.which("pactl") is None:
-        message = "PulseAudio is not installed (apt-get install pulseaudio pulseaudio-utils)"
+@pytest.fixture(scope="session", params=list(sound_servers.PROGRAMS))
+def sound_server(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[str]:
+    """A private PulseAudio, then a private PipeWire (pipewire-pulse + WirePlumber): every
+    pactl call, PortAudio stream and child process of the tests reaches it via PULSE_SERVER.
+    Yields "pulseaudio" or "pipewire"."""
+    kind = request.param
+    missing = sound_servers.missing(kind)
+    if missing:
+        message = (
+            f"{kind} is not installed (no {', '.join(missing)}): "
+            f"apt-get install {sound_servers.PACKAGES[kind]}"
+        )
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    if pulse.available():
-        return False
-    subprocess.run(["pulseaudio", "-D", "--exit-idle-time=-1"], capture_output=True, timeout=20)
-    for _ in range(50):
-        if pulse.available():
-            return True
-        time.sleep(0.1)
-    pytest.fail("PulseAudio did not start (`pulseaudio -D --exit-idle-time=-1`)")
-
-
-def _modules_named(name: str) -> list[str]:
-    lines = pulse.pactl("list", "short", "modules").splitlines()
-    return [line.split("\t")[0] for line in lines if line.split("\t")[1:2] == [name]]
+    try:
+        server = sound_servers.start(kind, tmp_path_factory.mktemp(kind))
+    except sound_servers.ServerError as exc:
+        pytest.fail(str(exc))
+    previous = os.environ.get("PULSE_SERVER")
+    os.environ["PULSE_SERVER"] = server.address
+    try:
+        yield kind
+    finally:
+        server.stop()
+        if previous is None:
+            os.environ.pop("PULSE_SERVER", None)
+        else:
+            os.environ["PULSE_SERVER"] = previous
 
 
 @pytest.fixture(scope="session")
-def pulse_mic():
-    """A PulseAudio null sink whose monitor is the default microphone.
+def pulse_mic(sound_server: str) -> Iterator[str]:
+    """A null sink of the private server whose monitor is its default microphone.
 
     Yields the sink name: `paplay --device=SINK file.wav` then speaks into the microphone.
-    Everything is put back afterwards: the default source, module-suspend-on-idle, and the
-    server itself when this session started it.
     """
-    started = _ensure_pulseaudio()
-    default_source = pulse.pactl("get-default-source")
-    # a null sink left idle suspends, and its monitor then delivers nothing, unlike a real mic
-    suspend = _modules_named("module-suspend-on-idle")
-    for module in suspend:
-        pulse.unload(module)
     name = f"livecam_test_{uuid.uuid4().hex[:6]}"
     modules = [
         pulse.pactl(
@@ -93,13 +92,6 @@ def pulse_mic():
     finally:
         for module in reversed(modules):
             pulse.unload(module)
-        if started:
-            subprocess.run(["pulseaudio", "--kill"], capture_output=True, timeout=20)
-        else:
-            if suspend:
-                pulse.pactl("load-module", "module-suspend-on-idle")
-            with contextlib.suppress(pulse.PulseError):  # it may have gone meanwhile
-                pulse.pactl("set-default-source", default_source)
 
 
 @pytest.fixture

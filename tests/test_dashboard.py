@@ -72,6 +72,15 @@ def test_dashboard_shows_the_numbers_users_need():
         assert expected in text, expected
 
 
+def test_dashboard_shows_the_measured_and_the_requested_capture_latency():
+    mic = _snapshot(
+        capture_ms=4.3, capture_basis="timestamps", capture_requested_ms=10, capture_granted_ms=20
+    )
+    text = _text(mic)
+    assert "4 ms measured (timestamps); asked 10 ms, device reports 20 ms" in text
+    assert "capture" not in _text(_snapshot())  # a file source has no input latency
+
+
 def test_dashboard_shows_warnings_and_meter_extremes():
     text = _text(_snapshot(warnings=("microphone 'USB' delivers no audio",), level_db=-120))
     assert "⚠ microphone 'USB' delivers no audio" in text

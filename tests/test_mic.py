@@ -1,9 +1,11 @@
-"""Real microphone capture: speech played into a PulseAudio null sink, captured by sounddevice."""
+"""Real microphone capture: speech played into a null sink of a private PulseAudio or PipeWire
+server (conftest), captured by sounddevice."""
 
 import subprocess
 import time
 
 import numpy as np
+import pytest
 
 from livecam.live import LiveOptions, build_pipeline
 from tests.conftest import JFK
@@ -68,7 +70,9 @@ def _watch(pipeline, seconds: float) -> list:
     return snaps
 
 
-def test_suspended_microphone_gives_idle_frames_and_recovers(pulse_mic):
+def test_suspended_microphone_gives_idle_frames_and_recovers(pulse_mic, sound_server):
+    if sound_server == "pipewire":  # it suspends only idle nodes: the stream kept delivering
+        pytest.skip("PipeWire ignores `pactl suspend-source` while a stream records from it")
     source = f"{pulse_mic}_mic"
     pipeline = build_pipeline(
         LiveOptions(avatar="astronaut", sink="memory", width=320, height=240, dashboard=False)

@@ -13,7 +13,7 @@ from livecam.audio.clock import AudioClock
 from livecam.audio.ring import AudioRing
 from livecam.audio.sources import GAP_FILL_S, REOPEN_S, RETRY_S, STALL_S, MicSource, deliver
 from livecam.constants import HOP_LENGTH, SAMPLE_RATE
-from livecam.engines.lite_features import HopTrack, LiteFeatures
+from livecam.features.lite import HopTrack, LiteFeatures
 
 BLOCK = 160
 
@@ -89,7 +89,8 @@ def test_a_silent_microphone_is_reported_then_reopened_every_retry(
     assert len(opened) == 2
     at(2 * REOPEN_S + 0.2)
     assert len(opened) == 3 and opened[2] - opened[1] >= RETRY_S
-    mic._callback(np.ones((BLOCK, 1), np.float32), BLOCK, None,
+    no_timing = types.SimpleNamespace(currentTime=0.0, inputBufferAdcTime=0.0)
+    mic._callback(np.ones((BLOCK, 1), np.float32), BLOCK, no_timing,
                   types.SimpleNamespace(input_overflow=False))  # fmt: skip
     at(clock.t + 0.1)
     assert mic.stats.problem == "" and mic.ring.end == BLOCK

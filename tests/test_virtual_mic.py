@@ -1,4 +1,4 @@
-"""The LiveCam Microphone through PulseAudio: in step with the mouth, and cleaned up.
+"""The LiveCam Microphone through PulseAudio and PipeWire: in step with the mouth, and cleaned up.
 
 Every test uses a virtual microphone of its own name (conftest sets LIVECAM_VIRTUAL_MIC_NAME),
 so a running user's LiveCam Microphone is never touched."""
@@ -65,7 +65,7 @@ def test_leftovers_of_a_crashed_run_are_replaced(pulse_mic):
 def _callback_output(mic: VirtualMic, dac_ahead: float, now: float, frames: int = 160):
     out = np.full((frames, 1), 9.0, np.float32)
     info = types.SimpleNamespace(currentTime=5.0, outputBufferDacTime=5.0 + dac_ahead)
-    mic._callback(out, frames, info, None)
+    mic._callback(out, frames, info, types.SimpleNamespace(output_underflow=False))
     return out[:, 0]
 
 
@@ -131,7 +131,7 @@ def test_start_with_virtual_mic_end_to_end(tmp_path):
 
 
 @pytest.mark.usefixtures("pulse_mic")
-def test_latency_bench_reports_measured_figures():
+def test_latency_bench_reports_measured_figures(sound_server: str):
     out = subprocess.run(
         [sys.executable, "-m", "livecam", "bench", "--latency", "--bursts", "5", "--json"],
         capture_output=True,
@@ -140,8 +140,13 @@ def test_latency_bench_reports_measured_figures():
         check=True,
     ).stdout
     report = json.loads(out)
-    for key in ("latency_file", "latency_pulseaudio"):
+    for key in ("latency_file", f"latency_{sound_server}"):
         measured = report[key]
         assert measured["detected"] >= 4
         assert 0 < measured["latency_ms"]["p50"] <= measured["latency_ms"]["p95"] < 500
+    other = "pipewire" if sound_server == "pulseaudio" else "pulseaudio"
+    assert report[f"latency_{other}"] == f"not the running server ({sound_server} is)"
+    capture = report[f"latency_{sound_server}"]["capture_ms"]
+    assert capture["basis"] == "timestamps" and 0 <= capture["measured"] < 100, capture
     assert report["virtual_mic_sync"]["detected"] >= 4
+    assert report["virtual_mic_sync"]["server"] == sound_server

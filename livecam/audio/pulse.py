@@ -31,6 +31,16 @@ def available() -> bool:
     return subprocess.run(["pactl", "info"], capture_output=True, timeout=10).returncode == 0
 
 
+SERVERS = ("pulseaudio", "pipewire")
+
+
+def server_kind() -> str | None:
+    """ "pipewire" (pipewire-pulse), "pulseaudio", or None when no server answers."""
+    if not available():
+        return None
+    return "pipewire" if "PipeWire" in pactl("info") else "pulseaudio"
+
+
 @contextlib.contextmanager
 def device_override(variable: str, name: str) -> Iterator[None]:
     """Route the streams opened inside to a given sink or source (PULSE_SINK/PULSE_SOURCE,

@@ -15,11 +15,13 @@ from livecam.audio import portaudio
 from livecam.audio.clock import AudioClock
 from livecam.audio.files import read_audio
 from livecam.audio.ring import AudioRing
+from livecam.audio.timing import StreamTiming, host_delay
 from livecam.constants import HOP_LENGTH, SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
 BLOCK = HOP_LENGTH // 2  # 10 ms capture blocks: each one adds its length to the latency
+REQUESTED_LATENCY_S = BLOCK / SAMPLE_RATE  # asked of the server: one block; it may grant more
 STALL_S = 1.0  # no audio for this long: tell the user the device stopped
 REOPEN_S = 3.0  # no audio for this long: close and reopen the device (then every RETRY_S)
 RETRY_S = 2.0
@@ -36,6 +38,8 @@ class SourceStats:
     overruns: int = 0  # blocks the sound card reported as overflowed (samples lost)
     level_db: float = -120.0  # RMS level of the newest block, dBFS
     problem: str = ""  # why audio is not flowing right now, empty when fine
+    requested_latency_s: float = 0.0  # input latency asked of the device
+    granted_latency_s: float = 0.0  # what the device (PortAudio) says it gives
 
 
 def _db(block: np.ndarray) -> float:
@@ -114,17 +118,36 @@ def _pick_input(devices: list[dict], spec: str | None) -> tuple[int, str] | None
 
 
 class MicSource:
-    """Captures the microphone with a sounddevice callback that only copies into the ring."""
+    """Captures the microphone with a sounddevice callback that only copies into the ring.
+
+    Its `latency_s` is measured: how long after a sound the clock's time for it (origin + n /
+    rate) passes, from the host's ADC timestamps (see timing.py) or, without them, from how
+    irregularly blocks arrive; the device's own figure only until either is known.
+    """
 
     def __init__(self, ring: AudioRing, clock: AudioClock, device: str | None = None) -> None:
         self.ring, self.clock = ring, clock
         self.device_index, self.name = resolve_input_device(device)
-        self.stats = SourceStats()
-        self.latency_s = 0.0
+        self.stats = SourceStats(requested_latency_s=REQUESTED_LATENCY_S)
         self.finished = False  # a microphone never runs out
         self._stream = None
+        self._timing = StreamTiming()
         self._last_block = time.monotonic()
         self._next_retry = 0.0
+
+    def measured_latency(self) -> tuple[float, str]:
+        """(seconds, how they were found): "timestamps", "arrival jitter" or "reported"."""
+        origin = self._timing.origin() if self.clock.started else None
+        if origin is not None:
+            return max(0.0, self.clock.origin() - origin), "timestamps"
+        jitter = self._timing.jitter()
+        if jitter is not None:
+            return jitter, "arrival jitter"
+        return self.stats.granted_latency_s, "reported"
+
+    @property
+    def latency_s(self) -> float:
+        return self.measured_latency()[0]
 
     def _callback(self, indata, frames, time_info, status) -> None:
         if status.input_overflow:
@@ -132,6 +155,8 @@ class MicSource:
         now = time.monotonic()
         block = indata[:, 0]
         deliver(self.ring, self.clock, block, now)
+        delay = host_delay(time_info.currentTime, time_info.inputBufferAdcTime)
+        self._timing.on_block(self.ring.end - frames, frames, now, delay)
         self.stats.blocks += 1
         self.stats.level_db = _db(block)
         self._last_block = now
@@ -148,14 +173,15 @@ class MicSource:
                     blocksize=BLOCK,
                     device=self.device_index,
                     callback=self._callback,
-                    latency="low",
+                    latency=REQUESTED_LATENCY_S,
                 )
             )
+            self._timing = StreamTiming()  # a reopened device starts afresh
             self._stream.start()
         except sd.PortAudioError as exc:
             self._stream = None
             raise AudioDeviceError(f"cannot open microphone {self.name!r}: {exc}") from None
-        self.latency_s = float(self._stream.latency)
+        self.stats.granted_latency_s = float(self._stream.latency)
         self._last_block = time.monotonic()
         self.stats.problem = ""
 
@@ -205,9 +231,8 @@ class FileSource:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="file-audio", daemon=True)
 
-    @property
-    def duration_s(self) -> float:
-        return len(self.samples) / SAMPLE_RATE
+    def measured_latency(self) -> tuple[float, str]:
+        return 0.0, "file"
 
     def start(self) -> None:
         self._thread.start()

@@ -17,12 +17,12 @@ from collections.abc import Callable
 from livecam.audio import portaudio, pulse
 from livecam.audio.clock import AudioClock
 from livecam.audio.ring import AudioRing
+from livecam.audio.timing import StreamTiming, host_delay
 from livecam.constants import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
 SOURCE = "livecam_mic"
-SINK = f"{SOURCE}_sink"
 DESCRIPTION = "LiveCam Microphone"
 NAME_ENV = "LIVECAM_VIRTUAL_MIC_NAME"  # another source name (tests never touch the user's)
 BLOCK = 160  # 10 ms output blocks
@@ -53,7 +53,9 @@ class VirtualMic:
     """Plays ring audio into the LiveCam Microphone, `delay()` seconds behind capture.
 
     The output callback asks which ring samples are due at the moment its buffer will be
-    heard (PortAudio's DAC time), so the delay holds exactly and never accumulates.
+    heard: PortAudio's DAC time, smoothed over the last blocks (timing.py), so the delay holds
+    and never accumulates. After an underrun the stream's timeline jumps: it is measured
+    afresh, each block's own DAC time (or the stream's latency) standing in meanwhile.
     """
 
     def __init__(
@@ -69,6 +71,8 @@ class VirtualMic:
         self.muted = False
         self._modules: list[str] = []
         self._stream = None
+        self._timing = StreamTiming(playback=True)
+        self._played = 0  # samples the stream has asked for so far
 
     def start(self) -> None:
         if not pulse.available():
@@ -110,6 +114,7 @@ class VirtualMic:
                         samplerate=SAMPLE_RATE, channels=1, dtype="float32", blocksize=BLOCK,
                         latency="low", callback=self._callback,
                     )  # fmt: skip
+                self._timing, self._played = StreamTiming(playback=True), 0
                 portaudio.track(self._stream).start()
                 return
             except sd.PortAudioError as exc:
@@ -121,13 +126,22 @@ class VirtualMic:
                 raise VirtualMicError(f"cannot play into the virtual microphone: {exc}") from None
 
     def _callback(self, outdata, frames, time_info, status) -> None:
-        ahead = time_info.outputBufferDacTime - time_info.currentTime
-        if not 0 < ahead < 1:  # a host without DAC timing: use the stream's latency
-            ahead = self._stream.latency if self._stream is not None else 0.0
+        now = time.monotonic()
+        if status.output_underflow:
+            self._timing = StreamTiming(playback=True)
+        delay = host_delay(time_info.currentTime, time_info.outputBufferDacTime, playback=True)
+        self._timing.on_block(self._played, frames, now, delay)
+        origin = self._timing.origin()
+        if origin is not None:
+            heard_at = origin + self._played / SAMPLE_RATE
+        elif delay is not None:
+            heard_at = now + delay
+        else:  # a host without DAC timing: the stream's latency
+            heard_at = now + (self._stream.latency if self._stream is not None else 0.0)
+        self._played += frames
         outdata[:, 0] = 0.0
         if self.muted or not self.clock.started:
             return
-        heard_at = time.monotonic() + ahead
         first = round((heard_at - self.delay() - self.clock.origin()) * SAMPLE_RATE)
         lo, hi = max(first, self.ring.start, 0), min(first + frames, self.ring.end)
         if hi > lo:

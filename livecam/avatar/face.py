@@ -8,6 +8,8 @@ frame: its mouth ROI term is recomputed (small), and its own eyes blink, so no e
 
 from __future__ import annotations
 
+import threading
+
 import cv2
 import numpy as np
 
@@ -51,8 +53,8 @@ class _BankPaster:
 class FaceRenderer:
     """Renders avatar frames for (openness, width, blink).
 
-    render() returns a buffer owned by the renderer: the next call overwrites it, so
-    copy it if you keep it. Not thread-safe; use one renderer per thread.
+    render() returns a new array. It is thread-safe: the generator thread's spoken faces and the
+    output thread's idle face share one renderer (and its working buffer, behind a lock).
     """
 
     def __init__(self, avatar: Avatar) -> None:
@@ -60,6 +62,7 @@ class FaceRenderer:
         self._out = np.ascontiguousarray(avatar.image).copy()
         self._mouth = _BankPaster(avatar.mouth, avatar.image)
         self._eyes = _BankPaster(avatar.eyes, avatar.image)
+        self._lock = threading.Lock()
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -72,15 +75,16 @@ class FaceRenderer:
         """openness in [0, 1] (0 = closed), width in [-1, 1] (-1 "oo", +1 "ee"),
         blink in [0, 1] (1 = eyes shut; stills only). Values outside are clipped.
         `seconds` (the frame's time) picks a video avatar's clip frame."""
-        if self.avatar.is_video:
-            base = self.avatar.base(seconds)
-            np.copyto(self._out, base)
-            self._mouth.rebase(base)
-        na, nw = self._mouth.shape
-        io, to = _grid_pos(openness, 0.0, 1.0, na)
-        iw, tw = _grid_pos(width, -1.0, 1.0, nw)
-        self._mouth.paste(self._out, io, to, iw, tw)
-        if not self.avatar.is_video:
-            ib, tb = _grid_pos(blink, 0.0, 1.0, self._eyes.shape[0])
-            self._eyes.paste(self._out, ib, tb, 0, 0.0)
-        return self._out
+        with self._lock:
+            if self.avatar.is_video:
+                base = self.avatar.base(seconds)
+                np.copyto(self._out, base)
+                self._mouth.rebase(base)
+            na, nw = self._mouth.shape
+            io, to = _grid_pos(openness, 0.0, 1.0, na)
+            iw, tw = _grid_pos(width, -1.0, 1.0, nw)
+            self._mouth.paste(self._out, io, to, iw, tw)
+            if not self.avatar.is_video:
+                ib, tb = _grid_pos(blink, 0.0, 1.0, self._eyes.shape[0])
+                self._eyes.paste(self._out, ib, tb, 0, 0.0)
+            return self._out.copy()

@@ -12,11 +12,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from livecam.audio.ring import AudioRing
+from livecam.avatar import idle
 from livecam.avatar.face import FaceRenderer
 from livecam.avatar.model import Avatar
 from livecam.constants import HOP_LENGTH, HOPS_PER_SECOND
-from livecam.engines.lite_features import HopTrack
-from livecam.pipeline import idle
+from livecam.features.lite import HopTrack
 
 TRACK_HOPS = 10 * HOPS_PER_SECOND  # keep 10 s of per-hop features, enough for any lateness
 
@@ -53,10 +53,11 @@ class LiteEngine:
     name = "lite"
     tiers = ("full", "nearest")  # nearest: snap to the closest bank shape instead of blending
     batch_sizes = (1, 2, 4)
-    # A sound's onset shows as a visibly opening mouth this long after its frame is due:
-    # half an analysis window, the attack smoothing, and on average half a frame (measured
-    # with `livecam bench --latency`). The virtual microphone adds it to its delay.
-    response_s = 0.05
+    # A sound's onset shows as a visibly opening mouth this long after its frame is due
+    # (`livecam bench --latency`, file source: 4.6-6.6 ms beyond the playout delay over five
+    # runs; the playout delay already holds the analysis look-ahead). The virtual microphone
+    # adds it to its delay, the latency estimate to its sum.
+    response_s = 0.005
     warnings: tuple[str, ...] = ()
 
     def __init__(self, avatar: Avatar, fps: float, idle_motion: bool = True) -> None:
@@ -90,7 +91,7 @@ class LiteEngine:
             n_open, n_width = self.renderer.avatar.mouth.patches.shape[:2]
             openness = round(openness * (n_open - 1)) / (n_open - 1)
             width = round((width + 1) / 2 * (n_width - 1)) / (n_width - 1) * 2 - 1
-        return self.renderer.render(openness, width, eyes, frame / self.fps).copy()
+        return self.renderer.render(openness, width, eyes, frame / self.fps)
 
     def generate(self, ring: AudioRing, frames: Sequence[int]) -> list[np.ndarray]:
         self.analysis.feed(ring, frames[-1])

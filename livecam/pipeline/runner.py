@@ -45,6 +45,7 @@ class AudioSource(Protocol):
     finished: bool
     stats: SourceStats
 
+    def measured_latency(self) -> tuple[float, str]: ...
     def start(self) -> None: ...
     def poll(self) -> None: ...
     def stop(self) -> None: ...
@@ -143,6 +144,13 @@ class Pipeline:
                 self._stop.set()
 
         return run
+
+    def __enter__(self) -> Pipeline:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def stop(self) -> None:
         self._stop.set()
@@ -295,8 +303,8 @@ class Pipeline:
         return self.playout_delay + self.sink.latency_s + self.engine.response_s
 
     def latency_s(self) -> float:
-        """Estimated mic-to-camera latency: capture + playout delay + the sink's own."""
-        return self.source.latency_s + self.playout_delay + self.sink.latency_s
+        """Estimated mic-to-camera latency: capture (measured) + the delay in step with it."""
+        return self.source.latency_s + self.audio_delay_s()
 
     def snapshot(self) -> Snapshot:
         c = self.counters
@@ -309,6 +317,8 @@ class Pipeline:
         if self.muted:
             warnings.append("muted: the avatar stays idle (`livecam mute --off` to speak again)")
         mode = self.scheduler.mode
+        capture_s, capture_basis = self.source.measured_latency()
+        stats = self.source.stats
         return Snapshot(
             avatar=self.look.avatar.name,
             engine=self.engine.name,
@@ -333,10 +343,14 @@ class Pipeline:
             late_ticks=c.late_ticks,
             audio_overruns=self.source.stats.overruns,
             level_db=self.source.stats.level_db,
-            latency_ms=self.latency_s() * 1e3,
+            latency_ms=(capture_s + self.audio_delay_s()) * 1e3,
             playout_delay_ms=self.playout_delay * 1e3,
             stages_ms=c.stage_percentiles(),
             warnings=tuple(warnings),
             uptime_s=now - self._started_at if self._started_at else 0.0,
+            capture_ms=capture_s * 1e3,
+            capture_basis=capture_basis,
+            capture_requested_ms=stats.requested_latency_s * 1e3,
+            capture_granted_ms=stats.granted_latency_s * 1e3,
             remote=getattr(self.engine, "status_line", str)(),
         )

@@ -25,8 +25,7 @@ def serve_command(
     ] = None,
 ) -> None:
     """Generate faces for remote `livecam start --remote` clients on a Ray Serve pool."""
-    from livecam.cli import _run
-    from livecam.terminal import console
+    from livecam.terminal import console, run_action
 
     def action() -> int:
         from livecam.session import EngineError
@@ -40,4 +39,4 @@ def serve_command(
         opts = ServeOptions(token_file, engine, replicas, host, port, models_dir, address)
         return run_server(opts, say=console.print)
 
-    _run(action)
+    run_action(action)

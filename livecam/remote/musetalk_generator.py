@@ -19,12 +19,13 @@ import torch
 
 from livecam.audio.ring import AudioRing
 from livecam.avatar.model import Avatar
-from livecam.musetalk.blend import faces_to_host
-from livecam.musetalk.engine import BATCH_SIZES, MuseTalkEngine, MuseTalkOptions, VoiceGate
-from livecam.musetalk.features import StreamingFeatures
-from livecam.musetalk.forward import FastPaths, Forward
-from livecam.musetalk.manifest import default_models_dir
-from livecam.musetalk.models import load_models
+from livecam.engines.musetalk.blend import faces_to_host
+from livecam.engines.musetalk.engine import BATCH_SIZES, MuseTalkEngine, MuseTalkOptions
+from livecam.engines.musetalk.forward import FastPaths, Forward
+from livecam.engines.musetalk.manifest import default_models_dir
+from livecam.engines.musetalk.models import load_models
+from livecam.features.voice import VoiceGate
+from livecam.features.whisper import StreamingFeatures
 from livecam.remote.generator import EngineInfo, MissingAvatar, RenderRequest, RenderResult
 
 PREPARED_AVATARS = 16  # per replica: latents, mask and a lite renderer each

@@ -35,7 +35,7 @@ class StreamState:
         if engine == "lite":
             self.analysis = MouthTrack(fps)
         else:
-            from livecam.musetalk.engine import VoiceGate  # torch: only on a musetalk server
+            from livecam.features.voice import VoiceGate
 
             self.gate = VoiceGate(fps)
 

@@ -18,6 +18,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from livecam.paths import data_home
+
 MODELS_DIR_ENV = "LIVECAM_MODELS_DIR"
 
 
@@ -58,7 +60,6 @@ class Component:
         return str(first.parent)
 
 
-MB = 1_000_000
 COMPONENTS: tuple[Component, ...] = (
     Component(
         name="unet",
@@ -177,8 +178,7 @@ def default_models_dir() -> Path:
     """$LIVECAM_MODELS_DIR, else $XDG_DATA_HOME/livecam/models, else ~/.local/share/..."""
     if env := os.environ.get(MODELS_DIR_ENV):
         return Path(env)
-    xdg = os.environ.get("XDG_DATA_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "livecam" / "models"
+    return data_home() / "livecam" / "models"
 
 
 def missing_files(models_dir: Path, *, include_optional: bool = False) -> list[Path]:

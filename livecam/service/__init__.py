@@ -1,0 +1,1 @@
+"""Running livecam as a systemd user service: the unit, and the sd_notify protocol."""

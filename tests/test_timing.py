@@ -1,0 +1,101 @@
+"""Capture and playback timing measured from the stream: host timestamps (noisy, with a
+start-up backlog) smoothed by a running median, and the arrival-jitter fallback. Explicit
+times, no sound card."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+
+from livecam.audio import sources, timing
+from livecam.audio.clock import AudioClock
+from livecam.audio.ring import AudioRing
+from livecam.audio.sources import BLOCK, MicSource
+from livecam.audio.timing import MIN_BLOCKS, StreamTiming, host_delay
+from livecam.constants import SAMPLE_RATE
+
+
+def test_host_delay_rejects_missing_backwards_and_implausible_stamps():
+    assert host_delay(10.0, 9.98) == pytest.approx(0.02)  # captured 20 ms ago
+    assert host_delay(10.0, 10.03, playback=True) == pytest.approx(0.03)  # heard in 30 ms
+    assert host_delay(0.0, 0.0) is None  # a host without timing
+    assert host_delay(10.0, 10.0) is None
+    assert host_delay(10.0, 10.02) is None  # a capture stamp in the future
+    assert host_delay(10.0, 10.0 - 2 * timing.PLAUSIBLE_S) is None  # start-up backlog
+
+
+def _blocks(count: int, rng: np.random.Generator, start: float = 100.0):
+    """Blocks of a capture stream whose sample 0 was taken at `start`: each arrives 3 ms after
+    its last sample plus 0-6 ms of jitter, and the host's delay is exact to +-4 ms."""
+    for k in range(count):
+        first = k * BLOCK
+        taken = start + first / SAMPLE_RATE  # the block's first sample
+        arrival = taken + BLOCK / SAMPLE_RATE + 0.003 + rng.uniform(0, 0.006)
+        yield first, arrival, arrival - taken + rng.uniform(-0.004, 0.004)
+
+
+def test_the_median_of_noisy_stamps_finds_when_sample_zero_was_taken():
+    rng = np.random.default_rng(1)
+    stream = StreamTiming(window=200)
+    for i, (first, arrival, delay) in enumerate(_blocks(400, rng)):
+        if i < 80:
+            delay += 0.4  # the first blocks: a backlog the host misreports
+        stream.on_block(first, BLOCK, arrival, delay)
+    assert stream.origin() == pytest.approx(100.0, abs=0.001)
+    # playback: the stamp says when the block will be heard, later than the callback
+    playback = StreamTiming(playback=True)
+    for k in range(MIN_BLOCKS):
+        playback.on_block(k * BLOCK, BLOCK, 50.0 + k * BLOCK / SAMPLE_RATE, 0.03)
+    assert playback.origin() == pytest.approx(50.03)
+
+
+def test_without_stamps_only_the_arrival_jitter_is_known():
+    rng = np.random.default_rng(2)
+    stream = StreamTiming()
+    for first, arrival, _ in _blocks(MIN_BLOCKS - 1, rng):
+        stream.on_block(first, BLOCK, arrival, None)
+    assert stream.origin() is None and stream.jitter() is None  # too few blocks yet
+    for first, arrival, _ in _blocks(300, rng):
+        stream.on_block(first, BLOCK, arrival, None)
+    assert stream.origin() is None
+    assert stream.jitter() == pytest.approx(0.003, abs=0.001)  # median of 0-6 ms minus 0
+
+
+def _mic(monkeypatch: pytest.MonkeyPatch) -> MicSource:
+    monkeypatch.setattr(sources, "resolve_input_device", lambda spec: (0, "test mic"))
+    mic = MicSource(AudioRing(60 * SAMPLE_RATE), AudioClock())
+    mic.stats.granted_latency_s = 0.02
+    return mic
+
+
+def _feed(mic: MicSource, monkeypatch: pytest.MonkeyPatch, stamps: bool) -> None:
+    rng = np.random.default_rng(3)
+    for _, arrival, delay in _blocks(300, rng):
+        monkeypatch.setattr(sources, "time", types.SimpleNamespace(monotonic=lambda t=arrival: t))
+        info = types.SimpleNamespace(currentTime=0.0, inputBufferAdcTime=0.0)
+        if stamps:
+            info = types.SimpleNamespace(currentTime=7.0, inputBufferAdcTime=7.0 - delay)
+        mic._callback(np.zeros((BLOCK, 1), np.float32), BLOCK, info,
+                      types.SimpleNamespace(input_overflow=False))  # fmt: skip
+
+
+def test_microphone_latency_is_measured_from_its_stream(monkeypatch: pytest.MonkeyPatch):
+    mic = _mic(monkeypatch)
+    assert mic.measured_latency() == (0.02, "reported")  # nothing captured yet
+    _feed(mic, monkeypatch, stamps=True)
+    latency, basis = mic.measured_latency()
+    # the clock's origin is the earliest arrival: 3 ms (+ a little jitter) after the truth
+    assert basis == "timestamps"
+    assert latency == pytest.approx(mic.clock.origin() - 100.0, abs=0.001)
+    assert 0.002 < latency < 0.005 and mic.latency_s == latency
+
+
+def test_microphone_without_host_timing_falls_back_to_arrival_jitter(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    mic = _mic(monkeypatch)
+    _feed(mic, monkeypatch, stamps=False)
+    latency, basis = mic.measured_latency()
+    assert basis == "arrival jitter" and latency == pytest.approx(0.003, abs=0.001)
