@@ -379,3 +379,25 @@ def test_musetalk_clients_get_their_own_avatars_faces(musetalk_server, avatars, 
         for k, (a, b) in enumerate(zip(got[i], expected, strict=True)):
             diff = np.abs(a.astype(int) - b)  # batch shapes differ: float rounding only
             assert diff.max() <= 12 and diff.mean() < 0.05, (i, k, diff.max(), diff.mean())
+
+
+def test_bench_streams_remote_reports_each_stream_and_the_server_batches(server, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from livecam.cli import app
+
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    args = ["bench", "--streams", "2", "--soak", "3", "--size", "320x240", "--json"]
+    result = CliRunner().invoke(app, [*args, "--remote", server, "--token-file", str(token_file)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["streams"] == 2 and len(report["per_stream"]) == 2
+    assert {row["avatar"] for row in report["per_stream"]} == {"astronaut", "portrait"}
+    for row in report["per_stream"]:
+        assert row["remote_frames"] > 0 and row["rtt_ms"]["p95"] is not None
+        assert row["latency_ms"]["p95"] >= row["latency_ms"]["p50"] > 0
+    assert sum(report["server_batch_streams"].values()) > 0
+    assert report["generated_fps_total"] > 0
