@@ -401,3 +401,20 @@ def test_bench_streams_remote_reports_each_stream_and_the_server_batches(server,
         assert row["latency_ms"]["p95"] >= row["latency_ms"]["p50"] > 0
     assert sum(report["server_batch_streams"].values()) > 0
     assert report["generated_fps_total"] > 0
+
+
+def test_an_avatar_switch_uploads_the_new_one_on_the_same_stream(server, avatars, ring):
+    engine = open_remote(server, TOKEN, avatars[0], LiteEngine(avatars[0], FPS), remote_only=True)
+    try:
+        engine.generate(ring, [0, 1])
+        other = engine.for_avatar(avatars[3])
+        local = LiteEngine(avatars[0], FPS).for_avatar(avatars[3])
+        local.generate(ring, [0, 1])  # the same audio analysis history as the stream's
+        faces = other.generate(ring, [2, 3])
+        assert all(
+            np.array_equal(a, b) for a, b in zip(faces, local.generate(ring, [2, 3]), strict=True)
+        )
+        assert other.link is engine.link and engine.link.stats.local_frames == 0
+        assert other.link._conn.avatars == {engine.sha, other.sha}
+    finally:
+        engine.close()
