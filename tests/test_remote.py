@@ -243,3 +243,25 @@ def test_start_remote_only_exits_when_the_server_is_unreachable(tmp_path):
     result = CliRunner().invoke(app, ["start", *args, "--no-dashboard"])
     assert result.exit_code == 1
     assert "cannot reach the livecam server" in result.output
+
+
+def test_a_garbled_reply_is_refused_not_pasted():
+    from livecam.remote.client import _decode
+
+    shape = (100, 80, 3)
+    patch = np.full((4, 5, 3), 7, np.uint8)
+    good = {"patches": [[0, 10, 20, 5, 4, patch.nbytes]], "encoding": "raw"}
+    (patches,) = _decode(good, patch.tobytes(), 1, shape)
+    assert patches[0][:2] == (10, 20) and np.array_equal(patches[0][2], patch)
+    bad_indices = [
+        [[1, 10, 20, 5, 4, patch.nbytes]],  # another frame than asked for
+        [[0, 78, 20, 5, 4, patch.nbytes]],  # past the avatar's right edge
+        [[0, -1, 20, 5, 4, patch.nbytes]],
+        [[0, 10, 20, 5, 4, patch.nbytes + 1]],  # past the payload
+        [[0, 10, 20, 6, 4, patch.nbytes]],  # size does not match
+        [[0, 10, 20, 5, 4]],
+        [["0", 10, 20, 5, 4, patch.nbytes]],
+    ]
+    for index in bad_indices:
+        with pytest.raises(wire.ProtocolError):
+            _decode({"patches": index, "encoding": "raw"}, patch.tobytes(), 1, shape)

@@ -224,6 +224,16 @@ def test_a_killed_replica_does_not_stop_the_stream(server, avatars, ring):
         engine.close()
 
 
+def test_a_port_in_use_is_refused_clearly():
+    from livecam.remote.server import check_port
+    from livecam.session import EngineError
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        with pytest.raises(EngineError, match=f"cannot listen on 127.0.0.1:{port}"):
+            check_port("127.0.0.1", port)
+
+
 def test_livecam_serve_prints_its_url_and_stops_on_sigint(tmp_path):
     token_file = tmp_path / "token"
     port = _free_port()
@@ -369,3 +379,42 @@ def test_musetalk_clients_get_their_own_avatars_faces(musetalk_server, avatars, 
         for k, (a, b) in enumerate(zip(got[i], expected, strict=True)):
             diff = np.abs(a.astype(int) - b)  # batch shapes differ: float rounding only
             assert diff.max() <= 12 and diff.mean() < 0.05, (i, k, diff.max(), diff.mean())
+
+
+def test_bench_streams_remote_reports_each_stream_and_the_server_batches(server, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from livecam.cli import app
+
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    args = ["bench", "--streams", "2", "--soak", "3", "--size", "320x240", "--json"]
+    result = CliRunner().invoke(app, [*args, "--remote", server, "--token-file", str(token_file)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["streams"] == 2 and len(report["per_stream"]) == 2
+    assert {row["avatar"] for row in report["per_stream"]} == {"astronaut", "portrait"}
+    for row in report["per_stream"]:
+        assert row["remote_frames"] > 0 and row["rtt_ms"]["p95"] is not None
+        assert row["latency_ms"]["p95"] >= row["latency_ms"]["p50"] > 0
+    assert sum(report["server_batch_streams"].values()) > 0
+    assert report["generated_fps_total"] > 0
+
+
+def test_an_avatar_switch_uploads_the_new_one_on_the_same_stream(server, avatars, ring):
+    engine = open_remote(server, TOKEN, avatars[0], LiteEngine(avatars[0], FPS), remote_only=True)
+    try:
+        engine.generate(ring, [0, 1])
+        other = engine.for_avatar(avatars[3])
+        local = LiteEngine(avatars[0], FPS).for_avatar(avatars[3])
+        local.generate(ring, [0, 1])  # the same audio analysis history as the stream's
+        faces = other.generate(ring, [2, 3])
+        assert all(
+            np.array_equal(a, b) for a, b in zip(faces, local.generate(ring, [2, 3]), strict=True)
+        )
+        assert other.link is engine.link and engine.link.stats.local_frames == 0
+        assert other.link._conn.avatars == {engine.sha, other.sha}
+    finally:
+        engine.close()

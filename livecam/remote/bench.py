@@ -39,10 +39,12 @@ def streams_report(opts: LiveOptions, streams: int, seconds: float) -> dict:
             pipeline.stop()
             close_engine(pipeline.engine)
     batches: collections.Counter[int] = collections.Counter()
+    frames: collections.Counter[int] = collections.Counter()
     for pipeline in pipelines:
         link = getattr(pipeline.engine, "link", None)
         if link is not None:
             batches.update(link.stats.batch_streams)
+            frames.update(link.stats.batch_frames)
     return {
         "remote": opts.remote,
         "streams": streams,
@@ -52,7 +54,9 @@ def streams_report(opts: LiveOptions, streams: int, seconds: float) -> dict:
         "generated_fps_total": round(sum(r["generated_fps"] for r in rows), 1),
         "shown_fps_min": min(r["shown_fps"] for r in rows),
         "latency_p95_ms_max": max(r["latency_ms"]["p95"] for r in rows),
+        # generator calls seen by the streams, by requests (streams) and frames merged
         "server_batch_streams": dict(sorted(batches.items())),
+        "server_batch_frames": dict(sorted(frames.items())),
         "per_stream": rows,
     }
 

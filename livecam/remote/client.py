@@ -285,7 +285,7 @@ class Link:
                 conn.ensure_avatar(sha, blob)
                 header, payload = conn.request(ring, upto, sha, frames, tier, self.reply_timeout_s)
                 patches = _decode(header, payload, len(frames), shape)
-            except TimeoutError:
+            except (TimeoutError, IndexError):  # late reply; audio overwritten while read
                 self.stats.timeouts += 1
                 return None
             except (OSError, ConnectionClosed, RemoteError, wire.ProtocolError) as exc:
@@ -296,9 +296,9 @@ class Link:
                 return None
         s = self.stats
         s.rtt_s.append(time.perf_counter() - t0)
-        s.server_ms, s.queue = float(header.get("server_ms", 0)), int(header.get("queue", 0))
-        s.batch_streams[int(header.get("batch_streams", 0))] += 1
-        s.batch_frames[int(header.get("batch_frames", 0))] += 1
+        s.server_ms, s.queue = _number(header, "server_ms"), int(_number(header, "queue"))
+        s.batch_streams[int(_number(header, "batch_streams"))] += 1
+        s.batch_frames[int(_number(header, "batch_frames"))] += 1
         return patches
 
     def status_line(self) -> str:
@@ -318,6 +318,13 @@ class Link:
             if self._conn is not None:
                 self._conn.ws.close()
                 self._conn = None
+
+
+def _number(header: dict, key: str) -> float:
+    """A figure the server reports (for the dashboard only): 0 when missing or not a number."""
+    value = header.get(key)
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and abs(value) < 1e9
+    return float(value) if ok else 0.0
 
 
 def _decode(

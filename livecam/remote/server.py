@@ -4,7 +4,8 @@ Two deployments: the WebSocket ingress (FastAPI) pins each stream to its connect
 the stream's audio and mouth analysis there; the generator (one replica per GPU, or per CPU
 share) is stateless per call, merges several streams' requests into one call with
 `@serve.batch`, and keeps prepared avatars in an LRU by content hash. Imports Ray: only the
-server side loads this module.
+server side loads this module. (No `from __future__ import annotations`: FastAPI reads the
+WebSocket parameter's annotation at run time.)
 """
 
 import asyncio
@@ -16,6 +17,7 @@ import itertools
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -307,30 +309,41 @@ def run_server(opts: ServeOptions, say: Any = print) -> int:
         raise EngineError("--replicas must be at least 1")
     check_engine(opts.engine)
     token = read_token(opts.token_file, create=True)
+    if not opts.address:
+        check_port(opts.host, opts.port)
+        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, logging_level="warning")
+    else:
+        ray.init(address=opts.address, logging_level="warning")
     stop = threading.Event()
+    # after ray.init, which installs its own SIGTERM handler
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        if opts.address:
-            ray.init(address=opts.address, logging_level="warning")
-        else:
-            ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, logging_level="warning")
-        try:
-            url = start_app(
-                opts.engine, opts.replicas, token, opts.host, opts.port, opts.models_dir
-            )
-            say(
-                f"livecam serve: {opts.engine} x{opts.replicas} at {url} "
-                f"(clients: livecam start --remote {url} --token-file FILE)"
-            )
-            while not stop.wait(0.5):  # signal handlers run between waits
-                pass
-            say("livecam serve: shutting down")
-            serve.delete(APP_NAME)
-            if not opts.address:
-                serve.shutdown()
-        finally:
-            ray.shutdown()
+        url = start_app(opts.engine, opts.replicas, token, opts.host, opts.port, opts.models_dir)
+        say(
+            f"livecam serve: {opts.engine} x{opts.replicas} at {url} "
+            f"(clients: livecam start --remote {url} --token-file FILE)"
+        )
+        while not stop.wait(0.5):  # signal handlers run between waits
+            pass
+        say("livecam serve: shutting down")
+        serve.delete(APP_NAME)
+        if not opts.address:
+            serve.shutdown()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        ray.shutdown()
     return 0
+
+
+def check_port(host: str, port: int) -> None:
+    """EngineError if the address cannot be listened on (Serve's proxy would fail quietly)."""
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise EngineError(
+            f"cannot listen on {host}:{port}: {reason} "
+            "(another livecam serve? choose another --port)"
+        ) from None
