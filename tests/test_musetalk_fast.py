@@ -46,7 +46,7 @@ def test_device_blend_matches_the_cv2_blend(models: MuseTalkModels) -> None:
     rng = np.random.default_rng(0)
     faces = rng.integers(0, 256, (3, 256, 256, 3), dtype=np.uint8)
     weights = [1.0, 0.5, 0.0]
-    by_cv2 = [engine._base(k) for k in range(3)]
+    by_cv2 = [engine.base_frame(k) for k in range(3)]
     on_device = [image.copy() for image in by_cv2]
     for image, face, w in zip(by_cv2, faces, weights, strict=True):
         engine.paste(image, face, w)
@@ -57,10 +57,10 @@ def test_device_blend_matches_the_cv2_blend(models: MuseTalkModels) -> None:
         # cv2 interpolates 8-bit images with 11-bit fixed-point weights, torch in float: the
         # two resizes differ by a rounding step, which the blend's own rounding can double
         assert diff.max() <= 2 and diff.mean() < 0.05
-    untouched = np.abs(on_device[2].astype(int) - engine._base(2)).max()
+    untouched = np.abs(on_device[2].astype(int) - engine.base_frame(2)).max()
     assert untouched == 0  # weight 0 leaves the frame as it was
     box = (engine._rows, engine._cols)
-    assert np.abs(on_device[0][box].astype(int) - engine._base(0)[box]).mean() > 10  # face in
+    assert np.abs(on_device[0][box].astype(int) - engine.base_frame(0)[box]).mean() > 10  # face in
 
 
 def test_channels_last_gives_the_same_faces(models: MuseTalkModels) -> None:

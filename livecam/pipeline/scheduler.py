@@ -53,6 +53,7 @@ class Scheduler:
         self._recent: collections.deque[float] = collections.deque(maxlen=30)
         self._calm_since: float | None = None
         self.mode = Mode(tiers[0], 1, batch_sizes[0])
+        self.changes = 0  # mode or delay changes so far (what observe reported True for)
         self._derive_delay()
 
     # -- cost model ---------------------------------------------------------------------------
@@ -114,6 +115,7 @@ class Scheduler:
             and self._generation_allowance() > 1.2 * self._allowance
         ):  # the first real measurements, or slower than the delay allows: re-derive it
             self._derive_delay()
+            self.changes += 1
             return True
         measured = self.utilisation(self.mode, seconds)
         if measured > STEP_DOWN_AT and self.utilisation(self.mode) > TARGET_UTILISATION:
@@ -155,4 +157,5 @@ class Scheduler:
         self.level, self.mode = level, mode
         self._recent.clear()
         self._derive_delay()
+        self.changes += 1
         return True
