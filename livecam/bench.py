@@ -12,7 +12,7 @@ import numpy as np
 from livecam.audio.files import read_audio
 from livecam.avatar.store import load_avatar
 from livecam.session import build_compositor, build_engine, render_audio
-from livecam.sinks import open_sink
+from livecam.sinks import SinkSettings, open_sink
 from livecam.sinks.memory import MemorySink
 
 SAMPLE_AUDIO = Path(__file__).parent / "samples" / "jfk.wav"
@@ -66,8 +66,8 @@ def run_bench(
 ) -> dict:
     audio_path = audio_path or SAMPLE_AUDIO
     if engine_name == "musetalk":  # per-stage model timings instead of a render
-        from livecam.musetalk.bench import run_musetalk_bench
-        from livecam.musetalk.weights import WeightsError
+        from livecam.engines.musetalk.bench import run_musetalk_bench
+        from livecam.engines.musetalk.weights import WeightsError
         from livecam.session import EngineError
 
         try:
@@ -91,7 +91,9 @@ def run_bench(
     # 2. the full offline render to an mp4, encoding and muxing included
     engine, compositor = fresh()
     with tempfile.TemporaryDirectory() as tmp:
-        sink, _ = open_sink("file", width=width, height=height, fps=fps, out=Path(tmp) / "b.mp4")
+        sink, _ = open_sink(
+            "file", SinkSettings(width=width, height=height, fps=fps, out=Path(tmp) / "b.mp4")
+        )
         t0 = time.perf_counter()
         rendered = render_audio(audio, engine, compositor, sink)
         render_s = time.perf_counter() - t0

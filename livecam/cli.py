@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -14,9 +13,10 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from livecam.constants import DEFAULT_AVATAR, DEFAULT_FPS, DEFAULT_HEIGHT, DEFAULT_WIDTH
-from livecam.musetalk.cli import ModelsDirOpt, features_command, models_app
+from livecam.models_cli import ModelsDirOpt, features_command, models_app
+from livecam.remote.cli import serve_command
 from livecam.service.cli import service_app
-from livecam.terminal import console, err_console, print_error
+from livecam.terminal import console, err_console, print_error, run_action
 
 app = typer.Typer(
     help="Turn your microphone into a talking face on a virtual webcam. "
@@ -31,32 +31,9 @@ app.add_typer(avatars_app, name="avatars")
 app.add_typer(models_app, name="models")
 app.add_typer(service_app, name="service")
 app.command("features")(features_command)
+app.command("serve")(serve_command)
 
 SWITCH_TIMEOUT_S = 120.0  # a first switch may prepare the avatar (and its musetalk latents)
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    from livecam.audio.files import AudioFileError
-    from livecam.audio.sources import AudioDeviceError
-    from livecam.audio.virtual_mic import VirtualMicError
-    from livecam.avatar.store import AvatarError
-    from livecam.control import ControlError
-    from livecam.musetalk import ExtraMissing
-    from livecam.session import EngineError
-    from livecam.sinks.base import SinkError
-
-    return (AudioFileError, AudioDeviceError, AvatarError, EngineError, SinkError,
-            VirtualMicError, ControlError, ExtraMissing)  # fmt: skip
-
-
-def _run(action: Callable[[], int | None]) -> None:
-    """Run a command; user-facing errors become one clear line and exit code 1."""
-    try:
-        code = action()
-    except _user_errors() as exc:
-        print_error(exc)
-        raise typer.Exit(1) from None
-    raise typer.Exit(code or 0)
 
 
 def _parse_size(size: str) -> tuple[int, int]:
@@ -139,6 +116,12 @@ TorchDeviceOpt = Annotated[
 FpsOpt = Annotated[float, typer.Option(help="Camera frame rate.", callback=_check_fps)]
 SizeOpt = Annotated[str, typer.Option(help="Camera frame size WIDTHxHEIGHT.", callback=_check_size)]
 IdleOpt = Annotated[bool, typer.Option("--idle/--no-idle", help="Blinks and head sway.")]
+RemoteOpt = Annotated[
+    str | None, typer.Option(help="Generate on `livecam serve` at ws://HOST:PORT (lite engine).")
+]
+TokenFileOpt = Annotated[
+    Path | None, typer.Option(help="With --remote: the server's token file (a copy of it).")
+]
 
 
 @app.command()
@@ -168,6 +151,11 @@ def start(
     virtual_mic: Annotated[
         bool, typer.Option(help='Publish "LiveCam Microphone": your voice in step with the face.')
     ] = False,
+    remote: RemoteOpt = None,
+    token_file: TokenFileOpt = None,
+    remote_only: Annotated[
+        bool, typer.Option(help="With --remote: exit if the server is unreachable at start.")
+    ] = False,
 ) -> None:
     """Run the live camera: microphone in, talking avatar out."""
     from livecam.live import LiveOptions, run
@@ -194,8 +182,11 @@ def start(
         virtual_mic=virtual_mic,
         models_dir=models_dir,
         torch_device=torch_device,
+        remote=remote,
+        token_file=token_file,
+        remote_only=remote_only,
     )
-    _run(lambda: run(opts, console))
+    run_action(lambda: run(opts, console))
 
 
 @app.command()
@@ -213,36 +204,48 @@ def render(
         str | None,
         typer.Option(help="Quality tier: lite full|nearest, musetalk full|tiny (default: full)."),
     ] = None,
+    remote: RemoteOpt = None,
+    token_file: TokenFileOpt = None,
 ) -> None:
     """Render an audio file to an mp4 offline, as fast as the machine allows."""
     from livecam.audio.files import read_audio
     from livecam.avatar.store import load_avatar
-    from livecam.session import build_compositor, build_engine, render_audio
-    from livecam.sinks import open_sink
+    from livecam.live import close_engine
+    from livecam.session import build_compositor, build_engine, build_remote, render_audio
+    from livecam.sinks import SinkSettings, open_sink
 
     width, height = _parse_size(size)
 
     def action() -> None:
         samples = read_audio(audio)
         face = load_avatar(avatar)
-        eng = build_engine(
-            engine, face, fps, idle, models_dir=models_dir, device=torch_device, streaming=False
-        )
+        if remote:
+            # offline: wait for the server (30 s a call) rather than fall back to local frames
+            eng = build_remote(
+                remote, token_file, face, fps, idle, remote_only=True, reply_timeout_s=30.0
+            )
+        else:
+            eng = build_engine(
+                engine, face, fps, idle, models_dir=models_dir, device=torch_device, streaming=False
+            )
         if tier is not None:
             try:
                 eng.set_tier(tier)
             except ValueError as exc:
                 raise typer.BadParameter(str(exc), param_hint="--tier") from None
         comp = build_compositor(face, width, height, fps, idle)
-        sink, _ = open_sink("file", width=width, height=height, fps=fps, out=out)
-        result = render_audio(samples, eng, comp, sink)
+        sink, _ = open_sink("file", SinkSettings(width=width, height=height, fps=fps, out=out))
+        try:
+            result = render_audio(samples, eng, comp, sink)
+        finally:
+            close_engine(eng)
         console.print(
             f"wrote {out}: {result.frames} frames, {result.audio_seconds:.1f} s of "
             f"audio in {result.seconds:.1f} s "
             f"({result.audio_seconds / result.seconds:.1f}x real time)"
         )
 
-    _run(action)
+    run_action(action)
 
 
 @app.command()
@@ -293,6 +296,12 @@ def bench(
     reference: Annotated[
         Path | None, typer.Option(help="With --gpu-suite: a MuseTalk checkout to run beside it.")
     ] = None,
+    streams: Annotated[
+        int | None,
+        typer.Option(help="Run N live streams at once (--soak seconds, default 10).", min=1),
+    ] = None,
+    remote: RemoteOpt = None,
+    token_file: TokenFileOpt = None,
 ) -> None:
     """Measure engine, compositing and render speed (or live latency, or a long run)."""
     from livecam.bench import SAMPLE_AUDIO, run_bench
@@ -301,11 +310,20 @@ def bench(
 
     def action() -> None:
         if engine == "musetalk" or gpu_suite:
-            from livecam.musetalk import require_extra
+            from livecam.engines.musetalk import require_extra
 
             require_extra()
-        if gpu_suite:
-            from livecam.musetalk.gpu_suite import run_gpu_suite
+        if remote or streams:
+            from livecam.live import LiveOptions
+            from livecam.remote.bench import streams_report
+
+            opts = LiveOptions(
+                avatar=avatar, engine=engine, width=width, height=height, fps=fps, audio_file=audio,
+                dashboard=False, remote=remote, token_file=token_file, simulate_load=simulate_load,
+            )  # fmt: skip
+            report = streams_report(opts, streams or 1, soak or 10.0)
+        elif gpu_suite:
+            from livecam.engines.musetalk.gpu_suite import run_gpu_suite
 
             report = run_gpu_suite(avatar, audio or SAMPLE_AUDIO, torch_device, tiny, reference)
         elif latency or soak:
@@ -336,7 +354,7 @@ def bench(
         else:
             console.print_json(json.dumps(report))
 
-    _run(action)
+    run_action(action)
 
 
 @app.command()
@@ -356,7 +374,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
         fields["warnings"] = tuple(fields["warnings"])
         console.print(dashboard.render(Snapshot(**fields)))
 
-    _run(action)
+    run_action(action)
 
 
 @app.command()
@@ -364,7 +382,7 @@ def stop() -> None:
     """Stop the running livecam (it closes the camera and finishes any recording)."""
     from livecam.control import request
 
-    _run(lambda: request({"cmd": "stop"}) and console.print("livecam is stopping"))
+    run_action(lambda: request({"cmd": "stop"}) and console.print("livecam is stopping"))
 
 
 @app.command()
@@ -376,7 +394,7 @@ def mute(off: Annotated[bool, typer.Option("--off", help="Unmute.")] = False) ->
         answer = request({"cmd": "mute", "on": not off})
         console.print("muted" if answer["muted"] else "unmuted")
 
-    _run(action)
+    run_action(action)
 
 
 @app.command()
@@ -425,7 +443,7 @@ def avatars_prepare(
             err_console.print(f"[yellow]warning:[/] {warning}")
         console.print(f"avatar {name!r} ready: start it with `livecam start --avatar {name}`")
 
-    _run(action)
+    run_action(action)
 
 
 @avatars_app.command("show")
@@ -440,7 +458,7 @@ def avatars_show(name: str, out: Annotated[Path, typer.Option(help="Write a PNG 
         cv2.imwrite(str(out), contact_sheet(load_avatar(name)))
         console.print(f"wrote {out}")
 
-    _run(action)
+    run_action(action)
 
 
 @avatars_app.command("switch")
@@ -452,7 +470,7 @@ def avatars_switch(name: str) -> None:
         request({"cmd": "avatar", "name": name}, timeout=SWITCH_TIMEOUT_S)
         console.print(f"livecam now shows {name!r}")
 
-    _run(action)
+    run_action(action)
 
 
 @avatars_app.command("remove")
@@ -460,4 +478,4 @@ def avatars_remove(name: str) -> None:
     """Delete a prepared avatar's cache."""
     from livecam.avatar.store import remove_avatar
 
-    _run(lambda: remove_avatar(name))
+    run_action(lambda: remove_avatar(name))

@@ -36,6 +36,8 @@ def render(s: Snapshot) -> Panel:
     info.add_row("avatar", s.avatar)
     every = "every frame" if s.stride == 1 else f"every {s.stride}. frame"
     info.add_row("engine", f"{s.engine} · tier {s.tier} · {every} · batch {s.batch}")
+    if s.remote:
+        info.add_row("server", s.remote)
     info.add_row("camera", s.sink)
     info.add_row("microphone", s.source)
     info.add_row("level", level_meter(s.level_db))

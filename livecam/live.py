@@ -28,8 +28,8 @@ from livecam.pipeline.runner import Look, Pipeline, PipelineConfig
 from livecam.pipeline.stats import Snapshot
 from livecam.service.heartbeat import Heartbeat, status_line
 from livecam.service.notify import Notifier
-from livecam.session import build_compositor, build_engine
-from livecam.sinks import open_sink
+from livecam.session import build_compositor, build_engine, build_remote
+from livecam.sinks import SinkSettings, open_sink
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +59,26 @@ class LiveOptions:
     virtual_mic: bool = False  # publish the delayed "LiveCam Microphone"
     models_dir: Path | None = None  # musetalk weights
     torch_device: str | None = None  # musetalk: cuda | cpu (default: auto)
+    remote: str | None = None  # ws://HOST:PORT of `livecam serve`: generate there
+    token_file: Path | None = None  # its token
+    remote_only: bool = False  # exit instead of local lite frames if it is unreachable
 
 
 def build_pipeline(opts: LiveOptions) -> Pipeline:
     """Everything is loaded and opened here, before any frame flows: errors surface early."""
     avatar = load_avatar(opts.avatar)
-    engine = build_engine(
-        opts.engine,
-        avatar,
-        opts.fps,
-        opts.idle_motion,
-        models_dir=opts.models_dir,
-        device=opts.torch_device,
-    )
+    if opts.remote:
+        engine = build_remote(opts.remote, opts.token_file, avatar, opts.fps, opts.idle_motion,
+                              remote_only=opts.remote_only)  # fmt: skip
+    else:
+        engine = build_engine(
+            opts.engine,
+            avatar,
+            opts.fps,
+            opts.idle_motion,
+            models_dir=opts.models_dir,
+            device=opts.torch_device,
+        )
     if opts.simulate_load:
         engine = SimulatedLoad(engine, opts.simulate_load, opts.fps)
     compositor = build_compositor(avatar, opts.width, opts.height, opts.fps, opts.idle_motion)
@@ -82,20 +89,22 @@ def build_pipeline(opts: LiveOptions) -> Pipeline:
         source = MicSource(ring, clock, opts.mic)
     sink, warnings = open_sink(
         opts.sink,
-        width=opts.width,
-        height=opts.height,
-        fps=opts.fps,
-        device=opts.camera,
-        backend=opts.camera_backend,
-        port=opts.port,
-        out=opts.out,
+        SinkSettings(
+            width=opts.width,
+            height=opts.height,
+            fps=opts.fps,
+            device=opts.camera,
+            backend=opts.camera_backend,
+            port=opts.port,
+            out=opts.out,
+        ),
     )
     for warning in warnings:
         log.warning("%s", warning)
     pipeline = Pipeline(
         PipelineConfig(fps=opts.fps), ring, clock, source, Look(avatar, engine, compositor), sink
     )
-    pipeline.warnings.extend([*engine.warnings, *warnings])
+    pipeline.warnings.extend(warnings)
     return pipeline
 
 
@@ -133,6 +142,7 @@ def _run(opts: LiveOptions, console: Console, control: ControlServer) -> int:
     finally:
         virtual_mic.stop()
         pipeline.stop()
+        close_engine(pipeline.engine)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     snap = pipeline.snapshot()
@@ -146,6 +156,13 @@ def _run(opts: LiveOptions, console: Console, control: ControlServer) -> int:
     if pipeline.error is not None:
         raise pipeline.error
     return 0
+
+
+def close_engine(engine: object) -> None:
+    """Close what an engine holds open beyond the pipeline (the remote engine's connection)."""
+    close = getattr(engine, "close", None)
+    if close is not None:
+        close()
 
 
 def _control_handlers(
@@ -246,5 +263,3 @@ def _logging_to(console: Console) -> Iterator[None]:
     finally:
         for handler, old in zip(handlers, previous, strict=True):
             handler.console = old
-
-

@@ -7,9 +7,10 @@ import math
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,11 +21,59 @@ from livecam.engines.base import Engine
 from livecam.pipeline.compositor import Compositor, webcam_framing
 from livecam.sinks.base import Sink
 
-ENGINES = ("lite", "musetalk")
+if TYPE_CHECKING:
+    from livecam.engines.musetalk.engine import MuseTalkOptions
 
 
 class EngineError(Exception):
     """An engine that cannot run here, with a message fit for the user."""
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    avatar: Avatar
+    fps: float
+    idle_motion: bool = True
+    musetalk: MuseTalkOptions | None = None  # a full set (tests, benchmarks), else built from:
+    models_dir: Path | None = None
+    device: str | None = None
+    streaming: bool = True  # live features, or the whole clip at once (render)
+
+
+def _lite(request: EngineRequest) -> Engine:
+    from livecam.engines.lite import LiteEngine
+
+    return LiteEngine(request.avatar, request.fps, idle_motion=request.idle_motion)
+
+
+def _musetalk(request: EngineRequest) -> Engine:
+    from livecam.engines.musetalk import ExtraMissing, require_extra
+
+    try:
+        require_extra()
+    except ExtraMissing as exc:
+        raise EngineError(str(exc)) from None
+    from livecam.engines.musetalk.engine import MuseTalkEngine, MuseTalkOptions
+    from livecam.engines.musetalk.manifest import default_models_dir
+    from livecam.engines.musetalk.models import load_models, random_models
+    from livecam.engines.musetalk.weights import WeightsError
+
+    features = "streaming" if request.streaming else "offline"
+    opts = request.musetalk or MuseTalkOptions(
+        request.models_dir, request.device, features=features
+    )
+    try:
+        if opts.random_weights:
+            models = random_models(opts.device)
+        else:
+            models = load_models(opts.models_dir or default_models_dir(), opts.device)
+        return MuseTalkEngine(request.avatar, request.fps, models, opts, request.idle_motion)
+    except (WeightsError, ValueError) as exc:
+        raise EngineError(str(exc)) from None
+
+
+BUILDERS: dict[str, Callable[[EngineRequest], Engine]] = {"lite": _lite, "musetalk": _musetalk}
+ENGINES = tuple(BUILDERS)
 
 
 def build_engine(
@@ -32,48 +81,45 @@ def build_engine(
     avatar: Avatar,
     fps: float,
     idle_motion: bool = True,
-    options: Any = None,
+    options: MuseTalkOptions | None = None,
     *,
     models_dir: Path | None = None,
     device: str | None = None,
     streaming: bool = True,
 ) -> Engine:
-    """`options`: a full MuseTalkOptions (tests, benchmarks); otherwise musetalk is set up from
-    `models_dir`, `device` and `streaming` (live features, or the whole clip for render)."""
-    if name == "lite":
-        from livecam.engines.lite import LiteEngine
-
-        return LiteEngine(avatar, fps, idle_motion=idle_motion)
-    elif name == "musetalk":
-        from livecam.musetalk import ExtraMissing, require_extra
-
-        try:
-            require_extra()
-        except ExtraMissing as exc:
-            raise EngineError(str(exc)) from None
-        if options is None:
-            from livecam.musetalk.engine import MuseTalkOptions
-
-            features = "streaming" if streaming else "offline"
-            options = MuseTalkOptions(models_dir, device, features=features)
-        return _build_musetalk(avatar, fps, idle_motion, options)
-    raise EngineError(f"unknown engine {name!r}: choose one of {', '.join(ENGINES)}")
+    builder = BUILDERS.get(name)
+    if builder is None:
+        raise EngineError(f"unknown engine {name!r}: choose one of {', '.join(ENGINES)}")
+    return builder(EngineRequest(avatar, fps, idle_motion, options, models_dir, device, streaming))
 
 
-def _build_musetalk(avatar: Avatar, fps: float, idle_motion: bool, options: Any) -> Engine:
-    from livecam.musetalk.engine import MuseTalkEngine, MuseTalkOptions
-    from livecam.musetalk.manifest import default_models_dir
-    from livecam.musetalk.models import load_models, random_models
-    from livecam.musetalk.weights import WeightsError
+def build_remote(
+    url: str,
+    token_file: Path | None,
+    avatar: Avatar,
+    fps: float,
+    idle_motion: bool = True,
+    *,
+    remote_only: bool = False,
+    reply_timeout_s: float | None = None,
+) -> Engine:
+    """The remote engine on `livecam serve` at `url` (local lite frames while unreachable,
+    unless remote_only; and for replies later than `reply_timeout_s`, default live: 1 s).
+    Raises EngineError for a bad address, token or refusal."""
+    from livecam.engines.lite import LiteEngine
+    from livecam.remote.client import REPLY_TIMEOUT_S, RemoteError, open_remote
+    from livecam.remote.tokens import TokenError, read_token
 
-    opts: MuseTalkOptions = options
+    if token_file is None:
+        raise EngineError("--remote needs --token-file FILE (the server's token)")
     try:
-        if opts.random_weights:
-            models = random_models(opts.device)
-        else:
-            models = load_models(opts.models_dir or default_models_dir(), opts.device)
-        return MuseTalkEngine(avatar, fps, models, opts, idle_motion=idle_motion)
-    except (WeightsError, ValueError) as exc:
+        token = read_token(token_file)
+        fallback = LiteEngine(avatar, fps, idle_motion=idle_motion)
+        timeout = reply_timeout_s or REPLY_TIMEOUT_S
+        return open_remote(
+            url, token, avatar, fallback, remote_only=remote_only, reply_timeout_s=timeout
+        )
+    except (RemoteError, TokenError, ValueError) as exc:
         raise EngineError(str(exc)) from None
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from livecam import models_cli
+from livecam.engines.musetalk import download, manifest
 from livecam.hashing import sha256_file
-from livecam.musetalk import cli, download, manifest
 
 # musetalkV15/musetalk.json's keys (saved by diffusers 0.6.0.dev0), with tiny sizes
 TINY_UNET = {
@@ -127,7 +128,7 @@ def publish_tiny_hashes(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
 
     comps = tuple(replace(c, files=tuple(published(c, f) for f in c.files))
                   for c in manifest.COMPONENTS)  # fmt: skip
-    for module in (manifest, download, cli):
+    for module in (manifest, download, models_cli):
         monkeypatch.setattr(module, "COMPONENTS", comps)
 
 

@@ -186,7 +186,7 @@ def test_names_are_matched_whole(name):
 
 
 def test_musetalk_latents_are_written_through_temporaries(cache):
-    from livecam.musetalk import avatar_latents as al
+    from livecam.engines.musetalk import avatar_latents as al
 
     data = al.AvatarLatents((1, 2, 30, 40), np.zeros((256, 256, 3), np.uint8),
                             np.ones((1, 8, 32, 32), np.float32),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from livecam.camera_check import (
+from livecam.doctor.camera import (
     RELOAD,
     User,
     camera_findings,

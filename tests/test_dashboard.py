@@ -87,3 +87,9 @@ def test_dashboard_shows_warnings_and_meter_extremes():
     assert "-99.0 dBFS" in text and "█" not in text
     loud = _text(_snapshot(level_db=0.0))
     assert loud.count("█") == dashboard.METER_WIDTH
+
+
+def test_dashboard_shows_the_remote_server_only_when_there_is_one():
+    assert "server" not in _text(_snapshot())
+    line = "ws://gpu:8765/v1/stream · rtt 9/14 ms p50/p95 · remote queue 2"
+    assert "rtt 9/14 ms p50/p95 · remote queue 2" in _text(_snapshot(remote=line))

@@ -5,7 +5,7 @@ import numpy as np
 
 from livecam.audio.ring import AudioRing
 from livecam.constants import SAMPLE_RATE
-from livecam.engines.lite_features import HopTrack
+from livecam.features.lite import HopTrack
 
 
 class RacingRing(AudioRing):

@@ -2,7 +2,7 @@ import numpy as np
 
 from livecam.audio.files import read_audio
 from livecam.constants import HOPS_PER_SECOND, SAMPLE_RATE
-from livecam.engines.lite_features import LiteFeatures
+from livecam.features.lite import LiteFeatures
 from tests.conftest import JFK, SPEECH
 
 

@@ -58,12 +58,9 @@ def test_file_source_drives_the_virtual_camera(clip, fake_cam):
 
 
 def _run_pipeline(pipeline, seconds: float):
-    pipeline.start()
-    try:
+    with pipeline:  # started, and stopped however the block ends
         time.sleep(seconds)
         return pipeline.snapshot()
-    finally:
-        pipeline.stop()
 
 
 def test_factor_three_load_steps_down_and_every_tick_shows_a_frame(tmp_path):

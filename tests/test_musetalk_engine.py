@@ -17,9 +17,9 @@ from livecam.audio.files import read_audio
 from livecam.audio.ring import AudioRing
 from livecam.avatar.store import load_avatar
 from livecam.cli import app
+from livecam.engines.musetalk.engine import MuseTalkEngine, MuseTalkOptions, positional_encoding
+from livecam.engines.musetalk.models import load_models
 from livecam.live import LiveOptions, build_pipeline, run
-from livecam.musetalk.engine import MuseTalkEngine, MuseTalkOptions, positional_encoding
-from livecam.musetalk.models import load_models
 from livecam.session import build_engine
 from tests import fake_camera
 from tests.conftest import JFK

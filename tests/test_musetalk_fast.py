@@ -15,9 +15,9 @@ import torch
 from livecam.audio.files import read_audio
 from livecam.audio.ring import AudioRing
 from livecam.avatar.store import load_avatar
-from livecam.musetalk.engine import MuseTalkEngine, MuseTalkOptions
-from livecam.musetalk.forward import FastPaths, Forward, SharedForward
-from livecam.musetalk.models import MuseTalkModels, random_models
+from livecam.engines.musetalk.engine import MuseTalkEngine, MuseTalkOptions
+from livecam.engines.musetalk.forward import FastPaths, Forward, SharedForward
+from livecam.engines.musetalk.models import MuseTalkModels, random_models
 from tests.conftest import JFK
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,7 +140,7 @@ def test_shared_forward_hands_errors_to_the_caller(models: MuseTalkModels) -> No
 
 
 def test_gpu_suite_dry_run_on_the_cpu() -> None:
-    from livecam.musetalk.gpu_suite import configurations, run_gpu_suite
+    from livecam.engines.musetalk.gpu_suite import configurations, run_gpu_suite
 
     report = run_gpu_suite("astronaut", JFK, "cpu", tiny=True, batches=(1, 2),
                            stream_seconds=0.5)  # fmt: skip

@@ -14,14 +14,13 @@ from typer.testing import CliRunner
 from livecam.audio.files import read_audio
 from livecam.audio.ring import AudioRing
 from livecam.cli import app
-from livecam.musetalk.features import (
+from livecam.engines.musetalk.models import compute_features, whisper_from_dir
+from livecam.features.whisper import (
     StreamingFeatures,
-    compute_features,
     frame_steps,
     offline_features,
     streaming_deviation,
     streaming_features,
-    whisper_from_dir,
 )
 from tests.conftest import JFK
 from tests.helpers import write_clip

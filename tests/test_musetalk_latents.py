@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from livecam.avatar.store import avatar_dir, load_avatar
+from livecam.engines.musetalk import avatar_latents
+from livecam.engines.musetalk.avatar_latents import MANIFEST, NPZ, prepare_latents
 from livecam.hashing import sha256_array
-from livecam.musetalk import avatar_latents
-from livecam.musetalk.avatar_latents import MANIFEST, NPZ, prepare_latents
 from tests.musetalk_tiny import tiny_vae
 
 

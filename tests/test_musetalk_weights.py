@@ -16,9 +16,9 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from livecam.cli import app
-from livecam.musetalk import download, weights
-from livecam.musetalk.manifest import COMPONENTS, missing_files
-from livecam.musetalk.models import MissingWeights, load_models
+from livecam.engines.musetalk import download, weights
+from livecam.engines.musetalk.manifest import COMPONENTS, missing_files
+from livecam.engines.musetalk.models import MissingWeights, load_models
 from livecam.session import EngineError, build_engine
 from tests.musetalk_tiny import publish_tiny_hashes, tiny_models_dir, tiny_vae, write_legacy_vae
 
@@ -111,7 +111,7 @@ def test_missing_weights_give_one_clear_message(tmp_path: Path, tiny: Path) -> N
     (partial / "sd-vae" / "diffusion_pytorch_model.bin").unlink()
     assert [p.name for p in missing_files(partial)] == ["diffusion_pytorch_model.bin"]
     from livecam.avatar.store import load_avatar
-    from livecam.musetalk.engine import MuseTalkOptions
+    from livecam.engines.musetalk.engine import MuseTalkOptions
 
     with pytest.raises(EngineError, match="livecam models download") as err:
         build_engine("musetalk", load_avatar("astronaut"), 25, options=MuseTalkOptions(partial))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from livecam.musetalk import weights
+from livecam.engines.musetalk import weights
 from tests.helpers import run_limited
 from tests.musetalk_tiny import TINY_UNET, tiny_models_dir
 
@@ -125,7 +125,7 @@ def test_a_bad_safetensors_header_is_refused(models):
 VERIFY_HUGE_WHISPER = textwrap.dedent("""
     import json, sys
     from pathlib import Path
-    from livecam.musetalk import weights
+    from livecam.engines.musetalk import weights
     config = Path(sys.argv[1]) / "whisper" / "config.json"
     data = json.loads(config.read_text())
     data.update(encoder_layers=64, encoder_ffn_dim=65536)  # ~7 GB of weights if built

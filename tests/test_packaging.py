@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from livecam import musetalk
 from livecam.avatar import store
+from livecam.engines import musetalk
 from livecam.session import EngineError, build_engine
 from tests.conftest import SPEECH
 

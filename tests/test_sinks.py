@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from livecam.sinks import SinkError, open_sink, virtualcam
+from livecam.sinks import SinkError, SinkSettings, open_sink, virtualcam
 from livecam.sinks.memory import MemorySink
 from livecam.sinks.preview import PreviewSink
 from livecam.sinks.virtualcam import (
@@ -20,7 +20,6 @@ from livecam.sinks.virtualcam import (
     VirtualCamSink,
     device_holders,
     loopback_devices,
-    virtualcam_available,
 )
 from tests import fake_camera
 from tests.fake_camera import FAKE, FakeBackend
@@ -89,8 +88,7 @@ def test_real_backend_missing_device() -> None:
     with pytest.raises(SinkError, match="modprobe v4l2loopback") as e:
         VirtualCamSink(W, H, FPS, device="/dev/video99", backend="v4l2loopback")
     assert "/dev/video99 does not exist" in str(e.value)
-    reason = virtualcam_available(device="/dev/video99", backend="v4l2loopback")
-    assert reason is not None and MODPROBE in reason
+    assert MODPROBE in str(e.value)
 
 
 @linux_only
@@ -98,11 +96,6 @@ def test_real_backend_missing_device() -> None:
 def test_real_backend_no_device_at_all() -> None:
     with pytest.raises(SinkError, match=r"no virtual camera device found.*modprobe"):
         VirtualCamSink(W, H, FPS, backend="v4l2loopback")
-
-
-def test_virtualcam_available_with_fake() -> None:
-    assert virtualcam_available(backend=FAKE, width=W, height=H) is None
-    assert FakeBackend.instances[0].closed
 
 
 def test_memory_sink_counts_and_bounds() -> None:
@@ -120,19 +113,19 @@ def test_memory_sink_counts_and_bounds() -> None:
 
 
 def test_open_sink_kinds(tmp_path: Path) -> None:
-    sink, warnings = open_sink("memory", width=W, height=H, fps=FPS)
+    sink, warnings = open_sink("memory", SinkSettings(width=W, height=H, fps=FPS))
     assert isinstance(sink, MemorySink) and warnings == []
-    sink, warnings = open_sink("virtualcam", width=W, height=H, fps=FPS, backend=FAKE)
+    sink, warnings = open_sink("virtualcam", SinkSettings(width=W, height=H, fps=FPS, backend=FAKE))
     assert isinstance(sink, VirtualCamSink) and warnings == []
     sink.close()
     with pytest.raises(SinkError, match=r"^--out PATH is required with --sink file$"):
-        open_sink("file", width=W, height=H, fps=FPS)
+        open_sink("file", SinkSettings(width=W, height=H, fps=FPS))
     with pytest.raises(SinkError, match="unknown sink 'tv'"):
-        open_sink("tv", width=W, height=H, fps=FPS)
+        open_sink("tv", SinkSettings(width=W, height=H, fps=FPS))
 
 
 def test_open_sink_auto_prefers_the_camera() -> None:
-    sink, warnings = open_sink("auto", width=W, height=H, fps=FPS, backend=FAKE)
+    sink, warnings = open_sink("auto", SinkSettings(width=W, height=H, fps=FPS, backend=FAKE))
     assert isinstance(sink, VirtualCamSink) and warnings == []
     sink.close()
 
@@ -140,12 +133,9 @@ def test_open_sink_auto_prefers_the_camera() -> None:
 def test_open_sink_auto_falls_back_to_preview() -> None:
     sink, warnings = open_sink(
         "auto",
-        width=W,
-        height=H,
-        fps=FPS,
-        device=fake_camera.MISSING_DEVICE,
-        backend=FAKE,
-        port=0,
+        SinkSettings(
+            width=W, height=H, fps=FPS, device=fake_camera.MISSING_DEVICE, backend=FAKE, port=0
+        ),
     )
     try:
         assert isinstance(sink, PreviewSink)
@@ -239,13 +229,13 @@ def test_camera_gone_mid_run_is_reopened(monkeypatch) -> None:
 
 
 def test_open_sink_virtualcam_waits_for_a_missing_camera() -> None:
-    sink, _ = open_sink("virtualcam", width=W, height=H, fps=FPS,
-                        device=fake_camera.MISSING_DEVICE, backend=FAKE)  # fmt: skip
+    sink, _ = open_sink("virtualcam", SinkSettings(width=W, height=H, fps=FPS,
+                        device=fake_camera.MISSING_DEVICE, backend=FAKE))  # fmt: skip
     assert isinstance(sink, VirtualCamSink) and "does not exist" in (sink.problem or "")
     sink.close()
     with pytest.raises(SinkError, match="permission"):  # what cannot clear up still stops it
-        open_sink("virtualcam", width=W, height=H, fps=FPS,
-                  device=fake_camera.DENIED_DEVICE, backend=FAKE)  # fmt: skip
+        open_sink("virtualcam", SinkSettings(width=W, height=H, fps=FPS,
+                  device=fake_camera.DENIED_DEVICE, backend=FAKE))  # fmt: skip
 
 
 def test_bench_times_the_camera_sink() -> None:

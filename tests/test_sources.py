@@ -13,7 +13,7 @@ from livecam.audio.clock import AudioClock
 from livecam.audio.ring import AudioRing
 from livecam.audio.sources import GAP_FILL_S, REOPEN_S, RETRY_S, STALL_S, MicSource, deliver
 from livecam.constants import HOP_LENGTH, SAMPLE_RATE
-from livecam.engines.lite_features import HopTrack, LiteFeatures
+from livecam.features.lite import HopTrack, LiteFeatures
 
 BLOCK = 160
 

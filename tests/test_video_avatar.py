@@ -120,7 +120,7 @@ def test_the_head_moves_and_the_mouth_follows_speech(avatar: Avatar) -> None:
 
 
 def test_musetalk_on_a_clip(avatar: Avatar, tmp_path_factory: pytest.TempPathFactory) -> None:
-    from livecam.musetalk.engine import MuseTalkOptions
+    from livecam.engines.musetalk.engine import MuseTalkOptions
     from tests.musetalk_tiny import tiny_models_dir
 
     engine = build_engine("musetalk", avatar, RATE, options=MuseTalkOptions(

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from livecam.audio.files import read_audio
 from livecam.cli import app
-from livecam.musetalk.features import SEGMENT_SAMPLES, whisper_from_dir
+from livecam.engines.musetalk.models import whisper_from_dir
+from livecam.features.whisper import SEGMENT_SAMPLES
 from tests.conftest import JFK, SPEECH
 from tests.musetalk_tiny import tiny_models_dir
 from tests.whisper_reference import causal_reference, live_frames, reference_features, rel_l2
@@ -73,8 +74,8 @@ def test_imported_encoder_matches_ctranslate2(imported: Path) -> None:
 def test_engine_loads_an_imported_whisper_and_says_it_is_not_the_release(
     imported: Path, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
 ) -> None:
-    from livecam.musetalk.download import verify
-    from livecam.musetalk.models import load_models
+    from livecam.engines.musetalk.download import verify
+    from livecam.engines.musetalk.models import load_models
 
     root = tmp_path / "models"
     shutil.copytree(tiny_models_dir(tmp_path_factory), root)

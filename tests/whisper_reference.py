@@ -1,5 +1,5 @@
 """MuseTalk's whisper features written from the spec with transformers' own pieces (independent
-of livecam.musetalk.features), and the causal reference for the streaming path."""
+of livecam.features.whisper), and the causal reference for the streaming path."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def causal_reference(
 def live_frames(whisper, audio: np.ndarray, fps: float, frames: Sequence[int]) -> np.ndarray:
     """The live path on chosen increasing frames, each as soon as its audio has arrived."""
     from livecam.audio.ring import AudioRing
-    from livecam.musetalk.features import StreamingFeatures
+    from livecam.features.whisper import StreamingFeatures
 
     stream = StreamingFeatures(whisper, fps)
     ring = AudioRing(len(audio) + 480_000)

@@ -15,8 +15,8 @@ unset PYTHONPATH  # the mutated copy in mutants/ must be the one imported
 declare -A module=(
   [ring]=livecam.audio.ring [clock]=livecam.audio.clock
   [scheduler]=livecam.pipeline.scheduler [runner]=livecam.pipeline.runner
-  [store]=livecam.avatar.store [weights]=livecam.musetalk.weights
-  [latents]=livecam.musetalk.avatar_latents [features]=livecam.musetalk.features
+  [store]=livecam.avatar.store [weights]=livecam.engines.musetalk.weights
+  [latents]=livecam.engines.musetalk.avatar_latents [features]=livecam.features.whisper
   [control]=livecam.control
 )
 names=("$@")

@@ -231,10 +231,6 @@ class FileSource:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="file-audio", daemon=True)
 
-    @property
-    def duration_s(self) -> float:
-        return len(self.samples) / SAMPLE_RATE
-
     def measured_latency(self) -> tuple[float, str]:
         return 0.0, "file"
 

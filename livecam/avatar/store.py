@@ -24,12 +24,13 @@ from typing import Any
 import cv2
 import numpy as np
 
+from livecam import cachefile
 from livecam.avatar import cachedir, video
 from livecam.avatar.eyes import build_eye_bank
 from livecam.avatar.landmarks import NoFaceError, detect_face
 from livecam.avatar.model import Avatar, BankParams, PatchBank
 from livecam.avatar.mouth import build_mouth_bank
-from livecam.hashing import sha256_array, sha256_file
+from livecam.hashing import sha256_file
 from livecam.limits import MAX_IMAGE_PIXELS, LimitError, check_pixels
 from livecam.paths import cache_home
 
@@ -235,7 +236,7 @@ def _write_cache(av: Avatar, source: Path, kind: str, description: str) -> None:
         "params": build_params(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "engines": ENGINES,
-        "arrays": {k: sha256_array(v) for k, v in arrays.items()},
+        "arrays": cachefile.checksums(arrays),
         "warnings": av.warnings,
     }
     root = avatars_root()
@@ -243,7 +244,7 @@ def _write_cache(av: Avatar, source: Path, kind: str, description: str) -> None:
         with cachedir.locked(root, av.name):  # concurrent writers of one name queue here
             version = cachedir.new_version(root, av.name)
             try:
-                np.savez(version / ARRAYS, **arrays)
+                cachefile.save_arrays(version / ARRAYS, arrays)
                 (version / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
                 cachedir.publish(root, av.name, version)
             except BaseException:
@@ -308,20 +309,10 @@ def _stale_reason(manifest: dict[str, Any], source: Path) -> str | None:
 
 def _load_cache(name: str, manifest: dict[str, Any]) -> Avatar:
     """Load and verify the arrays; raises ValueError (with the reason) if damaged."""
-    try:
-        folder = cachedir.live_dir(avatars_root(), name)
-        if folder is None:
-            raise OSError("the cache folder is gone")
-        with np.load(folder / ARRAYS, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except Exception as exc:  # zip, zlib, header or I/O errors all mean "damaged"
-        raise ValueError(f"unreadable {ARRAYS}: {exc}") from exc
-    expected = manifest.get("arrays", {})
-    if set(arrays) != set(expected):
-        raise ValueError("array set differs from the manifest")
-    for key, arr in arrays.items():
-        if sha256_array(arr) != expected[key]:
-            raise ValueError(f"checksum mismatch in {key}")
+    folder = cachedir.live_dir(avatars_root(), name)
+    if folder is None:
+        raise ValueError("the cache folder is gone")
+    arrays = cachefile.load_arrays(folder / ARRAYS, manifest.get("arrays", {}))
     return _from_arrays(name, arrays, list(manifest.get("warnings", [])))
 
 

@@ -12,13 +12,41 @@ from collections.abc import Sequence
 import numpy as np
 
 from livecam.audio.ring import AudioRing
+from livecam.avatar import idle
 from livecam.avatar.face import FaceRenderer
 from livecam.avatar.model import Avatar
 from livecam.constants import HOP_LENGTH, HOPS_PER_SECOND
-from livecam.engines.lite_features import HopTrack
-from livecam.pipeline import idle
+from livecam.features.lite import HopTrack
 
 TRACK_HOPS = 10 * HOPS_PER_SECOND  # keep 10 s of per-hop features, enough for any lateness
+
+
+class MouthTrack:
+    """The lite engine's audio side: per-frame mouth state streamed from the ring, avatar-free
+    (the remote server keeps one per stream and renders faces elsewhere)."""
+
+    def __init__(self, fps: float) -> None:
+        self.fps = fps
+        self.track = HopTrack(TRACK_HOPS)
+
+    def hop(self, frame: int) -> int:
+        """The newest hop whose centre lies within the frame's span: the freshest mouth state
+        for it, and no look-ahead beyond the half analysis window."""
+        return math.floor((frame + 1) / self.fps * HOPS_PER_SECOND - 1e-9)
+
+    def samples_needed(self, frame: int) -> int:
+        return (self.hop(frame) + 1) * HOP_LENGTH  # hop h is complete once (h + 1) hops arrived
+
+    def feed(self, ring: AudioRing, frame: int) -> None:
+        """Analyse the ring's audio up to what `frame` needs."""
+        self.track.feed(ring, self.samples_needed(frame))
+
+    def mouth(self, frame: int) -> tuple[float, float]:
+        """(openness, width) for a frame; closed if its hop is not (or no longer) known."""
+        value = self.track.get(self.hop(frame))
+        if value is None:
+            return 0.0, 0.0
+        return float(value[0]), float(value[1])
 
 
 class LiteEngine:
@@ -37,34 +65,27 @@ class LiteEngine:
         self.idle_motion = idle_motion
         self.tier = self.tiers[0]
         self.renderer = FaceRenderer(avatar)
-        self.track = HopTrack(TRACK_HOPS)
+        self.analysis = MouthTrack(fps)
 
     def for_avatar(self, avatar: Avatar) -> LiteEngine:
         other = LiteEngine(avatar, self.fps, self.idle_motion)
-        other.track, other.tier = self.track, self.tier  # the audio analysis is avatar-free
+        other.analysis, other.tier = self.analysis, self.tier  # the audio analysis is avatar-free
         return other
 
-    def _hop(self, frame: int) -> int:
-        """The newest hop whose centre lies within the frame's span: the freshest mouth state
-        for it, and no look-ahead beyond the half analysis window."""
-        return math.floor((frame + 1) / self.fps * HOPS_PER_SECOND - 1e-9)
-
     def samples_needed(self, frame: int) -> int:
-        return (self._hop(frame) + 1) * HOP_LENGTH  # hop h is complete once (h + 1) hops arrived
+        return self.analysis.samples_needed(frame)
 
     def mouth(self, frame: int) -> tuple[float, float]:
         """(openness, width) for a frame; closed if its hop is not (or no longer) known."""
-        value = self.track.get(self._hop(frame))
-        if value is None:
-            return 0.0, 0.0
-        return float(value[0]), float(value[1])
+        return self.analysis.mouth(frame)
 
     def set_tier(self, tier: str) -> None:
         if tier not in self.tiers:
             raise ValueError(f"unknown tier {tier!r} for the lite engine: {self.tiers}")
         self.tier = tier
 
-    def _face(self, frame: int, openness: float, width: float) -> np.ndarray:
+    def face(self, frame: int, openness: float, width: float) -> np.ndarray:
+        """The face for a frame with this mouth state (a new array)."""
         eyes = idle.blink(frame / self.fps) if self.idle_motion else 0.0
         if self.tier == "nearest":
             n_open, n_width = self.renderer.avatar.mouth.patches.shape[:2]
@@ -73,8 +94,8 @@ class LiteEngine:
         return self.renderer.render(openness, width, eyes, frame / self.fps)
 
     def generate(self, ring: AudioRing, frames: Sequence[int]) -> list[np.ndarray]:
-        self.track.feed(ring, self.samples_needed(frames[-1]))
-        return [self._face(k, *self.mouth(k)) for k in frames]
+        self.analysis.feed(ring, frames[-1])
+        return [self.face(k, *self.mouth(k)) for k in frames]
 
     def generate_silent(self, frames: Sequence[int]) -> list[np.ndarray]:
-        return [self._face(k, 0.0, 0.0) for k in frames]
+        return [self.face(k, 0.0, 0.0) for k in frames]

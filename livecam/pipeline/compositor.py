@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from livecam.pipeline import idle
+from livecam.avatar import idle
 
 FACE_SHARE = 0.33  # brow-to-chin height as a share of the frame height: webcam framing
 EYES_AT = 0.42  # eye line this far down the frame

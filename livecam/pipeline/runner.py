@@ -145,6 +145,13 @@ class Pipeline:
 
         return run
 
+    def __enter__(self) -> Pipeline:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         self._stop.set()
         for thread in self._threads:
@@ -302,7 +309,7 @@ class Pipeline:
     def snapshot(self) -> Snapshot:
         c = self.counters
         now = time.monotonic()
-        warnings = list(self.warnings)
+        warnings = [*self.warnings, *self.engine.warnings]  # the engine's may change (remote)
         if self.source.stats.problem:
             warnings.append(self.source.stats.problem + ": showing idle frames")
         if getattr(self.sink, "problem", None):  # e.g. the camera is held by another program
@@ -345,4 +352,5 @@ class Pipeline:
             capture_basis=capture_basis,
             capture_requested_ms=stats.requested_latency_s * 1e3,
             capture_granted_ms=stats.granted_latency_s * 1e3,
+            remote=getattr(self.engine, "status_line", str)(),
         )

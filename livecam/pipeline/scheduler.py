@@ -53,7 +53,6 @@ class Scheduler:
         self._recent: collections.deque[float] = collections.deque(maxlen=30)
         self._calm_since: float | None = None
         self.mode = Mode(tiers[0], 1, batch_sizes[0])
-        self.changes = 0
         self._derive_delay()
 
     # -- cost model ---------------------------------------------------------------------------
@@ -115,7 +114,6 @@ class Scheduler:
             and self._generation_allowance() > 1.2 * self._allowance
         ):  # the first real measurements, or slower than the delay allows: re-derive it
             self._derive_delay()
-            self.changes += 1
             return True
         measured = self.utilisation(self.mode, seconds)
         if measured > STEP_DOWN_AT and self.utilisation(self.mode) > TARGET_UTILISATION:
@@ -157,5 +155,4 @@ class Scheduler:
         self.level, self.mode = level, mode
         self._recent.clear()
         self._derive_delay()
-        self.changes += 1
         return True

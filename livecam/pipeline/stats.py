@@ -13,16 +13,20 @@ WINDOW = 300  # timing samples kept per stage (10 s at 30 fps)
 
 
 class StageTimer:
-    """Bounded window of durations for one stage, with percentiles in milliseconds."""
+    """Bounded window of durations for one stage, with percentiles in milliseconds. One
+    thread adds while others read: every access holds the lock."""
 
     def __init__(self) -> None:
         self._values: collections.deque[float] = collections.deque(maxlen=WINDOW)
+        self._lock = threading.Lock()
 
     def add(self, seconds: float) -> None:
-        self._values.append(seconds)
+        with self._lock:
+            self._values.append(seconds)
 
     def percentiles(self) -> tuple[float, float]:
-        values = list(self._values)
+        with self._lock:
+            values = list(self._values)
         if not values:
             return 0.0, 0.0
         p50, p95 = np.percentile(values, [50, 95])
@@ -30,18 +34,22 @@ class StageTimer:
 
 
 class RateMeter:
-    """Events per second over the last couple of seconds."""
+    """Events per second over the last couple of seconds (thread-safe, as StageTimer)."""
 
     def __init__(self, span_s: float = 2.0) -> None:
         self.span_s = span_s
         self._times: collections.deque[float] = collections.deque(maxlen=1000)
+        self._lock = threading.Lock()
 
     def tick(self, now: float | None = None) -> None:
-        self._times.append(time.monotonic() if now is None else now)
+        with self._lock:
+            self._times.append(time.monotonic() if now is None else now)
 
     def rate(self, now: float | None = None) -> float:
         now = time.monotonic() if now is None else now
-        recent = [t for t in self._times if t > now - self.span_s]
+        with self._lock:
+            times = list(self._times)
+        recent = [t for t in times if t > now - self.span_s]
         if len(recent) < 2:
             return 0.0
         return (len(recent) - 1) / max(recent[-1] - recent[0], 1e-6)
@@ -84,6 +92,7 @@ class Snapshot:
     capture_basis: str = ""
     capture_requested_ms: float = 0.0
     capture_granted_ms: float = 0.0
+    remote: str = ""  # remote generation: server, round trip, its queue ("" when local)
 
     @property
     def repeat_ratio(self) -> float:

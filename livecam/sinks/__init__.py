@@ -2,71 +2,83 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from livecam.sinks.base import Sink, SinkError, check_frame
 
-SINK_KINDS = ("auto", "virtualcam", "preview", "file", "memory")
-
-__all__ = ["SINK_KINDS", "Sink", "SinkError", "check_frame", "open_sink"]
+__all__ = ["SINK_KINDS", "Sink", "SinkError", "SinkSettings", "check_frame", "open_sink"]
 
 
-def open_sink(
-    kind: str,
-    *,
-    width: int,
-    height: int,
-    fps: float,
-    device: str | None = None,
-    backend: str | None = None,
-    host: str = "127.0.0.1",
-    port: int = 8080,
-    out: Path | None = None,
-) -> tuple[Sink, list[str]]:
-    """Open the sink `kind`; return it with warnings for the user."""
-    # Imports are local so that e.g. the file sink does not load the camera library.
-    if kind == "virtualcam":
-        from livecam.sinks.virtualcam import VirtualCamSink
-
-        sink = VirtualCamSink(width, height, fps, device=device, backend=backend, wait=True)
-        return sink, []
-    if kind == "preview":
-        from livecam.sinks.preview import PreviewSink
-
-        return PreviewSink(width, height, fps, host=host, port=port), []
-    if kind == "file":
-        if out is None:
-            raise SinkError("--out PATH is required with --sink file")
-        from livecam.sinks.file import FileSink
-
-        return FileSink(out, width, height, fps), []
-    if kind == "memory":
-        from livecam.sinks.memory import MemorySink
-
-        return MemorySink(width, height, fps), []
-    if kind == "auto":
-        return _open_auto(width, height, fps, device, backend, host, port)
-    raise SinkError(f"unknown sink {kind!r}; choose one of {', '.join(SINK_KINDS)}")
+@dataclass(frozen=True)
+class SinkSettings:
+    width: int
+    height: int
+    fps: float
+    device: str | None = None  # virtual camera
+    backend: str | None = None
+    host: str = "127.0.0.1"  # preview
+    port: int = 8080
+    out: Path | None = None  # file
 
 
-def _open_auto(
-    width: int,
-    height: int,
-    fps: float,
-    device: str | None,
-    backend: str | None,
-    host: str,
-    port: int,
-) -> tuple[Sink, list[str]]:
+# Each opener imports its sink itself, so that e.g. the file sink never loads the camera library.
+def _virtualcam(s: SinkSettings) -> tuple[Sink, list[str]]:
+    from livecam.sinks.virtualcam import VirtualCamSink
+
+    sink = VirtualCamSink(s.width, s.height, s.fps, device=s.device, backend=s.backend, wait=True)
+    return sink, []
+
+
+def _preview(s: SinkSettings) -> tuple[Sink, list[str]]:
+    from livecam.sinks.preview import PreviewSink
+
+    return PreviewSink(s.width, s.height, s.fps, host=s.host, port=s.port), []
+
+
+def _file(s: SinkSettings) -> tuple[Sink, list[str]]:
+    if s.out is None:
+        raise SinkError("--out PATH is required with --sink file")
+    from livecam.sinks.file import FileSink
+
+    return FileSink(s.out, s.width, s.height, s.fps), []
+
+
+def _memory(s: SinkSettings) -> tuple[Sink, list[str]]:
+    from livecam.sinks.memory import MemorySink
+
+    return MemorySink(s.width, s.height, s.fps), []
+
+
+def _auto(s: SinkSettings) -> tuple[Sink, list[str]]:
     """The virtual camera if it opens, else the browser preview with a warning."""
     from livecam.sinks.preview import PreviewSink
     from livecam.sinks.virtualcam import MODPROBE, VirtualCamSink
 
     try:
-        return VirtualCamSink(width, height, fps, device=device, backend=backend), []
+        return VirtualCamSink(s.width, s.height, s.fps, device=s.device, backend=s.backend), []
     except SinkError as e:
         reason = str(e)
     if MODPROBE not in reason:
         reason += f"; to create the LiveCam device run `{MODPROBE}`"
-    sink = PreviewSink(width, height, fps, host=host, port=port)
+    sink = PreviewSink(s.width, s.height, s.fps, host=s.host, port=s.port)
     return sink, [f"virtual camera unavailable: {reason}", f"showing the preview at {sink.url}"]
+
+
+OPENERS: dict[str, Callable[[SinkSettings], tuple[Sink, list[str]]]] = {
+    "auto": _auto,
+    "virtualcam": _virtualcam,
+    "preview": _preview,
+    "file": _file,
+    "memory": _memory,
+}
+SINK_KINDS = tuple(OPENERS)
+
+
+def open_sink(kind: str, settings: SinkSettings) -> tuple[Sink, list[str]]:
+    """Open the sink `kind`; return it with warnings for the user."""
+    opener = OPENERS.get(kind)
+    if opener is None:
+        raise SinkError(f"unknown sink {kind!r}; choose one of {', '.join(SINK_KINDS)}")
+    return opener(settings)

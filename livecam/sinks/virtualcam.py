@@ -15,7 +15,6 @@ import numpy as np
 import pyvirtualcam
 from pyvirtualcam import PixelFormat
 
-from livecam.constants import DEFAULT_FPS, DEFAULT_HEIGHT, DEFAULT_WIDTH
 from livecam.sinks.base import SinkError, check_frame
 
 MODPROBE = "sudo modprobe v4l2loopback devices=1 video_nr=10 card_label=LiveCam exclusive_caps=1"
@@ -272,18 +271,3 @@ class VirtualCamSink:
     def close(self) -> None:
         self._closed = True
         self._drop_camera()
-
-
-def virtualcam_available(
-    device: str | None = None,
-    backend: str | None = None,
-    width: int = DEFAULT_WIDTH,
-    height: int = DEFAULT_HEIGHT,
-    fps: float = DEFAULT_FPS,
-) -> str | None:
-    """None if a virtual camera opens with these settings, else the reason with its fix."""
-    try:
-        VirtualCamSink(width, height, fps, device=device, backend=backend).close()
-    except SinkError as e:
-        return str(e)
-    return None

@@ -6,6 +6,7 @@ to check. Usage: python3 guest_run.py OUT REPO PYTHON AUDIO
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -131,6 +133,68 @@ def gst_client() -> dict:
     return info
 
 
+class _PageServer(http.server.ThreadingHTTPServer):
+    """Serves the test page on 127.0.0.1 (a secure context for getUserMedia) and keeps what
+    the page posts back: /frame (a PNG) and /result (JSON)."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _PageHandler)
+        self.posted: dict[str, bytes] = {}
+        self.done = threading.Event()
+
+
+class _PageHandler(http.server.BaseHTTPRequestHandler):
+    server: _PageServer
+
+    def do_GET(self) -> None:
+        body = (Path(__file__).with_name("camera_page.html")).read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        data = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.server.posted[self.path] = data
+        self.send_response(204)
+        self.end_headers()
+        if self.path == "/result":
+            self.server.done.set()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def chromium_client() -> dict:
+    """Headless Chromium as a meeting app: the page lists the cameras, opens LiveCam with
+    getUserMedia (the permission prompt answered yes), counts frames, posts one back."""
+    server = _PageServer()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    profile = Path("/dev/shm/chromium")  # a fresh profile on a writable tmpfs
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    t0 = time.monotonic()
+    browser = subprocess.Popen(
+        ["chromium", "--headless=new", "--no-sandbox", "--disable-gpu",
+         "--use-fake-ui-for-media-stream", "--no-first-run", "--disable-sync",
+         "--disable-background-networking", "--disable-component-update",
+         f"--user-data-dir={profile}", url],
+        stdout=subprocess.DEVNULL, stderr=(OUT / "chromium.log").open("w"), env=ENV,
+    )  # fmt: skip
+    answered = server.done.wait(240 * SLOW)
+    browser.terminate()
+    stop_process(browser, 30)
+    server.shutdown()
+    info: dict = {"answered": answered, "seconds": round(time.monotonic() - t0, 1),
+                  "log": (OUT / "chromium.log").read_text()[-1500:]}  # fmt: skip
+    if answered:
+        info.update(json.loads(server.posted["/result"]))
+    if "/frame" in server.posted:
+        (OUT / "chromium.png").write_bytes(server.posted["/frame"])
+        info["file"] = "chromium.png"
+    return info
+
+
 def scenario(fn):
     """Run one scenario; record its result or its traceback, never stop the run."""
     t0 = time.monotonic()
@@ -186,6 +250,7 @@ def live_run() -> dict:
     main = capture("main", 30, 120)
     reopen = capture("reopen", 4, 3)
     gstreamer = gst_client()
+    chromium = chromium_client()
     status = control("status") or {}
     rmmod = sh("rmmod", "v4l2loopback")  # refused while livecam holds the device
     stop = sh(str(PY), "-m", "livecam", "stop", env=ENV, timeout=180)
@@ -198,7 +263,8 @@ def live_run() -> dict:
         "camera_shown": shown_at, "first_frame_s": first_frame_s, "waiter_rc": waiter_rc,
         "before_frames": (OUT / "before.raw").stat().st_size if (OUT / "before.raw").exists()
         else 0,
-        "main": main, "reopen": reopen, "gstreamer": gstreamer, "status": status,
+        "main": main, "reopen": reopen, "gstreamer": gstreamer, "chromium": chromium,
+        "status": status,
         "rmmod_while_open": {"rc": rmmod.returncode, "stderr": rmmod.stderr.strip()},
         "stop_cli": {"rc": stop.returncode, "out": (stop.stdout + stop.stderr).strip()[-500:]},
         "livecam_rc": rc, "hidden_after_stop": hidden, "caps_after_stop": device_caps(),
@@ -272,7 +338,7 @@ print(json.dumps(camera_sink_cost(frame, 30, frames=20)))
 # venv's interpreter may not be runnable by another user, so that user is described to it)
 DOCTOR = """
 import json
-from livecam.camera_check import User, camera_findings
+from livecam.doctor.camera import User, camera_findings
 nobody = User("nobody", 65534, frozenset({65534}))
 print(json.dumps({who: [[c.name, c.ok, c.detail] for c in camera_findings(user=user)]
                   for who, user in (("root", None), ("nobody", nobody))}))

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import soundfile as sf
@@ -115,6 +116,27 @@ def test_gstreamer_lists_livecam_and_sees_the_face(guest):
     face = detect_face(frames[-1])
     print(f"\ngstreamer v4l2src: label {gst['labels']}, {gst['width']}x{gst['height']} "
           f"{gst['format']}, face box {face.box}")  # fmt: skip
+
+
+def test_chromium_lists_livecam_captures_it_and_sees_the_face(guest):
+    chromium = result(guest, "live_run")["chromium"]
+    assert chromium["answered"], f"the page never answered: {chromium['log']}"
+    assert "error" not in chromium, chromium
+    assert chromium["labels"] == ["LiveCam"] and chromium["track"] == "LiveCam", chromium
+    settings = chromium["settings"]
+    assert (settings["width"], settings["height"]) == (1280, 720), settings
+    assert chromium["frames"] >= 1  # frames kept arriving while the page played the camera
+    frame = cv2.imread(str(guest[1] / chromium["file"]))
+    assert frame.shape == (720, 1280, 3)
+    face = detect_face(frame)
+    x, _, w, _ = face.box
+    assert 300 < x + w / 2 < 980 and w > 100  # the avatar's face, centred, as ffmpeg saw it
+    print(f"\nchromium: cameras {chromium['labels']} (before permission "
+          f"{chromium['labels_before']}), track {chromium['track']} "
+          f"{settings['width']}x{settings['height']}, {chromium['frames']} frames in "
+          f"{chromium['counted_s']} s = {chromium['frames'] / chromium['counted_s']:.1f} fps "
+          f"received, face box {face.box}; the page answered "
+          f"{chromium['seconds']:.0f} s after Chromium started")  # fmt: skip
 
 
 def test_readers_before_after_and_reopening(guest):

@@ -16,7 +16,7 @@ from pathlib import Path
 # What .ci/run installs (apt) for these tests; named in every "missing" message.
 APT_PACKAGES = ("linux-image-amd64", "v4l2loopback-dkms", "qemu-system-x86", "v4l-utils",
                 "ffmpeg", "gstreamer1.0-tools", "gstreamer1.0-plugins-good",
-                "gstreamer1.0-plugins-base-apps")  # fmt: skip
+                "gstreamer1.0-plugins-base-apps", "chromium")  # fmt: skip
 VIRTME_NG = "virtme-ng==1.42"
 TCG_CPU = "Nehalem"  # x86-64-v2 (numpy's baseline), no AVX to emulate
 
@@ -50,7 +50,7 @@ def unavailable() -> str | None:
                 f"{' '.join(APT_PACKAGES)} linux-headers-amd64")  # fmt: skip
     if _tool("vng") is None:
         return f"virtme-ng is not installed: pip install {VIRTME_NG}"
-    for tool in ("ffmpeg", "v4l2-ctl", "gst-launch-1.0", "gst-device-monitor-1.0"):
+    for tool in ("ffmpeg", "v4l2-ctl", "gst-launch-1.0", "gst-device-monitor-1.0", "chromium"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed: apt-get install {' '.join(APT_PACKAGES)}"
     return None

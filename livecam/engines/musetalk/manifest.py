@@ -60,7 +60,6 @@ class Component:
         return str(first.parent)
 
 
-MB = 1_000_000
 COMPONENTS: tuple[Component, ...] = (
     Component(
         name="unet",

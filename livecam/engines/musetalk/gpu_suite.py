@@ -32,9 +32,9 @@ from livecam.audio.files import read_audio
 from livecam.audio.ring import AudioRing
 from livecam.avatar.model import Avatar
 from livecam.avatar.store import load_avatar
-from livecam.musetalk.engine import MuseTalkEngine, MuseTalkOptions
-from livecam.musetalk.forward import FastPaths, Forward, SharedForward
-from livecam.musetalk.models import MuseTalkModels, random_models
+from livecam.engines.musetalk.engine import MuseTalkEngine, MuseTalkOptions
+from livecam.engines.musetalk.forward import FastPaths, Forward, SharedForward
+from livecam.engines.musetalk.models import MuseTalkModels, random_models
 
 log = logging.getLogger(__name__)
 
@@ -227,15 +227,15 @@ class Suite:
 
 
 def _reference(suite: Suite, checkout: Path, tiny: bool) -> dict[str, Any]:
-    from livecam.musetalk.features import offline_features
-    from livecam.musetalk.reference_loop import ReferenceInputs, run_reference
+    from livecam.engines.musetalk.reference_loop import ReferenceInputs, run_reference
+    from livecam.features.whisper import offline_features
 
     engine = suite.engine(FastPaths.none())
     feats = offline_features(suite.models.whisper, suite.audio, STREAM_FPS).float().cpu()
     frames = 200 if not tiny else 40
     feats = feats[np.arange(frames) % len(feats)]  # (n, 50, D)
     inputs = ReferenceInputs(suite.avatar.image, engine.data.box, engine.data.mask,
-                             engine._latents, feats)  # fmt: skip
+                             engine.latents, feats)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         return run_reference(checkout, suite.models, inputs, Path(tmp), tiny)
 

@@ -17,10 +17,11 @@ import torch
 from livecam.audio.files import read_audio
 from livecam.audio.ring import AudioRing
 from livecam.avatar.store import load_avatar
-from livecam.musetalk.engine import MuseTalkEngine, MuseTalkOptions, VoiceGate
-from livecam.musetalk.features import offline_features, streaming_deviation
-from livecam.musetalk.manifest import default_models_dir, has_component
-from livecam.musetalk.models import load_models, random_models
+from livecam.engines.musetalk.engine import MuseTalkEngine, MuseTalkOptions
+from livecam.engines.musetalk.manifest import default_models_dir, has_component
+from livecam.engines.musetalk.models import load_models, random_models
+from livecam.features.voice import VoiceGate
+from livecam.features.whisper import offline_features, streaming_deviation
 
 BATCHES = (1, 4, 8)
 
@@ -63,7 +64,7 @@ def _stages(engine: MuseTalkEngine, ring: AudioRing, frames: list[int], repeats:
         if "tiny" in engine.tiers:
             tiny_s, _ = _timed(lambda: fwd.decode(lat, "tiny"), dev, repeats)
         faces = img.cpu().numpy()
-        bases = [engine._base(k) for k in frames]
+        bases = [engine.base_frame(k) for k in frames]
         blend_s, _ = _timed(
             lambda: [engine.paste(x, f, 1.0) for x, f in zip(bases, faces, strict=True)], dev, 1
         )

@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-from dataclasses import dataclass
 
-from livecam.musetalk import INSTALL
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    ok: bool
-    detail: str  # what was found, or the exact fix
-    required: bool = True  # False: only some features need it
+from livecam.doctor.check import Check
+from livecam.engines.musetalk import INSTALL
 
 
 def _camera() -> list[Check]:
-    from livecam.camera_check import camera_findings
+    from livecam.doctor.camera import camera_findings
 
     return camera_findings()
 
@@ -55,8 +47,8 @@ def _neural() -> list[Check]:
         return [Check("torch", False, INSTALL + " (musetalk only)", required=False)]
     import torch
 
-    from livecam.musetalk.download import verify
-    from livecam.musetalk.manifest import default_models_dir
+    from livecam.engines.musetalk.download import verify
+    from livecam.engines.musetalk.manifest import default_models_dir
 
     cuda = torch.cuda.is_available()
     gpu = torch.cuda.get_device_name(0) if cuda else "none: musetalk would run on the CPU, slowly"

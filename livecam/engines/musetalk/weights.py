@@ -23,9 +23,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from livecam.avatar.store import cache_root
+from livecam.engines.musetalk.architecture import config_problem
+from livecam.engines.musetalk.manifest import component
 from livecam.hashing import sha256_file
-from livecam.musetalk.architecture import config_problem
-from livecam.musetalk.manifest import component
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 import torch
 
-from livecam.musetalk.architecture import REFERENCE_UNET, REFERENCE_VAE, TINY_UNET, TINY_VAE
+from livecam.engines.musetalk.architecture import REFERENCE_UNET, REFERENCE_VAE, TINY_UNET, TINY_VAE
 
 DEFAULT_BATCH = 20  # realtime_inference.py --batch_size
 REQUIRED = ("musetalk/models/unet.py", "musetalk/models/vae.py", "musetalk/utils/utils.py",

@@ -13,20 +13,16 @@ files are written under the avatar's lock through temporaries renamed into place
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import cv2
 import numpy as np
 import torch
 
+from livecam import cachefile
 from livecam.avatar import cachedir
 from livecam.avatar.store import avatars_root
 from livecam.hashing import sha256_array
@@ -124,12 +120,13 @@ def _load(folder: Path, key: dict) -> AvatarLatents | None:
         manifest = json.loads((folder / MANIFEST).read_text())
         if manifest.get("key") != key:
             return None
-        with np.load(folder / NPZ, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except Exception:  # missing, unreadable or damaged: rebuild
+    except (OSError, ValueError, AttributeError):  # missing or unreadable: rebuild
         return None
-    if {k: sha256_array(v) for k, v in arrays.items()} != manifest.get("arrays"):
-        log.warning("musetalk avatar data in %s damaged; rebuilding", folder)
+    try:
+        arrays = cachefile.load_arrays(folder / NPZ, manifest.get("arrays", {}))
+    except ValueError as exc:
+        if (folder / NPZ).exists():
+            log.warning("musetalk avatar data in %s damaged (%s); rebuilding", folder, exc)
         return None
     box = tuple(int(v) for v in arrays["box"])
     return AvatarLatents(box, arrays["crop"], arrays["latents"], arrays["mask"])  # type: ignore[arg-type]
@@ -142,26 +139,17 @@ def _save(name: str, key: dict, data: AvatarLatents) -> None:
         "latents": data.latents,
         "mask": data.mask,
     }
-    manifest = {"key": key, "arrays": {k: sha256_array(v) for k, v in arrays.items()}}
     root = avatars_root()
     with cachedir.locked(root, name):
         folder = cachedir.live_dir(root, name)
         if folder is None:
             raise OSError(f"avatar {name!r} has no cache folder")
-        _replace(folder / NPZ, lambda fh: np.savez(fh, **arrays))
-        _replace(folder / MANIFEST, lambda fh: fh.write(json.dumps(manifest).encode()))
-
-
-def _replace(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Write through a fresh temporary in the same folder, then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        # the data first, then the manifest naming its checksums: a writer killed between
+        # the two leaves a mismatch, which reads as "rebuild", never as wrong data
+        manifest = {"key": key, "arrays": cachefile.save_arrays(folder / NPZ, arrays)}
+        cachefile.replace_file(
+            folder / MANIFEST, lambda fh: fh.write(json.dumps(manifest).encode())
+        )
 
 
 def prepare_latents(

@@ -25,7 +25,7 @@ Step outputs are cached by absolute step index: the encoder runs once per genera
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -36,7 +36,6 @@ from livecam.constants import SAMPLE_RATE, exact_div
 
 STEPS_PER_SECOND = 50  # whisper encoder output rate
 STEP_SAMPLES = exact_div(SAMPLE_RATE, STEPS_PER_SECOND)  # 320
-MEL_HOP = exact_div(STEP_SAMPLES, 2)  # 160: the encoder's second conv has stride 2
 SEGMENT_SAMPLES = 30 * SAMPLE_RATE  # whisper's 30 s input
 SEGMENT_STEPS = exact_div(SEGMENT_SAMPLES, STEP_SAMPLES)  # 1500
 WINDOW_STEPS = 10  # steps per frame: 2 * (2 left + 2 right + 1)
@@ -245,34 +244,6 @@ class OfflineFeatures:
             self._steps = offline_steps(self.whisper, ring.read(0, ring.end))
             self._samples = ring.end
         return frames_from_steps(self._steps, frames, self.fps)
-
-
-FeatureSource = Callable[[AudioRing, Sequence[int]], torch.Tensor]
-
-
-def whisper_from_dir(models_dir: Any, device: str | None = None) -> WhisperAudio:
-    """Only the whisper part of the models dir (no UNet or VAE loaded)."""
-    from livecam.musetalk import weights
-    from livecam.musetalk.models import pick_device, pick_dtype
-
-    dev = pick_device(device)
-    encoder = weights.load_whisper_encoder(models_dir).to(dev, pick_dtype(dev, None))
-    return WhisperAudio(encoder, weights.load_feature_extractor(models_dir), dev)
-
-
-def compute_features(
-    models_dir: Any, audio: np.ndarray, fps: float, streaming: bool, device: str | None = None
-) -> np.ndarray:
-    """(T, 50, D) float32 per-frame features of a clip, offline or through the live path.
-
-    The streaming path is driven like the live engine: one frame at a time, each as soon as
-    its audio (incl. the look-ahead) is in the ring.
-    """
-    whisper = whisper_from_dir(models_dir, device)
-    n_frames = math.floor(len(audio) / SAMPLE_RATE * fps)
-    if not streaming:
-        return offline_features(whisper, audio, fps, n_frames).cpu().numpy()
-    return streaming_features(whisper, audio, fps, n_frames)
 
 
 def streaming_features(

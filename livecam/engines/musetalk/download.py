@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from livecam.musetalk import weights
-from livecam.musetalk.manifest import COMPONENTS, Component, ModelFile, has_component
+from livecam.engines.musetalk import weights
+from livecam.engines.musetalk.manifest import COMPONENTS, Component, ModelFile, has_component
 
 Fetch = Callable[..., str]
 

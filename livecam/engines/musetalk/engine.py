@@ -21,21 +21,19 @@ import numpy as np
 import torch
 
 from livecam.audio.ring import AudioRing
+from livecam.avatar import idle
 from livecam.avatar.face import FaceRenderer
 from livecam.avatar.model import Avatar
-from livecam.constants import HOP_LENGTH, HOPS_PER_SECOND
-from livecam.engines.lite_features import HopTrack
-from livecam.musetalk.avatar_latents import prepare_latents
-from livecam.musetalk.blend import DeviceBlender, faces_to_host, host_buffer
-from livecam.musetalk.features import WINDOW_STEPS, OfflineFeatures, StreamingFeatures
-from livecam.musetalk.forward import FastPaths, Forward, SharedForward
-from livecam.musetalk.models import MuseTalkModels
-from livecam.pipeline import idle
+from livecam.engines.musetalk.avatar_latents import prepare_latents
+from livecam.engines.musetalk.blend import DeviceBlender, faces_to_host, host_buffer
+from livecam.engines.musetalk.forward import FastPaths, Forward, SharedForward
+from livecam.engines.musetalk.models import MuseTalkModels
+from livecam.features.voice import VoiceGate
+from livecam.features.whisper import WINDOW_STEPS, OfflineFeatures, StreamingFeatures
 
 log = logging.getLogger(__name__)
 
 BATCH_SIZES = (1, 2, 4, 8)
-GATE_HOPS = 3  # the gate averages voicing over +-3 hops (140 ms): a soft fade in and out
 
 
 @dataclass(frozen=True)
@@ -62,30 +60,6 @@ def positional_encoding(length: int, dim: int) -> torch.Tensor:
     return pe
 
 
-class VoiceGate:
-    """Per-frame speech weight 0..1 from the lite engine's voice activity, streamed by hop."""
-
-    def __init__(self, fps: float, track_hops: int = 10 * HOPS_PER_SECOND) -> None:
-        self.fps = fps
-        self.track = HopTrack(track_hops)
-
-    def _centre(self, frame: int) -> int:
-        return math.floor((frame + 0.5) / self.fps * HOPS_PER_SECOND)
-
-    def samples_needed(self, frame: int) -> int:
-        return (self._centre(frame) + GATE_HOPS + 2) * HOP_LENGTH
-
-    def levels(self, ring: AudioRing, frames: Sequence[int]) -> list[float]:
-        self.track.feed(ring, self.samples_needed(frames[-1]))
-        out = []
-        for frame in frames:
-            c = self._centre(frame)
-            known = [self.track.get(h) for h in range(c - GATE_HOPS, c + GATE_HOPS + 1)]
-            voiced = [v[2] for v in known if v is not None]
-            out.append(float(np.mean(voiced)) if voiced else 0.0)
-        return out
-
-
 class MuseTalkEngine:
     name = "musetalk"
     response_s = 0.0  # not measured yet: it needs the real weights
@@ -110,7 +84,8 @@ class MuseTalkEngine:
         self.data = prepare_latents(
             avatar.name, neutral, avatar.landmarks, models.vae, models.vae_id
         )
-        self._latents = torch.from_numpy(self.data.latents).to(self.device, self.dtype)
+        # the avatar's VAE latents on the device: every frame's UNet input starts from them
+        self.latents = torch.from_numpy(self.data.latents).to(self.device, self.dtype)
         self._pe = positional_encoding(WINDOW_STEPS * 5, models.whisper.dim).to(self.device)
         self.forward = forward or Forward(models, opts.fast)
         x1, y1, x2, y2 = self.data.box
@@ -179,7 +154,7 @@ class MuseTalkEngine:
     def model_inputs(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 50, D) float32 features -> the UNet's latents (B, 8, 32, 32) and conditioning."""
         cond = (feats + self._pe).to(self.dtype)
-        return self._latents.expand(len(feats), -1, -1, -1), cond
+        return self.latents.expand(len(feats), -1, -1, -1), cond
 
     @torch.inference_mode()
     def faces_on_device(self, feats: torch.Tensor, tier: str | None = None) -> torch.Tensor:
@@ -201,7 +176,8 @@ class MuseTalkEngine:
         chunks = faces.split(self.batch_sizes[-1])  # the staging buffer holds one chunk
         return np.concatenate([faces_to_host(chunk, self._staging) for chunk in chunks])
 
-    def _base(self, frame: int) -> np.ndarray:
+    def base_frame(self, frame: int) -> np.ndarray:
+        """The idle frame (closed mouth, blinks) that a generated face is pasted into."""
         eyes = idle.blink(frame / self.fps) if self.idle_motion else 0.0
         return self.renderer.render(0.0, 0.0, eyes, frame / self.fps)
 
@@ -217,7 +193,7 @@ class MuseTalkEngine:
         weights = self.gate.levels(ring, frames) if self.options.voice_gate else [1.0] * len(frames)
         speaking = [k for k, w in zip(frames, weights, strict=True) if w > 0.0]
         faces = self.faces_on_device(self.source.features(ring, speaking)) if speaking else None
-        images = [self._base(k) for k in frames]  # on the CPU while the GPU runs the model
+        images = [self.base_frame(k) for k in frames]  # on the CPU while the GPU runs the model
         if faces is None:
             return images
         spoken = [(image, w) for image, w in zip(images, weights, strict=True) if w > 0.0]
@@ -231,4 +207,4 @@ class MuseTalkEngine:
         return images
 
     def generate_silent(self, frames: Sequence[int]) -> list[np.ndarray]:
-        return [self._base(k) for k in frames]
+        return [self.base_frame(k) for k in frames]

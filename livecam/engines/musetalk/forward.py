@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from livecam.musetalk.models import MuseTalkModels
+from livecam.engines.musetalk.models import MuseTalkModels
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from livecam.musetalk.manifest import component
+from livecam.engines.musetalk.manifest import component
 
 BINARY_VERSION = 6  # what CTranslate2 3.x/4.x writes
 SPEC_NAME = "WhisperSpec"
@@ -31,7 +31,6 @@ SPEC_NAME = "WhisperSpec"
 DTYPES: tuple[np.dtype | None, ...] = (
     np.dtype("<f4"), np.dtype("i1"), np.dtype("<i2"), np.dtype("<i4"), np.dtype("<f2"), None,
 )  # fmt: skip
-DTYPE_NAMES = ("float32", "int8", "int16", "int32", "float16", "bfloat16")
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -229,7 +228,7 @@ def import_whisper_ct2(model_bin: Path, models_dir: Path, *, force: bool = False
     destination, loaded through the engine's own loader, then renamed into place, so a failure
     leaves the models dir as it was.
     """
-    from livecam.musetalk import weights
+    from livecam.engines.musetalk import weights
 
     folder = models_dir / component("whisper").folder
     if folder.exists() and not force:

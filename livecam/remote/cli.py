@@ -1,0 +1,42 @@
+"""`livecam serve` (loads Ray only when run)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def serve_command(
+    token_file: Annotated[
+        Path, typer.Option(help="Clients' shared token; created (mode 0600) if missing.")
+    ],
+    engine: Annotated[str, typer.Option(help="Engine the pool runs: lite | musetalk.")] = "lite",
+    replicas: Annotated[int, typer.Option(help="Generator replicas (one per GPU).", min=1)] = 1,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 8765,
+    models_dir: Annotated[
+        Path | None, typer.Option(help="musetalk weights (not served yet).")
+    ] = None,
+    address: Annotated[
+        str | None, typer.Option(help="Join this Ray cluster (default: start a local one).")
+    ] = None,
+) -> None:
+    """Generate faces for remote `livecam start --remote` clients on a Ray Serve pool."""
+    from livecam.terminal import console, run_action
+
+    def action() -> int:
+        from livecam.session import EngineError
+
+        if importlib.util.find_spec("ray") is None:
+            raise EngineError("livecam serve needs Ray Serve: pip install 'livecam[serve]'")
+        if engine == "musetalk" and importlib.util.find_spec("torch") is None:
+            raise EngineError("--engine musetalk needs: pip install 'livecam[serve,musetalk]'")
+        from livecam.remote.server import ServeOptions, run_server
+
+        opts = ServeOptions(token_file, engine, replicas, host, port, models_dir, address)
+        return run_server(opts, say=console.print)
+
+    run_action(action)

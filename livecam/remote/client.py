@@ -1,0 +1,430 @@
+"""The remote engine: the Engine contract served by `livecam serve` over a WebSocket.
+
+The laptop keeps microphone, ring, clock, compositor and sinks; each generate call sends the
+audio the frames need (with its absolute sample index) and asks for the frames, and the faces
+come back keyed by request id, stream id, avatar hash and frame index. While the server is
+unreachable (at start, or after a drop) the local lite engine makes the frames and a
+background thread reconnects with backoff. Imports neither Ray nor torch.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import numpy as np
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.sync.client import ClientConnection, connect
+
+from livecam.audio.ring import AudioRing
+from livecam.avatar.model import Avatar
+from livecam.constants import SAMPLE_RATE
+from livecam.engines.lite import LiteEngine
+from livecam.remote import protocol as wire
+from livecam.remote.generator import paste
+
+log = logging.getLogger(__name__)
+
+OPEN_TIMEOUT_S = 3.0
+REPLY_TIMEOUT_S = 1.0  # live: a reply this late and the frames come from the local engine
+CONTEXT_S = 2.0  # audio sent before the first frame after (re)connecting
+BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 4.0)
+RTT_WINDOW = 300
+
+
+class RemoteError(Exception):
+    """The remote server cannot be used, with a message fit for the user."""
+
+
+class RemoteRefused(RemoteError):
+    """The server refused this client (token, version, engine): retrying will not help."""
+
+
+def stream_url(url: str) -> str:
+    """ws://HOST:PORT (or wss://) with the stream path added when none is given."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise RemoteError(f"--remote {url!r} is not a ws://HOST:PORT (or wss://) address")
+    return url if parts.path.endswith(wire.PATH) else url.rstrip("/") + wire.PATH
+
+
+def _loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class LinkStats:
+    rtt_s: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=RTT_WINDOW)
+    )
+    server_ms: float = 0.0
+    queue: int = 0
+    batch_streams: collections.Counter[int] = field(default_factory=collections.Counter)
+    batch_frames: collections.Counter[int] = field(default_factory=collections.Counter)
+    remote_frames: int = 0
+    local_frames: int = 0
+    timeouts: int = 0
+    reconnects: int = 0
+
+
+@dataclass(frozen=True)
+class ServerEngine:
+    """The engine a server runs, from its ready message."""
+
+    name: str
+    tiers: tuple[str, ...]
+    batch_sizes: tuple[int, ...]
+    response_s: float
+    samples_needed: Callable[[int], int]
+
+    @classmethod
+    def from_ready(cls, header: dict) -> ServerEngine:
+        tiers, sizes = wire.field(header, "tiers", list), wire.field(header, "batch_sizes", list)
+        if not tiers or not all(isinstance(t, str) for t in tiers):
+            raise wire.ProtocolError("the server sent no tiers")
+        if not sizes or not all(isinstance(b, int) and 0 < b <= wire.MAX_FRAMES for b in sizes):
+            raise wire.ProtocolError("the server sent unusable batch sizes")
+        return cls(wire.field(header, "engine", str), tuple(tiers), tuple(sizes),
+                   float(wire.field(header, "response_s", (int, float))),
+                   wire.needed_from_table(header.get("needed")))  # fmt: skip
+
+
+class _Connection:
+    """One authenticated stream on the server: audio sent so far, avatars it knows."""
+
+    def __init__(self, ws: ClientConnection, stream: int, encoding: str) -> None:
+        self.ws, self.stream, self.encoding = ws, stream, encoding
+        self.sent: int | None = None  # absolute sample index sent up to
+        self.avatars: set[str] = set()
+        self.ids = iter(range(1, 1 << 62))
+
+    def recv(self, kind: str, timeout: float, request_id: int | None = None) -> tuple[dict, bytes]:
+        """The next message of `kind` (and id); late replies to older requests are dropped."""
+        deadline = time.monotonic() + timeout
+        while True:
+            header, payload = wire.unpack(self.ws.recv(max(deadline - time.monotonic(), 0.0)))
+            if header["type"] == "error":
+                raise RemoteError(f"the server says: {header.get('message')}")
+            if header["type"] == kind and (request_id is None or header.get("id") == request_id):
+                return header, payload
+
+    def ensure_avatar(self, sha: str, blob: bytes) -> None:
+        if sha in self.avatars:
+            return
+        self.ws.send(wire.pack({"type": "avatar", "sha256": sha}))  # known there already?
+        header, _ = self.recv("avatar", OPEN_TIMEOUT_S)
+        if not header.get("known"):
+            self.ws.send(wire.pack({"type": "avatar", "sha256": sha}, blob))
+            header, _ = self.recv("avatar", OPEN_TIMEOUT_S + len(blob) / 1e6)
+        if header.get("sha256") != sha or not header.get("known"):
+            raise RemoteError("the server did not take the avatar")
+        self.avatars.add(sha)
+
+    def request(
+        self, ring: AudioRing, upto: int, sha: str, frames: list[int], tier: str, timeout: float
+    ) -> tuple[dict, bytes]:
+        """Ask for faces, with the audio up to `upto` the server has not had yet (the last
+        piece rides in the request: one message per call in the common case)."""
+        start = max(self.sent if self.sent is not None else upto - int(CONTEXT_S * SAMPLE_RATE), 0)
+        start = max(start, ring.start)
+        while upto - start > wire.MAX_AUDIO_SAMPLES:
+            stop = start + wire.MAX_AUDIO_SAMPLES
+            audio = ring.read(start, stop).tobytes()
+            self.ws.send(wire.pack({"type": "audio", "start": start}, audio))
+            start = stop
+        audio = ring.read(start, upto).tobytes() if start < upto else b""
+        self.sent = max(self.sent or 0, upto)
+        request_id = next(self.ids)
+        header = {"type": "frames", "id": request_id, "avatar": sha, "frames": frames,
+                  "tier": tier, "audio_start": start}  # fmt: skip
+        self.ws.send(wire.pack(header, audio))
+        header, payload = self.recv("faces", timeout, request_id)
+        if (
+            header.get("stream") != self.stream
+            or header.get("avatar") != sha
+            or header.get("frames") != frames
+        ):  # never show another stream's or avatar's face
+            raise RemoteError("the server answered with faces of another stream or avatar")
+        return header, payload
+
+
+class Link:
+    """The connection to the server, shared by a stream's engines (one per avatar shown):
+    one request at a time, reconnecting in the background after a drop."""
+
+    def __init__(
+        self, url: str, token: str, fps: float, idle: bool, reply_timeout_s: float = REPLY_TIMEOUT_S
+    ) -> None:
+        self.url = stream_url(url)
+        self.reply_timeout_s = reply_timeout_s
+        self.token, self.fps, self.idle = token, fps, idle
+        self.server: ServerEngine | None = None  # what the server said it runs
+        self.encoding = "raw" if _loopback(self.url) else "jpeg"
+        self.stats = LinkStats()
+        self.problem: str | None = None  # why the server is not used right now
+        self._conn: _Connection | None = None
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._reconnecting: threading.Thread | None = None
+
+    def connect(self) -> None:
+        """Open and authenticate a stream; RemoteError (RemoteRefused) if that fails."""
+        try:
+            # entered by hand: the stream outlives this call (websockets >= 17.1 warns
+            # about connect() used outside `with`; __enter__ works on 15 and later)
+            ws = connect(
+                self.url,
+                open_timeout=OPEN_TIMEOUT_S,
+                max_size=wire.MAX_MESSAGE,
+                compression=None,
+                close_timeout=1,
+                proxy=None,
+            ).__enter__()
+        except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
+            raise RemoteError(f"cannot reach the livecam server at {self.url}: {exc}") from None
+        try:
+            ws.send(
+                wire.pack(
+                    {
+                        "type": "hello",
+                        "version": wire.VERSION,
+                        "token": self.token,
+                        "fps": self.fps,
+                        "idle": self.idle,
+                        "encoding": self.encoding,
+                    }
+                )
+            )
+            header, _ = wire.unpack(ws.recv(timeout=OPEN_TIMEOUT_S))
+        except (OSError, TimeoutError, ConnectionClosed, wire.ProtocolError) as exc:
+            ws.close()
+            raise RemoteError(f"the livecam server at {self.url} did not answer: {exc}") from None
+        if header["type"] != "ready":
+            ws.close()
+            raise RemoteRefused(
+                f"the livecam server at {self.url} refused this client: "
+                f"{header.get('message', header)}"
+            )
+        try:
+            server = ServerEngine.from_ready(header)
+        except wire.ProtocolError as exc:
+            ws.close()
+            raise RemoteRefused(
+                f"the livecam server at {self.url} is not compatible: {exc}"
+            ) from None
+        with self._lock:
+            self._conn = _Connection(ws, int(header["stream"]), self.encoding)
+            self.server, self.problem = server, None
+        log.info("remote generation: stream %d on %s", header["stream"], self.url)
+
+    def upload(self, sha: str, blob: bytes) -> None:
+        """Send an avatar now (before the camera runs), not with the first frames."""
+        with self._lock:
+            if self._conn is None:
+                return
+            try:
+                self._conn.ensure_avatar(sha, blob)
+            except (OSError, TimeoutError, ConnectionClosed, wire.ProtocolError) as exc:
+                raise RemoteError(f"cannot send the avatar to {self.url}: {exc}") from None
+
+    def start_reconnecting(self, reason: str) -> None:
+        self.problem = reason
+        if self._reconnecting is None or not self._reconnecting.is_alive():
+            self._reconnecting = threading.Thread(
+                target=self._reconnect, name="remote-reconnect", daemon=True
+            )
+            self._reconnecting.start()
+
+    def _reconnect(self) -> None:
+        for attempt in range(1 << 30):
+            if self._closed.wait(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]):
+                return
+            try:
+                self.connect()
+            except RemoteRefused as exc:
+                self.problem = str(exc)
+                return
+            except RemoteError as exc:
+                self.problem = str(exc)
+                continue
+            self.stats.reconnects += 1
+            return
+
+    def faces(
+        self,
+        sha: str,
+        blob: bytes,
+        ring: AudioRing,
+        frames: list[int],
+        tier: str,
+        upto: int,
+        shape: tuple[int, ...],
+    ) -> list[list[wire.Patch]] | None:
+        """Patches per frame from the server, or None (then the caller makes local frames)."""
+        with self._lock:
+            conn = self._conn
+            if conn is None:
+                return None
+            t0 = time.perf_counter()
+            try:
+                conn.ensure_avatar(sha, blob)
+                header, payload = conn.request(ring, upto, sha, frames, tier, self.reply_timeout_s)
+                patches = _decode(header, payload, len(frames), shape)
+            except TimeoutError:
+                self.stats.timeouts += 1
+                return None
+            except (OSError, ConnectionClosed, RemoteError, wire.ProtocolError) as exc:
+                self._conn = None
+                conn.ws.close()
+                log.warning("remote generation lost (%s): local frames until it is back", exc)
+                self.start_reconnecting(f"lost the livecam server at {self.url} ({exc})")
+                return None
+        s = self.stats
+        s.rtt_s.append(time.perf_counter() - t0)
+        s.server_ms, s.queue = float(header.get("server_ms", 0)), int(header.get("queue", 0))
+        s.batch_streams[int(header.get("batch_streams", 0))] += 1
+        s.batch_frames[int(header.get("batch_frames", 0))] += 1
+        return patches
+
+    def status_line(self) -> str:
+        s = self.stats
+        if self._conn is None:
+            return f"{self.url} · reconnecting · {s.local_frames} local frames"
+        rtt = np.percentile(list(s.rtt_s), [50, 95]) * 1e3 if s.rtt_s else (0.0, 0.0)
+        batch = s.batch_streams.most_common(1)[0][0] if s.batch_streams else 0
+        return (
+            f"{self.url} · rtt {rtt[0]:.0f}/{rtt[1]:.0f} ms p50/p95 · remote queue "
+            f"{s.queue} · batches of {batch} streams · {s.local_frames} local frames"
+        )
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._lock:
+            if self._conn is not None:
+                self._conn.ws.close()
+                self._conn = None
+
+
+def _decode(
+    header: dict, payload: bytes, n_frames: int, shape: tuple[int, ...]
+) -> list[list[wire.Patch]]:
+    """Patches per frame, each checked to lie inside the avatar image of `shape`."""
+    index = wire.field(header, "patches", list)
+    encoding = wire.field(header, "encoding", str)
+    out: list[list[wire.Patch]] = [[] for _ in range(n_frames)]
+    offset = 0
+    for entry in index:
+        if not isinstance(entry, list) or len(entry) != 6:
+            raise wire.ProtocolError("malformed patch index")
+        if not all(isinstance(v, int) for v in entry):
+            raise wire.ProtocolError("malformed patch index")
+        i, x, y, w, h, size = entry
+        if not (0 <= i < n_frames and size >= 0 and offset + size <= len(payload)):
+            raise wire.ProtocolError("patch index points outside the reply")
+        if not (w > 0 and h > 0 and 0 <= x <= shape[1] - w and 0 <= y <= shape[0] - h):
+            raise wire.ProtocolError(f"a face patch at {x},{y} lies outside the avatar")
+        out[i].append((x, y, wire.decode_patch(payload[offset : offset + size], w, h, encoding)))
+        offset += size
+    return out
+
+
+class RemoteEngine:
+    """The Engine contract over a Link; a local lite engine on the same avatar stands in while
+    the server is unreachable and makes the idle faces (the client holds the avatar)."""
+
+    def __init__(self, link: Link, avatar: Avatar, fallback: LiteEngine) -> None:
+        """Takes the server's tiers, batch sizes and look-ahead when it answered already
+        (else the local engine's: the pipeline plans with them from the start)."""
+        self.link, self.avatar, self.local = link, avatar, fallback
+        server = link.server
+        self.name = f"{server.name if server else 'lite'} (remote)"
+        self.tiers = server.tiers if server else fallback.tiers
+        self.batch_sizes = server.batch_sizes if server else fallback.batch_sizes
+        self.response_s = server.response_s if server else fallback.response_s
+        self._needed = server.samples_needed if server else fallback.samples_needed
+        self.tier = self.tiers[0]
+        self.sha, self.blob = wire.avatar_blob(avatar)
+        self._base = np.ascontiguousarray(avatar.image)
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        problem = self.link.problem
+        return (f"{problem}: showing local lite frames, retrying",) if problem else ()
+
+    def status_line(self) -> str:
+        return self.link.status_line()
+
+    def set_tier(self, tier: str) -> None:
+        if tier not in self.tiers:
+            raise ValueError(f"unknown tier {tier!r} for the remote engine: {self.tiers}")
+        self.tier = tier
+
+    def samples_needed(self, frame: int) -> int:
+        return self._needed(frame)
+
+    def generate(self, ring: AudioRing, frames: Sequence[int]) -> list[np.ndarray]:
+        frames = list(frames)
+        self.local.analysis.feed(ring, frames[-1])  # cheap; keeps local frames ready
+        upto = self.samples_needed(frames[-1])
+        server, shape = self.link.server, self._base.shape
+        tier = self.tier if server is None or self.tier in server.tiers else server.tiers[0]
+        patches = self.link.faces(self.sha, self.blob, ring, frames, tier, upto, shape)
+        if patches is None:
+            self.link.stats.local_frames += len(frames)
+            self.local.set_tier(self.tier if self.tier in self.local.tiers else "full")
+            return self.local.generate(ring, frames)
+        self.link.stats.remote_frames += len(frames)
+        return [paste(self._base, p) for p in patches]
+
+    def generate_silent(self, frames: Sequence[int]) -> list[np.ndarray]:
+        return self.local.generate_silent(frames)
+
+    def for_avatar(self, avatar: Avatar) -> RemoteEngine:
+        return RemoteEngine(self.link, avatar, self.local.for_avatar(avatar))
+
+    def close(self) -> None:
+        self.link.close()
+
+
+def open_remote(
+    url: str,
+    token: str,
+    avatar: Avatar,
+    fallback: LiteEngine,
+    *,
+    remote_only: bool = False,
+    reply_timeout_s: float = REPLY_TIMEOUT_S,
+) -> RemoteEngine:
+    """Connect, or (unless remote_only) start with local frames and keep trying."""
+    link = Link(url, token, fallback.fps, fallback.idle_motion, reply_timeout_s)
+    try:
+        link.connect()
+    except RemoteRefused:
+        raise
+    except RemoteError as exc:
+        if remote_only:
+            raise
+        log.warning("%s: showing local lite frames until it answers", exc)
+        link.start_reconnecting(str(exc))
+    engine = RemoteEngine(link, avatar, fallback)
+    try:
+        link.upload(engine.sha, engine.blob)
+    except RemoteError:
+        engine.close()
+        raise
+    return engine

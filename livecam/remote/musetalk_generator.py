@@ -1,0 +1,137 @@
+"""Stateless musetalk generation for the server: several streams' frames in one forward pass.
+
+Each request brings its audio window (the stream's recent audio, absolute start index) and
+its frames' voice weights; the whisper features are encoded from that window per call, so no
+per-stream state lives on a replica. Unlike a local engine, the log-mel clamp uses the window's
+own peak (a local stream keeps a running peak over whisper's 30 s segment): features can differ
+slightly from a local run. Imports torch: server side only.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from livecam.audio.ring import AudioRing
+from livecam.avatar.model import Avatar
+from livecam.engines.musetalk.blend import faces_to_host
+from livecam.engines.musetalk.engine import BATCH_SIZES, MuseTalkEngine, MuseTalkOptions
+from livecam.engines.musetalk.forward import FastPaths, Forward
+from livecam.engines.musetalk.manifest import default_models_dir
+from livecam.engines.musetalk.models import load_models
+from livecam.features.voice import VoiceGate
+from livecam.features.whisper import StreamingFeatures
+from livecam.remote.generator import EngineInfo, MissingAvatar, RenderRequest, RenderResult
+
+PREPARED_AVATARS = 16  # per replica: latents, mask and a lite renderer each
+FORWARD_SIZES = (1, 2, 4, 8, 16, 32)  # merged batches are padded to these shapes
+
+
+class MuseTalkGenerator:
+    def __init__(self, models_dir: Path | None, device: str | None = None) -> None:
+        self.models = load_models(models_dir or default_models_dir(), device)
+        # the host blend: only the face box leaves the replica, composed on the CPU
+        self.forward = Forward(self.models, FastPaths(gpu_blend=False, pinned=False))
+        self.options = MuseTalkOptions(warmup=False, fast=FastPaths(gpu_blend=False, pinned=False))
+        tiers = ("full", "tiny") if self.models.taesd is not None else ("full",)
+        self.info = EngineInfo("musetalk", tiers, BATCH_SIZES, MuseTalkEngine.response_s)
+        self._engines: collections.OrderedDict[tuple, MuseTalkEngine] = collections.OrderedDict()
+
+    def samples_needed(self, fps: float) -> Callable[[int], int]:
+        features = StreamingFeatures(self.models.whisper, fps, context_s=self.options.context_s)
+        gate = VoiceGate(fps)
+        return lambda k: max(features.samples_needed(k), gate.samples_needed(k))
+
+    @staticmethod
+    def _key(request: RenderRequest) -> tuple:
+        return request.avatar, request.fps, request.idle
+
+    def has(self, request: RenderRequest) -> bool:
+        return self._key(request) in self._engines
+
+    def prepare(self, request: RenderRequest, avatar: Avatar) -> None:
+        engine = MuseTalkEngine(avatar, request.fps, self.models, self.options, request.idle,
+                                forward=self.forward)  # fmt: skip
+        self._engines[self._key(request)] = engine
+        while len(self._engines) > PREPARED_AVATARS:
+            self._engines.popitem(last=False)
+
+    def _features(self, request: RenderRequest, frames: list[int]) -> torch.Tensor:
+        audio = request.audio if request.audio is not None else np.zeros(0, np.float32)
+        ring = AudioRing(max(len(audio), 1))
+        ring.write_silence(request.audio_start)
+        ring.write(audio)
+        source = StreamingFeatures(self.models.whisper, request.fps,
+                                   context_s=self.options.context_s)  # fmt: skip
+        return source.features(ring, frames)
+
+    @torch.inference_mode()
+    def render(self, requests: list[RenderRequest]) -> list[RenderResult]:
+        t0 = time.perf_counter()
+        engines = []
+        for request in requests:
+            engine = self._engines.get(self._key(request))
+            if engine is None:
+                raise MissingAvatar(request.avatar)
+            self._engines.move_to_end(self._key(request))
+            engines.append(engine)
+        faces = self._faces(requests, engines)
+        out = []
+        for request, engine in zip(requests, engines, strict=True):
+            box = engine.data.box
+            regions = [(box[0], box[1], box[2] - box[0], box[3] - box[1])]
+            if not engine.renderer.avatar.is_video:
+                eyes = engine.renderer.avatar.eyes
+                regions.append((eyes.x, eyes.y, *eyes.size))
+            patches = []
+            for k, (weight, *_) in zip(request.frames, request.conditions, strict=True):
+                image = engine.generate_silent([k])[0]
+                if weight > 0.0:
+                    engine.paste(image, faces[id(request)].pop(0), weight)
+                patches.append(tuple((x, y, image[y : y + h, x : x + w]) for x, y, w, h in regions))
+            out.append(tuple(patches))
+        seconds = time.perf_counter() - t0
+        n_frames = sum(len(r.frames) for r in requests)
+        return [RenderResult(r.stream, r.frames, p, len(requests), n_frames, seconds)
+                for r, p in zip(requests, out, strict=True)]  # fmt: skip
+
+    def _faces(
+        self, requests: list[RenderRequest], engines: list[MuseTalkEngine]
+    ) -> dict[int, list[np.ndarray]]:
+        """256x256 faces of every speaking frame, per request: one forward pass per tier."""
+        by_tier: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+        faces: dict[int, list[np.ndarray]] = {id(r): [] for r in requests}
+        for request, engine in zip(requests, engines, strict=True):
+            speaking = [k for k, c in zip(request.frames, request.conditions, strict=True)
+                        if c[0] > 0.0]  # fmt: skip
+            if speaking:
+                latents, cond = engine.model_inputs(self._features(request, speaking))
+                by_tier.setdefault(request.tier, []).append((id(request), latents, cond))
+        for tier, rows in by_tier.items():
+            latents = torch.cat([lat for _, lat, _ in rows])
+            cond = torch.cat([c for _, _, c in rows])
+            host = self._forward(latents, cond, tier)
+            start = 0
+            for key, lat, _ in rows:
+                faces[key] = list(host[start : start + len(lat)])
+                start += len(lat)
+        return faces
+
+    def _forward(self, latents: torch.Tensor, cond: torch.Tensor, tier: str) -> np.ndarray:
+        """In fixed shapes (the largest chunks it): no shape is new after the first calls."""
+        out = []
+        top = FORWARD_SIZES[-1]
+        for i in range(0, len(latents), top):
+            lat, c = latents[i : i + top], cond[i : i + top]
+            size = next(b for b in FORWARD_SIZES if b >= len(lat))
+            pad = size - len(lat)
+            if pad:
+                lat = torch.cat([lat, lat[-1:].expand(pad, -1, -1, -1)])
+                c = torch.cat([c, c[-1:].expand(pad, -1, -1)])
+            out.append(faces_to_host(self.forward(lat, c, tier))[: size - pad])
+        return np.concatenate(out)

@@ -1,0 +1,336 @@
+"""`livecam serve`: a Ray Serve application that generates faces for remote livecam clients.
+
+Two deployments: the WebSocket ingress (FastAPI) pins each stream to its connection and keeps
+the stream's audio and mouth analysis there; the generator (one replica per GPU, or per CPU
+share) is stateless per call, merges several streams' requests into one call with
+`@serve.batch`, and keeps prepared avatars in an LRU by content hash. Imports Ray: only the
+server side loads this module.
+"""
+
+import asyncio
+import collections
+import contextlib
+import hashlib
+import hmac
+import itertools
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+from ray import serve
+
+from livecam.limits import LimitError, check_fps
+from livecam.remote import protocol as wire
+from livecam.remote.generator import EngineInfo, LiteGenerator, RenderRequest, RenderResult
+from livecam.remote.stream import StreamState
+from livecam.remote.tokens import read_token
+from livecam.session import EngineError
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "livecam"
+ENGINES = ("lite", "musetalk")
+MAX_BATCH_STREAMS = 16  # requests merged into one generator call
+BATCH_WAIT_S = 0.0  # no waiting: requests that queued during the last call form the batch
+HELLO_TIMEOUT_S = 10.0
+RETRY_FOR_S = 2.0  # a request whose replica died is retried on another for this long
+MAX_ERRORS = 16  # protocol errors on one connection before it is closed
+UPLOADED_AVATARS = 32  # per ingress replica
+CLOSE_AUTH, CLOSE_PROTOCOL = 4401, 4400
+MAX_STREAMS = 256  # WebSocket connections per ingress replica (each is one ongoing request)
+QUIET = {"log_level": "WARNING", "enable_access_log": False}
+
+api = FastAPI()
+# serve.ingress copies the class when decorating: module names it uses must exist before it
+
+
+async def _send(ws: WebSocket, header: dict, payload: bytes = b"") -> None:
+    await ws.send_bytes(wire.pack(header, payload))
+
+
+async def _refuse(ws: WebSocket, code: str, message: str) -> None:
+    with _quiet():
+        await _send(ws, {"type": "error", "code": code, "message": message})
+        await ws.close(CLOSE_AUTH if code == "auth" else CLOSE_PROTOCOL, code)
+    return None
+
+
+def _quiet() -> contextlib.AbstractContextManager:
+    """Ignore failures while closing a connection that may already be gone."""
+    return contextlib.suppress(Exception)
+
+
+@serve.deployment(
+    max_ongoing_requests=2 * MAX_BATCH_STREAMS,
+    health_check_period_s=1.0,
+    health_check_timeout_s=5.0,
+    logging_config=QUIET,
+)
+class Generator:
+    def __init__(self, engine: str, models_dir: Path | None) -> None:
+        if engine == "musetalk":
+            from livecam.remote.musetalk_generator import MuseTalkGenerator
+
+            self.impl: Any = MuseTalkGenerator(models_dir)
+        else:
+            self.impl = LiteGenerator()
+
+    def describe(self, fps: float) -> tuple[EngineInfo, dict]:
+        """The engine's tiers, batch sizes, response and look-ahead table at this frame rate."""
+        return self.impl.info, wire.needed_table(self.impl.samples_needed(fps), fps)
+
+    @serve.batch(max_batch_size=MAX_BATCH_STREAMS, batch_wait_timeout_s=BATCH_WAIT_S)
+    async def render(self, calls: list[tuple[RenderRequest, list]]) -> list[RenderResult]:
+        for request, ref in calls:
+            if not self.impl.has(request):  # ref: [ObjectRef] of the uploaded npz
+                data = await ref[0]
+                self.impl.prepare(request, wire.avatar_from_blob(data, request.avatar))
+        return self.impl.render([request for request, _ in calls])
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0}, max_ongoing_requests=MAX_STREAMS, logging_config=QUIET
+)
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, generator: Any, token_sha256: str) -> None:
+        self.generator = generator
+        self.token_sha256 = token_sha256
+        self.engines: dict[float, tuple[EngineInfo, dict]] = {}  # per frame rate
+        self.avatars: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self.streams = itertools.count(1)
+        self.in_flight = 0  # generator calls waiting, over all streams: the remote queue
+
+    @api.websocket(wire.PATH)
+    async def stream(self, ws: WebSocket) -> None:
+        await ws.accept()
+        try:
+            state = await self._hello(ws)
+            errors = 0
+            while state is not None and errors < MAX_ERRORS:
+                message = await ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                try:
+                    header, payload = wire.unpack(message.get("bytes") or message.get("text"))
+                    await self._handle(ws, state, header, payload)
+                except wire.ProtocolError as exc:
+                    errors += 1
+                    await _send(ws, {"type": "error", "code": "bad_request", "message": str(exc)})
+            if state is not None:
+                await ws.close(CLOSE_PROTOCOL, "too many malformed messages")
+        except WebSocketDisconnect:
+            return
+        except Exception:  # one stream's failure never takes the replica down
+            log.exception("stream failed")
+            with _quiet():
+                await _send(ws, {"type": "error", "code": "internal", "message": "server error"})
+                await ws.close(1011)
+
+    async def _hello(self, ws: WebSocket) -> StreamState | None:
+        """The first message must be a hello with the right token: nothing else is read."""
+        try:
+            message = await asyncio.wait_for(ws.receive(), HELLO_TIMEOUT_S)
+            header, _ = wire.unpack(message.get("bytes") or message.get("text") or b"")
+        except (TimeoutError, wire.ProtocolError) as exc:
+            return await _refuse(ws, "bad_request", f"expected a hello message: {exc}")
+        token = header.get("token")
+        digest = hashlib.sha256(token.encode() if isinstance(token, str) else b"").hexdigest()
+        if header.get("type") != "hello" or not hmac.compare_digest(digest, self.token_sha256):
+            return await _refuse(ws, "auth", "the server refused the token: check --token-file")
+        try:
+            if wire.field(header, "version", int) != wire.VERSION:
+                raise wire.ProtocolError(
+                    f"protocol version {header['version']} is not {wire.VERSION}: update livecam"
+                )
+            fps = check_fps(float(wire.field(header, "fps", (int, float))))
+            if wire.field(header, "encoding", str) not in wire.ENCODINGS:
+                raise wire.ProtocolError(f"encoding must be one of {wire.ENCODINGS}")
+            wire.field(header, "idle", bool)
+        except (wire.ProtocolError, LimitError) as exc:
+            return await _refuse(ws, "bad_request", str(exc))
+        if fps not in self.engines:
+            self.engines[fps] = await self.generator.describe.remote(fps)
+        info, needed = self.engines[fps]
+        state = StreamState(next(self.streams), fps, header["encoding"], header["idle"],
+                            info.name, info.tiers, wire.needed_from_table(needed))  # fmt: skip
+        ready = {"type": "ready", "version": wire.VERSION, "stream": state.stream,
+                 "engine": info.name, "tiers": list(info.tiers),
+                 "batch_sizes": list(info.batch_sizes), "response_s": info.response_s,
+                 "needed": needed}  # fmt: skip
+        await _send(ws, ready)
+        return state
+
+    async def _handle(self, ws: WebSocket, state: StreamState, header: dict, payload: bytes):
+        kind = header["type"]
+        if kind == "audio":
+            state.add_audio(wire.field(header, "start", int), payload)
+        elif kind == "avatar":
+            await self._avatar(ws, wire.field(header, "sha256", str), payload)
+        elif kind == "frames":
+            if payload:  # the audio these frames need, sent along
+                state.add_audio(wire.field(header, "audio_start", int), payload)
+            await self._frames(ws, state, header)
+        else:
+            raise wire.ProtocolError(f"unknown message type {kind!r}")
+
+    async def _avatar(self, ws: WebSocket, sha: str, payload: bytes) -> None:
+        if payload and sha not in self.avatars:
+            wire.avatar_from_blob(payload, sha)  # checked here, before any replica sees it
+            self.avatars[sha] = ray.put(payload)
+            while len(self.avatars) > UPLOADED_AVATARS:
+                self.avatars.popitem(last=False)
+        known = sha in self.avatars
+        if known:
+            self.avatars.move_to_end(sha)
+        await _send(ws, {"type": "avatar", "sha256": sha, "known": known})
+
+    async def _frames(self, ws: WebSocket, state: StreamState, header: dict) -> None:
+        t0 = time.perf_counter()
+        request_id = wire.field(header, "id", int)
+        frames = wire.frame_list(header)
+        tier = wire.field(header, "tier", str)
+        if tier not in state.tiers:
+            raise wire.ProtocolError(f"tier must be one of {state.tiers}")
+        avatar = wire.field(header, "avatar", str)
+        if avatar not in self.avatars:
+            raise wire.ProtocolError("send the avatar before asking for its frames")
+        conditions = tuple(state.conditions(frames))
+        start, audio = state.window(frames)
+        request = RenderRequest(state.stream, avatar, tuple(frames), conditions, tier, state.fps,
+                                state.idle, start, audio)  # fmt: skip
+        result = await self._generate(request, self.avatars[avatar])
+        if result.stream != state.stream or result.frames != request.frames:
+            raise RuntimeError("a generator answered another request")  # never sent on
+        reply = {
+            "type": "faces",
+            "id": request_id,
+            "stream": state.stream,
+            "avatar": avatar,
+            "frames": frames,
+            "tier": tier,
+            "encoding": state.encoding,
+            "queue": self.in_flight,
+            "batch_streams": result.batch_streams,
+            "batch_frames": result.batch_frames,
+            "generate_ms": result.seconds * 1e3,
+        }
+        index, blobs = [], []
+        for i, patches in enumerate(result.patches):
+            for x, y, patch in patches:
+                blobs.append(wire.encode_patch(patch, state.encoding))
+                index.append([i, x, y, patch.shape[1], patch.shape[0], len(blobs[-1])])
+        reply["patches"] = index
+        reply["server_ms"] = (time.perf_counter() - t0) * 1e3
+        await ws.send_bytes(wire.pack(reply, b"".join(blobs)))
+
+    async def _generate(self, request: RenderRequest, avatar_ref: Any) -> RenderResult:
+        """One generator call; retried on another replica if its replica died."""
+        deadline = time.monotonic() + RETRY_FOR_S
+        self.in_flight += 1
+        try:
+            while True:
+                try:
+                    return await self.generator.render.remote((request, [avatar_ref]))
+                except Exception as exc:
+                    if time.monotonic() > deadline:
+                        raise
+                    log.warning("generator call failed (%s); retrying", type(exc).__name__)
+                    await asyncio.sleep(0.05)
+        finally:
+            self.in_flight -= 1
+
+
+# -- running it -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ServeOptions:
+    token_file: Path
+    engine: str = "lite"
+    replicas: int = 1
+    host: str = "127.0.0.1"
+    port: int = 8765
+    models_dir: Path | None = None
+    address: str | None = None
+
+
+def check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise EngineError(
+            f"remote generation runs the {', '.join(ENGINES)} engine; {engine!r} is not served yet"
+        )
+
+
+def build_app(engine: str, replicas: int, token: str, models_dir: Path | None = None) -> Any:
+    """The Serve application: ingress bound to a generator pool of `replicas`."""
+    check_engine(engine)
+    resources = ray.cluster_resources()
+    if resources.get("GPU", 0) >= 1:
+        actor = {"num_gpus": 1, "num_cpus": 1}
+    else:  # share the CPUs: replicas above the CPU count must still be placed
+        actor = {"num_cpus": min(1.0, resources.get("CPU", 1) / replicas)}
+    generator = Generator.options(num_replicas=replicas, ray_actor_options=actor)
+    return Ingress.bind(
+        generator.bind(engine, models_dir), hashlib.sha256(token.encode()).hexdigest()
+    )
+
+
+def start_app(
+    engine: str,
+    replicas: int,
+    token: str,
+    host: str,
+    port: int,
+    models_dir: Path | None = None,
+    name: str = APP_NAME,
+    route: str = "/",
+) -> str:
+    """Deploy on the connected Ray cluster; returns the stream URL."""
+    serve.start(
+        http_options={"host": host, "port": port},
+        logging_config=QUIET,
+    )
+    serve.run(build_app(engine, replicas, token, models_dir), name=name, route_prefix=route)
+    shown = f"[{host}]" if ":" in host else host
+    return f"ws://{shown}:{port}{route.rstrip('/')}"
+
+
+def run_server(opts: ServeOptions, say: Any = print) -> int:
+    """Runs until Ctrl-C or SIGTERM, then shuts Serve (and a local cluster) down."""
+    if opts.replicas < 1:
+        raise EngineError("--replicas must be at least 1")
+    check_engine(opts.engine)
+    token = read_token(opts.token_file, create=True)
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if opts.address:
+            ray.init(address=opts.address, logging_level="warning")
+        else:
+            ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, logging_level="warning")
+        try:
+            url = start_app(
+                opts.engine, opts.replicas, token, opts.host, opts.port, opts.models_dir
+            )
+            say(
+                f"livecam serve: {opts.engine} x{opts.replicas} at {url} "
+                f"(clients: livecam start --remote {url} --token-file FILE)"
+            )
+            while not stop.wait(0.5):  # signal handlers run between waits
+                pass
+            say("livecam serve: shutting down")
+            serve.delete(APP_NAME)
+            if not opts.address:
+                serve.shutdown()
+        finally:
+            ray.shutdown()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0

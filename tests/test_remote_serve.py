@@ -1,0 +1,371 @@
+"""`livecam serve` on a local Ray cluster (2 CPUs, 2 generator replicas), shared by the tests
+here: concurrent clients on their own avatars, the token, malformed messages, faults."""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+from websockets.sync.client import connect  # noqa: E402
+
+from livecam.audio.files import read_audio  # noqa: E402
+from livecam.audio.ring import AudioRing  # noqa: E402
+from livecam.avatar.store import load_avatar  # noqa: E402
+from livecam.engines.lite import LiteEngine  # noqa: E402
+from livecam.remote import protocol as wire  # noqa: E402
+from livecam.remote.client import RemoteRefused, open_remote, stream_url  # noqa: E402
+from tests.conftest import JFK, REPO  # noqa: E402
+
+TOKEN = "test-token-" + "x" * 24
+FPS = 30.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server() -> str:
+    """One Ray cluster and Serve app for the whole session (start-up costs ~10 s)."""
+    from livecam.remote.server import start_app
+
+    # 2 CPUs for the lite pool's two replicas, one for the musetalk app below
+    ray.init(num_cpus=3, include_dashboard=False, logging_level="warning")
+    try:
+        yield start_app("lite", 2, TOKEN, "127.0.0.1", _free_port())
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def avatars() -> list:
+    """Four different avatars: the two bundled ones and colour-swapped copies of them."""
+    base = [load_avatar("astronaut"), load_avatar("portrait")]
+
+    def swapped(av):
+        return dataclasses.replace(
+            av,
+            image=np.ascontiguousarray(av.image[..., ::-1]),
+            mouth=dataclasses.replace(
+                av.mouth, patches=np.ascontiguousarray(av.mouth.patches[..., ::-1])
+            ),
+            eyes=dataclasses.replace(
+                av.eyes, patches=np.ascontiguousarray(av.eyes.patches[..., ::-1])
+            ),
+        )
+
+    return [*base, *(swapped(av) for av in base)]
+
+
+@pytest.fixture(scope="module")
+def ring() -> AudioRing:
+    audio = read_audio(JFK)[: 5 * 16000]
+    ring = AudioRing(len(audio))
+    ring.write(audio)
+    return ring
+
+
+# frames as the scheduler asks for them: batches, a jump forward, a stride of 2
+SCHEDULE = [[0, 1, 2, 3], [4, 5], [20, 21, 22, 23], [24, 26, 28, 30], *[[k] for k in range(31, 60)],
+            *[list(range(k, k + 4)) for k in range(60, 140, 4)]]  # fmt: skip
+
+
+def test_four_clients_get_their_own_avatars_faces_keyed_to_the_sample_clock(server, avatars, ring):
+    errors: list[BaseException] = []
+    engines = [
+        open_remote(server, TOKEN, av, LiteEngine(av, FPS), remote_only=True) for av in avatars
+    ]
+
+    def stream(engine, avatar) -> None:
+        local = LiteEngine(avatar, FPS)
+        try:
+            for frames in SCHEDULE:
+                remote = engine.generate(ring, frames)
+                expected = local.generate(ring, frames)
+                for k, a, b in zip(frames, remote, expected, strict=True):
+                    assert np.array_equal(a, b), f"frame {k} of {avatar.name} differs"
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=stream, args=pair) for pair in zip(engines, avatars, strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    for engine in engines:
+        engine.close()
+    assert not errors, errors[0]
+    assert len({e.sha for e in engines}) == 4 and len({e.link._conn is None for e in engines}) == 1
+    for engine in engines:
+        assert engine.link.stats.local_frames == 0
+        assert engine.link.stats.remote_frames == sum(map(len, SCHEDULE))
+
+
+def test_the_generator_merges_streams_into_one_call(server, avatars):
+    from livecam.remote.generator import RenderRequest
+
+    handle = serve.get_deployment_handle("Generator", app_name="livecam")
+    sha, blob = wire.avatar_blob(avatars[0])
+    ref = ray.put(blob)
+    requests = [RenderRequest(s, sha, (s,), ((0.5, 0.0),), "full", FPS, True) for s in range(12)]
+    calls = [handle.render.remote((request, [ref])) for request in requests]
+    results = [call.result(timeout_s=60) for call in calls]
+    assert [r.stream for r in results] == list(range(12))
+    assert [r.frames for r in results] == [(s,) for s in range(12)]
+    assert max(r.batch_streams for r in results) >= 2
+
+
+def test_a_wrong_token_is_refused_before_any_work(server, avatars):
+    with pytest.raises(RemoteRefused, match="refused the token"):
+        open_remote(server, "wrong-" + "y" * 30, avatars[0], LiteEngine(avatars[0], FPS))
+    with connect(stream_url(server), proxy=None) as ws:  # no hello first: refused too
+        ws.send(wire.pack({"type": "avatar", "sha256": "0" * 64}))
+        header, _ = wire.unpack(ws.recv(timeout=10))
+        assert header["code"] == "auth"
+
+
+def _hello(ws) -> dict:
+    ws.send(wire.pack({"type": "hello", "version": wire.VERSION, "token": TOKEN, "engine": "lite",
+                       "fps": FPS, "idle": True, "encoding": "raw"}))  # fmt: skip
+    return wire.unpack(ws.recv(timeout=10))[0]
+
+
+def test_malformed_and_oversized_messages_get_error_replies(server, avatars, ring):
+    bad = [
+        "text message",
+        b"\x00\x00\x00\x03{x}",
+        wire.pack({"type": "nonsense"}),
+        wire.pack({"type": "audio", "start": 0}, b"123"),
+        wire.pack({"type": "audio", "start": -5}, np.zeros(4, "<f4").tobytes()),
+        wire.pack({"type": "frames", "id": 1, "avatar": "0" * 64, "frames": [0], "tier": "full"}),
+        wire.pack({"type": "frames", "id": 1, "avatar": "x", "frames": [3, 1], "tier": "full"}),
+        wire.pack({"type": "avatar", "sha256": "0" * 64}, b"not an npz"),
+        wire.pack({"type": "avatar", "sha256": "0" * 64}, b"\x00" * (wire.MAX_AVATAR_BYTES + 10)),
+    ]
+    with connect(stream_url(server), proxy=None, max_size=None) as ws:
+        assert _hello(ws)["type"] == "ready"
+        for message in bad:
+            ws.send(message)
+            header, _ = wire.unpack(ws.recv(timeout=10))
+            assert header["type"] == "error" and header["code"] == "bad_request", message[:40]
+        # the stream still works afterwards
+        sha, blob = wire.avatar_blob(avatars[0])
+        ws.send(wire.pack({"type": "avatar", "sha256": sha}, blob))
+        assert wire.unpack(ws.recv(timeout=10))[0]["known"]
+        ws.send(wire.pack({"type": "audio", "start": 0}, ring.read(0, 3200).tobytes()))
+        ws.send(
+            wire.pack({"type": "frames", "id": 7, "avatar": sha, "frames": [0, 1], "tier": "full"})
+        )
+        header, _ = wire.unpack(ws.recv(timeout=10))
+        assert header["type"] == "faces" and header["id"] == 7 and header["frames"] == [0, 1]
+
+
+def test_a_dropped_connection_gives_local_frames_then_reconnects(server, avatars, ring):
+    engine = open_remote(server, TOKEN, avatars[1], LiteEngine(avatars[1], FPS), remote_only=True)
+    try:
+        engine.generate(ring, [0, 1])
+        engine.link._conn.ws.close()  # the network goes away under the stream
+        local = LiteEngine(avatars[1], FPS)
+        faces = engine.generate(ring, [2, 3])
+        assert all(
+            np.array_equal(a, b) for a, b in zip(faces, local.generate(ring, [2, 3]), strict=True)
+        )
+        assert engine.link.stats.local_frames == 2 and engine.warnings
+        deadline = time.monotonic() + 10
+        while engine.link._conn is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.link.stats.reconnects == 1 and not engine.warnings
+        before = engine.link.stats.remote_frames
+        engine.generate(ring, [40, 41])
+        assert engine.link.stats.remote_frames == before + 2
+    finally:
+        engine.close()
+
+
+def _generator_replicas() -> list:
+    names = ray.util.list_named_actors(all_namespaces=True)
+    return [n for n in names if "Generator" in n["name"] and n["namespace"] == "serve"]
+
+
+def test_a_killed_replica_does_not_stop_the_stream(server, avatars, ring):
+    """Kills a generator replica of the shared server (Serve starts a new one)."""
+    engine = open_remote(server, TOKEN, avatars[2], LiteEngine(avatars[2], FPS), remote_only=True)
+    replicas = _generator_replicas()
+    assert len(replicas) == 2
+    try:
+        for k in range(0, 30):
+            engine.generate(ring, [k])
+        victim = ray.get_actor(replicas[0]["name"], namespace="serve")
+        ray.kill(victim, no_restart=True)
+        local_before = engine.link.stats.local_frames
+        for k in range(30, 120):
+            engine.generate(ring, [k])
+            time.sleep(1 / FPS)
+        stats = engine.link.stats
+        assert stats.local_frames - local_before <= FPS  # at most a second of local frames
+        assert engine.link._conn is not None and stats.remote_frames >= 120 - FPS
+    finally:
+        engine.close()
+
+
+def test_livecam_serve_prints_its_url_and_stops_on_sigint(tmp_path):
+    token_file = tmp_path / "token"
+    port = _free_port()
+    command = ["serve", "--token-file", str(token_file), "--port", str(port)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "livecam", *command],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if f"ws://127.0.0.1:{port}" in line:
+                break
+        assert any(f"ws://127.0.0.1:{port}" in line for line in lines), "".join(lines)
+        assert len(token_file.read_text().strip()) >= 32
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out
+        assert "shutting down" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _run_live(url: str, token_file, seconds: float) -> tuple:
+    from livecam.live import LiveOptions, build_pipeline, close_engine
+
+    opts = LiveOptions(avatar="astronaut", sink="memory", audio_file=JFK, loop=True, width=320,
+                       height=240, dashboard=False, remote=url, token_file=token_file,
+                       remote_only=True)  # fmt: skip
+    pipeline = build_pipeline(opts)
+    pipeline.start()
+    try:
+        time.sleep(seconds)
+        snap = pipeline.snapshot()
+    finally:
+        pipeline.stop()
+        close_engine(pipeline.engine)
+    return snap, pipeline.engine.link.stats
+
+
+def test_a_slow_lossy_network_keeps_the_frame_rate_and_adds_about_the_round_trip(server, tmp_path):
+    """50 +- 10 ms each way, 1 % of chunks held for a retransmission (see delay_proxy)."""
+    from tests.delay_proxy import DelayProxy
+
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    seconds = 8.0
+    direct, _ = _run_live(server, token_file, seconds)
+    port = int(server.rsplit(":", 1)[1])
+    with DelayProxy(port, delay=0.05, jitter=0.01, loss=0.01) as proxy:
+        slow, stats = _run_live(f"ws://127.0.0.1:{proxy.port}", token_file, seconds)
+    for snap in (direct, slow):  # the camera holds its rate either way
+        assert snap.frames_shown >= 0.9 * seconds * FPS, snap
+    assert stats.remote_frames > 0.8 * slow.frames_generated
+    # the playout delay covers the 100 ms round trip, and grows by about that, not more
+    # (the two runs may settle on different batch sizes: a frame more or less of waiting)
+    delays = (direct.playout_delay_ms, slow.playout_delay_ms)
+    assert (
+        slow.playout_delay_ms >= 100 and slow.playout_delay_ms - direct.playout_delay_ms <= 100 + 80
+    ), delays
+
+
+def test_render_remote_writes_the_same_frames_as_local(server, tmp_path):
+    from typer.testing import CliRunner
+
+    from livecam.cli import app
+    from tests.helpers import read_frames, write_clip
+
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    clip = write_clip(tmp_path / "a.wav", read_audio(JFK)[:16000])
+    common = ["render", "--audio", str(clip), "--size", "320x240"]
+    remote = [*common, "--out", str(tmp_path / "r.mp4"), "--remote", server]
+    result = CliRunner().invoke(app, [*remote, "--token-file", str(token_file)])
+    assert result.exit_code == 0, result.output
+    assert CliRunner().invoke(app, [*common, "--out", str(tmp_path / "l.mp4")]).exit_code == 0
+    frames_r, frames_l = read_frames(tmp_path / "r.mp4"), read_frames(tmp_path / "l.mp4")
+    assert len(frames_r) == len(frames_l) >= 30
+    assert all(np.array_equal(a, b) for a, b in zip(frames_r, frames_l, strict=True))
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> Path:
+    pytest.importorskip("torch")
+    from tests.musetalk_tiny import write_tiny_models
+
+    return write_tiny_models(tmp_path_factory.mktemp("remote-models") / "models")
+
+
+@pytest.fixture(scope="module")
+def musetalk_server(server, tiny_models) -> str:
+    """A musetalk pool (one replica, tiny random weights) beside the lite one."""
+    from livecam.remote.server import start_app
+
+    port = int(server.rsplit(":", 1)[1])
+    url = start_app("musetalk", 1, TOKEN, "127.0.0.1", port, tiny_models, name="mt", route="/mt")
+    yield url
+    serve.delete("mt")
+
+
+def test_musetalk_clients_get_their_own_avatars_faces(musetalk_server, avatars, ring, tiny_models):
+    """Two streams at once on one replica (tiny random weights); each face is the one an
+    in-process generator makes from that stream's own audio and avatar."""
+    from livecam.remote.generator import RenderRequest, paste
+    from livecam.remote.musetalk_generator import MuseTalkGenerator
+    from livecam.remote.stream import StreamState
+
+    fps, schedule = 25.0, [list(range(k, k + 4)) for k in range(0, 48, 4)]
+    mine = [avatars[0], avatars[2]]  # the same geometry, other colours: a mix-up shows
+    engines = [open_remote(musetalk_server, TOKEN, av, LiteEngine(av, fps), remote_only=True,
+                           reply_timeout_s=60.0) for av in mine]  # fmt: skip
+    assert engines[0].name == "musetalk (remote)" and engines[0].batch_sizes == (1, 2, 4, 8)
+    got: dict[int, list] = {0: [], 1: []}
+
+    def stream(i: int) -> None:
+        for frames in schedule:
+            got[i].extend(engines[i].generate(ring, frames))
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    for engine in engines:
+        assert engine.link.stats.local_frames == 0
+        engine.close()
+    gen = MuseTalkGenerator(tiny_models)
+    for i, avatar in enumerate(mine):
+        sha = engines[i].sha
+        state = StreamState(1, fps, "raw", True, "musetalk", ("full",), gen.samples_needed(fps))
+        expected = []
+        for frames in schedule:
+            state.add_audio(0, ring.read(0, engines[i].samples_needed(frames[-1])).tobytes())
+            request = RenderRequest(1, sha, tuple(frames), tuple(state.conditions(frames)), "full",
+                                    fps, True, *state.window(frames))  # fmt: skip
+            if not gen.has(request):
+                gen.prepare(request, wire.avatar_from_blob(engines[i].blob, sha))
+            expected += [paste(avatar.image, p) for p in gen.render([request])[0].patches]
+        assert len(got[i]) == len(expected)
+        for k, (a, b) in enumerate(zip(got[i], expected, strict=True)):
+            diff = np.abs(a.astype(int) - b)  # batch shapes differ: float rounding only
+            assert diff.max() <= 12 and diff.mean() < 0.05, (i, k, diff.max(), diff.mean())
