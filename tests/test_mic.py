@@ -54,7 +54,7 @@ def test_microphone_drives_the_pipeline(pulse_mic):
     assert snap.frames_generated > before.frames_generated
     assert snap.frames_silent == before.frames_silent
     assert snap.frames_shown == snap.frames_new + snap.frames_held + snap.frames_repeated
-    assert pipeline.engine.track.hops_done > 0
+    assert pipeline.engine.analysis.track.hops_done > 0
     # the mouth opened in frames that went on the camera (indices of the faces shown)
     recent = [k for k in shown[-5 * FPS :] if k >= 0]
     assert max(pipeline.engine.mouth(k)[0] for k in recent) > 0.2

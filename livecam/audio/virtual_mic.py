@@ -26,6 +26,9 @@ SOURCE = "livecam_mic"
 DESCRIPTION = "LiveCam Microphone"
 NAME_ENV = "LIVECAM_VIRTUAL_MIC_NAME"  # another source name (tests never touch the user's)
 BLOCK = 160  # 10 ms output blocks
+# DAC stamps in the running median: 0.5 s, so that a jump of the stream's timeline that
+# PortAudio does not flag as an underrun is forgotten soon; still within a millisecond or two
+TIMING_BLOCKS = 50
 
 
 class VirtualMicError(Exception):
@@ -71,7 +74,7 @@ class VirtualMic:
         self.muted = False
         self._modules: list[str] = []
         self._stream = None
-        self._timing = StreamTiming(playback=True)
+        self._timing = StreamTiming(playback=True, window=TIMING_BLOCKS)
         self._played = 0  # samples the stream has asked for so far
 
     def start(self) -> None:
@@ -114,7 +117,7 @@ class VirtualMic:
                         samplerate=SAMPLE_RATE, channels=1, dtype="float32", blocksize=BLOCK,
                         latency="low", callback=self._callback,
                     )  # fmt: skip
-                self._timing, self._played = StreamTiming(playback=True), 0
+                self._timing, self._played = StreamTiming(playback=True, window=TIMING_BLOCKS), 0
                 portaudio.track(self._stream).start()
                 return
             except sd.PortAudioError as exc:
@@ -128,7 +131,7 @@ class VirtualMic:
     def _callback(self, outdata, frames, time_info, status) -> None:
         now = time.monotonic()
         if status.output_underflow:
-            self._timing = StreamTiming(playback=True)
+            self._timing = StreamTiming(playback=True, window=TIMING_BLOCKS)
         delay = host_delay(time_info.currentTime, time_info.outputBufferDacTime, playback=True)
         self._timing.on_block(self._played, frames, now, delay)
         origin = self._timing.origin()
