@@ -25,7 +25,7 @@ import soundfile as sf
 from livecam.audio import portaudio, pulse
 from livecam.audio.timing import StreamTiming, host_delay
 from livecam.audio.virtual_mic import VirtualMic
-from livecam.constants import SAMPLE_RATE
+from livecam.constants import BLOCK, SAMPLE_RATE
 from livecam.live import LiveOptions, build_pipeline
 from livecam.pipeline.runner import Pipeline
 
@@ -145,11 +145,7 @@ def _pulse_pipeline(
     a player that speaks the burst train into that sink."""
     audio, onsets = burst_train(bursts)
     name = f"livecam_bench_{uuid.uuid4().hex[:6]}"
-    modules = [
-        pulse.pactl("load-module", "module-null-sink", f"sink_name={name}"),
-        pulse.pactl("load-module", "module-remap-source", f"master={name}.monitor",
-                    f"source_name={name}_mic"),
-    ]  # fmt: skip
+    modules = pulse.create_fed_source(name, f"{name}_mic")
     try:
         with pulse.device_override("PULSE_SOURCE", f"{name}_mic"):
             pipeline = build_pipeline(
@@ -157,8 +153,7 @@ def _pulse_pipeline(
             )
             yield pipeline, attach_probe(pipeline), _Player(name, audio, onsets)
     finally:
-        for module in reversed(modules):
-            pulse.unload(module)
+        pulse.unload_all(modules)
 
 
 Block = tuple[int, int, float, float | None]  # first sample, frames, arrival, host delay
@@ -197,7 +192,7 @@ class _Player:
         self._done = threading.Event()
         with pulse.device_override("PULSE_SINK", sink):
             stream = sd.OutputStream(
-                samplerate=SAMPLE_RATE, channels=1, dtype="float32", blocksize=160,
+                samplerate=SAMPLE_RATE, channels=1, dtype="float32", blocksize=BLOCK,
                 latency="low", callback=self._callback,
             )  # fmt: skip
         self.stream = portaudio.track(stream)
@@ -261,7 +256,7 @@ class _Recorder:
         self._end = 0
         with pulse.device_override("PULSE_SOURCE", source):
             stream = sd.InputStream(
-                samplerate=SAMPLE_RATE, channels=1, dtype="float32", blocksize=160,
+                samplerate=SAMPLE_RATE, channels=1, dtype="float32", blocksize=BLOCK,
                 latency="low", callback=self._callback,
             )  # fmt: skip
         self.stream = portaudio.track(stream)

@@ -71,27 +71,12 @@ def pulse_mic(sound_server: str) -> Iterator[str]:
     Yields the sink name: `paplay --device=SINK file.wav` then speaks into the microphone.
     """
     name = f"livecam_test_{uuid.uuid4().hex[:6]}"
-    modules = [
-        pulse.pactl(
-            "load-module",
-            "module-null-sink",
-            f"sink_name={name}",
-            f"sink_properties=device.description={name}",
-        ),
-        pulse.pactl(
-            "load-module",
-            "module-remap-source",
-            f"master={name}.monitor",
-            f"source_name={name}_mic",
-            f"source_properties=device.description={name}_mic",
-        ),
-    ]
+    modules = pulse.create_fed_source(name, f"{name}_mic")
     pulse.pactl("set-default-source", f"{name}_mic")
     try:
         yield name
     finally:
-        for module in reversed(modules):
-            pulse.unload(module)
+        pulse.unload_all(modules)
 
 
 @pytest.fixture

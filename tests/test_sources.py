@@ -12,10 +12,8 @@ from livecam.audio import sources
 from livecam.audio.clock import AudioClock
 from livecam.audio.ring import AudioRing
 from livecam.audio.sources import GAP_FILL_S, REOPEN_S, RETRY_S, STALL_S, MicSource, deliver
-from livecam.constants import HOP_LENGTH, SAMPLE_RATE
+from livecam.constants import BLOCK, HOP_LENGTH, SAMPLE_RATE
 from livecam.features.lite import HopTrack, LiteFeatures
-
-BLOCK = 160
 
 
 def test_a_gap_in_delivery_becomes_silence_so_samples_keep_wall_time() -> None:

@@ -12,9 +12,9 @@ import pytest
 from livecam.audio import sources, timing
 from livecam.audio.clock import AudioClock
 from livecam.audio.ring import AudioRing
-from livecam.audio.sources import BLOCK, MicSource
+from livecam.audio.sources import MicSource
 from livecam.audio.timing import MIN_BLOCKS, StreamTiming, host_delay
-from livecam.constants import SAMPLE_RATE
+from livecam.constants import BLOCK, SAMPLE_RATE
 
 
 def test_host_delay_rejects_missing_backwards_and_implausible_stamps():

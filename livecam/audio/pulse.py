@@ -54,3 +54,29 @@ def device_override(variable: str, name: str) -> Iterator[None]:
             os.environ.pop(variable, None)
         else:
             os.environ[variable] = previous
+
+
+def create_fed_source(sink: str, source: str, description: str | None = None) -> list[str]:
+    """A microphone that plays what is sent to it: a null sink `sink` and its monitor remapped
+    as the source `source` (what apps list as a microphone). Returns the module ids, for
+    `unload_all`; on failure nothing is left behind."""
+    described = description or source
+    sink_args = [
+        f"sink_name={sink}",
+        f"sink_properties='device.description=\"{described} (feed)\"'",
+    ]
+    source_args = [f"master={sink}.monitor", f"source_name={source}",
+                   f"source_properties='device.description=\"{described}\"'"]  # fmt: skip
+    modules = [pactl("load-module", "module-null-sink", *sink_args)]
+    try:
+        modules.append(pactl("load-module", "module-remap-source", *source_args))
+    except PulseError:
+        unload_all(modules)
+        raise
+    return modules
+
+
+def unload_all(modules: list[str]) -> None:
+    """Unload modules in reverse order of loading."""
+    for module in reversed(modules):
+        unload(module)

@@ -8,6 +8,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -16,11 +17,10 @@ from livecam.audio.clock import AudioClock
 from livecam.audio.files import read_audio
 from livecam.audio.ring import AudioRing
 from livecam.audio.timing import StreamTiming, host_delay
-from livecam.constants import HOP_LENGTH, SAMPLE_RATE
+from livecam.constants import BLOCK, SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
-BLOCK = HOP_LENGTH // 2  # 10 ms capture blocks: each one adds its length to the latency
 REQUESTED_LATENCY_S = BLOCK / SAMPLE_RATE  # asked of the server: one block; it may grant more
 STALL_S = 1.0  # no audio for this long: tell the user the device stopped
 REOPEN_S = 3.0  # no audio for this long: close and reopen the device (then every RETRY_S)
@@ -115,6 +115,20 @@ def _pick_input(devices: list[dict], spec: str | None) -> tuple[int, str] | None
         match = [d for d in devices if spec.isdigit() and d["index"] == int(spec)]
         match = match or [d for d in devices if spec.lower() in d["name"].lower()]
     return (match[0]["index"], match[0]["name"]) if match else None
+
+
+class AudioSource(Protocol):
+    """What the pipeline needs of an audio source (microphone or file)."""
+
+    name: str
+    latency_s: float
+    finished: bool
+    stats: SourceStats
+
+    def measured_latency(self) -> tuple[float, str]: ...
+    def start(self) -> None: ...
+    def poll(self) -> None: ...
+    def stop(self) -> None: ...
 
 
 class MicSource:

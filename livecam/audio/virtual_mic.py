@@ -18,14 +18,13 @@ from livecam.audio import portaudio, pulse
 from livecam.audio.clock import AudioClock
 from livecam.audio.ring import AudioRing
 from livecam.audio.timing import StreamTiming, host_delay
-from livecam.constants import SAMPLE_RATE
+from livecam.constants import BLOCK, SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
 SOURCE = "livecam_mic"
 DESCRIPTION = "LiveCam Microphone"
 NAME_ENV = "LIVECAM_VIRTUAL_MIC_NAME"  # another source name (tests never touch the user's)
-BLOCK = 160  # 10 ms output blocks
 # DAC stamps in the running median: 0.5 s, so that a jump of the stream's timeline that
 # PortAudio does not flag as an underrun is forgotten soon; still within a millisecond or two
 TIMING_BLOCKS = 50
@@ -93,19 +92,7 @@ class VirtualMic:
     def _create_devices(self) -> None:
         if remove_stale(self.source):
             log.warning("removed a virtual microphone left over by an earlier run")
-        self._modules.append(
-            pulse.pactl(
-                "load-module", "module-null-sink", f"sink_name={self.sink}",
-                f"sink_properties='device.description=\"{DESCRIPTION} (feed)\"'",
-            )
-        )  # fmt: skip
-        self._modules.append(
-            pulse.pactl(
-                "load-module", "module-remap-source", f"master={self.sink}.monitor",
-                f"source_name={self.source}",
-                f"source_properties='device.description=\"{DESCRIPTION}\"'",
-            )
-        )  # fmt: skip
+        self._modules = pulse.create_fed_source(self.sink, self.source, DESCRIPTION)
 
     def _open_stream(self) -> None:
         import sounddevice as sd
@@ -158,6 +145,5 @@ class VirtualMic:
 
     def stop(self) -> None:
         self._close_stream()
-        for module in reversed(self._modules):
-            pulse.unload(module)
-        self._modules.clear()
+        pulse.unload_all(self._modules)
+        self._modules = []

@@ -17,15 +17,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
 from livecam.audio.clock import AudioClock
 from livecam.audio.ring import AudioRing
-from livecam.audio.sources import BLOCK, SourceStats
+from livecam.audio.sources import AudioSource
 from livecam.avatar.model import Avatar
-from livecam.constants import SAMPLE_RATE
+from livecam.constants import BLOCK, SAMPLE_RATE
 from livecam.engines.base import Engine
 from livecam.pipeline.compositor import Compositor
 from livecam.pipeline.scheduler import Mode, Scheduler
@@ -37,18 +36,6 @@ log = logging.getLogger(__name__)
 FACE_BUFFER = 16  # generated faces waiting for their tick; oldest dropped beyond this
 STALL_GRACE_S = 0.25  # the capture stream this far behind the clock: the source stalled
 MARGIN_S = 0.005  # scheduling jitter of the worker thread
-
-
-class AudioSource(Protocol):
-    name: str
-    latency_s: float
-    finished: bool
-    stats: SourceStats
-
-    def measured_latency(self) -> tuple[float, str]: ...
-    def start(self) -> None: ...
-    def poll(self) -> None: ...
-    def stop(self) -> None: ...
 
 
 @dataclass(frozen=True)
