@@ -51,21 +51,16 @@ def burst_train(
 
 
 class MouthProbe:
-    """A sink wrapper that measures mouth motion in every frame it passes on."""
+    """Measures mouth motion in every frame the pipeline sends (its on_frame hook)."""
 
-    def __init__(self, sink, rows: slice, cols: slice, neutral: np.ndarray) -> None:
-        self.inner, self.rows, self.cols = sink, rows, cols
+    def __init__(self, rows: slice, cols: slice, neutral: np.ndarray) -> None:
+        self.rows, self.cols = rows, cols
         self.neutral = neutral[rows, cols].astype(np.int16)
-        self.name, self.latency_s = sink.name, sink.latency_s
         self.samples: list[tuple[float, float]] = []  # (send time, mouth motion)
 
-    def send(self, frame: np.ndarray, audio: np.ndarray) -> None:
+    def __call__(self, frame: np.ndarray) -> None:
         region = frame[self.rows, self.cols].astype(np.int16)
         self.samples.append((time.monotonic(), float(np.abs(region - self.neutral).mean())))
-        self.inner.send(frame, audio)
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def attach_probe(pipeline: Pipeline) -> MouthProbe:
@@ -73,8 +68,8 @@ def attach_probe(pipeline: Pipeline) -> MouthProbe:
     m = pipeline.compositor.transform(0)
     (x0, y0), (x1, y1) = (np.array([[x, y, 1], [x + w, y + 1.6 * h, 1]]) @ m.T).astype(int)
     neutral = pipeline.compositor.compose(pipeline.engine.generate_silent([0])[0], 0)
-    probe = MouthProbe(pipeline.sink, slice(y0, y1), slice(x0, x1), neutral)
-    pipeline.sink = probe
+    probe = MouthProbe(slice(y0, y1), slice(x0, x1), neutral)
+    pipeline.on_frame = probe
     return probe
 
 

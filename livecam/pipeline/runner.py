@@ -88,6 +88,7 @@ class Pipeline:
         self._audio_sent: int | None = None  # stream sample handed to the sink so far
         self._started_at = 0.0
         self.on_tick: Callable[[int, float], None] | None = None  # (due frame, now) hook
+        self.on_frame: Callable[[np.ndarray], None] | None = None  # each frame as it goes out
         self.muted = False  # idle faces whatever the microphone hears
         self.error: BaseException | None = None
 
@@ -264,6 +265,8 @@ class Pipeline:
         t0 = time.perf_counter()
         frame = look.compositor.compose(face, due)
         t1 = time.perf_counter()
+        if self.on_frame is not None:
+            self.on_frame(frame)
         self.sink.send(frame, self._audio_until(due))
         c.time_stage("compose", t1 - t0)
         c.time_stage("sink", time.perf_counter() - t1)
