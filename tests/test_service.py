@@ -119,7 +119,9 @@ def test_a_wedged_output_stops_the_watchdog_but_not_the_status(notify_socket, mo
         time.sleep(2.5)
         pings = [t for t, _ in listener.with_field("WATCHDOG=1")]
         assert pings and pings[0] < wedged_at[0]  # it pinged while frames went out
-        assert all(t < wedged_at[0] + 0.3 for t in pings)  # and not once after the wedge
+        # frames sent just before the wedge may still earn one ping, a loop period (0.25 s) and
+        # some scheduling later; after 1 s none: 1.5 s more is about 7 ping intervals (0.2 s)
+        assert all(t < wedged_at[0] + 1.0 for t in pings)
         later = [t for t, m in listener.messages if m.startswith("STATUS=") and t > wedged_at[0]]
         assert later, "the status went quiet too: the main loop, not the output, stopped"
     finally:
