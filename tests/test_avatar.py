@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -335,3 +337,92 @@ def test_changed_build_parameters_make_the_cache_stale(
     assert builds == ["me"]
     assert json.loads(manifest_path.read_text())["params"] == store.build_params()
     assert [a.status for a in list_avatars() if a.name == "me"] == ["ready"]
+
+
+def test_a_manifest_off_its_schema_reads_as_damaged(cache: Path, face_crop: Path) -> None:
+    """Each field of the manifest's schema is checked: a wrong type is a damaged cache."""
+    prepare_avatar("me", face_crop)
+    path = cache / "avatars" / "me" / "manifest.json"
+    good = json.loads(path.read_text())
+    assert store._read_manifest("me") == good and not store._damaged("me")
+    bad = [{**good, key: None} for key in store._MANIFEST_TYPES] + [
+        {**good, "kind": "borrowed"},
+        {**good, "arrays": {**good["arrays"], "image": 1}},
+        {**good, "warnings": ["ok", 2]},
+        [good],
+    ]
+    for manifest in bad:
+        path.write_text(json.dumps(manifest))
+        assert store._read_manifest("me") is None, manifest
+        assert store._damaged("me")
+    path.write_text(json.dumps({**good, "kind": "bundled"}))
+    assert store._read_manifest("me") is not None
+    path.write_text("{")
+    assert store._read_manifest("me") is None and store._damaged("me")
+    path.unlink()
+    assert store._read_manifest("me") is None and store._damaged("me")
+    assert [(a.name, a.status) for a in list_avatars() if a.name == "me"] == [("me", "damaged")]
+
+
+def test_no_cache_is_not_damaged(cache: Path) -> None:
+    assert store._read_manifest("me") is None and not store._damaged("me")
+
+
+def test_a_cached_avatar_keeps_its_prepare_warnings(
+    cache: Path, face_crop: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prepare_avatar("me", face_crop)
+    path = cache / "avatars" / "me" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["warnings"] = ["2 faces found in me.png; using the largest one"]
+    path.write_text(json.dumps(manifest))  # warnings are not covered by the array checksums
+    builds = _count_builds(monkeypatch)
+    assert load_avatar("me").warnings == manifest["warnings"]
+    assert builds == []
+
+
+def test_a_missing_source_makes_the_cache_stale_and_says_so(
+    cache: Path, face_crop: Path, tmp_path: Path
+) -> None:
+    photo = tmp_path / "gone.png"
+    shutil.copy(face_crop, photo)
+    prepare_avatar("gone", photo)
+    photo.unlink()
+    assert [a.status for a in list_avatars() if a.name == "gone"] == ["stale"]
+    with pytest.raises(AvatarError, match=rf"\(source {photo} is missing\)"):
+        load_avatar("gone")
+
+
+def test_stale_reasons_name_what_changed(face_crop: Path, tmp_path: Path) -> None:
+    params = store.build_params()
+    manifest = {"format_version": store.FORMAT_VERSION, "params": params,
+                "source_sha256": store.sha256_file(face_crop)}  # fmt: skip
+    assert store._stale_reason(manifest, face_crop) is None
+    old = {**manifest, "format_version": 0}
+    assert store._stale_reason(old, face_crop) == f"cache format 0 != {store.FORMAT_VERSION}"
+    other = {**manifest, "params": {**params, "max_height": 1}}
+    assert store._stale_reason(other, face_crop) == "build parameters changed"
+    changed = {**manifest, "source_sha256": "0" * 64}
+    assert store._stale_reason(changed, face_crop) == f"source {face_crop} changed"
+    gone = tmp_path / "gone.png"
+    assert store._stale_reason(manifest, gone) == f"source {gone} is missing"
+
+
+NO_SPACE = ("no space left to save avatar 'me' in /c: free some disk space (or set "
+            "LIVECAM_CACHE_DIR to another disk) and try again")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("err", "expected"),
+    [
+        (errno.ENOSPC, NO_SPACE),
+        (errno.EDQUOT, NO_SPACE),
+        (errno.EACCES, "cannot save avatar 'me' in /c: Permission denied"),
+    ],
+)
+def test_write_errors_say_what_to_do(err: int, expected: str) -> None:
+    message = store._write_error("me", Path("/c"), OSError(err, os.strerror(err)))
+    assert message == expected
+    assert (
+        store._write_error("me", Path("/c"), OSError("odd")) == "cannot save avatar 'me' in /c: odd"
+    )
