@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import cv2
@@ -426,3 +427,43 @@ def test_write_errors_say_what_to_do(err: int, expected: str) -> None:
     assert (
         store._write_error("me", Path("/c"), OSError("odd")) == "cannot save avatar 'me' in /c: odd"
     )
+
+
+def test_prepare_reuses_a_matching_cache_unless_forced(
+    cache: Path, face_crop: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prepare_avatar("me", face_crop)
+    builds = _count_builds(monkeypatch)
+    prepare_avatar("me", face_crop)
+    assert builds == []
+    prepare_avatar("me", face_crop, force=True)
+    assert builds == ["me"]
+
+
+@pytest.mark.parametrize("kind", ["plain folder", "dangling link"])
+def test_remove_takes_an_old_plain_folder_or_a_dangling_link(cache: Path, kind: str) -> None:
+    path = cache / "avatars" / "me"
+    path.parent.mkdir(parents=True)
+    if kind == "plain folder":  # the layout before version folders
+        path.mkdir()
+        (path / "manifest.json").write_text("{}")
+    else:  # its version folder was deleted by hand
+        path.symlink_to(".me~gone")
+    remove_avatar("me")
+    assert not path.is_symlink() and not path.exists()
+    with pytest.raises(AvatarError, match=r"^avatar 'me' has no cache in .*avatars$"):
+        remove_avatar("me")
+
+
+def test_remove_waits_for_a_writer_of_the_same_name(cache: Path, face_crop: Path) -> None:
+    from livecam.avatar import cachedir
+
+    prepare_avatar("me", face_crop)
+    root = cache / "avatars"
+    with cachedir.locked(root, "me"):
+        remover = threading.Thread(target=remove_avatar, args=("me",))
+        remover.start()
+        remover.join(timeout=1.0)  # a slow machine can only make this pass wrongly, never fail
+        assert remover.is_alive() and (root / "me").exists()
+    remover.join()
+    assert not (root / "me").exists()
