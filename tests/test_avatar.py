@@ -467,3 +467,25 @@ def test_remove_waits_for_a_writer_of_the_same_name(cache: Path, face_crop: Path
         assert remover.is_alive() and (root / "me").exists()
     remover.join()
     assert not (root / "me").exists()
+
+
+def test_preparing_a_bundled_avatar_from_its_own_photo_keeps_it_bundled(
+    cache: Path, face_crop: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundled = tmp_path / "bundled"
+    (bundled / "bob").mkdir(parents=True)
+    shutil.copy(face_crop, bundled / "bob" / "bob.png")
+    (bundled / "bob" / "avatar.toml").write_text(
+        'name = "bob"\nsource = "bob.png"\ndescription = "test face"\n'
+    )
+    monkeypatch.setenv("LIVECAM_AVATARS_DIR", str(bundled))
+    manifest_path = cache / "avatars" / "bob" / "manifest.json"
+    prepare_avatar("bob", bundled / "bob" / "bob.png")
+    manifest = json.loads(manifest_path.read_text())
+    assert (manifest["kind"], manifest["description"]) == ("bundled", "test face")
+    info = [(a.kind, a.status, a.description) for a in list_avatars() if a.name == "bob"]
+    assert info == [("bundled", "ready", "test face")]
+    prepare_avatar("bob", face_crop)  # another photo under the bundled name: the user's own
+    manifest = json.loads(manifest_path.read_text())
+    assert (manifest["kind"], manifest["description"]) == ("prepared", "")
+    assert [a.kind for a in list_avatars() if a.name == "bob"] == ["prepared"]
