@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -489,3 +490,25 @@ def test_preparing_a_bundled_avatar_from_its_own_photo_keeps_it_bundled(
     manifest = json.loads(manifest_path.read_text())
     assert (manifest["kind"], manifest["description"]) == ("prepared", "")
     assert [a.kind for a in list_avatars() if a.name == "bob"] == ["prepared"]
+
+
+def test_a_clip_avatars_frames_and_motion_round_trip_through_the_cache(
+    cache: Path, face_crop: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    still = build_avatar("me", face_crop)
+    n, (h, w) = 3, still.image.shape[:2]
+    frames = np.random.default_rng(0).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+    motion = np.tile(np.array([[1, 0, 2], [0, 1, -3]], np.float32), (n, 1, 1))
+    clip = replace(still, frames=frames, motion=motion, clip_rate=12.5)
+    store._write_cache(clip, face_crop, "prepared", "")
+    builds = _count_builds(monkeypatch)
+    loaded = load_avatar("me")
+    assert builds == []
+    assert np.array_equal(loaded.frames, frames) and np.array_equal(loaded.motion, motion)
+    assert loaded.clip_rate == 12.5
+    assert (loaded.eyes.x, loaded.eyes.y) == (still.eyes.x, still.eyes.y)
+    assert np.array_equal(loaded.landmarks, still.landmarks)
+    assert np.array_equal(loaded.mouth.mask, still.mouth.mask)
+    store._write_cache(still, face_crop, "prepared", "")  # a still has none of them
+    loaded = load_avatar("me")
+    assert loaded.frames is None and loaded.motion is None and loaded.clip_rate == 0.0
