@@ -512,3 +512,16 @@ def test_a_clip_avatars_frames_and_motion_round_trip_through_the_cache(
     store._write_cache(still, face_crop, "prepared", "")  # a still has none of them
     loaded = load_avatar("me")
     assert loaded.frames is None and loaded.motion is None and loaded.clip_rate == 0.0
+
+
+def test_a_bundled_avatar_without_a_description_has_an_empty_one(
+    cache: Path, face_crop: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundled = tmp_path / "bundled"
+    (bundled / "bob").mkdir(parents=True)
+    shutil.copy(face_crop, bundled / "bob" / "bob.png")
+    (bundled / "bob" / "avatar.toml").write_text('name = "bob"\nsource = "bob.png"\n')
+    monkeypatch.setenv("LIVECAM_AVATARS_DIR", str(bundled))
+    prepare_avatar("bob", bundled / "bob" / "bob.png")
+    manifest = json.loads((cache / "avatars" / "bob" / "manifest.json").read_text())
+    assert (manifest["kind"], manifest["description"]) == ("bundled", "")
