@@ -525,3 +525,53 @@ def test_a_bundled_avatar_without_a_description_has_an_empty_one(
     prepare_avatar("bob", bundled / "bob" / "bob.png")
     manifest = json.loads((cache / "avatars" / "bob" / "manifest.json").read_text())
     assert (manifest["kind"], manifest["description"]) == ("bundled", "")
+
+
+def test_a_damaged_prepared_avatar_says_how_to_make_it_again(
+    cache: Path, face_crop: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    prepare_avatar("me", face_crop)
+    (cache / "avatars" / "me" / "manifest.json").write_text("{")  # its source is unknown now
+    root = cache / "avatars"
+    with pytest.raises(AvatarError) as err:
+        load_avatar("me")
+    assert str(err.value) == (
+        f"the cache of avatar 'me' in {root} is damaged: make it again with "
+        "`livecam avatars prepare me --from PHOTO_OR_CLIP --force`"
+    )
+    info = [a for a in list_avatars() if a.name == "me"]
+    assert info == [store.AvatarInfo("me", "prepared", "damaged", None, "prepare it again")]
+
+
+def test_unknown_avatar_message_is_exact(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(AvatarError) as err:
+        load_avatar("nobody")
+    assert str(err.value) == (
+        "unknown avatar 'nobody'; available: astronaut, portrait. "
+        "Make one with `livecam avatars prepare nobody --from PHOTO_OR_CLIP`"
+    )
+    monkeypatch.setenv("LIVECAM_AVATARS_DIR", str(tmp_path / "none"))
+    with pytest.raises(AvatarError, match=r"^unknown avatar 'nobody'; available: none\. Make"):
+        load_avatar("nobody")
+
+
+def test_a_bundled_avatars_first_use_is_quiet_and_a_damaged_cache_warns(
+    cache: Path, face_crop: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    bundled = tmp_path / "bundled"
+    (bundled / "bob").mkdir(parents=True)
+    shutil.copy(face_crop, bundled / "bob" / "bob.png")
+    (bundled / "bob" / "avatar.toml").write_text('name = "bob"\nsource = "bob.png"\n')
+    monkeypatch.setenv("LIVECAM_AVATARS_DIR", str(bundled))
+    with caplog.at_level(logging.WARNING, logger="livecam.avatar.store"):
+        load_avatar("bob")
+    assert caplog.records == []
+    (cache / "avatars" / "bob" / "manifest.json").write_text("{")
+    with caplog.at_level(logging.WARNING, logger="livecam.avatar.store"):
+        load_avatar("bob")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"avatar 'bob': cache damaged; rebuilding from {bundled / 'bob' / 'bob.png'}"
+    ]
