@@ -575,3 +575,17 @@ def test_a_bundled_avatars_first_use_is_quiet_and_a_damaged_cache_warns(
     assert [r.getMessage() for r in caplog.records] == [
         f"avatar 'bob': cache damaged; rebuilding from {bundled / 'bob' / 'bob.png'}"
     ]
+
+
+def test_preparing_from_a_copy_elsewhere_records_the_new_path(
+    cache: Path, face_crop: Path, tmp_path: Path
+) -> None:
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    shutil.copy(face_crop, first)
+    shutil.copy(face_crop, second)  # same bytes: only the path tells them apart
+    prepare_avatar("me", first)
+    prepare_avatar("me", second)
+    manifest = json.loads((cache / "avatars" / "me" / "manifest.json").read_text())
+    assert manifest["source"] == str(second.resolve())
+    first.unlink()  # the old photo can go: the avatar now comes from the new one
+    assert [a.status for a in list_avatars() if a.name == "me"] == ["ready"]
