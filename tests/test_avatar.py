@@ -7,6 +7,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 from dataclasses import replace
@@ -589,3 +590,18 @@ def test_preparing_from_a_copy_elsewhere_records_the_new_path(
     assert manifest["source"] == str(second.resolve())
     first.unlink()  # the old photo can go: the avatar now comes from the new one
     assert [a.status for a in list_avatars() if a.name == "me"] == ["ready"]
+
+
+def test_prepare_over_damaged_arrays_warns_and_rebuilds(
+    cache: Path, face_crop: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    prepare_avatar("me", face_crop)
+    (cache / "avatars" / "me" / "arrays.npz").write_bytes(b"garbage")
+    builds = _count_builds(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="livecam.avatar.store"):
+        prepare_avatar("me", face_crop)
+    assert builds == ["me"]
+    [message] = [r.getMessage() for r in caplog.records]
+    assert re.fullmatch(r"avatar 'me' cache damaged \(unreadable arrays\.npz: .+\); rebuilding",
+                        message)  # fmt: skip
