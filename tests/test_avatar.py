@@ -392,8 +392,12 @@ def test_a_missing_source_makes_the_cache_stale_and_says_so(
     prepare_avatar("gone", photo)
     photo.unlink()
     assert [a.status for a in list_avatars() if a.name == "gone"] == ["stale"]
-    with pytest.raises(AvatarError, match=rf"\(source {photo} is missing\)"):
+    with pytest.raises(AvatarError) as err:
         load_avatar("gone")
+    assert str(err.value) == (
+        f"avatar 'gone' must be rebuilt (source {photo} is missing) but its source {photo} "
+        "is gone: run `livecam avatars prepare gone --from PHOTO_OR_CLIP`"
+    )
 
 
 def test_stale_reasons_name_what_changed(face_crop: Path, tmp_path: Path) -> None:
