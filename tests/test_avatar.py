@@ -609,3 +609,29 @@ def test_prepare_over_damaged_arrays_warns_and_rebuilds(
     [message] = [r.getMessage() for r in caplog.records]
     assert re.fullmatch(r"avatar 'me' cache damaged \(unreadable arrays\.npz: .+\); rebuilding",
                         message)  # fmt: skip
+
+
+def test_known_faces_come_from_the_bundled_avatar_toml_of_its_own_photo(
+    face_crop: Path,
+) -> None:
+    astronaut = PHOTOS["astronaut"]
+    assert store._known_faces("astronaut", astronaut) == 2  # its detector_faces
+    assert store._known_faces("astronaut", face_crop) == 1  # another photo under its name
+    assert store._known_faces("portrait", PHOTOS["portrait"]) == 1  # not recorded
+    assert store._known_faces("nobody", face_crop) == 1
+    meta = store._bundled("astronaut")
+    assert meta is not None and Path(meta["source"]).resolve() == astronaut.resolve()
+    assert store._bundled("nobody") is None
+
+
+def test_more_faces_than_known_is_a_warning(
+    built: Avatar, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the astronaut photo has a second (false) face: quiet as bundled, a warning otherwise
+    with caplog.at_level(logging.WARNING, logger="livecam.avatar.store"):
+        quiet = build_avatar("astronaut", PHOTOS["astronaut"], 2)
+        loud = build_avatar("astronaut", PHOTOS["astronaut"])
+    assert quiet.warnings == []
+    message = f"2 faces found in {PHOTOS['astronaut']}; using the largest one"
+    assert loud.warnings == [message]
+    assert [r.getMessage() for r in caplog.records] == [message]
