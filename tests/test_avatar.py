@@ -11,6 +11,7 @@ import re
 import shutil
 import threading
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import cv2
@@ -635,3 +636,32 @@ def test_more_faces_than_known_is_a_warning(
     message = f"2 faces found in {PHOTOS['astronaut']}; using the largest one"
     assert loud.warnings == [message]
     assert [r.getMessage() for r in caplog.records] == [message]
+
+
+def test_a_failed_write_keeps_the_old_cache_and_leaves_no_version(
+    cache: Path, face_crop: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = prepare_avatar("me", face_crop)
+    root = cache / "avatars"
+    before = sorted(p.name for p in root.iterdir())
+
+    def full(*args: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store.cachefile, "save_arrays", full)
+        with pytest.raises(AvatarError, match=r"^no space left to save avatar 'me' in "):
+            prepare_avatar("me", face_crop, force=True)
+    assert sorted(p.name for p in root.iterdir()) == before
+    assert np.array_equal(load_avatar("me").image, first.image)
+
+
+def test_the_manifest_records_when_and_for_which_engines(cache: Path, face_crop: Path) -> None:
+    prepare_avatar("me", face_crop, force=True)
+    manifest = json.loads((cache / "avatars" / "me" / "manifest.json").read_text())
+    created = datetime.fromisoformat(manifest["created"])
+    assert created.tzinfo is not None and created.microsecond == 0
+    assert abs((datetime.now(UTC) - created).total_seconds()) < 3600  # made by this run
+    assert manifest["engines"] == ["lite"] and manifest["name"] == "me"
+    assert manifest["source"] == str(face_crop.resolve())
+    assert manifest["params"] == store.build_params()
