@@ -615,7 +615,7 @@ def test_prepare_over_damaged_arrays_warns_and_rebuilds(
 def test_known_faces_come_from_the_bundled_avatar_toml_of_its_own_photo(
     face_crop: Path,
 ) -> None:
-    astronaut = PHOTOS["astronaut"]
+    astronaut = store.bundled_root() / "astronaut" / "astronaut.png"
     assert store._known_faces("astronaut", astronaut) == 2  # its detector_faces
     assert store._known_faces("astronaut", face_crop) == 1  # another photo under its name
     assert store._known_faces("portrait", PHOTOS["portrait"]) == 1  # not recorded
