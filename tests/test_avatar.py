@@ -665,3 +665,9 @@ def test_the_manifest_records_when_and_for_which_engines(cache: Path, face_crop:
     assert manifest["engines"] == ["lite"] and manifest["name"] == "me"
     assert manifest["source"] == str(face_crop.resolve())
     assert manifest["params"] == store.build_params()
+
+
+def test_preparing_the_bundled_astronaut_is_quiet_about_its_false_face(cache: Path) -> None:
+    photo = store.bundled_root() / "astronaut" / "astronaut.png"
+    assert prepare_avatar("astronaut", photo).warnings == []
+    assert load_avatar("astronaut").warnings == []
