@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import logging
+import os
+import re
 import shutil
+import threading
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import cv2
@@ -335,3 +341,333 @@ def test_changed_build_parameters_make_the_cache_stale(
     assert builds == ["me"]
     assert json.loads(manifest_path.read_text())["params"] == store.build_params()
     assert [a.status for a in list_avatars() if a.name == "me"] == ["ready"]
+
+
+def test_a_manifest_off_its_schema_reads_as_damaged(cache: Path, face_crop: Path) -> None:
+    """Each field of the manifest's schema is checked: a wrong type is a damaged cache."""
+    prepare_avatar("me", face_crop)
+    path = cache / "avatars" / "me" / "manifest.json"
+    good = json.loads(path.read_text())
+    assert store._read_manifest("me") == good and not store._damaged("me")
+    bad = [{**good, key: None} for key in store._MANIFEST_TYPES] + [
+        {**good, "kind": "borrowed"},
+        {**good, "arrays": {**good["arrays"], "image": 1}},
+        {**good, "warnings": ["ok", 2]},
+        [good],
+    ]
+    for manifest in bad:
+        path.write_text(json.dumps(manifest))
+        assert store._read_manifest("me") is None, manifest
+        assert store._damaged("me")
+    path.write_text(json.dumps({**good, "kind": "bundled"}))
+    assert store._read_manifest("me") is not None
+    path.write_text("{")
+    assert store._read_manifest("me") is None and store._damaged("me")
+    path.unlink()
+    assert store._read_manifest("me") is None and store._damaged("me")
+    assert [(a.name, a.status) for a in list_avatars() if a.name == "me"] == [("me", "damaged")]
+
+
+def test_no_cache_is_not_damaged(cache: Path) -> None:
+    assert store._read_manifest("me") is None and not store._damaged("me")
+
+
+def test_a_cached_avatar_keeps_its_prepare_warnings(
+    cache: Path, face_crop: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prepare_avatar("me", face_crop)
+    path = cache / "avatars" / "me" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["warnings"] = ["2 faces found in me.png; using the largest one"]
+    path.write_text(json.dumps(manifest))  # warnings are not covered by the array checksums
+    builds = _count_builds(monkeypatch)
+    assert load_avatar("me").warnings == manifest["warnings"]
+    assert builds == []
+
+
+def test_a_missing_source_makes_the_cache_stale_and_says_so(
+    cache: Path, face_crop: Path, tmp_path: Path
+) -> None:
+    photo = tmp_path / "gone.png"
+    shutil.copy(face_crop, photo)
+    prepare_avatar("gone", photo)
+    photo.unlink()
+    assert [a.status for a in list_avatars() if a.name == "gone"] == ["stale"]
+    with pytest.raises(AvatarError) as err:
+        load_avatar("gone")
+    assert str(err.value) == (
+        f"avatar 'gone' must be rebuilt (source {photo} is missing) but its source {photo} "
+        "is gone: run `livecam avatars prepare gone --from PHOTO_OR_CLIP`"
+    )
+
+
+def test_stale_reasons_name_what_changed(face_crop: Path, tmp_path: Path) -> None:
+    params = store.build_params()
+    manifest = {"format_version": store.FORMAT_VERSION, "params": params,
+                "source_sha256": store.sha256_file(face_crop)}  # fmt: skip
+    assert store._stale_reason(manifest, face_crop) is None
+    old = {**manifest, "format_version": 0}
+    assert store._stale_reason(old, face_crop) == f"cache format 0 != {store.FORMAT_VERSION}"
+    other = {**manifest, "params": {**params, "max_height": 1}}
+    assert store._stale_reason(other, face_crop) == "build parameters changed"
+    changed = {**manifest, "source_sha256": "0" * 64}
+    assert store._stale_reason(changed, face_crop) == f"source {face_crop} changed"
+    gone = tmp_path / "gone.png"
+    assert store._stale_reason(manifest, gone) == f"source {gone} is missing"
+
+
+NO_SPACE = ("no space left to save avatar 'me' in /c: free some disk space (or set "
+            "LIVECAM_CACHE_DIR to another disk) and try again")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("err", "expected"),
+    [
+        (errno.ENOSPC, NO_SPACE),
+        (errno.EDQUOT, NO_SPACE),
+        (errno.EACCES, "cannot save avatar 'me' in /c: Permission denied"),
+    ],
+)
+def test_write_errors_say_what_to_do(err: int, expected: str) -> None:
+    message = store._write_error("me", Path("/c"), OSError(err, os.strerror(err)))
+    assert message == expected
+    assert (
+        store._write_error("me", Path("/c"), OSError("odd")) == "cannot save avatar 'me' in /c: odd"
+    )
+
+
+def test_prepare_reuses_a_matching_cache_unless_forced(
+    cache: Path, face_crop: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prepare_avatar("me", face_crop)
+    builds = _count_builds(monkeypatch)
+    prepare_avatar("me", face_crop)
+    assert builds == []
+    prepare_avatar("me", face_crop, force=True)
+    assert builds == ["me"]
+
+
+@pytest.mark.parametrize("kind", ["plain folder", "dangling link"])
+def test_remove_takes_an_old_plain_folder_or_a_dangling_link(cache: Path, kind: str) -> None:
+    path = cache / "avatars" / "me"
+    path.parent.mkdir(parents=True)
+    if kind == "plain folder":  # the layout before version folders
+        path.mkdir()
+        (path / "manifest.json").write_text("{}")
+    else:  # its version folder was deleted by hand
+        path.symlink_to(".me~gone")
+    remove_avatar("me")
+    assert not path.is_symlink() and not path.exists()
+    with pytest.raises(AvatarError, match=r"^avatar 'me' has no cache in .*avatars$"):
+        remove_avatar("me")
+
+
+def test_remove_waits_for_a_writer_of_the_same_name(cache: Path, face_crop: Path) -> None:
+    from livecam.avatar import cachedir
+
+    prepare_avatar("me", face_crop)
+    root = cache / "avatars"
+    with cachedir.locked(root, "me"):
+        remover = threading.Thread(target=remove_avatar, args=("me",))
+        remover.start()
+        remover.join(timeout=1.0)  # a slow machine can only make this pass wrongly, never fail
+        assert remover.is_alive() and (root / "me").exists()
+    remover.join()
+    assert not (root / "me").exists()
+
+
+def test_preparing_a_bundled_avatar_from_its_own_photo_keeps_it_bundled(
+    cache: Path, face_crop: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundled = tmp_path / "bundled"
+    (bundled / "bob").mkdir(parents=True)
+    shutil.copy(face_crop, bundled / "bob" / "bob.png")
+    (bundled / "bob" / "avatar.toml").write_text(
+        'name = "bob"\nsource = "bob.png"\ndescription = "test face"\n'
+    )
+    monkeypatch.setenv("LIVECAM_AVATARS_DIR", str(bundled))
+    manifest_path = cache / "avatars" / "bob" / "manifest.json"
+    prepare_avatar("bob", bundled / "bob" / "bob.png")
+    manifest = json.loads(manifest_path.read_text())
+    assert (manifest["kind"], manifest["description"]) == ("bundled", "test face")
+    info = [(a.kind, a.status, a.description) for a in list_avatars() if a.name == "bob"]
+    assert info == [("bundled", "ready", "test face")]
+    prepare_avatar("bob", face_crop)  # another photo under the bundled name: the user's own
+    manifest = json.loads(manifest_path.read_text())
+    assert (manifest["kind"], manifest["description"]) == ("prepared", "")
+    assert [a.kind for a in list_avatars() if a.name == "bob"] == ["prepared"]
+
+
+def test_a_clip_avatars_frames_and_motion_round_trip_through_the_cache(
+    cache: Path, face_crop: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    still = build_avatar("me", face_crop)
+    n, (h, w) = 3, still.image.shape[:2]
+    frames = np.random.default_rng(0).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+    motion = np.tile(np.array([[1, 0, 2], [0, 1, -3]], np.float32), (n, 1, 1))
+    clip = replace(still, frames=frames, motion=motion, clip_rate=12.5)
+    store._write_cache(clip, face_crop, "prepared", "")
+    builds = _count_builds(monkeypatch)
+    loaded = load_avatar("me")
+    assert builds == []
+    assert np.array_equal(loaded.frames, frames) and np.array_equal(loaded.motion, motion)
+    assert loaded.clip_rate == 12.5
+    assert (loaded.eyes.x, loaded.eyes.y) == (still.eyes.x, still.eyes.y)
+    assert np.array_equal(loaded.landmarks, still.landmarks)
+    assert np.array_equal(loaded.mouth.mask, still.mouth.mask)
+    store._write_cache(still, face_crop, "prepared", "")  # a still has none of them
+    loaded = load_avatar("me")
+    assert loaded.frames is None and loaded.motion is None and loaded.clip_rate == 0.0
+
+
+def test_a_bundled_avatar_without_a_description_has_an_empty_one(
+    cache: Path, face_crop: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundled = tmp_path / "bundled"
+    (bundled / "bob").mkdir(parents=True)
+    shutil.copy(face_crop, bundled / "bob" / "bob.png")
+    (bundled / "bob" / "avatar.toml").write_text('name = "bob"\nsource = "bob.png"\n')
+    monkeypatch.setenv("LIVECAM_AVATARS_DIR", str(bundled))
+    prepare_avatar("bob", bundled / "bob" / "bob.png")
+    manifest = json.loads((cache / "avatars" / "bob" / "manifest.json").read_text())
+    assert (manifest["kind"], manifest["description"]) == ("bundled", "")
+
+
+def test_a_damaged_prepared_avatar_says_how_to_make_it_again(
+    cache: Path, face_crop: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    prepare_avatar("me", face_crop)
+    (cache / "avatars" / "me" / "manifest.json").write_text("{")  # its source is unknown now
+    root = cache / "avatars"
+    with pytest.raises(AvatarError) as err:
+        load_avatar("me")
+    assert str(err.value) == (
+        f"the cache of avatar 'me' in {root} is damaged: make it again with "
+        "`livecam avatars prepare me --from PHOTO_OR_CLIP --force`"
+    )
+    info = [a for a in list_avatars() if a.name == "me"]
+    assert info == [store.AvatarInfo("me", "prepared", "damaged", None, "prepare it again")]
+
+
+def test_unknown_avatar_message_is_exact(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(AvatarError) as err:
+        load_avatar("nobody")
+    assert str(err.value) == (
+        "unknown avatar 'nobody'; available: astronaut, portrait. "
+        "Make one with `livecam avatars prepare nobody --from PHOTO_OR_CLIP`"
+    )
+    monkeypatch.setenv("LIVECAM_AVATARS_DIR", str(tmp_path / "none"))
+    with pytest.raises(AvatarError, match=r"^unknown avatar 'nobody'; available: none\. Make"):
+        load_avatar("nobody")
+
+
+def test_a_bundled_avatars_first_use_is_quiet_and_a_damaged_cache_warns(
+    cache: Path, face_crop: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    bundled = tmp_path / "bundled"
+    (bundled / "bob").mkdir(parents=True)
+    shutil.copy(face_crop, bundled / "bob" / "bob.png")
+    (bundled / "bob" / "avatar.toml").write_text('name = "bob"\nsource = "bob.png"\n')
+    monkeypatch.setenv("LIVECAM_AVATARS_DIR", str(bundled))
+    with caplog.at_level(logging.WARNING, logger="livecam.avatar.store"):
+        load_avatar("bob")
+    assert caplog.records == []
+    (cache / "avatars" / "bob" / "manifest.json").write_text("{")
+    with caplog.at_level(logging.WARNING, logger="livecam.avatar.store"):
+        load_avatar("bob")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"avatar 'bob': cache damaged; rebuilding from {bundled / 'bob' / 'bob.png'}"
+    ]
+
+
+def test_preparing_from_a_copy_elsewhere_records_the_new_path(
+    cache: Path, face_crop: Path, tmp_path: Path
+) -> None:
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    shutil.copy(face_crop, first)
+    shutil.copy(face_crop, second)  # same bytes: only the path tells them apart
+    prepare_avatar("me", first)
+    prepare_avatar("me", second)
+    manifest = json.loads((cache / "avatars" / "me" / "manifest.json").read_text())
+    assert manifest["source"] == str(second.resolve())
+    first.unlink()  # the old photo can go: the avatar now comes from the new one
+    assert [a.status for a in list_avatars() if a.name == "me"] == ["ready"]
+
+
+def test_prepare_over_damaged_arrays_warns_and_rebuilds(
+    cache: Path, face_crop: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    prepare_avatar("me", face_crop)
+    (cache / "avatars" / "me" / "arrays.npz").write_bytes(b"garbage")
+    builds = _count_builds(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="livecam.avatar.store"):
+        prepare_avatar("me", face_crop)
+    assert builds == ["me"]
+    [message] = [r.getMessage() for r in caplog.records]
+    assert re.fullmatch(r"avatar 'me' cache damaged \(unreadable arrays\.npz: .+\); rebuilding",
+                        message)  # fmt: skip
+
+
+def test_known_faces_come_from_the_bundled_avatar_toml_of_its_own_photo(
+    face_crop: Path,
+) -> None:
+    astronaut = store.bundled_root() / "astronaut" / "astronaut.png"
+    assert store._known_faces("astronaut", astronaut) == 2  # its detector_faces
+    assert store._known_faces("astronaut", face_crop) == 1  # another photo under its name
+    assert store._known_faces("portrait", PHOTOS["portrait"]) == 1  # not recorded
+    assert store._known_faces("nobody", face_crop) == 1
+    meta = store._bundled("astronaut")
+    assert meta is not None and Path(meta["source"]).resolve() == astronaut.resolve()
+    assert store._bundled("nobody") is None
+
+
+def test_more_faces_than_known_is_a_warning(
+    built: Avatar, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the astronaut photo has a second (false) face: quiet as bundled, a warning otherwise
+    with caplog.at_level(logging.WARNING, logger="livecam.avatar.store"):
+        quiet = build_avatar("astronaut", PHOTOS["astronaut"], 2)
+        loud = build_avatar("astronaut", PHOTOS["astronaut"])
+    assert quiet.warnings == []
+    message = f"2 faces found in {PHOTOS['astronaut']}; using the largest one"
+    assert loud.warnings == [message]
+    assert [r.getMessage() for r in caplog.records] == [message]
+
+
+def test_a_failed_write_keeps_the_old_cache_and_leaves_no_version(
+    cache: Path, face_crop: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = prepare_avatar("me", face_crop)
+    root = cache / "avatars"
+    before = sorted(p.name for p in root.iterdir())
+
+    def full(*args: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store.cachefile, "save_arrays", full)
+        with pytest.raises(AvatarError, match=r"^no space left to save avatar 'me' in "):
+            prepare_avatar("me", face_crop, force=True)
+    assert sorted(p.name for p in root.iterdir()) == before
+    assert np.array_equal(load_avatar("me").image, first.image)
+
+
+def test_the_manifest_records_when_and_for_which_engines(cache: Path, face_crop: Path) -> None:
+    prepare_avatar("me", face_crop, force=True)
+    manifest = json.loads((cache / "avatars" / "me" / "manifest.json").read_text())
+    created = datetime.fromisoformat(manifest["created"])
+    assert created.tzinfo is not None and created.microsecond == 0
+    assert abs((datetime.now(UTC) - created).total_seconds()) < 3600  # made by this run
+    assert manifest["engines"] == ["lite"] and manifest["name"] == "me"
+    assert manifest["source"] == str(face_crop.resolve())
+    assert manifest["params"] == store.build_params()
+
+
+def test_preparing_the_bundled_astronaut_is_quiet_about_its_false_face(cache: Path) -> None:
+    photo = store.bundled_root() / "astronaut" / "astronaut.png"
+    assert prepare_avatar("astronaut", photo).warnings == []
+    assert load_avatar("astronaut").warnings == []

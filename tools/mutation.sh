@@ -3,7 +3,7 @@
 # [tool.mutmut]); not part of CI. Each mutant runs only the selected tests that reach the
 # mutated function. Results stay in mutants/ (`mutmut show NAME` prints a mutant's diff).
 #
-#   tools/mutation.sh                 # ring clock scheduler runner store weights latents features
+#   tools/mutation.sh                 # ring clock scheduler runner cachefile store weights latents features
 #   tools/mutation.sh ring scheduler  # some of them
 #   control: its tests start daemons; add tests/test_control.py to the selection first
 set -euo pipefail
@@ -17,10 +17,10 @@ declare -A module=(
   [scheduler]=livecam.pipeline.scheduler [runner]=livecam.pipeline.runner
   [store]=livecam.avatar.store [weights]=livecam.engines.musetalk.weights
   [latents]=livecam.engines.musetalk.avatar_latents [features]=livecam.features.whisper
-  [control]=livecam.control
+  [control]=livecam.control [cachefile]=livecam.cachefile
 )
 names=("$@")
-[ ${#names[@]} -gt 0 ] || names=(ring clock scheduler runner store weights latents features)
+[ ${#names[@]} -gt 0 ] || names=(ring clock scheduler runner cachefile store weights latents features)
 for name in "${names[@]}"; do
   [ -n "${module[$name]:-}" ] || { echo "unknown module $name: ${!module[*]}" >&2; exit 2; }
 done
