@@ -25,7 +25,7 @@ import soundfile as sf
 from livecam.audio import portaudio, pulse
 from livecam.audio.timing import StreamTiming, host_delay
 from livecam.audio.virtual_mic import VirtualMic
-from livecam.constants import BLOCK, SAMPLE_RATE
+from livecam.constants import SAMPLE_RATE
 from livecam.live import LiveOptions, build_pipeline
 from livecam.pipeline.runner import Pipeline
 
@@ -179,18 +179,12 @@ class _Player:
     microphone, independent of how the capture side reports its own latency."""
 
     def __init__(self, sink: str, audio: np.ndarray, onsets: list[int]) -> None:
-        import sounddevice as sd
 
         self.audio, self.onsets = audio, onsets
         self.blocks: list[Block] = []
         self._pos = 0
         self._done = threading.Event()
-        with pulse.device_override("PULSE_SINK", sink):
-            stream = sd.OutputStream(
-                samplerate=SAMPLE_RATE, channels=1, dtype="float32", blocksize=BLOCK,
-                latency="low", callback=self._callback,
-            )  # fmt: skip
-        self.stream = portaudio.track(stream)
+        self.stream = portaudio.open_stream(self._callback, playback=True, pulse_device=sink)
 
     def _callback(self, outdata, frames, time_info, status) -> None:
         chunk = self.audio[self._pos : self._pos + frames]
@@ -244,17 +238,11 @@ class _Recorder:
     """Captures one PulseAudio source with its timing, to check what an app would hear."""
 
     def __init__(self, source: str) -> None:
-        import sounddevice as sd
 
         self.chunks: list[np.ndarray] = []
         self.blocks: list[Block] = []
         self._end = 0
-        with pulse.device_override("PULSE_SOURCE", source):
-            stream = sd.InputStream(
-                samplerate=SAMPLE_RATE, channels=1, dtype="float32", blocksize=BLOCK,
-                latency="low", callback=self._callback,
-            )  # fmt: skip
-        self.stream = portaudio.track(stream)
+        self.stream = portaudio.open_stream(self._callback, playback=False, pulse_device=source)
 
     def _callback(self, indata, frames, time_info, status) -> None:
         delay = host_delay(time_info.currentTime, time_info.inputBufferAdcTime)

@@ -1,4 +1,4 @@
-"""PortAudio's device list, kept fresh.
+"""livecam's PortAudio streams, and PortAudio's device list kept fresh.
 
 PortAudio lists devices once, when it starts. A sound server started after that (PulseAudio
 coming up after the daemon) or a microphone plugged in later stays invisible until PortAudio
@@ -8,8 +8,13 @@ streams opened through `track` is open.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
+from collections.abc import Callable
+
+from livecam.audio import pulse
+from livecam.constants import BLOCK, SAMPLE_RATE
 
 _lock = threading.Lock()
 _streams: weakref.WeakSet = weakref.WeakSet()
@@ -33,3 +38,26 @@ def rescan() -> bool:
         sd._terminate()
         sd._initialize()
         return True
+
+
+def open_stream(
+    callback: Callable,
+    *,
+    playback: bool,
+    pulse_device: str | None = None,
+    device: int | None = None,
+    latency: float | str = "low",
+):
+    """A stream in livecam's shape: 16 kHz mono float32 in BLOCK-sample blocks, on a PortAudio
+    `device` or routed to a PulseAudio/PipeWire sink (playback) or source by name; tracked, so
+    no rescan closes it. Not started yet."""
+    import sounddevice as sd
+
+    kind = sd.OutputStream if playback else sd.InputStream
+    with contextlib.ExitStack() as routed:
+        if pulse_device is not None:
+            variable = "PULSE_SINK" if playback else "PULSE_SOURCE"
+            routed.enter_context(pulse.device_override(variable, pulse_device))
+        stream = kind(samplerate=SAMPLE_RATE, channels=1, dtype="float32", blocksize=BLOCK,
+                      device=device, latency=latency, callback=callback)  # fmt: skip
+    return track(stream)

@@ -179,17 +179,10 @@ class MicSource:
         import sounddevice as sd
 
         try:
-            self._stream = portaudio.track(
-                sd.InputStream(
-                    samplerate=SAMPLE_RATE,
-                    channels=1,
-                    dtype="float32",
-                    blocksize=BLOCK,
-                    device=self.device_index,
-                    callback=self._callback,
-                    latency=REQUESTED_LATENCY_S,
-                )
-            )
+            self._stream = portaudio.open_stream(
+                self._callback, playback=False, device=self.device_index,
+                latency=REQUESTED_LATENCY_S,
+            )  # fmt: skip
             self._timing = StreamTiming()  # a reopened device starts afresh
             self._stream.start()
         except sd.PortAudioError as exc:

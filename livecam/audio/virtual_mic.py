@@ -18,7 +18,7 @@ from livecam.audio import portaudio, pulse
 from livecam.audio.clock import AudioClock
 from livecam.audio.ring import AudioRing
 from livecam.audio.timing import StreamTiming, host_delay
-from livecam.constants import BLOCK, SAMPLE_RATE
+from livecam.constants import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +99,11 @@ class VirtualMic:
 
         for attempt in range(2):
             try:
-                with pulse.device_override("PULSE_SINK", self.sink):
-                    self._stream = sd.OutputStream(
-                        samplerate=SAMPLE_RATE, channels=1, dtype="float32", blocksize=BLOCK,
-                        latency="low", callback=self._callback,
-                    )  # fmt: skip
+                self._stream = portaudio.open_stream(
+                    self._callback, playback=True, pulse_device=self.sink
+                )
                 self._timing, self._played = StreamTiming(playback=True, window=TIMING_BLOCKS), 0
-                portaudio.track(self._stream).start()
+                self._stream.start()
                 return
             except sd.PortAudioError as exc:
                 self._close_stream()
