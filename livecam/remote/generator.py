@@ -12,7 +12,7 @@ import collections
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Generic, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -58,38 +58,68 @@ class EngineInfo(NamedTuple):
     response_s: float
 
 
+E = TypeVar("E")
+
+
+class PreparedEngines(Generic[E]):
+    """A replica's engines per (avatar, fps, idle motion); beyond `capacity` the least
+    recently used one is dropped (its client uploads the avatar again)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._engines: collections.OrderedDict[tuple, E] = collections.OrderedDict()
+
+    @staticmethod
+    def _key(request: RenderRequest) -> tuple:
+        return request.avatar, request.fps, request.idle
+
+    def __contains__(self, request: RenderRequest) -> bool:
+        return self._key(request) in self._engines
+
+    def add(self, request: RenderRequest, engine: E) -> None:
+        self._engines[self._key(request)] = engine
+        while len(self._engines) > self.capacity:
+            self._engines.popitem(last=False)
+
+    def get(self, request: RenderRequest) -> E:
+        """The request's engine, now the most recently used; MissingAvatar if none."""
+        key = self._key(request)
+        engine = self._engines.get(key)
+        if engine is None:
+            raise MissingAvatar(request.avatar)
+        self._engines.move_to_end(key)
+        return engine
+
+
 class LiteGenerator:
     info = EngineInfo("lite", LiteEngine.tiers, LiteEngine.batch_sizes, LiteEngine.response_s)
 
     def __init__(self, capacity: int = PREPARED_AVATARS) -> None:
-        self.capacity = capacity
-        self._engines: collections.OrderedDict[tuple, LiteEngine] = collections.OrderedDict()
+        self._engines: PreparedEngines[LiteEngine] = PreparedEngines(capacity)
+
+    @property
+    def capacity(self) -> int:
+        return self._engines.capacity
+
+    @capacity.setter
+    def capacity(self, avatars: int) -> None:
+        self._engines.capacity = avatars
 
     def samples_needed(self, fps: float) -> Callable[[int], int]:
         return MouthTrack(fps).samples_needed
 
     def has(self, request: RenderRequest) -> bool:
-        return self._key(request) in self._engines
+        return request in self._engines
 
     def prepare(self, request: RenderRequest, avatar: Avatar) -> None:
-        key = self._key(request)
-        self._engines[key] = LiteEngine(avatar, request.fps, request.idle)
-        while len(self._engines) > self.capacity:
-            self._engines.popitem(last=False)
-
-    @staticmethod
-    def _key(request: RenderRequest) -> tuple:
-        return request.avatar, request.fps, request.idle
+        self._engines.add(request, LiteEngine(avatar, request.fps, request.idle))
 
     def render(self, requests: list[RenderRequest]) -> list[RenderResult]:
         """All frames of all requests in one call (the lite engine renders them in turn)."""
         t0 = time.perf_counter()
         out = []
         for request in requests:
-            engine = self._engines.get(self._key(request))
-            if engine is None:
-                raise MissingAvatar(request.avatar)
-            self._engines.move_to_end(self._key(request))
+            engine = self._engines.get(request)
             engine.set_tier(request.tier)
             regions = _regions(engine.renderer.avatar)
             patches = []

@@ -9,7 +9,6 @@ slightly from a local run. Imports torch: server side only.
 
 from __future__ import annotations
 
-import collections
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +25,7 @@ from livecam.engines.musetalk.manifest import default_models_dir
 from livecam.engines.musetalk.models import load_models
 from livecam.features.voice import VoiceGate
 from livecam.features.whisper import StreamingFeatures
-from livecam.remote.generator import EngineInfo, MissingAvatar, RenderRequest, RenderResult
+from livecam.remote.generator import EngineInfo, PreparedEngines, RenderRequest, RenderResult
 
 PREPARED_AVATARS = 16  # per replica: latents, mask and a lite renderer each
 FORWARD_SIZES = (1, 2, 4, 8, 16, 32)  # merged batches are padded to these shapes
@@ -40,26 +39,20 @@ class MuseTalkGenerator:
         self.options = MuseTalkOptions(warmup=False, fast=FastPaths(gpu_blend=False, pinned=False))
         tiers = ("full", "tiny") if self.models.taesd is not None else ("full",)
         self.info = EngineInfo("musetalk", tiers, BATCH_SIZES, MuseTalkEngine.response_s)
-        self._engines: collections.OrderedDict[tuple, MuseTalkEngine] = collections.OrderedDict()
+        self._engines: PreparedEngines[MuseTalkEngine] = PreparedEngines(PREPARED_AVATARS)
 
     def samples_needed(self, fps: float) -> Callable[[int], int]:
         features = StreamingFeatures(self.models.whisper, fps, context_s=self.options.context_s)
         gate = VoiceGate(fps)
         return lambda k: max(features.samples_needed(k), gate.samples_needed(k))
 
-    @staticmethod
-    def _key(request: RenderRequest) -> tuple:
-        return request.avatar, request.fps, request.idle
-
     def has(self, request: RenderRequest) -> bool:
-        return self._key(request) in self._engines
+        return request in self._engines
 
     def prepare(self, request: RenderRequest, avatar: Avatar) -> None:
         engine = MuseTalkEngine(avatar, request.fps, self.models, self.options, request.idle,
                                 forward=self.forward)  # fmt: skip
-        self._engines[self._key(request)] = engine
-        while len(self._engines) > PREPARED_AVATARS:
-            self._engines.popitem(last=False)
+        self._engines.add(request, engine)
 
     def _features(self, request: RenderRequest, frames: list[int]) -> torch.Tensor:
         audio = request.audio if request.audio is not None else np.zeros(0, np.float32)
@@ -75,11 +68,7 @@ class MuseTalkGenerator:
         t0 = time.perf_counter()
         engines = []
         for request in requests:
-            engine = self._engines.get(self._key(request))
-            if engine is None:
-                raise MissingAvatar(request.avatar)
-            self._engines.move_to_end(self._key(request))
-            engines.append(engine)
+            engines.append(self._engines.get(request))
         faces = self._faces(requests, engines)
         out = []
         for request, engine in zip(requests, engines, strict=True):
