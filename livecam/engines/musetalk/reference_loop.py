@@ -22,6 +22,7 @@ import queue
 import sys
 import threading
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,28 @@ def check_checkout(checkout: Path) -> None:
             f"{checkout} is not a MuseTalk checkout (missing {', '.join(missing)}): "
             "git clone https://github.com/TMElyralab/MuseTalk and pass its folder"
         )
+
+
+def _stand_in_for_torchvision() -> None:
+    """The reference's VAE wrapper imports torchvision for one `transforms.Normalize`, used
+    when it encodes images (never in the loop). Where torchvision is absent (it is not a
+    livecam dependency), an equivalent Normalize lets the unchanged wrapper import."""
+    try:
+        import torchvision.transforms  # noqa: F401
+    except ImportError:
+        package, transforms = types.ModuleType("torchvision"), types.ModuleType("transforms")
+        transforms.Normalize = _Normalize  # type: ignore[attr-defined]
+        package.transforms = transforms  # type: ignore[attr-defined]
+        sys.modules.update({"torchvision": package, "torchvision.transforms": transforms})
+
+
+class _Normalize:
+    def __init__(self, mean: list[float], std: list[float]) -> None:
+        self.mean = torch.tensor(mean).view(-1, 1, 1)
+        self.std = torch.tensor(std).view(-1, 1, 1)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return (image - self.mean.to(image)) / self.std.to(image)
 
 
 def write_release_formats(models: Any, folder: Path, tiny: bool) -> tuple[Path, Path, Path]:
@@ -87,6 +110,7 @@ def run_reference(
 ) -> dict[str, Any]:  # fmt: skip
     """Frames per second of the reference loop, per run (the first includes cuDNN's tuning)."""
     check_checkout(checkout)
+    _stand_in_for_torchvision()
     sys.path.insert(0, str(checkout))
     try:
         from musetalk.models.unet import PositionalEncoding, UNet
