@@ -16,7 +16,13 @@ from livecam.audio.files import read_audio
 from livecam.audio.ring import AudioRing
 from livecam.avatar.store import load_avatar
 from livecam.engines.musetalk.engine import MuseTalkEngine, MuseTalkOptions
-from livecam.engines.musetalk.forward import FastPaths, Forward, SharedForward
+from livecam.engines.musetalk.forward import (
+    PLAIN_DECODERS,
+    FastPaths,
+    Forward,
+    SharedForward,
+    compiled_decoder,
+)
 from livecam.engines.musetalk.models import MuseTalkModels, random_models
 from tests.conftest import JFK
 
@@ -73,6 +79,42 @@ def test_channels_last_gives_the_same_faces(models: MuseTalkModels) -> None:
     assert (plain.int() - nhwc.int()).abs().max() <= 1  # float summation order only
 
 
+def test_compiled_decoders_give_the_same_faces(
+    models: MuseTalkModels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch.compile's fused decoders (opt-in) at batch 1 and 3, each shape its own kernels."""
+    plain = Forward(models, FastPaths.none())
+    fused = Forward(models, FastPaths(channels_last=False, compile=True), compile_on_cpu=True)
+    on_cpu = Forward(models, FastPaths(channels_last=False, compile=True))
+    assert on_cpu._decoders is PLAIN_DECODERS  # CUDA's alone unless asked
+    assert fused._decoders == {tier: compiled_decoder(tier) for tier in PLAIN_DECODERS}
+    for batch in (1, 3):
+        latents = torch.randn(batch, 4, 32, 32)
+        for tier in ("full", "tiny"):
+            want, got = plain.decode(latents, tier), fused.decode(latents, tier)
+            assert got.shape == want.shape == (batch, 256, 256, 3)
+            diff = (got.int() - want.int()).abs()
+            assert diff.max() <= 2 and diff.float().mean() < 0.01  # fusion reorders float math
+    assert fused.compile_error is None
+    assert not FastPaths.configured().compile
+    monkeypatch.setenv("LIVECAM_TORCH_COMPILE", "1")
+    assert MuseTalkOptions().fast.compile
+
+
+def test_a_failing_compiler_leaves_the_plain_decoder(models: MuseTalkModels) -> None:
+    fused = Forward(models, FastPaths(channels_last=False, compile=True), compile_on_cpu=True)
+
+    def broken(decoder: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("no C compiler")
+
+    fused._decoders = {"full": broken, "tiny": broken}
+    latents = torch.randn(1, 4, 32, 32)
+    want = Forward(models, FastPaths.none()).decode(latents, "full")
+    assert torch.equal(fused.decode(latents, "full"), want)
+    assert fused.compile_error == "RuntimeError: no C compiler"
+    assert fused._decoders is PLAIN_DECODERS
+
+
 def test_engine_fast_and_plain_paths_agree(models: MuseTalkModels) -> None:
     ring, frames = _ring(), [40, 41, 42]
     fast = _engine(models, FastPaths(channels_last=False)).generate(ring, frames)
@@ -85,10 +127,10 @@ def test_engine_fast_and_plain_paths_agree(models: MuseTalkModels) -> None:
 class _HeldForward:
     """The real forward, held on its first call until the test lets it go."""
 
-    graph_error = None
+    graph_error = compile_error = None
 
     def __init__(self, forward: Forward) -> None:
-        self.forward, self.calls = forward, []
+        self.forward, self.calls, self.device = forward, [], forward.device
         self.entered, self.release = threading.Event(), threading.Event()
 
     def __call__(self, latents: torch.Tensor, cond: torch.Tensor, tier: str) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +36,9 @@ class MuseTalkGenerator:
     def __init__(self, models_dir: Path | None, device: str | None = None) -> None:
         self.models = load_models(models_dir or default_models_dir(), device)
         # the host blend: only the face box leaves the replica, composed on the CPU
-        self.forward = Forward(self.models, FastPaths(gpu_blend=False, pinned=False))
-        self.options = MuseTalkOptions(warmup=False, fast=FastPaths(gpu_blend=False, pinned=False))
+        paths = replace(FastPaths.configured(), gpu_blend=False, pinned=False)
+        self.forward = Forward(self.models, paths)
+        self.options = MuseTalkOptions(warmup=False, fast=paths)
         tiers = ("full", "tiny") if self.models.taesd is not None else ("full",)
         self.info = EngineInfo("musetalk", tiers, BATCH_SIZES, MuseTalkEngine.response_s)
         self._engines: PreparedEngines[MuseTalkEngine] = PreparedEngines(PREPARED_AVATARS)

@@ -46,7 +46,7 @@ class MuseTalkOptions:
     warmup: bool | None = None  # None: every batch shape on CUDA, batch 1 on CPU
     context_s: float = 8.0  # streaming encoder window
     batch_sizes: tuple[int, ...] = BATCH_SIZES  # the fixed shapes (the largest chunks a call)
-    fast: FastPaths = field(default_factory=FastPaths)
+    fast: FastPaths = field(default_factory=FastPaths.configured)
     voice_gate: bool = True  # False: every frame speaks (benchmarks of the worst case)
 
 

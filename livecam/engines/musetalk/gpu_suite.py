@@ -2,7 +2,8 @@
 
 With full-size random weights (fp16 on CUDA): frames per second of the whole engine (streaming
 features, UNet, decoder, blending, the frames back on the host) at batch 1/4/8/16, for the
-full VAE and the tiny decoder, with every fast path on, all off, and each one off alone;
+full VAE and the tiny decoder, with every fast path on, all off, each one off alone, and the
+opt-in compiled decoders on top;
 how far the fast paths' faces are from the plain path's; peak memory; how many 25-fps
 streams one GPU holds (measured: that many engines generating at once, each with its own
 audio and avatar data, sharing one model set); and, given a checkout of the MuseTalk
@@ -46,12 +47,13 @@ LIVE_DEFAULT = "all_again"  # FastPaths(), what the engine runs, measured last (
 
 
 def configurations() -> list[tuple[str, FastPaths]]:
-    """Every path on, all off, each one off alone, and every path on again last: the two
-    "all" rows bound the drift of a run (clocks, caches) that the comparisons sit in."""
+    """Every default path on, all off, each one off alone, the opt-in compile on top, and every
+    default path on again last: the two "all" rows bound the drift of a run (clocks, caches)
+    that the comparisons sit in."""
     every = FastPaths()
     rows = [("all", every), ("none", FastPaths.none())]
     rows += [(f"no_{name}", replace(every, **{name: False})) for name in SWITCHES]
-    return [*rows, ("all_again", every)]
+    return [*rows, ("all_compiled", replace(every, compile=True)), ("all_again", every)]
 
 
 def _sync(device: torch.device) -> None:
@@ -137,6 +139,8 @@ class Suite:
                         row[f"fps_b{b}"], row["error"] = None, f"{type(e).__name__}: {e}"
                 if engine.forward.graph_error:
                     row["graph_error"] = engine.forward.graph_error
+                if engine.forward.compile_error:
+                    row["compile_error"] = engine.forward.compile_error
                 rows.append(row)
                 log.info("gpu suite: %s", json.dumps(row))
                 if name in ("all", "none"):
