@@ -193,7 +193,11 @@ class ControlServer:
         try:
             with conn:
                 line = _read_line(conn, time.monotonic() + REQUEST_DEADLINE_S)
-                if line is not None:
+                if line is None:
+                    return
+                if len(line) >= MAX_REQUEST:
+                    _reply(conn, {"error": f"request longer than {MAX_REQUEST - 1} bytes"})
+                else:
                     _reply(conn, self._answer(line))
         except Exception:  # never let one connection take anything else down
             log.exception("control connection failed")
@@ -263,7 +267,8 @@ def _connect(conn: socket.socket, path: Path, deadline: float) -> None:
 
 
 def _read_line(conn: socket.socket, deadline: float) -> bytes | None:
-    """One request line (at most MAX_REQUEST bytes) before `deadline`, else None."""
+    """The request line before `deadline` (None if it does not come): at most MAX_REQUEST
+    bytes with its newline; MAX_REQUEST bytes without one mean it is longer."""
     data = b""
     while b"\n" not in data and len(data) < MAX_REQUEST:
         remaining = deadline - time.monotonic()

@@ -189,13 +189,16 @@ def _control_handlers(
         name = message.get("name")
         if not isinstance(name, str):
             raise ControlError('"name" must be an avatar name')
-        # Runs on this request's own thread: status and stop stay answered meanwhile.
-        with switching:
-            try:
-                look = build_look(pipeline, name, opts)
-            except (AvatarError, ValueError) as exc:
-                raise ControlError(str(exc)) from None
-            pipeline.switch(look)
+        # Runs on this request's own thread: status and stop stay answered meanwhile. A second
+        # switch is refused rather than queued, so waiting switches never fill the slots.
+        if not switching.acquire(blocking=False):
+            raise ControlError("another avatar switch is in progress; retry when it is done")
+        try:
+            pipeline.switch(build_look(pipeline, name, opts))
+        except (AvatarError, ValueError) as exc:
+            raise ControlError(str(exc)) from None
+        finally:
+            switching.release()
         return {"avatar": name}
 
     return {"status": status, "stop": stop_now, "mute": mute, "avatar": avatar}

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -96,3 +97,27 @@ def test_start_after_a_killed_daemon(runtime_dir):
         assert second.wait(timeout=30) == 0
     finally:
         second.kill()
+
+
+def test_a_second_start_refuses_while_clients_idle(runtime_dir):
+    """Idle clients once made a busy daemon look crashed: a second start deleted its socket."""
+    proc = _start_daemon()
+    sock = runtime_dir / "livecam.sock"
+    idle = []
+    try:
+        for _ in range(5):  # connected, never send a byte
+            idle.append(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            idle[-1].connect(str(sock))
+        second = livecam("start", "--audio", str(JFK), "--sink", "memory", "--no-dashboard")
+        assert second.returncode == 1, second.stderr
+        assert "already running" in second.stderr and "Traceback" not in second.stderr
+        assert sock.exists() and proc.poll() is None  # the first daemon keeps its socket
+        status = livecam("status", "--json", timeout=20)
+        assert status.returncode == 0 and json.loads(status.stdout)["avatar"] == "astronaut"
+        assert livecam("stop").returncode == 0
+        assert proc.wait(timeout=30) == 0
+        assert not sock.exists()
+    finally:
+        for conn in idle:
+            conn.close()
+        proc.kill()

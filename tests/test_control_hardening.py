@@ -325,7 +325,61 @@ def test_the_reply_is_one_json_line(server):
     assert json.loads(reply)["error"].startswith("bad request; commands: boom, slow, status")
 
 
+def test_an_overlong_request_is_answered_as_such(server):
+    for size in (control.MAX_REQUEST, 100_000):
+        with _idle_client(server.path) as conn:
+            conn.sendall(b'{"cmd": "status", "pad": "' + b"x" * size + b'"}\n')
+            reply = conn.makefile("rb").readline()  # the rest unread: then a reset, no hang
+        too_long = f"request longer than {control.MAX_REQUEST - 1} bytes"
+        assert json.loads(reply) == {"error": too_long}
+    longest = b'{"cmd": "status", "pad": "' + b"x" * (control.MAX_REQUEST - 29) + b'"}'
+    assert len(longest) == control.MAX_REQUEST - 1
+    with _idle_client(server.path) as conn:
+        conn.sendall(longest + b"\n")
+        assert json.loads(conn.makefile("rb").readline()) == {"ok": True}
+
+
 def test_an_uncreatable_runtime_dir_is_one_line(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ControlError, match="cannot create the runtime directory"):
         ControlServer({}, tmp_path / "file" / "run" / "livecam.sock").start()
+
+
+def test_status_answers_while_an_avatar_is_built(run_dir, monkeypatch):
+    """A switch that prepares an avatar runs on its own thread; a second one is refused at once
+    instead of queueing behind it (queued switches would fill every connection slot)."""
+    from livecam import live
+
+    building, release = threading.Event(), threading.Event()
+
+    def slow_build(pipeline: object, name: str, opts: object) -> str:
+        building.set()
+        assert release.wait(30)
+        return f"look of {name}"
+
+    monkeypatch.setattr(live, "build_look", slow_build)
+    shown: list[str] = []
+    pipeline = SimpleNamespace(muted=False, switch=shown.append)
+    mic = SimpleNamespace(muted=False)
+    handlers = live._control_handlers(pipeline, mic, threading.Event(), None)  # type: ignore[arg-type]
+    handlers["status"] = lambda _: {"ok": True}
+    srv = ControlServer(handlers, run_dir / "livecam.sock")
+    srv.start()
+    answers: list[object] = []
+    ask = {"cmd": "avatar", "name": "portrait"}
+    switch = threading.Thread(target=lambda: answers.append(request(ask, srv.path, timeout=30)))
+    try:
+        switch.start()
+        assert building.wait(10)
+        for _ in range(3):
+            assert request({"cmd": "status"}, srv.path, timeout=1.5) == {"ok": True}
+        with pytest.raises(ControlError, match="another avatar switch is in progress"):
+            request({"cmd": "avatar", "name": "astronaut"}, srv.path, timeout=1.5)
+        assert request({"cmd": "mute", "on": True}, srv.path, timeout=1.5) == {"muted": True}
+        assert shown == []
+        release.set()
+        switch.join(30)
+        assert answers == [{"avatar": "portrait"}] and shown == ["look of portrait"]
+    finally:
+        release.set()
+        srv.stop()

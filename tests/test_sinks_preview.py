@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import socket
+import struct
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import urllib.request
@@ -162,3 +167,73 @@ def test_accept_errors_do_not_spin(sink: PreviewSink, monkeypatch) -> None:
     monkeypatch.undo()
     assert 1 <= spins <= 10  # with no pause: thousands of accept attempts a second
     assert get(sink.url)[0].startswith("text/html")  # and it serves again afterwards
+
+
+def _reset(conn: socket.socket) -> None:
+    """Close with a TCP reset, as a browser tab that is killed does."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+
+
+def test_real_disconnects_log_no_traceback(sink: PreviewSink, caplog, capsys) -> None:
+    caplog.set_level("DEBUG")
+    noise = np.random.default_rng(1).integers(0, 256, (H, W, 3), np.uint8)
+    sink.send(noise, NO_AUDIO)
+    for _ in range(3):
+        conn = open_stream(sink)
+        read_part(conn)
+        _reset(conn)  # mid-stream: the next frame's write fails
+        for _ in range(5):
+            sink.send(noise, NO_AUDIO)
+            time.sleep(0.02)
+    for path in ("/frame.jpg", "/"):  # gone before the answer is written
+        conn = socket.create_connection(("127.0.0.1", sink.port), timeout=5)
+        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+        _reset(conn)
+    time.sleep(0.5)
+    assert get(sink.url)[0].startswith("text/html")  # still serving
+    assert [r for r in caplog.records if r.levelno > logging.DEBUG or r.exc_info] == []
+    assert "Traceback" not in capsys.readouterr().err
+
+
+OUT_OF_DESCRIPTORS = textwrap.dedent("""
+    import os, resource, sys
+    from livecam.sinks.preview import PreviewSink
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+    sink = PreviewSink(16, 16, 30, port=0)
+    filler = []
+    try:
+        while True:
+            filler.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        pass
+    print(sink.port, flush=True)
+    sys.stdin.readline()  # the test's client now waits in the backlog: every accept fails
+    failures = sink._server.accept_failures
+    for fd in filler:
+        os.close(fd)
+    print(failures, flush=True)
+    sys.stdin.readline()
+    sink.close()
+""")
+
+
+def test_out_of_descriptors_the_preview_pauses_and_recovers() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", OUT_OF_DESCRIPTORS], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        port = int(proc.stdout.readline())
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            time.sleep(1.0)  # accept fails with EMFILE meanwhile
+            proc.stdin.write("free\n")
+            proc.stdin.flush()
+            failures = int(proc.stdout.readline())
+            assert 1 <= failures <= 25  # paused between attempts (a busy loop: thousands)
+            assert conn.recv(100).startswith(b"HTTP/1.0 200")  # served once fds are back
+        proc.stdin.write("stop\n")
+        proc.stdin.flush()
+        assert proc.wait(10) == 0
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        proc.kill()
