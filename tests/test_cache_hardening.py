@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -71,27 +70,67 @@ def test_concurrent_writers_queue_on_the_lock(cache, built):
     assert [a.status for a in list_avatars() if a.name == "me"] == ["ready"]
 
 
-KILLED_WRITER = textwrap.dedent("""
-    import os, signal
-    from livecam.avatar import cachedir, store
-    avatar = store.load_avatar("me")
-    cachedir.publish = lambda *a: os.kill(os.getpid(), signal.SIGKILL)  # die before the swap
-    source = store.Path(store._read_manifest("me")["source"])
-    store._write_cache(avatar, source, "prepared", "")
-""")
+def _run(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout,
+                          env=os.environ.copy())  # fmt: skip
 
 
-def test_a_writer_killed_mid_write_loses_nothing(cache, built):
-    before = _version(cache)
-    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER], capture_output=True, text=True,
-                          timeout=120, env=os.environ.copy())  # fmt: skip
-    assert proc.returncode == -9, proc.stderr[-1000:]
-    assert _version(cache) == before  # the avatar never vanished
-    leftovers = _hidden(cache) - {before, ".me~lock"}
-    assert leftovers  # the killed writer's version folder ...
-    assert [a.name for a in list_avatars() if a.name.startswith(".")] == []  # ... is not listed
+def test_two_prepare_force_processes_leave_one_good_cache(cache, built):
+    cmd = [sys.executable, "-m", "livecam", "avatars", "prepare", "me", "--from", str(PHOTO),
+           "--force"]  # fmt: skip
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]  # fmt: skip
+    outputs = [proc.communicate(timeout=180)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    assert all("Traceback" not in out for out in outputs)
+    assert _hidden(cache) == {_version(cache), ".me~lock"}
+    assert [a.status for a in list_avatars() if a.name == "me"] == ["ready"]
     assert load_avatar("me").image.shape == built.image.shape
-    store._write_cache(built, PHOTO, "prepared", "")  # ... and the next write cleans it
+
+
+# A writer killed (SIGKILL) at each step of a rebuild: monkeypatched in the child only.
+KILL = "lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)"
+AFTER = "lambda real: lambda *a, **k: (real(*a, **k), os.kill(os.getpid(), signal.SIGKILL))"
+KILL_POINTS = {
+    "after the arrays": f"cachefile.save_arrays = ({AFTER})(cachefile.save_arrays)",
+    "before the swap": f"cachedir.publish = {KILL}",
+    "link made, not swapped": f"cachedir.os.symlink = ({AFTER})(os.symlink)",
+    "swapped, not cleaned": f"cachedir.clean = {KILL}",
+    "older layout exchanged": f"cachedir._exchange = ({AFTER})(cachedir._exchange)",
+}
+KILLED_WRITER = """
+import os, signal, sys
+from livecam import cachefile
+from livecam.avatar import cachedir, store
+avatar = store.load_avatar("me")
+exec(sys.argv[1])
+store._write_cache(avatar, store.Path(store._read_manifest("me")["source"]), "prepared", "")
+"""
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_a_writer_killed_at_any_step_loses_nothing(cache, built, point):
+    if point == "older layout exchanged":  # a cache in the layout before versions
+        version = cache / _version(cache)
+        (cache / "me").unlink()
+        version.rename(cache / "me")
+    proc = _run(sys.executable, "-c", KILLED_WRITER, KILL_POINTS[point])
+    assert proc.returncode == -9, proc.stderr[-1000:]
+    assert cachedir.live_dir(cache, "me") is not None  # the avatar never vanished
+    assert [(a.name, a.status) for a in list_avatars() if a.kind != "bundled"] == [
+        ("me", "ready")]  # leftovers are not listed  # fmt: skip
+    assert load_avatar("me").image.shape == built.image.shape
+    store._write_cache(built, PHOTO, "prepared", "")  # the next write cleans up
+    assert _hidden(cache) == {_version(cache), ".me~lock"}
+
+
+def test_without_rename_exchange_the_older_layout_is_still_replaced(cache, built, monkeypatch):
+    version = cache / _version(cache)
+    (cache / "me").unlink()
+    version.rename(cache / "me")
+    monkeypatch.setattr(cachedir.ctypes, "CDLL", lambda *a, **k: object())  # no renameat2
+    store._write_cache(built, PHOTO, "prepared", "")
+    assert (cache / "me").is_symlink()
     assert _hidden(cache) == {_version(cache), ".me~lock"}
 
 
@@ -177,6 +216,45 @@ def test_disk_full_during_prepare_is_one_line_and_keeps_the_cache(cache, built, 
         store._write_cache(built, PHOTO, "prepared", "")
     monkeypatch.undo()
     assert _version(cache) == before and _hidden(cache) == {before, ".me~lock"}
+
+
+DISK_FULL = """
+mount -t tmpfs -o size="$1" tmpfs "$2" && cp -a "$3/." "$2/" || exit 99
+export LIVECAM_CACHE_DIR="$2"
+"$4" -m livecam avatars prepare me --from "$5" --force
+echo "rc=$?"
+ls -A "$2/avatars"
+"$4" -c "$6"
+"""
+
+
+LIST = "from livecam.avatar import store; print([(a.name, a.status) for a in store.list_avatars()])"
+
+
+def _namespace() -> list[str]:
+    """A private mount namespace (a tmpfs there is gone with the child), or skip."""
+    cmd = ["unshare", "--mount"] + ([] if os.geteuid() == 0 else ["--map-root-user"])
+    if shutil.which("unshare") is None or _run(*cmd, "true", timeout=10).returncode != 0:
+        pytest.skip("needs unshare(1) and mount namespaces for a real small filesystem")
+    return cmd
+
+
+def test_a_really_full_disk_is_one_line_and_keeps_the_cache(cache, tmp_path):
+    namespace = _namespace()
+    used = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+    size = f"{used // 1024 + 1024}k"  # room for the cache there, not for a second one
+    mount = tmp_path / "small"
+    mount.mkdir()
+    proc = _run(*namespace, "sh", "-c", DISK_FULL, "sh", size, str(mount), str(cache.parent),
+                sys.executable, str(PHOTO), LIST)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "rc=1" in out, out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no space left to save avatar 'me'" in errors[0], out
+    assert "Traceback" not in out
+    listing = out.split("rc=1", 1)[1].split()
+    assert listing[:3] == [".me~lock", _version(cache), "me"], out  # the old one, no temporaries
+    assert "('me', 'ready')" in out, out
 
 
 @pytest.mark.parametrize("name", ["x\n", "astronaut\n", ".hidden", "a~v-1", "../x", "a/b"])
