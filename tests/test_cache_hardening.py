@@ -1,5 +1,5 @@
 """Caches stay whole: concurrent and killed writers, leftovers, damaged manifests, symlinks,
-a full disk; and the file sink's temporaries."""
+a full disk (the file sink's temporaries: test_file_sink_temps.py)."""
 
 from __future__ import annotations
 
@@ -278,28 +278,3 @@ def test_musetalk_latents_are_written_through_temporaries(cache):
     assert loaded is not None and loaded.box == (1, 2, 30, 40)
     (folder / al.MANIFEST).write_text("[]")  # damaged: rebuilt, never a crash
     assert al._load(folder, key) is None
-
-
-def test_file_sink_temporaries_are_fresh_files_of_its_own(tmp_path):
-    from livecam.sinks.file import FileSink, _temporary
-
-    out = tmp_path / "out.mp4"
-    victim = tmp_path / "victim.txt"
-    victim.write_text("precious")
-    for suffix in ("audio.wav", "mux.mp4"):
-        (tmp_path / f".out.mp4.{suffix}").symlink_to(victim)  # the old fixed names
-    one, two = _temporary(out, ".audio.wav"), _temporary(out, ".audio.wav")
-    assert one != two  # two renders to one --out never share a temporary
-    for path in (one, two):
-        assert path.parent == tmp_path and not path.is_symlink()
-        assert (path.stat().st_mode & 0o777) == 0o600
-        path.unlink()
-    sink = FileSink(out, 64, 64, 25)
-    frame = np.zeros((64, 64, 3), np.uint8)
-    for _ in range(10):
-        sink.send(frame, np.full(640, 0.1, np.float32))
-    sink.close()
-    assert victim.read_text() == "precious"
-    assert out.stat().st_size > 0
-    leftovers = {p.name for p in tmp_path.iterdir()} - {"out.mp4", "victim.txt"}
-    assert leftovers == {".out.mp4.audio.wav", ".out.mp4.mux.mp4"}  # only the planted links
