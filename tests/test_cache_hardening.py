@@ -4,6 +4,7 @@ a full disk (the file sink's temporaries: test_file_sink_temps.py)."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -276,5 +277,25 @@ def test_musetalk_latents_are_written_through_temporaries(cache):
         "arrays.npz", "manifest.json", "musetalk.json", "musetalk.npz"]  # fmt: skip
     loaded = al._load(folder, key)
     assert loaded is not None and loaded.box == (1, 2, 30, 40)
-    (folder / al.MANIFEST).write_text("[]")  # damaged: rebuilt, never a crash
-    assert al._load(folder, key) is None
+    manifest = json.loads((folder / al.MANIFEST).read_text())
+    sums = manifest["arrays"]
+    damaged = [[], {}, {**manifest, "arrays": 5}, {**manifest, "key": []},
+               {**manifest, "arrays": {"box": sums["box"]}},
+               {**manifest, "arrays": {**sums, "box": 5}}]  # fmt: skip
+    for value in damaged:  # damaged: rebuilt, never a crash
+        text = json.dumps(value)
+        (folder / al.MANIFEST).write_text(text)
+        assert al._load(folder, key) is None, text
+
+
+@pytest.mark.parametrize("memo", ["[]", '"x"', '{"k": 5}', "{", '{"k": "../../x"}'])
+def test_a_damaged_weights_hash_memo_is_started_again(tmp_path, monkeypatch, memo):
+    from livecam.engines.musetalk import weights
+
+    monkeypatch.setenv("LIVECAM_CACHE_DIR", str(tmp_path / "cache"))
+    weights.weights_cache_dir().mkdir(parents=True)
+    memo_path = weights.weights_cache_dir() / "hashes.json"
+    memo_path.write_text(memo)
+    digest = weights.cached_sha256(PHOTO)
+    assert digest == store.sha256_file(PHOTO)
+    assert list(json.loads(memo_path.read_text()).values()) == [digest]

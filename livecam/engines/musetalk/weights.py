@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -38,6 +39,9 @@ def weights_cache_dir() -> Path:
     return cache_root() / "weights"
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
 def cached_sha256(path: Path) -> str:
     """sha256 of a file, memoized by (path, size, mtime) so a 3.4 GB file is hashed once."""
     st = path.stat()
@@ -46,6 +50,9 @@ def cached_sha256(path: Path) -> str:
         memo = json.loads(memo_path.read_text())
     except (OSError, ValueError):
         memo = {}
+    if not isinstance(memo, dict):  # damaged: start again (a hash is only ever recomputed)
+        memo = {}
+    memo = {k: v for k, v in memo.items() if isinstance(v, str) and _SHA256.fullmatch(v)}
     key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
     if key not in memo:
         memo[key] = sha256_file(path)
