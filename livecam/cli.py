@@ -421,7 +421,9 @@ def avatars_list() -> None:
 
     table = Table("name", "kind", "status", "source", "description")
     for info in list_avatars():
-        table.add_row(info.name, info.kind, info.status, str(info.source), info.description)
+        table.add_row(
+            info.name, info.kind, info.status, str(info.source or "unknown"), info.description
+        )
     console.print(table)
 
 
