@@ -17,6 +17,7 @@ import pytest
 from livecam.sinks import SinkError
 from livecam.sinks import file as file_sink
 from livecam.sinks.file import FileSink
+from tests.conftest import REPO
 from tests.test_sinks_file import FPS, H, W, audio, frame, probe
 
 pytestmark = pytest.mark.skipif(shutil.which("ffprobe") is None, reason="needs ffmpeg")
@@ -77,7 +78,7 @@ def test_two_render_processes_to_one_out(tmp_path):
         _render(__import__("pathlib").Path({str(out)!r}), int(sys.argv[1])).close()
     """)
     procs = [subprocess.Popen([sys.executable, "-c", child, str(n)], stderr=subprocess.PIPE,
-                              text=True) for n in (FPS, 2 * FPS)]  # fmt: skip
+                              text=True, cwd=REPO) for n in (FPS, 2 * FPS)]  # fmt: skip
     errors = [proc.communicate(timeout=120)[1] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], errors
     assert _durations(out) in ([1.0, 1.0], [2.0, 2.0])  # one of them, whole
