@@ -299,3 +299,34 @@ def test_a_damaged_weights_hash_memo_is_started_again(tmp_path, monkeypatch, mem
     digest = weights.cached_sha256(PHOTO)
     assert digest == store.sha256_file(PHOTO)
     assert list(json.loads(memo_path.read_text()).values()) == [digest]
+
+
+def test_an_unwritable_weights_cache_still_gives_the_hash(tmp_path, monkeypatch, caplog):
+    from livecam.engines.musetalk import weights
+
+    monkeypatch.setenv("LIVECAM_CACHE_DIR", str(tmp_path))
+    (tmp_path / "weights").write_text("a file where the folder should be")
+    assert weights.cached_sha256(PHOTO) == store.sha256_file(PHOTO)
+    assert "could not remember the hash" in caplog.text
+
+
+DAMAGED_TOML = [
+    b"source = 5",
+    b'description = "no source"',
+    b'source = "p.jpg"\nfaces = 2\n[x',
+    b'source = "p.jpg"\ndetector_faces = "2"',
+    b'source = "p.jpg"\ndetector_faces = true',
+    b'source = "p.jpg"\ndescription = []',
+    b'source = "\xff"',
+]
+
+
+@pytest.mark.parametrize("toml", DAMAGED_TOML)
+def test_a_damaged_bundled_avatar_toml_is_named(tmp_path, monkeypatch, toml):
+    monkeypatch.setenv("LIVECAM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("LIVECAM_AVATARS_DIR", str(tmp_path / "bundled"))
+    (tmp_path / "bundled" / "bad").mkdir(parents=True)
+    (tmp_path / "bundled" / "bad" / "avatar.toml").write_bytes(toml)
+    assert [(a.name, a.status) for a in list_avatars()] == [("bad", "damaged")]
+    with pytest.raises(AvatarError, match=r"bad/avatar.toml"):
+        load_avatar("bad")
