@@ -116,8 +116,13 @@ def _exchange(a: Path, b: Path) -> None:
         code = ctypes.get_errno()
         if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
             raise OSError(code, os.strerror(code), str(b))
-    b.rename(b.parent / f".{b.name}{SEP}old-{uuid.uuid4().hex[:8]}")
-    os.replace(a, b)
+    aside = b.parent / f".{b.name}{SEP}old-{uuid.uuid4().hex[:8]}"
+    b.rename(aside)
+    try:
+        os.replace(a, b)
+    except BaseException:
+        aside.rename(b)
+        raise
 
 
 def clean(root: Path, name: str, keep: str | None = None) -> None:

@@ -2,12 +2,12 @@
 
 Video goes to a temporary fragmented mp4 next to `path` (playable at every keyframe, so a
 killed encoder still leaves a video), audio to a temporary raw float32 file (plain writes: a
-full disk is an OSError with its errno); `close()` muxes both (AAC)
-into a third temporary and renames it over `path`, so `path` is only ever replaced whole.
-Temporaries are made with mkstemp (O_EXCL, a fresh name, mode 0600) in the output's folder and
-written through their file descriptors: never through a planted symlink, never shared by two
-renders to one `path` (the last to finish wins). Every way out of the sink removes them; only
-the audio of a failed mux is kept (and named in the log).
+full disk is an OSError with its errno); `close()` muxes both (AAC) into a third temporary
+and renames it over `path`, so `path` is only ever replaced whole. Temporaries are made with
+mkstemp (O_EXCL, a fresh name, mode 0600) in the output's folder and written through their
+file descriptors: never through a planted symlink, never shared by two renders to one `path`
+(the last to finish wins). Every way out of the sink removes them; only the audio of a
+failed mux is kept (and named in the log).
 """
 
 from __future__ import annotations
