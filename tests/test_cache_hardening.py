@@ -130,6 +130,18 @@ def test_without_rename_exchange_the_older_layout_is_still_replaced(cache, built
     (cache / "me").unlink()
     version.rename(cache / "me")
     monkeypatch.setattr(cachedir.ctypes, "CDLL", lambda *a, **k: object())  # no renameat2
+    real_replace = os.replace
+
+    def fails(src, dst):  # only the pointer's rename (the arrays' one goes through)
+        if "~link-" in str(src):
+            raise OSError(errno.EIO, "Input/output error")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(cachedir.os, "replace", fails)
+    with pytest.raises(AvatarError, match="Input/output error"):
+        store._write_cache(built, PHOTO, "prepared", "")
+    assert (cache / "me").is_dir() and not (cache / "me").is_symlink()  # put back
+    monkeypatch.setattr(cachedir.os, "replace", real_replace)
     store._write_cache(built, PHOTO, "prepared", "")
     assert (cache / "me").is_symlink()
     assert _hidden(cache) == {_version(cache), ".me~lock"}
