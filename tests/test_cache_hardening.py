@@ -72,15 +72,15 @@ def test_concurrent_writers_queue_on_the_lock(cache, built):
 
 
 def _run(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout,
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=REPO,
                           env=os.environ.copy())  # fmt: skip
 
 
 def test_two_prepare_force_processes_leave_one_good_cache(cache, built):
     cmd = [sys.executable, "-m", "livecam", "avatars", "prepare", "me", "--from", str(PHOTO),
            "--force"]  # fmt: skip
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(2)]  # fmt: skip
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              cwd=REPO) for _ in range(2)]  # fmt: skip
     outputs = [proc.communicate(timeout=180)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], outputs
     assert all("Traceback" not in out for out in outputs)
