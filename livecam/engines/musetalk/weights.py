@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import pickle
-import re
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -40,7 +39,8 @@ def weights_cache_dir() -> Path:
     return cache_root() / "weights"
 
 
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+def _is_sha256(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and set(value) <= set("0123456789abcdef")
 
 
 def cached_sha256(path: Path) -> str:
@@ -53,7 +53,7 @@ def cached_sha256(path: Path) -> str:
         memo = {}
     if not isinstance(memo, dict):  # damaged: start again (a hash is only ever recomputed)
         memo = {}
-    memo = {k: v for k, v in memo.items() if isinstance(v, str) and _SHA256.fullmatch(v)}
+    memo = {k: v for k, v in memo.items() if _is_sha256(v)}
     key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
     if key not in memo:
         memo[key] = sha256_file(path)
