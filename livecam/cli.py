@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import sys
@@ -97,13 +98,15 @@ def _check_config(ctx: typer.Context, path: Path, defaults: dict[str, dict]) -> 
     for command, values in defaults.items():
         params = {p.name: p for p in ctx.command.commands[command].params}  # type: ignore[attr-defined]
         for name, value in values.items():
-            param = params[name]
+            param, where = params[name], f"{path}: [{command}] {name.replace('_', '-')}"
+            if isinstance(value, dict | list | datetime.date | datetime.time):
+                # a str option would take str() of it: "{'a': 1}" as an avatar name
+                raise ConfigError(f"{where} = {value!r}: expected one string, number or "
+                                  "true/false")  # fmt: skip
             try:
                 param.process_value(ctx, value)  # its type, range and callback
             except typer.BadParameter as exc:
-                raise ConfigError(
-                    f"{path}: [{command}] {name.replace('_', '-')} = {value!r}: {exc.message}"
-                ) from None
+                raise ConfigError(f"{where} = {value!r}: {exc.message}") from None
 
 
 AvatarOpt = Annotated[str, typer.Option(help="Avatar name (see `livecam avatars list`).")]
@@ -421,7 +424,9 @@ def avatars_list() -> None:
 
     table = Table("name", "kind", "status", "source", "description")
     for info in list_avatars():
-        table.add_row(info.name, info.kind, info.status, str(info.source), info.description)
+        table.add_row(
+            info.name, info.kind, info.status, str(info.source or "unknown"), info.description
+        )
     console.print(table)
 
 

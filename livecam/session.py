@@ -205,8 +205,13 @@ def render_audio(
             k, canvas = item
             a, b = round(k * SAMPLE_RATE / fps), round((k + 1) * SAMPLE_RATE / fps)
             sink.send(canvas, audio[a:b])
-    finally:
+    except BaseException:
         stop.set()
         worker.join()
+        with contextlib.suppress(Exception):  # keeps what was rendered; the first error counts
+            sink.close()
+        raise
+    stop.set()
+    worker.join()
     sink.close()
     return RenderResult(n_frames, time.perf_counter() - start, len(audio) / SAMPLE_RATE, frame_ms)

@@ -54,6 +54,9 @@ def test_start_uses_the_configured_avatar(config):
         ("[render]\nsize = 5\n", "[render] size = 5: '5' is not WIDTHxHEIGHT"),
         ("[start]\nport = 70000\n", "[start] port = 70000"),
         ("[start]\nvirtual-mic = [1]\n", "[start] virtual-mic = [1]"),
+        ("[start]\navatar = {a = 1}\n", "[start] avatar = {'a': 1}: expected one string"),
+        ("[start]\ndevice = 1979-05-27\n", "[start] device = datetime.date(1979, 5, 27): exp"),
+        ("[start.avatar]\nx = 1\n", "[start] avatar = {'x': 1}: expected one string"),
     ],
 )
 def test_config_mistakes_are_named(config, text, expected):

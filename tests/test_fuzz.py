@@ -3,10 +3,12 @@ Small fixed budgets (max_examples, no deadline, no example database) keep this u
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import socket
 import threading
+import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -126,11 +128,16 @@ def _toml_value(value: object) -> str:
             if math.isinf(value) else repr(value)  # fmt: skip
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table
+        pairs = (f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items())
+        return "{" + ", ".join(pairs) + "}"
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
     return json.dumps(value, ensure_ascii=False) if isinstance(value, str) else str(value)
 
 
 toml_scalars = (st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats()
-                | st.text(max_size=12))  # fmt: skip
+                | st.text(max_size=12) | st.dates() | st.times())  # fmt: skip
 config_tables = st.dictionaries(
     st.sampled_from(["start", "render", "bench", "status", "mute", "avatars", "nope"]),
     st.dictionaries(
@@ -150,7 +157,9 @@ config_tables = st.dictionaries(
                 "typo",
             ]
         ),
-        toml_scalars | st.lists(toml_scalars, max_size=2),
+        toml_scalars
+        | st.lists(toml_scalars, max_size=2)
+        | st.dictionaries(st.text(max_size=4), toml_scalars, max_size=2),
         max_size=4,
     ),
     max_size=3,
@@ -173,3 +182,6 @@ def test_any_config_file_is_used_or_named_in_one_line(tmp_path, monkeypatch, tex
     assert result.exit_code in (0, 2)
     if result.exit_code == 2:
         assert str(path) in result.output and "Traceback" not in result.output
+    else:  # used: every value is a plain one its option takes as it is
+        for table in tomllib.loads(text).values():
+            assert all(isinstance(v, str | int | float | bool) for v in table.values())

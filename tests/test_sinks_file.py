@@ -105,7 +105,7 @@ def test_killed_encoder_leaves_a_playable_file(tmp_path: Path) -> None:
     for k in range(45):
         sink.send(frame(k), audio(k))
     deadline = time.monotonic() + 5
-    while readable_frames(out) < 20 and time.monotonic() < deadline:
+    while readable_frames(sink._video_path) < 20 and time.monotonic() < deadline:
         time.sleep(0.05)  # wait for ffmpeg to write the first fragment
     sink._proc.kill()
     with pytest.raises(SinkError, match="ffmpeg failed"):

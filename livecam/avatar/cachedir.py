@@ -6,12 +6,15 @@ mix or nothing, even if the writer is killed. Writers take ROOT/.NAME~lock (floc
 concurrent ones queue; each cleans what killed writers left behind. Hidden entries are never
 listed. A pointer is only followed to a version folder of its own name in ROOT: a symlink
 planted elsewhere is never read through and never deleted through. A plain folder NAME (the
-layout before versions) is still read, and replaced on the next write.
+layout before versions) is still read, and exchanged for a pointer on the next write
+(renameat2 RENAME_EXCHANGE: there is no moment without NAME).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import fcntl
 import os
 import re
@@ -84,13 +87,42 @@ def publish(root: Path, name: str, version: Path) -> None:
     """Point NAME at `version` in one rename, then remove every other version and leftover
     (call under `locked`)."""
     link = root / name
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISDIR(link.lstat().st_mode):  # older layout: moved aside, removed below
-            link.rename(root / f".{name}{SEP}old-{uuid.uuid4().hex[:8]}")
+    try:
+        is_folder = stat.S_ISDIR(link.lstat().st_mode)
+    except FileNotFoundError:
+        is_folder = False
     tmp_link = root / f".{name}{SEP}link-{uuid.uuid4().hex[:8]}"
     os.symlink(version.name, tmp_link)
-    os.replace(tmp_link, link)
+    try:
+        if is_folder:  # the older layout: tmp_link becomes the folder, removed below
+            _exchange(tmp_link, link)
+        else:
+            os.replace(tmp_link, link)
+    except BaseException:
+        tmp_link.unlink(missing_ok=True)
+        raise
     clean(root, name, keep=version.name)
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two names in one step; where the filesystem cannot, b is moved aside first."""
+    rename2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if rename2 is not None:
+        if rename2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(code, os.strerror(code), str(b))
+    aside = b.parent / f".{b.name}{SEP}old-{uuid.uuid4().hex[:8]}"
+    b.rename(aside)
+    try:
+        os.replace(a, b)
+    except BaseException:
+        aside.rename(b)
+        raise
 
 
 def clean(root: Path, name: str, keep: str | None = None) -> None:

@@ -93,13 +93,28 @@ def _check_name(name: str) -> None:
         )
 
 
+# avatar.toml: what a bundled avatar must say, and of which type (the rest is free text)
+_BUNDLED_TYPES = {"source": str, "description": str, "detector_faces": int}
+
+
 def _bundled(name: str) -> dict[str, Any] | None:
-    """The bundled avatar.toml for name (with 'source' made absolute), or None."""
+    """The bundled avatar.toml for name (with 'source' made absolute), or None; AvatarError
+    if it is not a table of the expected keys ($LIVECAM_AVATARS_DIR may be anyone's)."""
     path = bundled_root() / name / "avatar.toml"
     if not path.is_file():
         return None
-    with path.open("rb") as fh:
-        meta = tomllib.load(fh)
+    try:
+        with path.open("rb") as fh:
+            meta = tomllib.load(fh)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise AvatarError(f"cannot read {path}: {exc}") from None
+    if not isinstance(meta.get("source"), str) or any(
+        key in meta and type(meta[key]) is not kind for key, kind in _BUNDLED_TYPES.items()
+    ):
+        raise AvatarError(
+            f"{path} is damaged: it needs source (a file name), and description and "
+            "detector_faces, where given, as a string and a whole number"
+        )
     meta["source"] = path.parent / meta["source"]
     return meta
 
@@ -109,7 +124,7 @@ def _known_faces(name: str, source: Path) -> int:
     meta = _bundled(name)
     if meta is None or Path(meta["source"]).resolve() != source.resolve():
         return 1
-    return int(meta.get("detector_faces", 1))
+    return meta.get("detector_faces", 1)
 
 
 def _bundled_names() -> list[str]:

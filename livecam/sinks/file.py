@@ -1,9 +1,13 @@
 """File sink: H.264 mp4 through an ffmpeg subprocess, audio muxed in on close.
 
-Video goes straight to `path` as fragmented mp4, so a killed encoder still leaves a playable
-(video-only) file. Audio goes to a temporary WAV next to it; `close()` muxes both (AAC) into a
-temporary file and renames it over `path`. Temporaries are made with mkstemp (O_EXCL, a fresh
-name) in the output's folder: never through a planted symlink, never shared by two renders.
+Video goes to a temporary fragmented mp4 next to `path` (playable at every keyframe, so a
+killed encoder still leaves a video), audio to a temporary raw float32 file (plain writes: a
+full disk is an OSError with its errno); `close()` muxes both (AAC) into a third temporary
+and renames it over `path`, so `path` is only ever replaced whole. Temporaries are made with
+mkstemp (O_EXCL, a fresh name, mode 0600) in the output's folder and written through their
+file descriptors: never through a planted symlink, never shared by two renders to one `path`
+(the last to finish wins). Every way out of the sink removes them; only the audio of a
+failed mux is kept (and named in the log).
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -20,7 +26,6 @@ from typing import IO
 
 import cv2
 import numpy as np
-import soundfile as sf
 
 from livecam.constants import SAMPLE_RATE
 from livecam.sinks.base import SinkError, check_frame
@@ -61,7 +66,8 @@ def encode_command(ffmpeg: str, path: Path, width: int, height: int, fps: float)
 def mux_command(ffmpeg: str, video: Path, audio: Path, out: Path) -> list[str]:
     return [
         ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
-        "-i", str(video), "-i", str(audio), "-map", "0:v:0", "-map", "1:a:0",
+        "-i", str(video), "-f", "f32le", "-ar", str(SAMPLE_RATE), "-ac", "1", "-i", str(audio),
+        "-map", "0:v:0", "-map", "1:a:0",
         "-c:v", "copy", "-c:a", "aac", "-b:a", AUDIO_BITRATE,
         "-movflags", "+faststart", "-f", "mp4", str(out),
     ]  # fmt: skip
@@ -90,28 +96,29 @@ class FileSink:
         self.frames = 0
         self.audio_samples = 0
         self._got_audio = False
+        self._audio_ok = True
         self._ffmpeg = find_ffmpeg()
         _check_path(self.path)
+        self._temps: list[Path] = []
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the sink)
         try:
-            self._wav_path = _temporary(self.path, ".audio.wav")
-            self._wav = sf.SoundFile(
-                self._wav_path,
-                "w",
-                samplerate=SAMPLE_RATE,
-                channels=1,
-                subtype="FLOAT",
-                format="WAV",
-            )
-            cmd = encode_command(self._ffmpeg, self.path, width, height, fps)
-            self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=self._stderr)
-        except (OSError, RuntimeError) as e:  # soundfile raises RuntimeError subclasses
+            video_fd, self._video_path = self._temporary(".video.mp4")
+            try:
+                cmd = encode_command(self._ffmpeg, _fd_path(video_fd), width, height, fps)
+                self._proc = subprocess.Popen(
+                    cmd, stdin=subprocess.PIPE, stderr=self._stderr, pass_fds=(video_fd,)
+                )
+            finally:
+                os.close(video_fd)
+            audio_fd, self._audio_path = self._temporary(".audio.f32")
+            self._audio = os.fdopen(audio_fd, "wb")
+        except OSError as e:
+            if hasattr(self, "_proc"):
+                self._proc.kill()
+                self._proc.wait()
             self._stderr.close()
-            if hasattr(self, "_wav"):
-                self._wav.close()
-            if hasattr(self, "_wav_path"):
-                self._wav_path.unlink(missing_ok=True)
-            raise SinkError(f"cannot write {self.path}: {e}") from e
+            self._remove_temps()
+            raise SinkError(f"cannot write {self.path}: {e.strerror or e}") from e
         _grow_pipe(self._proc.stdin)
         self._closed = False
 
@@ -119,7 +126,11 @@ class FileSink:
         check_frame(frame, self.width, self.height)
         if self._closed:
             raise SinkError(f"file sink {self.path} is closed")
-        self._write_audio(audio)
+        try:
+            self._write_audio(audio)
+        except OSError as e:  # a full disk: what is written so far is kept on close
+            self._audio_ok = False
+            raise SinkError(f"cannot write the sound of {self.path}: {e.strerror or e}") from e
         # a frame that brings several frames' audio (the camera clock dropped ticks) is shown
         # that long, as a camera would have, so the video keeps the audio's length
         audio_frames = round(self.audio_samples * self.fps / SAMPLE_RATE)
@@ -137,67 +148,123 @@ class FileSink:
         # Pad with silence up to this frame's start so audio stays aligned with the video.
         start = round(self.frames * SAMPLE_RATE / self.fps)
         if self.audio_samples < start:
-            self._wav.write(np.zeros(start - self.audio_samples, np.float32))
+            self._audio.write(np.zeros(start - self.audio_samples, "<f4").tobytes())
             self.audio_samples = start
         if audio.size:
             self._got_audio = True
-            self._wav.write(np.asarray(audio, np.float32).reshape(-1))
+            self._audio.write(np.asarray(audio, "<f4").reshape(-1).tobytes())
             self.audio_samples += audio.size
 
     def close(self) -> None:
-        """Finish the video and mux the audio in; raises SinkError if the video failed."""
+        """Finish the video, mux the audio in and put the result at `path`; raises SinkError
+        if the video failed (what the encoder wrote before is still put there)."""
         if self._closed:
             return
         self._closed = True
-        self._write_audio(np.zeros(0, np.float32))  # pad audio to the video's end
-        self._wav.close()
-        with contextlib.suppress(BrokenPipeError):
-            self._proc.stdin.close()
-        code = self._proc.wait()
-        errors = self._errors()
-        self._stderr.close()
-        if code != 0:
-            self._wav_path.unlink(missing_ok=True)
-            raise SinkError(f"ffmpeg failed writing {self.path} (exit {code}): {errors}")
-        self._mux()
-
-    def _mux(self) -> None:
-        if self.frames == 0 or not self._got_audio:
-            self._wav_path.unlink(missing_ok=True)
-            return
         try:
-            tmp = _temporary(self.path, ".mux.mp4")
-        except OSError as exc:
-            log.error("cannot mux audio into %s (%s); the video has no sound, the audio is "
-                      "kept at %s", self.path, exc, self._wav_path)  # fmt: skip
-            return
-        cmd = mux_command(self._ffmpeg, self.path, self._wav_path, tmp)
-        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            tmp.unlink(missing_ok=True)
-            log.error(
-                "muxing audio into %s failed, keeping the video without sound (audio kept "
-                "at %s): %s",
-                self.path,
-                self._wav_path,
-                result.stderr.strip()[-500:],
+            sound = self._finish_audio()
+            with contextlib.suppress(BrokenPipeError):
+                self._proc.stdin.close()
+            code = self._proc.wait()
+            if code != 0:
+                if self._video_path.stat().st_size:
+                    self._publish(self._video_path)
+                raise SinkError(f"ffmpeg failed writing {self.path} (exit {code}): "
+                                f"{self._errors()}")  # fmt: skip
+            self._publish((sound and self._mux()) or self._video_path)
+        except OSError as e:  # e.g. a full disk
+            raise SinkError(f"cannot write {self.path}: {e.strerror or e}") from None
+        finally:
+            if self._proc.poll() is None:  # on the way out of an error
+                self._proc.kill()
+                self._proc.wait()
+            self._stderr.close()
+            self._remove_temps()
+
+    def _finish_audio(self) -> bool:
+        """Pad the audio to the video's end and close it; False if there is none to mux."""
+        try:
+            if self._audio_ok:
+                self._write_audio(np.zeros(0, np.float32))
+            self._audio.close()
+        except OSError as e:
+            if self._audio_ok:  # (else send() said so already)
+                log.error("cannot finish the sound of %s (%s): the video has none", self.path, e)
+            self._audio_ok = False
+            with contextlib.suppress(OSError):
+                self._audio.close()  # drops what could not be written
+        return self._audio_ok and self.frames > 0 and self._got_audio
+
+    def _mux(self) -> Path | None:
+        """The video with the audio muxed in (a temporary), or None to keep the video alone."""
+        try:
+            fd, tmp = self._temporary(".mux.mp4")
+        except OSError as e:
+            return self._mux_failed(str(e))
+        try:
+            cmd = mux_command(self._ffmpeg, self._video_path, self._audio_path, _fd_path(fd))
+            result = subprocess.run(
+                cmd, capture_output=True, text=True, check=False, pass_fds=(fd,)
             )
-            return
+        finally:
+            os.close(fd)
+        if result.returncode != 0:
+            return self._mux_failed(result.stderr.strip()[-500:])
+        return tmp
+
+    def _mux_failed(self, reason: str) -> None:
+        self._temps.remove(self._audio_path)  # the sound is kept for the user
+        log.error("muxing audio into %s failed, keeping the video without sound (the sound is "
+                  "kept at %s, raw float32 16 kHz mono: ffmpeg -f f32le -ar %d -ac 1 -i FILE "
+                  "sound.wav): %s", self.path, self._audio_path, SAMPLE_RATE,
+                  reason)  # fmt: skip
+
+    def _publish(self, tmp: Path) -> None:
+        """Rename a finished temporary over `path`, with the mode a new file would get (or the
+        old file's)."""
+        try:
+            mode = os.lstat(self.path).st_mode
+            mode = stat.S_IMODE(mode) if stat.S_ISREG(mode) else _new_file_mode()
+        except FileNotFoundError:
+            mode = _new_file_mode()
+        os.chmod(tmp, mode)
         os.replace(tmp, self.path)
-        self._wav_path.unlink(missing_ok=True)
+
+    def _temporary(self, suffix: str) -> tuple[int, Path]:
+        """A new, empty file of our own next to `path`, open (O_EXCL: an existing name or
+        symlink is never reused); removed when the sink closes."""
+        fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=suffix,
+                                    dir=self.path.parent)  # fmt: skip
+        self._temps.append(Path(name))
+        return fd, Path(name)
+
+    def _remove_temps(self) -> None:
+        for path in self._temps:
+            path.unlink(missing_ok=True)  # a published one is gone already
+        self._temps.clear()
 
     def _errors(self) -> str:
+        """ffmpeg's messages on one line."""
         self._stderr.seek(0)
-        text = self._stderr.read().decode(errors="replace").strip()
+        text = self._stderr.read().decode(errors="replace")
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        text = re.sub(r"(file )?/dev/fd/\d+", "the temporary file", "; ".join(lines))
         return text[-500:] or "no error message"
 
 
-def _temporary(path: Path, suffix: str) -> Path:
-    """A new, empty file of our own next to `path` (O_EXCL: an existing name or symlink is
-    never reused)."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    return Path(name)
+def _fd_path(fd: int) -> Path:
+    """ffmpeg writes to an open file of ours by this name (passed with pass_fds): opening it
+    reopens that file, whatever name it has by then."""
+    return Path(f"/dev/fd/{fd}")
+
+
+def _new_file_mode() -> int:
+    """0666 less the process umask (read without changing it: other threads may create files)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    return 0o644
 
 
 def _grow_pipe(pipe: IO[bytes]) -> None:

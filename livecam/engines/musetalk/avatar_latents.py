@@ -17,6 +17,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -115,15 +116,27 @@ def _key(image: np.ndarray, landmarks: np.ndarray, vae_id: str) -> dict:
     }
 
 
+_ARRAYS = ("box", "crop", "latents", "mask")
+
+
+def _valid_manifest(data: Any) -> bool:
+    """{"key": {...}, "arrays": {name: sha256} for exactly _ARRAYS}: anything else is damage."""
+    if not isinstance(data, dict) or not isinstance(data.get("key"), dict):
+        return False
+    arrays = data.get("arrays")
+    return (isinstance(arrays, dict) and sorted(arrays) == sorted(_ARRAYS)
+            and all(isinstance(v, str) for v in arrays.values()))  # fmt: skip
+
+
 def _load(folder: Path, key: dict) -> AvatarLatents | None:
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
-        if manifest.get("key") != key:
-            return None
-    except (OSError, ValueError, AttributeError):  # missing or unreadable: rebuild
+    except (OSError, ValueError):  # missing or unreadable: rebuild
+        return None
+    if not _valid_manifest(manifest) or manifest["key"] != key:
         return None
     try:
-        arrays = cachefile.load_arrays(folder / NPZ, manifest.get("arrays", {}))
+        arrays = cachefile.load_arrays(folder / NPZ, manifest["arrays"])
     except ValueError as exc:
         if (folder / NPZ).exists():
             log.warning("musetalk avatar data in %s damaged (%s); rebuilding", folder, exc)

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from livecam.avatar.store import cache_root
+from livecam.cachefile import replace_file
 from livecam.engines.musetalk.architecture import config_problem
 from livecam.engines.musetalk.manifest import component
 from livecam.hashing import sha256_file
@@ -38,6 +39,10 @@ def weights_cache_dir() -> Path:
     return cache_root() / "weights"
 
 
+def _is_sha256(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and set(value) <= set("0123456789abcdef")
+
+
 def cached_sha256(path: Path) -> str:
     """sha256 of a file, memoized by (path, size, mtime) so a 3.4 GB file is hashed once."""
     st = path.stat()
@@ -46,19 +51,19 @@ def cached_sha256(path: Path) -> str:
         memo = json.loads(memo_path.read_text())
     except (OSError, ValueError):
         memo = {}
+    if not isinstance(memo, dict):  # damaged: start again (a hash is only ever recomputed)
+        memo = {}
+    memo = {k: v for k, v in memo.items() if _is_sha256(v)}
     key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
     if key not in memo:
         memo[key] = sha256_file(path)
-        memo_path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(memo_path, json.dumps(memo, indent=1).encode())
+        data = json.dumps(memo, indent=1).encode()
+        try:
+            memo_path.parent.mkdir(parents=True, exist_ok=True)
+            replace_file(memo_path, lambda fh: fh.write(data))
+        except OSError as exc:  # a full or read-only cache: hashed again next time
+            log.warning("could not remember the hash of %s in %s: %s", path, memo_path, exc)
     return memo[key]
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
 
 
 def safe_torch_load(path: Path) -> dict[str, torch.Tensor]:
