@@ -42,6 +42,27 @@ def test_flags_out_of_range_are_one_line(args, message):
     assert message in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["start", "--duration", "nan"], "must be above 0 and at most 604800, not nan"),
+        (["start", "--duration", "-5"], "must be above 0 and at most 604800, not -5"),
+        (["start", "--simulate-load", "inf"], "must be 0 to 100, not inf"),
+        (["bench", "--soak", "1e300"], "must be above 0 and at most 604800"),
+        (["bench", "--streams", "100000"], "less than or equal to 64"),
+        (["bench", "--latency", "--bursts", "1000000000"], "less than or equal to 1000"),
+        (["bench", "--latency", "--bursts", "-3"], "greater than or equal to 1"),
+        (["render", "--audio", "a.wav", "--out", "o.mp4", "--fps", "1e-9"], "outside 1 to 120"),
+        (["serve", "--port", "70000"], "--port"),
+    ],
+)
+def test_other_numbers_out_of_range_are_one_line(args, message):
+    """--bursts 1e9 allocated 140 TiB, --duration nan ran forever, --soak 1e300 likewise."""
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+
+
 def _wav_header(rate: int, channels: int, frames: int) -> bytes:
     """A 16-bit PCM WAV header declaring `frames` frames (the data may be shorter)."""
     data = frames * channels * 2
@@ -64,6 +85,9 @@ def _audio_bombs(folder: Path) -> dict[str, str]:
     path = folder / "one.wav"
     sf.write(path, np.zeros(1, np.float32), 16_000)
     cases[str(path)] = "too short (1 samples)"
+    path = folder / "empty.wav"
+    sf.write(path, np.zeros(0, np.float32), 16_000)
+    cases[str(path)] = "contains no samples"
     path = folder / "channels.wav"
     path.write_bytes(_wav_header(16_000, 200, 100) + bytes(200 * 100 * 2))
     cases[str(path)] = "200 channels"

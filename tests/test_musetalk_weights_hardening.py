@@ -84,6 +84,15 @@ def test_a_failed_conversion_leaves_nothing_behind(models, monkeypatch):
     assert _cache_files() == before
 
 
+LOADERS = {
+    "whisper/config.json": weights.load_whisper_encoder,
+    "whisper/preprocessor_config.json": weights.load_feature_extractor,
+    "musetalkV15/musetalk.json": weights.load_unet,
+    "sd-vae/config.json": weights.load_vae,
+    "taesd/config.json": weights.load_taesd,
+}
+
+
 @pytest.mark.parametrize(
     ("folder", "name", "content", "message"),
     [
@@ -97,16 +106,34 @@ def test_a_failed_conversion_leaves_nothing_behind(models, monkeypatch):
          "block_out_channels [1000000, 1000000] has entries outside 1..1280"),
         ("sd-vae", "config.json", [1, 2], "expected a JSON object, found list"),
         ("sd-vae", "config.json", "oops{", "is not valid JSON"),
+        # keys outside the release's sizes: layer counts, aliases, the library's own checks
+        ("musetalkV15", "musetalk.json", dict(TINY_UNET, transformer_layers_per_block=10**6),
+         "transformer_layers_per_block 1000000 is outside 1..1"),
+        ("musetalkV15", "musetalk.json", dict(TINY_UNET, num_class_embeds=10**9),
+         "num_class_embeds 1000000000 is larger than any size in the release"),
+        ("musetalkV15", "musetalk.json", dict(TINY_UNET, norm_num_groups=0),
+         "does not describe the model (integer modulo by zero)"),
+        ("whisper", "config.json", {"d_model": 384, "num_mel_bins": 80, "num_hidden_layers": 10**6},
+         "num_hidden_layers 1000000 contradicts encoder_layers 4"),
+        ("sd-vae", "config.json", {"latent_channels": 4, "out_channels": 512},
+         "out_channels is 512; MuseTalk needs 3"),
+        ("taesd", "config.json", {"latent_channels": 4, "upsampling_scaling_factor": 64},
+         "upsampling_scaling_factor is 64; MuseTalk needs 2"),
+        # the feature extractor's mel filter bank: 30 GB at n_fft 1e8
+        ("whisper", "preprocessor_config.json", {"n_fft": 10**8}, "n_fft is 100000000"),
+        ("whisper", "preprocessor_config.json", {"hop_length": 0}, "hop_length is 0"),
+        ("whisper", "preprocessor_config.json", {"chunk_length": "30"},
+         "chunk_length must be an integer"),
     ],
 )  # fmt: skip
 def test_a_bad_config_is_one_line(models, folder, name, content, message):
     path = models / folder / name
     path.write_text(content if isinstance(content, str) else json.dumps(content))
-    loader = {"whisper": weights.load_whisper_encoder, "musetalkV15": weights.load_unet,
-              "sd-vae": weights.load_vae}[folder]  # fmt: skip
+    loader = LOADERS[f"{folder}/{name}"]
     with pytest.raises(weights.WeightsError) as err:
         loader(models)
     assert message in str(err.value) and str(path) in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 def test_a_text_file_named_pth_is_refused(models):

@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import os
-import pickle
+import struct
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -28,6 +28,9 @@ from livecam.engines.musetalk.manifest import component
 from livecam.hashing import sha256_file
 
 log = logging.getLogger(__name__)
+
+LOCAL_HEADER = 30  # bytes of a zip entry's local header before its name and extra field
+PEEK = 24  # bytes of a file's start shown when it is not a checkpoint
 
 
 class WeightsError(Exception):
@@ -62,15 +65,25 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def safe_torch_load(path: Path) -> dict[str, torch.Tensor]:
-    """A flat {name: tensor} state dict from a torch pickle, refusing anything else."""
-    _check_stored(path)
+    """A flat {name: tensor} state dict from a torch pickle, refusing anything else. A zip
+    checkpoint (what torch.save writes) is memory-mapped: no tensor data is read until used,
+    so its names, shapes and dtypes are checked before anything is allocated."""
+    archive = _check_archive(path)
+    if not archive:
+        with path.open("rb") as fh:
+            head = fh.read(PEEK)
+        if not head.startswith(b"\x80"):  # torch's legacy format is a pickle: PROTO first
+            raise WeightsError(
+                f"refused to load {path}: not a PyTorch checkpoint "
+                f"({f'it begins with {head!r}' if head else 'the file is empty'}); "
+                "delete it and run `livecam models download`"
+            )
     try:
-        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError,
-            OSError) as exc:  # fmt: skip
+        obj: Any = torch.load(path, map_location="cpu", weights_only=True, mmap=archive)
+    except Exception as exc:  # torch's unpickler raises many kinds for damaged input
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsError(
-            f"refused to load {path}: it is not a plain tensor checkpoint ({first}). "
+            f"refused to load {path}: not a plain PyTorch tensor checkpoint ({first[:200]}). "
             "It may be damaged or tampered with; delete it and run `livecam models download`"
         ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -83,28 +96,43 @@ def safe_torch_load(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def _check_stored(path: Path) -> None:
-    """torch.save writes its zip uncompressed; a compressed entry could inflate a small file
-    into gigabytes, so only stored entries (memory bounded by the file's size) are read."""
+def _check_archive(path: Path) -> bool:
+    """Whether `path` is a zip checkpoint, after checking its entries: torch.save stores them
+    uncompressed, so a compressed one (a small file that could expand to gigabytes) is
+    refused, and so is one whose data would reach past the end of the file."""
     if not zipfile.is_zipfile(path):
-        return  # the legacy format: raw storages, no compression
+        return False  # the legacy format: raw storages, no compression
+    size = path.stat().st_size
     try:
-        with zipfile.ZipFile(path) as archive:
-            packed = [
-                i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED
-            ]
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise WeightsError(f"refused to load {path}: damaged archive ({exc})") from None
-    if packed:
+        with zipfile.ZipFile(path) as archive, path.open("rb") as fh:
+            for info in archive.infolist():
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise WeightsError(
+                        f"refused to load {path}: {info.filename} is compressed, which torch "
+                        "never writes (a small file could expand to gigabytes); delete it and "
+                        "run `livecam models download`"
+                    )
+                fh.seek(info.header_offset)
+                header = fh.read(LOCAL_HEADER)
+                if len(header) < LOCAL_HEADER or header[:4] != b"PK\x03\x04":
+                    raise zipfile.BadZipFile(f"no local header for {info.filename}")
+                name_len, extra_len = struct.unpack("<HH", header[26:30])
+                end = info.header_offset + LOCAL_HEADER + name_len + extra_len + info.file_size
+                if info.file_size != info.compress_size or end > size:
+                    raise zipfile.BadZipFile(f"{info.filename} reaches past the end of the file")
+    except (zipfile.BadZipFile, OSError, ValueError, struct.error) as exc:
         raise WeightsError(
-            f"refused to load {path}: {packed[0]} is compressed, which torch never writes "
-            "(a small file could expand to gigabytes); delete it and run `livecam models download`"
-        )
+            f"refused to load {path}: damaged archive ({exc}); delete it and run "
+            "`livecam models download`"
+        ) from None
+    return True
 
 
 def load_state_dict(path: Path, use: Callable[[dict[str, torch.Tensor]], None]) -> None:
-    """Hand the tensors of a weight file to `use` (which loads them into a model). A pickle is
-    converted to a cached safetensors file, once, and only after `use` accepted it."""
+    """Hand the tensors of a weight file to `use` (which loads them into a model, raising
+    WeightsError if they do not fit). A pickle is converted to a cached safetensors file, once,
+    and only after `use` accepted it: a zip pickle is first handed over memory-mapped (so
+    `use` checks it before anything is read), then again with the tensors in memory."""
     if not path.is_file():
         raise WeightsError(f"missing {path}: run `livecam models download`")
     if path.suffix == ".safetensors":
@@ -116,7 +144,11 @@ def load_state_dict(path: Path, use: Callable[[dict[str, torch.Tensor]], None]) 
         except Exception as exc:  # a truncated or corrupt cache file: convert again
             log.warning("cached %s unusable (%s); converting again", cached, exc)
     state = safe_torch_load(path)
-    use(state)  # WeightsError if the shapes do not fit: nothing is written
+    use(state)  # names, shapes, dtypes: WeightsError if they do not fit, nothing read or written
+    # each tensor in memory of its own: the model must not depend on the file staying as it
+    # is, and safetensors refuses shared or non-contiguous storage
+    state = {k: v.clone(memory_format=torch.contiguous_format) for k, v in state.items()}
+    use(state)
     _convert(state, cached)
     return None
 
@@ -136,8 +168,7 @@ def _convert(state: dict[str, torch.Tensor], cached: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=f".{cached.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        # safetensors refuses shared or non-contiguous storage: give each tensor its own
-        save_file({k: v.contiguous().clone() for k, v in state.items()}, tmp)
+        save_file(state, tmp)
         os.replace(tmp, cached)
     except (OSError, RuntimeError) as exc:  # disk full, read-only cache: still usable now
         log.warning("could not cache %s: %s", cached, exc)
@@ -170,13 +201,17 @@ def _folder(models_dir: Path, name: str) -> Path:
     return models_dir / component(name).folder
 
 
-def _build(make: Callable[[], torch.nn.Module], what: str) -> torch.nn.Module:
+def _build(make: Callable[[], torch.nn.Module], config: Path) -> torch.nn.Module:
     """The model skeleton on the meta device: nothing allocated, no random init."""
     try:
         with torch.device("meta"):
             return make()
-    except (TypeError, ValueError, KeyError, AttributeError, AssertionError) as exc:
-        raise WeightsError(f"{what}: the config does not describe a model ({exc})") from None
+    except Exception as exc:  # the libraries' constructors raise any kind for a bad config
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(
+            f"{config} does not describe the model ({first}); "
+            "run `livecam models download` to replace it"
+        ) from None
 
 
 def _loader(model: torch.nn.Module, what: str, rename: Callable[[str], str | None] = str):
@@ -190,6 +225,11 @@ def _loader(model: torch.nn.Module, what: str, rename: Callable[[str], str | Non
 
 
 def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    for name, tensor in state.items():
+        if not tensor.is_floating_point() or tensor.element_size() > 4:
+            raise WeightsError(
+                f"{what}: {name} is {tensor.dtype}; the release stores float32 or float16 weights"
+            )
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
@@ -226,7 +266,7 @@ def load_unet(models_dir: Path) -> torch.nn.Module:
     folder = _folder(models_dir, "unet")
     config = read_json(folder / "musetalk.json", "unet")
     what = "musetalkV15/unet.pth"
-    model = _build(lambda: UNet2DConditionModel.from_config(config), what)
+    model = _build(lambda: UNet2DConditionModel.from_config(config), folder / "musetalk.json")
     load_state_dict(folder / "unet.pth", _loader(model, what))
     return model.eval().requires_grad_(False)
 
@@ -237,7 +277,7 @@ def load_vae(models_dir: Path) -> torch.nn.Module:
     folder = _folder(models_dir, "vae")
     config = read_json(folder / "config.json", "vae")
     what = "sd-vae/diffusion_pytorch_model.bin"
-    model = _build(lambda: AutoencoderKL.from_config(config), what)
+    model = _build(lambda: AutoencoderKL.from_config(config), folder / "config.json")
     load_state_dict(folder / "diffusion_pytorch_model.bin", _loader(model, what, _vae_key))
     return model.eval().requires_grad_(False)
 
@@ -248,7 +288,7 @@ def load_taesd(models_dir: Path) -> torch.nn.Module:
     folder = _folder(models_dir, "taesd")
     config = read_json(folder / "config.json", "taesd")
     what = "taesd/diffusion_pytorch_model.safetensors"
-    model = _build(lambda: AutoencoderTiny.from_config(config), what)
+    model = _build(lambda: AutoencoderTiny.from_config(config), folder / "config.json")
     load_state_dict(folder / "diffusion_pytorch_model.safetensors", _loader(model, what))
     return model.eval().requires_grad_(False)
 
@@ -265,7 +305,7 @@ def load_whisper_encoder(models_dir: Path) -> torch.nn.Module:
     # the release pickle, else an imported model.safetensors (its accepted alternative)
     path = comp.present_path(models_dir, f) or comp.local_path(models_dir, f)
     what = f"whisper/{path.name} (encoder)"
-    model = _build(lambda: WhisperEncoder(WhisperConfig.from_dict(config)), what)
+    model = _build(lambda: WhisperEncoder(WhisperConfig.from_dict(config)), folder / "config.json")
     load_state_dict(path, _loader(model, what, _encoder_key))
     return model.eval().requires_grad_(False)
 
@@ -275,7 +315,7 @@ def load_feature_extractor(models_dir: Path) -> Any:
 
     folder = _folder(models_dir, "whisper")
     path = folder / "preprocessor_config.json"
-    cfg = read_json(path)
+    cfg = read_json(path, "features")
     cfg.pop("feature_extractor_type", None)
     cfg.pop("processor_class", None)
     try:
