@@ -63,6 +63,24 @@ def test_other_numbers_out_of_range_are_one_line(args, message):
     assert message in " ".join(result.output.split()) and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[start]\nduration = nan\n", "[start] duration = nan: must be above 0"),
+        ("[bench]\nsoak = inf\n", "[bench] soak = inf: must be above 0"),
+        ("[bench]\nbursts = 1000000000\n", "[bench] bursts = 1000000000"),
+    ],
+)
+def test_config_file_numbers_out_of_range_name_the_file(tmp_path, monkeypatch, text, message):
+    config = tmp_path / "config.toml"
+    config.write_text(text)
+    monkeypatch.setenv("LIVECAM_CONFIG", str(config))
+    result = CliRunner().invoke(app, ["status"])
+    assert result.exit_code == 2
+    output = " ".join(result.output.split())
+    assert message in output and str(config) in output and "Traceback" not in output
+
+
 def _wav_header(rate: int, channels: int, frames: int) -> bytes:
     """A 16-bit PCM WAV header declaring `frames` frames (the data may be shorter)."""
     data = frames * channels * 2

@@ -136,17 +136,51 @@ def test_a_bad_config_is_one_line(models, folder, name, content, message):
     assert "\n" not in str(err.value)
 
 
-def test_a_text_file_named_pth_is_refused(models):
-    (models / "musetalkV15" / "unet.pth").write_text("version https://git-lfs.github.com/spec\n")
-    with pytest.raises(weights.WeightsError, match=r"refused to load .*unet\.pth"):
+@pytest.mark.parametrize(
+    ("content", "shown"),
+    [
+        (
+            b"version https://git-lfs.github.com/spec/v1\n",
+            "it begins with b'version https://git-lfs.",
+        ),
+        (b"hello\n", "it begins with b'hello\\n'"),  # was a KeyError traceback
+        (b"", "the file is empty"),
+    ],
+)
+def test_a_file_named_pth_that_is_no_checkpoint_is_named(models, content, shown):
+    path = models / "musetalkV15" / "unet.pth"
+    path.write_bytes(content)
+    with pytest.raises(weights.WeightsError) as err:
         weights.load_unet(models)
+    assert str(err.value).startswith(f"refused to load {path}: not a PyTorch checkpoint")
+    assert shown in str(err.value) and "livecam models download" in str(err.value)
 
 
-def test_a_bad_safetensors_header_is_refused(models):
+HUGE_TENSOR = b'{"w": {"dtype": "F32", "shape": [10000000000], "data_offsets": [0, 40000000000]}}'
+
+
+def _safetensors(header: bytes, data: bytes = b"") -> bytes:
+    return len(header).to_bytes(8, "little") + header + data
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        (10**12).to_bytes(8, "little") + b"{}",  # a header longer than the file
+        _safetensors(b"not json"),
+        _safetensors(b"[1, 2]"),
+        _safetensors(b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}', bytes(8)),
+        _safetensors(HUGE_TENSOR),
+        b"\x01",
+    ],
+)
+def test_a_bad_safetensors_header_is_refused(models, content):
     path = models / "taesd" / "diffusion_pytorch_model.safetensors"
-    path.write_bytes((10**12).to_bytes(8, "little") + b"{}")
-    with pytest.raises(weights.WeightsError, match="not a valid safetensors file"):
+    path.write_bytes(content)
+    with pytest.raises(weights.WeightsError) as err:
         weights.load_taesd(models)
+    assert f"refused to load {path}: not a valid safetensors file" in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 VERIFY_HUGE_WHISPER = textwrap.dedent("""

@@ -37,6 +37,12 @@ class WeightsError(Exception):
     """A weight file that is missing, damaged or unsafe; the message says what to do."""
 
 
+def _first_line(exc: BaseException) -> str:
+    """An exception's message cut to one line (a library's can span a page)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
 def weights_cache_dir() -> Path:
     return cache_root() / "weights"
 
@@ -81,9 +87,8 @@ def safe_torch_load(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj: Any = torch.load(path, map_location="cpu", weights_only=True, mmap=archive)
     except Exception as exc:  # torch's unpickler raises many kinds for damaged input
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsError(
-            f"refused to load {path}: not a plain PyTorch tensor checkpoint ({first[:200]}). "
+            f"refused to load {path}: not a plain PyTorch tensor checkpoint ({_first_line(exc)}). "
             "It may be damaged or tampered with; delete it and run `livecam models download`"
         ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -158,7 +163,8 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(path)
     except Exception as exc:  # safetensors raises its own error types for bad headers
         raise WeightsError(
-            f"refused to load {path}: not a valid safetensors file ({exc})"
+            f"refused to load {path}: not a valid safetensors file ({_first_line(exc)}); "
+            "delete it and run `livecam models download`"
         ) from None
 
 
@@ -207,9 +213,8 @@ def _build(make: Callable[[], torch.nn.Module], config: Path) -> torch.nn.Module
         with torch.device("meta"):
             return make()
     except Exception as exc:  # the libraries' constructors raise any kind for a bad config
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsError(
-            f"{config} does not describe the model ({first}); "
+            f"{config} does not describe the model ({_first_line(exc)}); "
             "run `livecam models download` to replace it"
         ) from None
 
