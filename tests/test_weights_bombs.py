@@ -65,6 +65,28 @@ def write_sparse_checkpoint(path: Path, name: str, numel: int, *, cut: bool = Fa
                              len(central), start, 0))  # fmt: skip
 
 
+def write_deflated_checkpoint(path: Path, name: str, numel: int) -> None:
+    """A torch zip checkpoint {name: float32 zeros of `numel`} with only its data deflated
+    (torch never compresses): gigabytes in a few MB, streamed so the test allocates nothing."""
+    template = path.with_suffix(".template")
+    torch.save({name: torch.zeros(SHAPE_MARK)}, template)
+    with zipfile.ZipFile(template) as src:
+        records = [(i.filename, src.read(i)) for i in src.infolist()]
+    template.unlink()
+    block = bytes(1 << 24)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as dst:
+        for filename, data in records:
+            if filename.endswith("/data.pkl"):
+                data = data.replace(b"M" + struct.pack("<H", SHAPE_MARK),
+                                    b"J" + struct.pack("<i", numel))  # fmt: skip
+            if not filename.endswith("/data/0"):
+                dst.writestr(filename, data, compress_type=zipfile.ZIP_STORED)
+                continue
+            with dst.open(filename, "w", force_zip64=True) as fh:
+                for start in range(0, numel * 4, len(block)):
+                    fh.write(block[: min(len(block), numel * 4 - start)])
+
+
 def _cache_files() -> set[str]:
     folder = weights.weights_cache_dir()
     names = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
@@ -134,3 +156,19 @@ def test_float64_weights_are_refused(models):
     torch.save(unet.state_dict(), models / "musetalkV15" / "unet.pth")
     with pytest.raises(weights.WeightsError, match=r"torch\.float64; the release stores float32"):
         weights.load_unet(models)
+
+
+def test_models_verify_refuses_a_deflated_bomb_under_a_memory_limit(models):
+    """The issue's case: a few MB of deflated zeros as unet.pth took 2.5 GB in `models verify`
+    and left a 1 GB safetensors copy in the cache."""
+    pth = models / "musetalkV15" / "unet.pth"
+    write_deflated_checkpoint(pth, "conv_in.weight", MEMORY_LIMIT * 5 // 4 // 4)
+    assert pth.stat().st_size < 20_000_000
+    result = run_limited([sys.executable, "-m", "livecam", "models", "verify",
+                          "--models-dir", str(models)])  # fmt: skip
+    output = " ".join(result.stdout.split())
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
+    assert "data/0 is compressed, which torch never writes" in output, output
+    # the other (tiny) models load and are converted; nothing of the bomb, no temporaries
+    sha = weights.sha256_file(pth)
+    assert not [n for n in _cache_files() if sha in n or n.startswith(".")]
