@@ -17,6 +17,7 @@ MAX_RUN_SECONDS = 7 * 86_400.0  # --duration, --soak: a week
 MAX_LOAD_FACTOR = 100.0  # --simulate-load: a frame costing 100 frame budgets
 MAX_BURSTS = 1000  # bench --latency: 1.2 s each, 20 minutes
 MAX_STREAMS = 64  # bench --streams: live pipelines in one process
+MAX_OUTPUT_BYTES = 1 << 30  # an array written whole (livecam features): 1 GiB
 
 
 class LimitError(ValueError):
@@ -70,4 +71,13 @@ def check_pixels(what: str, width: int, height: int) -> None:
         raise LimitError(
             f"{what} is {width}x{height}: more than {MAX_IMAGE_PIXELS // 1_000_000} megapixels; "
             "scale it down first (a face needs far fewer)"
+        )
+
+
+def check_output_bytes(what: str, nbytes: int, hint: str) -> None:
+    """An array that would be built whole in memory, before it is."""
+    if nbytes > MAX_OUTPUT_BYTES:
+        raise LimitError(
+            f"{what} would take {nbytes / 2**30:.1f} GiB, more than livecam builds at once "
+            f"({MAX_OUTPUT_BYTES / 2**30:g} GiB); {hint}"
         )

@@ -81,6 +81,19 @@ def test_config_file_numbers_out_of_range_name_the_file(tmp_path, monkeypatch, t
     assert message in output and str(config) in output and "Traceback" not in output
 
 
+def test_features_larger_than_a_gib_are_refused_before_loading_a_model(tmp_path):
+    """`livecam features` builds [T, 50, 384] float32 whole: 5 minutes at 120 fps is 2.6 GiB."""
+    audio = tmp_path / "five_minutes.wav"
+    sf.write(audio, np.zeros(8000 * 300, np.float32), 8000, subtype="PCM_16")
+    missing = tmp_path / "no-models"  # refused before the models are looked for
+    result = CliRunner().invoke(app, ["features", str(audio), "--out", str(tmp_path / "f.npy"),
+                                      "--fps", "120", "--models-dir", str(missing)])  # fmt: skip
+    assert result.exit_code == 1
+    output = " ".join(result.output.split())
+    assert "the features of 300 s at 120 fps would take 2.6 GiB" in output, output
+    assert not (tmp_path / "f.npy").exists()
+
+
 def _wav_header(rate: int, channels: int, frames: int) -> bytes:
     """A 16-bit PCM WAV header declaring `frames` frames (the data may be shorter)."""
     data = frames * channels * 2
