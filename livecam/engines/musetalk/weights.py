@@ -136,8 +136,8 @@ def _check_archive(path: Path) -> bool:
 def load_state_dict(path: Path, use: Callable[[dict[str, torch.Tensor]], None]) -> None:
     """Hand the tensors of a weight file to `use` (which loads them into a model, raising
     WeightsError if they do not fit). A pickle is converted to a cached safetensors file, once,
-    and only after `use` accepted it: a zip pickle is first handed over memory-mapped (so
-    `use` checks it before anything is read), then again with the tensors in memory."""
+    and only after `use` accepted it. A zip pickle is handed over memory-mapped, as the cached
+    safetensors copy is later: `use` checks names, shapes and dtypes before anything is read."""
     if not path.is_file():
         raise WeightsError(f"missing {path}: run `livecam models download`")
     if path.suffix == ".safetensors":
@@ -149,11 +149,7 @@ def load_state_dict(path: Path, use: Callable[[dict[str, torch.Tensor]], None]) 
         except Exception as exc:  # a truncated or corrupt cache file: convert again
             log.warning("cached %s unusable (%s); converting again", cached, exc)
     state = safe_torch_load(path)
-    use(state)  # names, shapes, dtypes: WeightsError if they do not fit, nothing read or written
-    # each tensor in memory of its own: the model must not depend on the file staying as it
-    # is, and safetensors refuses shared or non-contiguous storage
-    state = {k: v.clone(memory_format=torch.contiguous_format) for k, v in state.items()}
-    use(state)
+    use(state)  # WeightsError if they do not fit: nothing read or written
     _convert(state, cached)
     return None
 
@@ -174,7 +170,7 @@ def _convert(state: dict[str, torch.Tensor], cached: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=f".{cached.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(state, tmp)
+        save_file(_unshared(state), tmp)
         os.replace(tmp, cached)
     except (OSError, RuntimeError) as exc:  # disk full, read-only cache: still usable now
         log.warning("could not cache %s: %s", cached, exc)
@@ -183,6 +179,20 @@ def _convert(state: dict[str, torch.Tensor], cached: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
     log.info("converted weights to %s", cached)
+
+
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied weights) or are not contiguous:
+    copies of those only, the rest as they are (mapped from the file, read once as written)."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in state.items():
+        ptr = tensor.untyped_storage().data_ptr()
+        if not tensor.is_contiguous() or (tensor.numel() and ptr in seen):
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        seen.add(ptr)
+        out[name] = tensor
+    return out
 
 
 def read_json(path: Path, model: str | None = None) -> dict[str, Any]:
