@@ -6,6 +6,7 @@ import datetime
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -14,6 +15,14 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from livecam.constants import DEFAULT_AVATAR, DEFAULT_FPS, DEFAULT_HEIGHT, DEFAULT_WIDTH
+from livecam.limits import (
+    MAX_BURSTS,
+    MAX_LOAD_FACTOR,
+    MAX_RUN_SECONDS,
+    MAX_STREAMS,
+    LimitError,
+    check_range,
+)
 from livecam.models_cli import ModelsDirOpt, features_command, models_app
 from livecam.remote.cli import serve_command
 from livecam.service.cli import service_app
@@ -62,6 +71,22 @@ def _check_fps(fps: float) -> float:
         return check_fps(fps)
     except LimitError as exc:
         raise typer.BadParameter(str(exc)) from None
+
+
+def _in_range(
+    low: float, high: float, *, low_open: bool = False
+) -> Callable[[float | None], float | None]:
+    """A callback for an optional float option: finite and within [low, high] (or (low, high])."""
+
+    def check(value: float | None) -> float | None:
+        if value is None:
+            return None
+        try:
+            return check_range(value, low, high, low_open=low_open)
+        except LimitError as exc:
+            raise typer.BadParameter(str(exc)) from None
+
+    return check
 
 
 @app.callback()
@@ -122,6 +147,8 @@ IdleOpt = Annotated[bool, typer.Option("--idle/--no-idle", help="Blinks and head
 RemoteOpt = Annotated[
     str | None, typer.Option(help="Generate on `livecam serve` at ws://HOST:PORT (lite engine).")
 ]
+_RUN_SECONDS = _in_range(0, MAX_RUN_SECONDS, low_open=True)
+_LOAD = _in_range(0, MAX_LOAD_FACTOR)
 TokenFileOpt = Annotated[
     Path | None, typer.Option(help="With --remote: the server's token file (a copy of it).")
 ]
@@ -145,9 +172,12 @@ def start(
     out: Annotated[Path | None, typer.Option(help="Output mp4 for --sink file.")] = None,
     idle: IdleOpt = True,
     dashboard: Annotated[bool, typer.Option("--dashboard/--no-dashboard")] = True,
-    duration: Annotated[float | None, typer.Option(help="Stop after N seconds.")] = None,
+    duration: Annotated[
+        float | None, typer.Option(help="Stop after N seconds.", callback=_RUN_SECONDS)
+    ] = None,
     simulate_load: Annotated[
-        float | None, typer.Option(help="Testing: each frame costs FACTOR frame budgets.")
+        float | None,
+        typer.Option(help="Testing: each frame costs FACTOR frame budgets.", callback=_LOAD),
     ] = None,
     models_dir: ModelsDirOpt = None,
     torch_device: TorchDeviceOpt = None,
@@ -283,12 +313,20 @@ def bench(
     latency: Annotated[
         bool, typer.Option(help="Measure mic-to-frame latency (file source and PulseAudio).")
     ] = False,
-    bursts: Annotated[int, typer.Option(help="With --latency: how many sound bursts.")] = 15,
+    bursts: Annotated[
+        int, typer.Option(help="With --latency: how many sound bursts.", min=1, max=MAX_BURSTS)
+    ] = 15,
     soak: Annotated[
-        float | None, typer.Option(help="Run the live pipeline this many seconds and report.")
+        float | None,
+        typer.Option(
+            help="Run the live pipeline this many seconds and report.", callback=_RUN_SECONDS
+        ),
     ] = None,
     simulate_load: Annotated[
-        float | None, typer.Option(help="With --soak/--latency: each frame costs FACTOR budgets.")
+        float | None,
+        typer.Option(
+            help="With --soak/--latency: each frame costs FACTOR budgets.", callback=_LOAD
+        ),
     ] = None,
     gpu_suite: Annotated[
         bool, typer.Option(help="musetalk: the GPU suite (fast paths on/off, streams, reference).")
@@ -301,7 +339,9 @@ def bench(
     ] = None,
     streams: Annotated[
         int | None,
-        typer.Option(help="Run N live streams at once (--soak seconds, default 10).", min=1),
+        typer.Option(
+            help="Run N live streams at once (--soak seconds, default 10).", min=1, max=MAX_STREAMS
+        ),
     ] = None,
     remote: RemoteOpt = None,
     token_file: TokenFileOpt = None,

@@ -13,6 +13,11 @@ MAX_IMAGE_PIXELS = 64_000_000  # 8000x8000: above any phone camera; ~200 MB deco
 MIN_FPS, MAX_FPS = 1.0, 120.0
 MAX_WIDTH, MAX_HEIGHT = 3840, 2160  # 4K UHD: 25 MB a frame
 MIN_SIDE = 64
+MAX_RUN_SECONDS = 7 * 86_400.0  # --duration, --soak: a week
+MAX_LOAD_FACTOR = 100.0  # --simulate-load: a frame costing 100 frame budgets
+MAX_BURSTS = 1000  # bench --latency: 1.2 s each, 20 minutes
+MAX_STREAMS = 64  # bench --streams: live pipelines in one process
+MAX_OUTPUT_BYTES = 1 << 30  # an array written whole (livecam features): 1 GiB
 
 
 class LimitError(ValueError):
@@ -23,6 +28,15 @@ def check_fps(fps: float) -> float:
     if not math.isfinite(fps) or not MIN_FPS <= fps <= MAX_FPS:
         raise LimitError(f"frame rate {fps} is outside {MIN_FPS:g} to {MAX_FPS:g} fps")
     return fps
+
+
+def check_range(value: float, low: float, high: float, *, low_open: bool = False) -> float:
+    """A finite number in [low, high], or in (low, high] with low_open."""
+    too_low = value <= low if low_open else value < low
+    if not math.isfinite(value) or too_low or value > high:
+        bounds = f"above {low:g} and at most {high:g}" if low_open else f"{low:g} to {high:g}"
+        raise LimitError(f"must be {bounds}, not {value:g}")
+    return value
 
 
 def check_size(width: int, height: int) -> tuple[int, int]:
@@ -57,4 +71,13 @@ def check_pixels(what: str, width: int, height: int) -> None:
         raise LimitError(
             f"{what} is {width}x{height}: more than {MAX_IMAGE_PIXELS // 1_000_000} megapixels; "
             "scale it down first (a face needs far fewer)"
+        )
+
+
+def check_output_bytes(what: str, nbytes: int, hint: str) -> None:
+    """An array that would be built whole in memory, before it is."""
+    if nbytes > MAX_OUTPUT_BYTES:
+        raise LimitError(
+            f"{what} would take {nbytes / 2**30:.1f} GiB, more than livecam builds at once "
+            f"({MAX_OUTPUT_BYTES / 2**30:g} GiB); {hint}"
         )

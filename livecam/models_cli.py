@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -140,14 +141,31 @@ def features_command(
     from livecam.audio.files import AudioFileError, read_audio
     from livecam.engines.musetalk.models import compute_features
     from livecam.engines.musetalk.weights import WeightsError
+    from livecam.limits import LimitError
 
     try:
         samples = read_audio(audio)
+        _check_features_size(len(samples), fps)
         feats = compute_features(_dir(models_dir), samples, fps, streaming, torch_device)
-    except (AudioFileError, WeightsError) as exc:
+    except (AudioFileError, WeightsError, LimitError) as exc:
         _fail(str(exc))
     np.save(out, feats)
     console.print(f"wrote {out}: {feats.shape} float32 ({'streaming' if streaming else 'offline'})")
+
+
+def _check_features_size(n_samples: int, fps: float) -> None:
+    """[T, 50, 384] float32 for T frames, refused before the whisper model is even loaded."""
+    from livecam.constants import SAMPLE_RATE
+    from livecam.engines.musetalk.architecture import REFERENCE_WHISPER
+    from livecam.features.whisper import N_STATES, WINDOW_STEPS
+    from livecam.limits import check_output_bytes
+
+    frames = math.floor(n_samples / SAMPLE_RATE * fps)
+    check_output_bytes(
+        f"the features of {n_samples / SAMPLE_RATE:.0f} s at {fps:g} fps",
+        frames * WINDOW_STEPS * N_STATES * REFERENCE_WHISPER["d_model"] * 4,
+        "cut the audio (ffmpeg -i INPUT -t 60 out.wav) or lower --fps",
+    )
 
 
 @models_app.command("import-whisper-ct2")

@@ -42,6 +42,58 @@ def test_flags_out_of_range_are_one_line(args, message):
     assert message in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["start", "--duration", "nan"], "must be above 0 and at most 604800, not nan"),
+        (["start", "--duration", "-5"], "must be above 0 and at most 604800, not -5"),
+        (["start", "--simulate-load", "inf"], "must be 0 to 100, not inf"),
+        (["bench", "--soak", "1e300"], "must be above 0 and at most 604800"),
+        (["bench", "--streams", "100000"], "less than or equal to 64"),
+        (["bench", "--latency", "--bursts", "1000000000"], "less than or equal to 1000"),
+        (["bench", "--latency", "--bursts", "-3"], "greater than or equal to 1"),
+        (["render", "--audio", "a.wav", "--out", "o.mp4", "--fps", "1e-9"], "outside 1 to 120"),
+        (["serve", "--port", "70000"], "--port"),
+    ],
+)
+def test_other_numbers_out_of_range_are_one_line(args, message):
+    """--bursts 1e9 allocated 140 TiB, --duration nan ran forever, --soak 1e300 likewise."""
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[start]\nduration = nan\n", "[start] duration = nan: must be above 0"),
+        ("[bench]\nsoak = inf\n", "[bench] soak = inf: must be above 0"),
+        ("[bench]\nbursts = 1000000000\n", "[bench] bursts = 1000000000"),
+    ],
+)
+def test_config_file_numbers_out_of_range_name_the_file(tmp_path, monkeypatch, text, message):
+    config = tmp_path / "config.toml"
+    config.write_text(text)
+    monkeypatch.setenv("LIVECAM_CONFIG", str(config))
+    result = CliRunner().invoke(app, ["status"])
+    assert result.exit_code == 2
+    output = " ".join(result.output.split())
+    assert message in output and str(config) in output and "Traceback" not in output
+
+
+def test_features_larger_than_a_gib_are_refused_before_loading_a_model(tmp_path):
+    """`livecam features` builds [T, 50, 384] float32 whole: 5 minutes at 120 fps is 2.6 GiB."""
+    audio = tmp_path / "five_minutes.wav"
+    sf.write(audio, np.zeros(8000 * 300, np.float32), 8000, subtype="PCM_16")
+    missing = tmp_path / "no-models"  # refused before the models are looked for
+    result = CliRunner().invoke(app, ["features", str(audio), "--out", str(tmp_path / "f.npy"),
+                                      "--fps", "120", "--models-dir", str(missing)])  # fmt: skip
+    assert result.exit_code == 1
+    output = " ".join(result.output.split())
+    assert "the features of 300 s at 120 fps would take 2.6 GiB" in output, output
+    assert not (tmp_path / "f.npy").exists()
+
+
 def _wav_header(rate: int, channels: int, frames: int) -> bytes:
     """A 16-bit PCM WAV header declaring `frames` frames (the data may be shorter)."""
     data = frames * channels * 2
@@ -64,6 +116,9 @@ def _audio_bombs(folder: Path) -> dict[str, str]:
     path = folder / "one.wav"
     sf.write(path, np.zeros(1, np.float32), 16_000)
     cases[str(path)] = "too short (1 samples)"
+    path = folder / "empty.wav"
+    sf.write(path, np.zeros(0, np.float32), 16_000)
+    cases[str(path)] = "contains no samples"
     path = folder / "channels.wav"
     path.write_bytes(_wav_header(16_000, 200, 100) + bytes(200 * 100 * 2))
     cases[str(path)] = "200 channels"

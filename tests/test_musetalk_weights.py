@@ -64,6 +64,7 @@ def test_pickle_converted_once_to_safetensors(tmp_path: Path) -> None:
     torch.save({"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(1)}, path)
     first: list[dict] = []
     weights.load_state_dict(path, first.append)
+    assert torch.equal(first[0]["a"], torch.arange(6.0).reshape(2, 3))
     cached = weights.weights_cache_dir() / f"{weights.sha256_file(path)}.safetensors"
     assert cached.is_file()
     assert set(load_file(cached)) == {"a", "b"}
@@ -75,7 +76,18 @@ def test_pickle_converted_once_to_safetensors(tmp_path: Path) -> None:
     path.write_bytes(b"no longer a pickle")  # a changed source has another sha256: no reuse
     with pytest.raises(weights.WeightsError, match="refused to load"):
         weights.load_state_dict(path, again.append)
-    assert torch.equal(first[0]["a"], torch.arange(6.0).reshape(2, 3))
+
+
+def test_tied_and_transposed_tensors_are_converted(tmp_path: Path) -> None:
+    """Mapped from the pickle, tensors sharing a storage (tied weights) or not contiguous are
+    what safetensors refuses: those are copied for the conversion, and nothing is lost."""
+    path = tmp_path / "w.bin"
+    w = torch.arange(12.0).reshape(3, 4)
+    torch.save({"a": w, "tied": w, "t": w.t(), "empty": torch.zeros(0), "e2": torch.zeros(0)}, path)
+    weights.load_state_dict(path, lambda state: None)
+    cached = load_file(weights.weights_cache_dir() / f"{weights.sha256_file(path)}.safetensors")
+    assert torch.equal(cached["tied"], w) and torch.equal(cached["t"], w.t())
+    assert set(cached) == {"a", "tied", "t", "empty", "e2"}
 
 
 @pytest.mark.parametrize("damage", [b"", b"garbage", b"\x08\x00\x00\x00\x00\x00\x00\x00{}"])

@@ -84,6 +84,15 @@ def test_a_failed_conversion_leaves_nothing_behind(models, monkeypatch):
     assert _cache_files() == before
 
 
+LOADERS = {
+    "whisper/config.json": weights.load_whisper_encoder,
+    "whisper/preprocessor_config.json": weights.load_feature_extractor,
+    "musetalkV15/musetalk.json": weights.load_unet,
+    "sd-vae/config.json": weights.load_vae,
+    "taesd/config.json": weights.load_taesd,
+}
+
+
 @pytest.mark.parametrize(
     ("folder", "name", "content", "message"),
     [
@@ -97,29 +106,81 @@ def test_a_failed_conversion_leaves_nothing_behind(models, monkeypatch):
          "block_out_channels [1000000, 1000000] has entries outside 1..1280"),
         ("sd-vae", "config.json", [1, 2], "expected a JSON object, found list"),
         ("sd-vae", "config.json", "oops{", "is not valid JSON"),
+        # keys outside the release's sizes: layer counts, aliases, the library's own checks
+        ("musetalkV15", "musetalk.json", dict(TINY_UNET, transformer_layers_per_block=10**6),
+         "transformer_layers_per_block 1000000 is outside 1..1"),
+        ("musetalkV15", "musetalk.json", dict(TINY_UNET, num_class_embeds=10**9),
+         "num_class_embeds 1000000000 is larger than any size in the release"),
+        ("musetalkV15", "musetalk.json", dict(TINY_UNET, norm_num_groups=0),
+         "does not describe the model (integer modulo by zero)"),
+        ("whisper", "config.json", {"d_model": 384, "num_mel_bins": 80, "num_hidden_layers": 10**6},
+         "num_hidden_layers 1000000 contradicts encoder_layers 4"),
+        ("sd-vae", "config.json", {"latent_channels": 4, "out_channels": 512},
+         "out_channels is 512; MuseTalk needs 3"),
+        ("taesd", "config.json", {"latent_channels": 4, "upsampling_scaling_factor": 64},
+         "upsampling_scaling_factor is 64; MuseTalk needs 2"),
+        # the feature extractor's mel filter bank: 30 GB at n_fft 1e8
+        ("whisper", "preprocessor_config.json", {"n_fft": 10**8}, "n_fft is 100000000"),
+        ("whisper", "preprocessor_config.json", {"hop_length": 0}, "hop_length is 0"),
+        ("whisper", "preprocessor_config.json", {"chunk_length": "30"},
+         "chunk_length must be an integer"),
     ],
 )  # fmt: skip
 def test_a_bad_config_is_one_line(models, folder, name, content, message):
     path = models / folder / name
     path.write_text(content if isinstance(content, str) else json.dumps(content))
-    loader = {"whisper": weights.load_whisper_encoder, "musetalkV15": weights.load_unet,
-              "sd-vae": weights.load_vae}[folder]  # fmt: skip
+    loader = LOADERS[f"{folder}/{name}"]
     with pytest.raises(weights.WeightsError) as err:
         loader(models)
     assert message in str(err.value) and str(path) in str(err.value)
+    assert "\n" not in str(err.value)
 
 
-def test_a_text_file_named_pth_is_refused(models):
-    (models / "musetalkV15" / "unet.pth").write_text("version https://git-lfs.github.com/spec\n")
-    with pytest.raises(weights.WeightsError, match=r"refused to load .*unet\.pth"):
+@pytest.mark.parametrize(
+    ("content", "shown"),
+    [
+        (
+            b"version https://git-lfs.github.com/spec/v1\n",
+            "it begins with b'version https://git-lfs.",
+        ),
+        (b"hello\n", "it begins with b'hello\\n'"),  # was a KeyError traceback
+        (b"", "the file is empty"),
+    ],
+)
+def test_a_file_named_pth_that_is_no_checkpoint_is_named(models, content, shown):
+    path = models / "musetalkV15" / "unet.pth"
+    path.write_bytes(content)
+    with pytest.raises(weights.WeightsError) as err:
         weights.load_unet(models)
+    assert str(err.value).startswith(f"refused to load {path}: not a PyTorch checkpoint")
+    assert shown in str(err.value) and "livecam models download" in str(err.value)
 
 
-def test_a_bad_safetensors_header_is_refused(models):
+HUGE_TENSOR = b'{"w": {"dtype": "F32", "shape": [10000000000], "data_offsets": [0, 40000000000]}}'
+
+
+def _safetensors(header: bytes, data: bytes = b"") -> bytes:
+    return len(header).to_bytes(8, "little") + header + data
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        (10**12).to_bytes(8, "little") + b"{}",  # a header longer than the file
+        _safetensors(b"not json"),
+        _safetensors(b"[1, 2]"),
+        _safetensors(b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}', bytes(8)),
+        _safetensors(HUGE_TENSOR),
+        b"\x01",
+    ],
+)
+def test_a_bad_safetensors_header_is_refused(models, content):
     path = models / "taesd" / "diffusion_pytorch_model.safetensors"
-    path.write_bytes((10**12).to_bytes(8, "little") + b"{}")
-    with pytest.raises(weights.WeightsError, match="not a valid safetensors file"):
+    path.write_bytes(content)
+    with pytest.raises(weights.WeightsError) as err:
         weights.load_taesd(models)
+    assert f"refused to load {path}: not a valid safetensors file" in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 VERIFY_HUGE_WHISPER = textwrap.dedent("""

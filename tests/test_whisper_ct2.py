@@ -183,7 +183,17 @@ def _written(path: Path, data: bytes) -> Path:
     return path
 
 
+def _bf16_of_another_shape(path: Path) -> Path:
+    """conv1/bias declared bfloat16 of shape (D, 2): half the bytes it holds."""
+    data = bytearray(write_ct2(path, tiny_variables()).read_bytes())
+    name = b"encoder/conv1/bias\0"
+    at = data.index(name) + len(name)  # ndim, shape (D,), type id, byte count
+    data[at : at + 10] = struct.pack("<B2IBI", 2, D, 2, 5, 2 * D)
+    return _written(path, bytes(data))
+
+
 BAD = {
+    "bf16 size": (_bf16_of_another_shape, f"holds {2 * D} bytes, not ({D}, 2) bfloat16"),
     "text": (lambda p: _written(p, b"not a model\n"), "not a CTranslate2 model"),
     "version": (lambda p: write_ct2(p, tiny_variables(), version=5), "binary version 6"),
     "spec": (lambda p: write_ct2(p, tiny_variables(), spec="TransformerSpec"), "not a Whisper"),

@@ -12,6 +12,7 @@ Only the encoder is written; the decoder is never used by MuseTalk.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -94,11 +95,14 @@ def read_ct2(path: Path) -> Ct2Model:
             raise Ct2ImportError(f"{path}: {name} has an unknown dtype id {type_id}")
         raw = r.take(nbytes)
         dtype = DTYPES[type_id]
+        itemsize = 2 if dtype is None else dtype.itemsize
+        if nbytes != math.prod(shape) * itemsize:
+            raise Ct2ImportError(
+                f"{path}: {name} holds {nbytes} bytes, not {shape} {dtype or 'bfloat16'}"
+            )
         if dtype is None:  # bfloat16: the upper half of a float32
             arr = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
         else:
-            if nbytes != int(np.prod(shape)) * dtype.itemsize:
-                raise Ct2ImportError(f"{path}: {name} holds {nbytes} bytes, not {shape} {dtype}")
             arr = np.frombuffer(raw, dtype)
         variables[name] = arr.reshape(shape)
     for _ in range(r.unpack("I")):

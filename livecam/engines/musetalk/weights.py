@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import os
-import pickle
+import struct
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -30,9 +30,18 @@ from livecam.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
+LOCAL_HEADER = 30  # bytes of a zip entry's local header before its name and extra field
+PEEK = 24  # bytes of a file's start shown when it is not a checkpoint
+
 
 class WeightsError(Exception):
     """A weight file that is missing, damaged or unsafe; the message says what to do."""
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message cut to one line (a library's can span a page)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def weights_cache_dir() -> Path:
@@ -67,15 +76,24 @@ def cached_sha256(path: Path) -> str:
 
 
 def safe_torch_load(path: Path) -> dict[str, torch.Tensor]:
-    """A flat {name: tensor} state dict from a torch pickle, refusing anything else."""
-    _check_stored(path)
+    """A flat {name: tensor} state dict from a torch pickle, refusing anything else. A zip
+    checkpoint (what torch.save writes) is memory-mapped: no tensor data is read until used,
+    so its names, shapes and dtypes are checked before anything is allocated."""
+    archive = _check_archive(path)
+    if not archive:
+        with path.open("rb") as fh:
+            head = fh.read(PEEK)
+        if not head.startswith(b"\x80"):  # torch's legacy format is a pickle: PROTO first
+            raise WeightsError(
+                f"refused to load {path}: not a PyTorch checkpoint "
+                f"({f'it begins with {head!r}' if head else 'the file is empty'}); "
+                "delete it and run `livecam models download`"
+            )
     try:
-        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError,
-            OSError) as exc:  # fmt: skip
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        obj: Any = torch.load(path, map_location="cpu", weights_only=True, mmap=archive)
+    except Exception as exc:  # torch's unpickler raises many kinds for damaged input
         raise WeightsError(
-            f"refused to load {path}: it is not a plain tensor checkpoint ({first}). "
+            f"refused to load {path}: not a plain PyTorch tensor checkpoint ({_first_line(exc)}). "
             "It may be damaged or tampered with; delete it and run `livecam models download`"
         ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -88,28 +106,43 @@ def safe_torch_load(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def _check_stored(path: Path) -> None:
-    """torch.save writes its zip uncompressed; a compressed entry could inflate a small file
-    into gigabytes, so only stored entries (memory bounded by the file's size) are read."""
+def _check_archive(path: Path) -> bool:
+    """Whether `path` is a zip checkpoint, after checking its entries: torch.save stores them
+    uncompressed, so a compressed one (a small file that could expand to gigabytes) is
+    refused, and so is one whose data would reach past the end of the file."""
     if not zipfile.is_zipfile(path):
-        return  # the legacy format: raw storages, no compression
+        return False  # the legacy format: raw storages, no compression
+    size = path.stat().st_size
     try:
-        with zipfile.ZipFile(path) as archive:
-            packed = [
-                i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED
-            ]
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise WeightsError(f"refused to load {path}: damaged archive ({exc})") from None
-    if packed:
+        with zipfile.ZipFile(path) as archive, path.open("rb") as fh:
+            for info in archive.infolist():
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise WeightsError(
+                        f"refused to load {path}: {info.filename} is compressed, which torch "
+                        "never writes (a small file could expand to gigabytes); delete it and "
+                        "run `livecam models download`"
+                    )
+                fh.seek(info.header_offset)
+                header = fh.read(LOCAL_HEADER)
+                if len(header) < LOCAL_HEADER or header[:4] != b"PK\x03\x04":
+                    raise zipfile.BadZipFile(f"no local header for {info.filename}")
+                name_len, extra_len = struct.unpack("<HH", header[26:30])
+                end = info.header_offset + LOCAL_HEADER + name_len + extra_len + info.file_size
+                if info.file_size != info.compress_size or end > size:
+                    raise zipfile.BadZipFile(f"{info.filename} reaches past the end of the file")
+    except (zipfile.BadZipFile, OSError, ValueError, struct.error) as exc:
         raise WeightsError(
-            f"refused to load {path}: {packed[0]} is compressed, which torch never writes "
-            "(a small file could expand to gigabytes); delete it and run `livecam models download`"
-        )
+            f"refused to load {path}: damaged archive ({exc}); delete it and run "
+            "`livecam models download`"
+        ) from None
+    return True
 
 
 def load_state_dict(path: Path, use: Callable[[dict[str, torch.Tensor]], None]) -> None:
-    """Hand the tensors of a weight file to `use` (which loads them into a model). A pickle is
-    converted to a cached safetensors file, once, and only after `use` accepted it."""
+    """Hand the tensors of a weight file to `use` (which loads them into a model, raising
+    WeightsError if they do not fit). A pickle is converted to a cached safetensors file, once,
+    and only after `use` accepted it. A zip pickle is handed over memory-mapped, as the cached
+    safetensors copy is later: `use` checks names, shapes and dtypes before anything is read."""
     if not path.is_file():
         raise WeightsError(f"missing {path}: run `livecam models download`")
     if path.suffix == ".safetensors":
@@ -121,7 +154,7 @@ def load_state_dict(path: Path, use: Callable[[dict[str, torch.Tensor]], None]) 
         except Exception as exc:  # a truncated or corrupt cache file: convert again
             log.warning("cached %s unusable (%s); converting again", cached, exc)
     state = safe_torch_load(path)
-    use(state)  # WeightsError if the shapes do not fit: nothing is written
+    use(state)  # WeightsError if they do not fit: nothing read or written
     _convert(state, cached)
     return None
 
@@ -131,7 +164,8 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(path)
     except Exception as exc:  # safetensors raises its own error types for bad headers
         raise WeightsError(
-            f"refused to load {path}: not a valid safetensors file ({exc})"
+            f"refused to load {path}: not a valid safetensors file ({_first_line(exc)}); "
+            "delete it and run `livecam models download`"
         ) from None
 
 
@@ -141,8 +175,7 @@ def _convert(state: dict[str, torch.Tensor], cached: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=f".{cached.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        # safetensors refuses shared or non-contiguous storage: give each tensor its own
-        save_file({k: v.contiguous().clone() for k, v in state.items()}, tmp)
+        save_file(_unshared(state), tmp)
         os.replace(tmp, cached)
     except (OSError, RuntimeError) as exc:  # disk full, read-only cache: still usable now
         log.warning("could not cache %s: %s", cached, exc)
@@ -151,6 +184,20 @@ def _convert(state: dict[str, torch.Tensor], cached: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
     log.info("converted weights to %s", cached)
+
+
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied weights) or are not contiguous:
+    copies of those only, the rest as they are (mapped from the file, read once as written)."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in state.items():
+        ptr = tensor.untyped_storage().data_ptr()
+        if not tensor.is_contiguous() or (tensor.numel() and ptr in seen):
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        seen.add(ptr)
+        out[name] = tensor
+    return out
 
 
 def read_json(path: Path, model: str | None = None) -> dict[str, Any]:
@@ -175,13 +222,16 @@ def _folder(models_dir: Path, name: str) -> Path:
     return models_dir / component(name).folder
 
 
-def _build(make: Callable[[], torch.nn.Module], what: str) -> torch.nn.Module:
+def _build(make: Callable[[], torch.nn.Module], config: Path) -> torch.nn.Module:
     """The model skeleton on the meta device: nothing allocated, no random init."""
     try:
         with torch.device("meta"):
             return make()
-    except (TypeError, ValueError, KeyError, AttributeError, AssertionError) as exc:
-        raise WeightsError(f"{what}: the config does not describe a model ({exc})") from None
+    except Exception as exc:  # the libraries' constructors raise any kind for a bad config
+        raise WeightsError(
+            f"{config} does not describe the model ({_first_line(exc)}); "
+            "run `livecam models download` to replace it"
+        ) from None
 
 
 def _loader(model: torch.nn.Module, what: str, rename: Callable[[str], str | None] = str):
@@ -195,6 +245,11 @@ def _loader(model: torch.nn.Module, what: str, rename: Callable[[str], str | Non
 
 
 def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    for name, tensor in state.items():
+        if not tensor.is_floating_point() or tensor.element_size() > 4:
+            raise WeightsError(
+                f"{what}: {name} is {tensor.dtype}; the release stores float32 or float16 weights"
+            )
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
@@ -231,7 +286,7 @@ def load_unet(models_dir: Path) -> torch.nn.Module:
     folder = _folder(models_dir, "unet")
     config = read_json(folder / "musetalk.json", "unet")
     what = "musetalkV15/unet.pth"
-    model = _build(lambda: UNet2DConditionModel.from_config(config), what)
+    model = _build(lambda: UNet2DConditionModel.from_config(config), folder / "musetalk.json")
     load_state_dict(folder / "unet.pth", _loader(model, what))
     return model.eval().requires_grad_(False)
 
@@ -242,7 +297,7 @@ def load_vae(models_dir: Path) -> torch.nn.Module:
     folder = _folder(models_dir, "vae")
     config = read_json(folder / "config.json", "vae")
     what = "sd-vae/diffusion_pytorch_model.bin"
-    model = _build(lambda: AutoencoderKL.from_config(config), what)
+    model = _build(lambda: AutoencoderKL.from_config(config), folder / "config.json")
     load_state_dict(folder / "diffusion_pytorch_model.bin", _loader(model, what, _vae_key))
     return model.eval().requires_grad_(False)
 
@@ -253,7 +308,7 @@ def load_taesd(models_dir: Path) -> torch.nn.Module:
     folder = _folder(models_dir, "taesd")
     config = read_json(folder / "config.json", "taesd")
     what = "taesd/diffusion_pytorch_model.safetensors"
-    model = _build(lambda: AutoencoderTiny.from_config(config), what)
+    model = _build(lambda: AutoencoderTiny.from_config(config), folder / "config.json")
     load_state_dict(folder / "diffusion_pytorch_model.safetensors", _loader(model, what))
     return model.eval().requires_grad_(False)
 
@@ -270,7 +325,7 @@ def load_whisper_encoder(models_dir: Path) -> torch.nn.Module:
     # the release pickle, else an imported model.safetensors (its accepted alternative)
     path = comp.present_path(models_dir, f) or comp.local_path(models_dir, f)
     what = f"whisper/{path.name} (encoder)"
-    model = _build(lambda: WhisperEncoder(WhisperConfig.from_dict(config)), what)
+    model = _build(lambda: WhisperEncoder(WhisperConfig.from_dict(config)), folder / "config.json")
     load_state_dict(path, _loader(model, what, _encoder_key))
     return model.eval().requires_grad_(False)
 
@@ -280,7 +335,7 @@ def load_feature_extractor(models_dir: Path) -> Any:
 
     folder = _folder(models_dir, "whisper")
     path = folder / "preprocessor_config.json"
-    cfg = read_json(path)
+    cfg = read_json(path, "features")
     cfg.pop("feature_extractor_type", None)
     cfg.pop("processor_class", None)
     try:
