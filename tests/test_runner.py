@@ -100,7 +100,13 @@ def test_new_held_and_repeated_frames_are_counted_apart(pipeline) -> None:
     assert c.frames_shown == 6 == pipeline.sink.frames_sent
 
 
-def test_a_late_tick_resyncs_instead_of_bursting(pipeline) -> None:
+def _phases(pipeline, times: list[float]) -> np.ndarray:
+    """How far into its frame's due interval each tick fell, in frames."""
+    stream = np.array([pipeline.clock.stream_time(t) for t in times])
+    return ((stream - pipeline.playout_delay) * FPS) % 1
+
+
+def test_ticks_lock_to_due_times_and_a_stall_resyncs_without_a_burst(pipeline) -> None:
     fake, sent = pipeline.fake, []
     real_send = pipeline.sink.send
 
@@ -116,10 +122,38 @@ def test_a_late_tick_resyncs_instead_of_bursting(pipeline) -> None:
     pipeline._output()
     gaps = np.diff(sent) / PERIOD
     assert pipeline.counters.late_ticks == 1
-    # the frame after the stall goes out when it ends, then the regular pace: no burst
-    expected = np.ones(len(gaps))
-    expected[4] = 3.5
-    assert np.allclose(gaps, expected), gaps.round(2)
+    assert gaps.min() >= 0.5 - 1e-9, gaps.round(2)  # never a burst
+    # once locked (the third tick), each falls TICK_LAG after a frame is due: a free-running
+    # grid would show every frame up to a period later than it may
+    locked = [k for k in range(2, len(sent)) if k != 5]  # 5: the first after the stall
+    lag = runner.TICK_LAG * FPS
+    assert np.allclose(_phases(pipeline, [sent[k] for k in locked]), lag), gaps.round(2)
+    assert gaps[4] == pytest.approx(3.5) and gaps[5] == pytest.approx(0.5)  # back on the grid
+
+
+@pytest.mark.parametrize("frames", [1.3, 2.8])
+def test_a_new_playout_delay_relocks_the_ticks_in_one_interval(pipeline, frames: float) -> None:
+    fake, sent = pipeline.fake, []
+    real_send = pipeline.sink.send
+
+    def send(frame, audio) -> None:
+        real_send(frame, audio)
+        sent.append(fake.t)
+        if len(sent) == 10:
+            pipeline.playout_delay += frames / FPS  # due times move off the ticks' grid
+        if len(sent) == 20:
+            fake.set()
+
+    pipeline.sink.send = send
+    pipeline._output()
+    gaps = np.diff(sent) / PERIOD
+    # the next due time comes within a period: one or two shorter intervals (none under half
+    # a period), never a longer one (the camera does not stall), and the ticks lock again
+    assert gaps.min() >= 0.5 - 1e-9 and gaps.max() <= 1 + 1e-9, gaps.round(2)
+    assert np.allclose(_phases(pipeline, sent[12:]), runner.TICK_LAG * FPS), gaps.round(2)
+    shift = frames % 1  # whole frames only re-index the due frames
+    assert gaps[9:].sum() == pytest.approx(len(gaps) - 9 - (1 - shift))
+    assert pipeline.counters.late_ticks == 0
 
 
 def test_live_and_offline_lite_frames_are_identical() -> None:

@@ -34,6 +34,7 @@ from livecam.sinks.base import Sink
 log = logging.getLogger(__name__)
 
 FACE_BUFFER = 16  # generated faces waiting for their tick; oldest dropped beyond this
+TICK_LAG = 0.002  # s a tick falls after its frame is due (timer wake-up jitter)
 STALL_GRACE_S = 0.25  # the capture stream this far behind the clock: the source stalled
 MARGIN_S = 0.005  # scheduling jitter of the worker thread
 
@@ -240,12 +241,20 @@ class Pipeline:
             if self._stop.is_set():
                 break
             now = time.monotonic()
-            due = self._due_frame(now)
-            self._show(due, now)
-            next_tick += period
-            if now - next_tick > period:  # fell a whole frame behind: resync, never burst
+            if now - next_tick > period:  # fell a whole frame behind (counted, never a burst)
                 self.counters.late_ticks += 1
-                next_tick = now + period
+            due = self._due_frame(now)
+            next_tick = self._next_tick(due, now)
+            self._show(due, now)
+
+    def _next_tick(self, due: int, now: float) -> float:
+        """When frame due+1 falls due (within a period of now), plus TICK_LAG, and at least half
+        a period from now. The ticks stay locked to the frames' due times, so a frame goes out
+        as soon as it may; a free-running grid added up to a period, by the chance of its
+        start. After a new playout delay or a stall, one shorter interval locks them again."""
+        stream_due = (due + 1) / self.cfg.fps + self.playout_delay
+        due_at = now + stream_due - self.clock.stream_time(now)
+        return max(due_at + TICK_LAG, now + 0.5 / self.cfg.fps)
 
     def _show(self, due: int, now: float) -> None:
         c = self.counters
