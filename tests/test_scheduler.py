@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from livecam.pipeline.scheduler import STEP_UP_AFTER_S, Mode, Scheduler
+from livecam.pipeline.scheduler import LOWER_AFTER_S, STEP_UP_AFTER_S, Mode, Scheduler
 
 FPS = 30
 BUDGET = 1 / FPS
@@ -171,3 +171,33 @@ def test_the_delay_follows_the_recent_calls_only():
         s.observe(Mode("full", 1, 1), 0.001, now=0.0)
     recent = [0.02] * 2 + [0.001] * 28
     assert s._generation_allowance() == pytest.approx(1.1 * np.percentile(recent, 95))
+
+
+def test_the_delay_comes_down_once_the_calls_are_steadily_faster():
+    """Slow first calls (a new connection, cold caches) set the delay; it comes down after
+    LOWER_AFTER_S of faster ones, not on a short dip, and not more often than that."""
+    s = Scheduler(FPS, ("full",), (1,), base_delay_s=0.06, initial_cost_s=0.004)
+    mode = Mode("full", 1, 1)
+    for k in range(10):
+        s.observe(mode, 0.02, now=k / FPS)  # calibrated on the slow start
+    high = s.playout_delay
+    assert high == pytest.approx(0.06 + 1.1 * 0.02)
+    for k in range(10, 40):  # a full window of fast calls, but within LOWER_AFTER_S
+        s.observe(mode, 0.008, now=k / FPS)
+    assert s.playout_delay == high
+    changed = [s.observe(mode, 0.008, now=LOWER_AFTER_S + k / FPS) for k in range(30)]
+    assert changed.count(True) == 1  # once, then it waits again
+    assert s.playout_delay == pytest.approx(0.06 + 1.1 * 0.008)
+    assert s.mode == mode
+
+
+def test_a_short_dip_does_not_lower_the_delay():
+    s = Scheduler(FPS, ("full",), (1,), base_delay_s=0.06, initial_cost_s=0.004)
+    mode = Mode("full", 1, 1)
+    for k in range(10):
+        s.observe(mode, 0.02, now=k / FPS)
+    high = s.playout_delay
+    now = 10 / FPS
+    for k in range(300):  # 10 s of calls: dips of 20 fast calls, shorter than the window
+        s.observe(mode, 0.008 if k % 30 < 20 else 0.02, now=now + k / FPS)
+    assert s.playout_delay == high  # every window's p95 still needs it

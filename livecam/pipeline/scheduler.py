@@ -25,6 +25,8 @@ TIER_PRIOR = 0.7  # an unmeasured tier is assumed this much cheaper than the one
 BATCH_OVERHEAD_PRIOR = 0.5  # an unmeasured batch size: assume this share of a call is fixed
 LATENCY_CEILING_S = 0.2  # prefer a coarser stride to a batch that delays more than this
 RECALIBRATE_AFTER = 10  # calls in a mode before its measured p95 may raise the playout delay
+LOWER_AFTER_S = 5.0  # a delay the calls no longer need comes down at most this often
+LOWER_BELOW = 0.8  # ... when a full window of calls needs less than this share of it
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class Scheduler:
         self._calm_since: float | None = None
         self.mode = Mode(tiers[0], 1, batch_sizes[0])
         self.changes = 0  # mode or delay changes so far (what observe reported True for)
+        self._derived_at: float | None = None  # when the delay was last re-derived by a call
         self._derive_delay()
 
     # -- cost model ---------------------------------------------------------------------------
@@ -89,6 +92,16 @@ class Scheduler:
         self._allowance = self._generation_allowance()
         self.playout_delay = self.base_delay_s + self._batch_wait(self.mode) + self._allowance
 
+    def _needs_less(self, now: float) -> bool:
+        """A whole window of calls fits well inside the allowance, and the last re-derivation
+        is long enough ago: the first calls (a new connection, cold caches) often set it."""
+        return (
+            len(self._recent) == self._recent.maxlen
+            and self._derived_at is not None
+            and now - self._derived_at >= LOWER_AFTER_S
+            and self._generation_allowance() < LOWER_BELOW * self._allowance
+        )
+
     def _predicted_delay(self, mode: Mode) -> float:
         return self.base_delay_s + self._batch_wait(mode) + 1.3 * self.cost(mode.tier, mode.batch)
 
@@ -110,11 +123,16 @@ class Scheduler:
         self._cost[key] = old + EWMA * (seconds - old)
         self._recent.append(seconds)
         now = time.monotonic() if now is None else now
-        if len(self._recent) == RECALIBRATE_AFTER or (
-            len(self._recent) > RECALIBRATE_AFTER
-            and self._generation_allowance() > 1.2 * self._allowance
-        ):  # the first real measurements, or slower than the delay allows: re-derive it
+        if (
+            len(self._recent) == RECALIBRATE_AFTER
+            or (
+                len(self._recent) > RECALIBRATE_AFTER
+                and self._generation_allowance() > 1.2 * self._allowance
+            )
+            or self._needs_less(now)
+        ):  # the first real measurements, slower than the delay allows, or steadily faster
             self._derive_delay()
+            self._derived_at = now
             self.changes += 1
             return True
         measured = self.utilisation(self.mode, seconds)
