@@ -47,13 +47,10 @@ def test_file_source_drives_the_virtual_camera(clip, fake_cam):
     assert cam.closed and cam.width == WIDTH and cam.height == HEIGHT
     frames = cam.frames
     # paced by the clock, never faster (load can only make it slower): the frames span the
-    # 3 s of audio, and there is at most one frame per period of that span, plus one where
-    # the ticks lock onto the frames' due times as the audio clock's origin and the playout
-    # delay settle (each relock shortens one interval, never under half a period)
+    # 3 s of audio, and there is at most one frame per tick of that span
     span = cam.times[-1] - cam.times[0]
     assert span >= 3.0 - 1 / FPS
-    assert len(frames) <= span * FPS + 3, len(frames) - span * FPS
-    assert np.diff(cam.times).min() >= 0.5 / FPS - 0.002  # never a burst
+    assert len(frames) <= span * FPS + 2, len(frames) - span * FPS
     assert all(f.size == WIDTH * HEIGHT * 3 for f in frames)
     # the mouth moved: consecutive frames are not all alike
     distinct = {hash(f.tobytes()) for f in frames}

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 FACE_BUFFER = 16  # generated faces waiting for their tick; oldest dropped beyond this
 TICK_LAG = 0.002  # s a tick falls after its frame is due (timer wake-up jitter)
+MIN_INTERVAL = 0.9  # periods: shorter only to follow the audio clock's small corrections
 STALL_GRACE_S = 0.25  # the capture stream this far behind the clock: the source stalled
 MARGIN_S = 0.005  # scheduling jitter of the worker thread
 
@@ -248,13 +249,15 @@ class Pipeline:
             self._show(due, now)
 
     def _next_tick(self, due: int, now: float) -> float:
-        """When frame due+1 falls due (within a period of now), plus TICK_LAG, and at least half
-        a period from now. The ticks stay locked to the frames' due times, so a frame goes out
-        as soon as it may; a free-running grid added up to a period, by the chance of its
-        start. After a new playout delay or a stall, one shorter interval locks them again."""
-        stream_due = (due + 1) / self.cfg.fps + self.playout_delay
-        due_at = now + stream_due - self.clock.stream_time(now)
-        return max(due_at + TICK_LAG, now + 0.5 / self.cfg.fps)
+        """When frame due+1 falls due (within a period of now), plus TICK_LAG; if that is
+        sooner than MIN_INTERVAL periods, the due time after it. The ticks stay locked to the
+        frames' due times, so a frame goes out as soon as it may (a free-running grid added up
+        to a period, by the chance of its start), and the camera never runs faster than its
+        rate: after a new playout delay or a stall, one longer interval locks them again."""
+        period = 1.0 / self.cfg.fps
+        stream_due = (due + 1) * period + self.playout_delay
+        tick = now + stream_due - self.clock.stream_time(now) + TICK_LAG
+        return tick if tick - now >= MIN_INTERVAL * period else tick + period
 
     def _show(self, due: int, now: float) -> None:
         c = self.counters
@@ -266,11 +269,11 @@ class Pipeline:
             self._shown = (due, look.engine.generate_silent([max(due, 0)])[0], look)
         index, face, look = self._shown
         if index == due:
-            c.frames_new += 1
+            kind = "new"
         elif due - index < self.scheduler.mode.stride and item is None:
-            c.frames_held += 1  # between strided frames: the mouth holds, the head moves
+            kind = "held"  # between strided frames: the mouth holds, the head moves
         else:
-            c.frames_repeated += 1
+            kind = "repeated"
         t0 = time.perf_counter()
         frame = look.compositor.compose(face, due)
         t1 = time.perf_counter()
@@ -280,7 +283,7 @@ class Pipeline:
         c.time_stage("compose", t1 - t0)
         c.time_stage("sink", time.perf_counter() - t1)
         c.time_stage("latency", self.clock.stream_time(now) - index / self.cfg.fps)
-        c.frames_shown += 1
+        c.count_shown(kind)
         c.shown_rate.tick(now)
         if self.on_tick is not None:
             self.on_tick(index, now)
@@ -318,6 +321,7 @@ class Pipeline:
         mode = self.scheduler.mode
         capture_s, capture_basis = self.source.measured_latency()
         stats = self.source.stats
+        shown, new, held, repeated = c.shown_counts()
         return Snapshot(
             avatar=self.look.avatar.name,
             engine=self.engine.name,
@@ -329,10 +333,10 @@ class Pipeline:
             target_fps=self.cfg.fps,
             shown_fps=c.shown_rate.rate(now),
             generated_fps=c.generated_rate.rate(now),
-            frames_shown=c.frames_shown,
-            frames_new=c.frames_new,
-            frames_held=c.frames_held,
-            frames_repeated=c.frames_repeated,
+            frames_shown=shown,
+            frames_new=new,
+            frames_held=held,
+            frames_repeated=repeated,
             frames_generated=c.frames_generated,
             frames_skipped=c.frames_skipped,
             frames_silent=c.frames_silent,

@@ -107,7 +107,8 @@ class Snapshot:
 
 @dataclass
 class Counters:
-    """Mutable counters; each is written by one thread only, read by snapshot()."""
+    """Mutable counters; each is written by one thread only, read by snapshot() (the shown
+    frames and their kinds under the lock, as they must add up)."""
 
     frames_shown: int = 0
     frames_new: int = 0
@@ -124,6 +125,23 @@ class Counters:
     shown_rate: RateMeter = field(default_factory=RateMeter)
     generated_rate: RateMeter = field(default_factory=RateMeter)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def count_shown(self, kind: str) -> None:
+        """One frame on the camera, its mouth "new", "held" or "repeated": counted together,
+        so a snapshot never sees the frame without its kind."""
+        with self.lock:
+            self.frames_shown += 1
+            if kind == "new":
+                self.frames_new += 1
+            elif kind == "held":
+                self.frames_held += 1
+            else:
+                self.frames_repeated += 1
+
+    def shown_counts(self) -> tuple[int, int, int, int]:
+        """(shown, new, held, repeated), read together."""
+        with self.lock:
+            return self.frames_shown, self.frames_new, self.frames_held, self.frames_repeated
 
     def time_stage(self, name: str, seconds: float) -> None:
         with self.lock:
