@@ -140,6 +140,7 @@ class _PageServer(http.server.ThreadingHTTPServer):
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _PageHandler)
         self.posted: dict[str, bytes] = {}
+        self.steps: list[tuple[str, float]] = []  # how far the page got, and when
         self.done = threading.Event()
 
 
@@ -147,6 +148,7 @@ class _PageHandler(http.server.BaseHTTPRequestHandler):
     server: _PageServer
 
     def do_GET(self) -> None:
+        self.server.steps.append((f"GET {self.path}", time.monotonic()))
         body = (Path(__file__).with_name("camera_page.html")).read_bytes()
         self.send_response(200)
         self.send_header("Content-Type", "text/html")
@@ -157,6 +159,8 @@ class _PageHandler(http.server.BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         data = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         self.server.posted[self.path] = data
+        if self.path == "/step":
+            self.server.steps.append((data.decode(errors="replace"), time.monotonic()))
         self.send_response(204)
         self.end_headers()
         if self.path == "/result":
@@ -178,6 +182,9 @@ def chromium_client() -> dict:
         ["chromium", "--headless=new", "--no-sandbox", "--disable-gpu",
          "--use-fake-ui-for-media-stream", "--no-first-run", "--disable-sync",
          "--disable-background-networking", "--disable-component-update",
+         "--disable-extensions", "--mute-audio", "--no-default-browser-check",
+         # services a camera test does not need, each seconds of emulated CPU at start-up
+         "--disable-features=WebGPU,Vulkan,OnDeviceModelService,OptimizationHints",
          f"--user-data-dir={profile}", url],
         stdout=subprocess.DEVNULL, stderr=(OUT / "chromium.log").open("w"), env=ENV,
     )  # fmt: skip
@@ -187,6 +194,7 @@ def chromium_client() -> dict:
     stop_process(browser, 30)
     server.shutdown()
     info: dict = {"answered": answered, "seconds": round(time.monotonic() - t0, 1),
+                  "steps": [(name, round(at - t0, 1)) for name, at in server.steps],
                   "log": (OUT / "chromium.log").read_text()[-1500:]}  # fmt: skip
     if answered:
         info.update(json.loads(server.posted["/result"]))

@@ -120,7 +120,9 @@ def test_gstreamer_lists_livecam_and_sees_the_face(guest):
 
 def test_chromium_lists_livecam_captures_it_and_sees_the_face(guest):
     chromium = result(guest, "live_run")["chromium"]
-    assert chromium["answered"], f"the page never answered: {chromium['log']}"
+    assert chromium["answered"], (
+        f"the page never answered (steps reached: {chromium['steps']}): {chromium['log']}"
+    )
     assert "error" not in chromium, chromium
     assert chromium["labels"] == ["LiveCam"] and chromium["track"] == "LiveCam", chromium
     settings = chromium["settings"]
@@ -135,8 +137,8 @@ def test_chromium_lists_livecam_captures_it_and_sees_the_face(guest):
           f"{chromium['labels_before']}), track {chromium['track']} "
           f"{settings['width']}x{settings['height']}, {chromium['frames']} frames in "
           f"{chromium['counted_s']} s = {chromium['frames'] / chromium['counted_s']:.1f} fps "
-          f"received, face box {face.box}; the page answered "
-          f"{chromium['seconds']:.0f} s after Chromium started")  # fmt: skip
+          f"received, face box {face.box}; the page answered {chromium['seconds']:.0f} s "
+          f"after Chromium started (steps {chromium['steps']})")  # fmt: skip
 
 
 def test_readers_before_after_and_reopening(guest):
