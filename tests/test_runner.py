@@ -168,14 +168,20 @@ def test_show_composes_the_due_frame_times_its_stages_and_calls_its_hooks(moving
 
 
 def test_the_idle_face_before_any_generated_one_is_framed_for_its_tick(moving) -> None:
-    p, frames, ticks = moving, [], []
+    p, frames, ticks, asked = moving, [], [], []
     p.on_frame, p.on_tick = frames.append, lambda index, now: ticks.append(index)
+    silent = p.engine.generate_silent
+    p.look.engine.generate_silent = lambda ks: asked.append(list(ks)) or silent(ks)
     p._show(-3, p.fake.t)  # before the stream's first frame is due
     p._show(5, p.fake.t)  # the idle face stays, the head moves on
-    idle = p.engine.generate_silent([0])[0]
+    assert asked == [[0]]  # frame 0's idle face (a video avatar's first frame)
+    idle = silent([0])[0]
     assert ticks == [-3, -3]
     assert np.array_equal(frames[0], p.compositor.compose(idle, -3))
     assert np.array_equal(frames[1], p.compositor.compose(idle, 5))
+    p._shown = None  # nothing shown yet, the stream under way: that frame's idle face
+    p._show(7, p.fake.t)
+    assert asked[-1] == [7] and ticks[-1] == 7
 
 
 def test_a_late_tick_resyncs_instead_of_bursting(pipeline) -> None:

@@ -5,7 +5,7 @@
 #
 #   tools/mutation.sh                 # ring clock scheduler runner cachefile store weights latents features
 #   tools/mutation.sh ring scheduler  # some of them
-#   control: its tests start daemons; add tests/test_control.py to the selection first
+#   tools/mutation.sh control        # the control socket (its tests take a while: ~N min)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=$(dirname "${PYTHON:-.venv/bin/python}")
