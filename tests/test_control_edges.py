@@ -3,6 +3,7 @@ sees, what a client does with odd answers, and a server whose accept() keeps fai
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -225,6 +226,7 @@ def test_the_client_s_errors_name_the_daemon(run_dir) -> None:
     with pytest.raises(ControlError) as caught:
         request({"cmd": "status"}, missing)  # no runtime directory at all
     assert str(caught.value) == not_running.replace(str(path), str(missing))
+    assert not missing.parent.exists()  # asking never creates the daemon's directory
     deep = run_dir / ("d" * 120)  # a path no Unix socket can have
     deep.mkdir(mode=0o700)
     with pytest.raises(ControlError, match=f"^cannot talk to livecam at {deep}/livecam.sock: "):
@@ -241,7 +243,8 @@ def _one_answer(path: Path, answer: bytes, seen: list[bytes]) -> threading.Threa
             conn, _ = listener.accept()
             with conn:
                 seen.append(conn.makefile("rb").readline())
-                conn.sendall(answer)
+                with contextlib.suppress(BrokenPipeError):  # a client may read only part
+                    conn.sendall(answer)
 
     thread = threading.Thread(target=serve)
     thread.start()
@@ -285,8 +288,68 @@ def test_the_client_waits_for_a_full_backlog_until_its_deadline(monkeypatch) -> 
     conn = Full(busy=3)
     control._connect(conn, Path("/x"), time.monotonic() + 60)  # type: ignore[arg-type]
     assert conn.busy == 0  # it retried until the daemon took it
-    with pytest.raises(TimeoutError, match="connection queue stayed full"):
+    with pytest.raises(TimeoutError) as caught:
         control._connect(Full(busy=10**6), Path("/x"), time.monotonic())  # type: ignore[arg-type]
+    assert str(caught.value) == "the daemon's connection queue stayed full"
+
+
+def test_a_request_waits_while_the_daemon_s_backlog_is_full(run_dir) -> None:
+    path = run_dir / "livecam.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(0)
+    queued = []
+    while True:  # fill the backlog: one more connect would fail with EAGAIN
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.setblocking(False)
+        try:
+            conn.connect(str(path))
+        except BlockingIOError:
+            conn.close()
+            break
+        queued.append(conn)
+    asking = threading.Event()
+
+    def serve() -> None:  # the daemon catches up once the request is waiting
+        asking.wait(30)
+        time.sleep(0.2)
+        for conn in queued:  # those clients give up: their connections read as empty
+            conn.close()
+        for _ in range(len(queued) + 1):
+            conn, _ = listener.accept()
+            with conn:
+                if conn.recv(100):
+                    conn.sendall(b'{"ok": true}\n')
+                    return
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        asking.set()
+        assert request({"cmd": "status"}, path, timeout=30) == {"ok": True}
+    finally:
+        thread.join(30)
+        listener.close()
+
+
+def test_a_daemon_that_never_answers_is_given_up(run_dir) -> None:
+    path = run_dir / "livecam.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(1)  # connections queue; nobody reads or answers them
+        with pytest.raises(ControlError, match=f"^cannot talk to livecam at {path}: timed out"):
+            request({"cmd": "status"}, path, timeout=0.3)
+
+
+def test_an_answer_is_read_up_to_one_mebibyte(run_dir) -> None:
+    path, seen = run_dir / "livecam.sock", []
+    huge = json.dumps({"pad": "x" * (3 << 19)}).encode() + b"\n"  # 1.5 MiB: cut, so not JSON
+    thread = _one_answer(path, huge, seen)
+    try:
+        with pytest.raises(ControlError, match="gave no valid answer"):
+            request({"cmd": "status"}, path)
+    finally:
+        thread.join(10)
 
 
 def test_a_request_line_is_read_up_to_its_newline() -> None:
@@ -444,6 +507,44 @@ def test_a_client_gone_before_its_answer_does_not_end_the_server(run_dir, monkey
     client.close()  # the "busy" answer finds nobody
     server._sock = _Once(server, served)  # type: ignore[assignment]
     server._serve()  # returns normally once stopping
+
+
+def test_the_server_s_threads_never_keep_the_daemon_alive(run_dir) -> None:
+    served_by: list[threading.Thread] = []
+
+    def status(_: dict) -> dict:
+        served_by.append(threading.current_thread())
+        return {"ok": True}
+
+    server = ControlServer({"status": status}, run_dir / "livecam.sock")
+    server.start()
+    try:
+        assert request({"cmd": "status"}, server.path) == {"ok": True}
+    finally:
+        server.stop()
+    assert server._thread.name == "control" and server._thread.daemon
+    assert served_by[0] is not server._thread and served_by[0].daemon  # one per connection
+
+
+def test_a_connection_no_thread_can_serve_is_told_to_retry(run_dir, monkeypatch) -> None:
+    class NoThreads:
+        def __init__(self, **kwargs) -> None:
+            pass
+
+        def start(self) -> None:
+            raise RuntimeError("can't start new thread")
+
+    server = ControlServer({"status": lambda _: {"ok": True}}, run_dir / "livecam.sock")
+    client, served = socket.socketpair()
+    with client:
+        client.settimeout(10)
+        server._sock = _Once(server, served)  # type: ignore[assignment]
+        monkeypatch.setattr(control.threading, "Thread", NoThreads)
+        server._serve()
+        answer = json.loads(client.makefile("rb").readline())
+    assert answer == {"error": "livecam cannot take this request now; retry"}
+    for _ in range(control.MAX_CLIENTS):  # its slot was given back
+        assert server._slots.acquire(timeout=0)
 
 
 def test_a_connection_that_fails_is_logged_and_frees_its_slot(run_dir, caplog) -> None:
