@@ -3,6 +3,9 @@ and the lite engine's live path against its offline path."""
 
 from __future__ import annotations
 
+import dataclasses
+import threading
+import time
 import types
 
 import numpy as np
@@ -16,8 +19,10 @@ from livecam.constants import SAMPLE_RATE
 from livecam.engines.lite import LiteEngine
 from livecam.live import LiveOptions, build_pipeline
 from livecam.pipeline import runner
-from livecam.pipeline.runner import FACE_BUFFER
+from livecam.pipeline.runner import FACE_BUFFER, MARGIN_S, Look
 from livecam.pipeline.scheduler import Mode
+from livecam.pipeline.stats import Snapshot
+from livecam.session import build_compositor
 from tests.conftest import JFK
 
 FPS = 30
@@ -43,22 +48,39 @@ class FakeClock:
         self.stopped = True
 
     def wait(self, timeout: float | None = None) -> bool:
-        self.t += max(timeout or 0.0, 0.0)
+        assert timeout is not None, "a pipeline thread would wait forever"
+        self.t += max(timeout, 0.0)
         return self.stopped
+
+
+def _options(idle_motion: bool = False) -> LiveOptions:
+    return LiveOptions(avatar="astronaut", sink="memory", audio_file=JFK, width=160,
+                       height=120, fps=FPS, dashboard=False, idle_motion=idle_motion)  # fmt: skip
+
+
+def _fake_pipeline(monkeypatch: pytest.MonkeyPatch, idle_motion: bool = False):
+    """A lite pipeline with a memory sink on a fake clock; its threads are never started."""
+    clock = FakeClock()
+    monkeypatch.setattr(runner, "time", types.SimpleNamespace(
+        monotonic=clock.monotonic, perf_counter=clock.perf_counter))  # fmt: skip
+    p = build_pipeline(_options(idle_motion))
+    p._stop = clock
+    p.clock.seed(clock.t)
+    p.fake = clock
+    return p
 
 
 @pytest.fixture()
 def pipeline(monkeypatch: pytest.MonkeyPatch):
-    """A lite pipeline with a memory sink; its threads are never started."""
-    clock = FakeClock()
-    monkeypatch.setattr(runner, "time", types.SimpleNamespace(
-        monotonic=clock.monotonic, perf_counter=clock.perf_counter))  # fmt: skip
-    opts = LiveOptions(avatar="astronaut", sink="memory", audio_file=JFK, width=160,
-                       height=120, fps=FPS, dashboard=False, idle_motion=False)  # fmt: skip
-    p = build_pipeline(opts)
-    p._stop = clock
-    p.clock.seed(clock.t)
-    p.fake = clock
+    p = _fake_pipeline(monkeypatch)
+    yield p
+    p.sink.close()
+
+
+@pytest.fixture()
+def moving(monkeypatch: pytest.MonkeyPatch):
+    """As `pipeline`, with idle motion: each frame index frames the head differently."""
+    p = _fake_pipeline(monkeypatch, idle_motion=True)
     yield p
     p.sink.close()
 
@@ -100,6 +122,68 @@ def test_new_held_and_repeated_frames_are_counted_apart(pipeline) -> None:
     assert c.frames_shown == 6 == pipeline.sink.frames_sent
 
 
+def test_a_strided_mouth_holds_wherever_it_is_in_the_stream(pipeline) -> None:
+    c, now = pipeline.counters, pipeline.fake.t
+    pipeline.scheduler.mode = Mode("full", 3, 1)
+    pipeline._push([30], [_face(pipeline, 1)], pipeline.look)
+    for due in (30, 31, 32, 33):
+        pipeline._show(due, now)
+    assert (c.frames_new, c.frames_held, c.frames_repeated) == (1, 2, 1)
+
+
+def test_show_composes_the_due_frame_times_its_stages_and_calls_its_hooks(moving) -> None:
+    p, fake = moving, moving.fake
+    compose, send = p.compositor.compose, p.sink.send
+
+    def slow_compose(face, k):
+        fake.t += 0.003
+        return compose(face, k)
+
+    def slow_send(frame, audio) -> None:
+        fake.t += 0.007
+        send(frame, audio)
+
+    p.compositor.compose, p.sink.send = slow_compose, slow_send
+    frames, ticks = [], []
+    p.on_frame, p.on_tick = frames.append, lambda index, now: ticks.append((index, now))
+    face = p.engine.generate_silent([10])[0]
+    p._push([10], [face], p.look)
+    origin, shows = p.clock.origin(), []
+    for due in (10, 11, 40):  # frame 10 new, then repeated under a moving head
+        now = origin + due * PERIOD + 0.1
+        p._show(due, now)
+        shows.append(now)
+    assert ticks == [(10, now) for now in shows]  # the face shown and when
+    assert len(frames) == 3 == p.sink.frames_sent
+    for due, frame in zip((10, 11, 40), frames, strict=True):
+        assert np.array_equal(frame, compose(face, due))
+    assert not np.array_equal(frames[0], frames[2])  # the head moved
+    stages = p.counters.stage_percentiles()
+    assert stages["compose"] == pytest.approx((3.0, 3.0))
+    assert stages["sink"] == pytest.approx((7.0, 7.0))
+    latency = [now - origin - 10 * PERIOD for now in shows]  # frame 10's age when shown
+    assert stages["latency"] == pytest.approx(tuple(np.percentile(latency, [50, 95]) * 1e3))
+    fake.t = shows[-1]
+    assert p.snapshot().shown_fps == pytest.approx(2 / (shows[-1] - shows[0]))
+
+
+def test_the_idle_face_before_any_generated_one_is_framed_for_its_tick(moving) -> None:
+    p, frames, ticks, asked = moving, [], [], []
+    p.on_frame, p.on_tick = frames.append, lambda index, now: ticks.append(index)
+    silent = p.engine.generate_silent
+    p.look.engine.generate_silent = lambda ks: asked.append(list(ks)) or silent(ks)
+    p._show(-3, p.fake.t)  # before the stream's first frame is due
+    p._show(5, p.fake.t)  # the idle face stays, the head moves on
+    assert asked == [[0]]  # frame 0's idle face (a video avatar's first frame)
+    idle = silent([0])[0]
+    assert ticks == [-3, -3]
+    assert np.array_equal(frames[0], p.compositor.compose(idle, -3))
+    assert np.array_equal(frames[1], p.compositor.compose(idle, 5))
+    p._shown = None  # nothing shown yet, the stream under way: that frame's idle face
+    p._show(7, p.fake.t)
+    assert asked[-1] == [7] and ticks[-1] == 7
+
+
 def _phases(pipeline, times: list[float]) -> np.ndarray:
     """How far into its frame's due interval each tick fell, in frames."""
     stream = np.array([pipeline.clock.stream_time(t) for t in times])
@@ -113,22 +197,30 @@ def test_ticks_lock_to_due_times_and_a_stall_resyncs_without_a_burst(pipeline) -
     def send(frame, audio) -> None:
         real_send(frame, audio)
         sent.append(fake.t)
-        if len(sent) == 5:
+        if len(sent) in (5, 10):
             fake.t += 3.5 * PERIOD  # the sink stalls for three and a half frames
         if len(sent) == 15:
             fake.set()
 
     pipeline.sink.send = send
+    ticks = []
+    pipeline.on_tick = lambda index, now: ticks.append((index, now))
     pipeline._output()
     gaps = np.diff(sent) / PERIOD
-    assert pipeline.counters.late_ticks == 1
+    assert pipeline.counters.late_ticks == 2
     assert gaps.min() >= runner.MIN_INTERVAL - 1e-9, gaps.round(2)  # never a burst
-    # once locked (the third tick), each falls TICK_LAG after a frame is due: a free-running
+    # once locked (the second tick), each falls TICK_LAG after a frame is due: a free-running
     # grid would show every frame up to a period later than it may
-    locked = [k for k in range(2, len(sent)) if k != 5]  # 5: the first after the stall
+    locked = [k for k in range(1, len(sent)) if k not in (5, 10)]  # 5, 10: after a stall
     lag = runner.TICK_LAG * FPS
     assert np.allclose(_phases(pipeline, [sent[k] for k in locked]), lag), gaps.round(2)
-    assert gaps[4] == pytest.approx(3.5) and gaps[5] == pytest.approx(1.5)  # back on the grid
+    for k in (4, 9):  # the frame after a stall goes out when it ends, then back on the grid
+        assert gaps[k] == pytest.approx(3.5) and gaps[k + 1] == pytest.approx(1.5)
+    # each tick shows the frame due at its time (here the first idle face throughout)
+    assert ticks == [(pipeline._due_frame(sent[0]), t) for t in sent]
+    recent = [t for t in sent if t > fake.t - 2.0]  # the rate meter's window
+    rate = (len(recent) - 1) / (recent[-1] - recent[0])
+    assert pipeline.snapshot().shown_fps == pytest.approx(rate)
 
 
 @pytest.mark.parametrize("frames", [1.3, 2.8])
@@ -186,17 +278,27 @@ class _Worker:
     """Runs the pipeline's generation worker on the fake clock: each wait delivers the audio
     a real-time source would have delivered by then (until `audio_until` stream seconds)."""
 
-    def __init__(self, pipeline, seconds: float, audio_until: float = 1e9, cost: float = 0.0):
+    def __init__(self, pipeline, seconds: float, audio_until: float = 1e9, cost: float = 0.0,
+                 hiccups: tuple[tuple[float, float], ...] = (), mute_at: float = 1e9):  # fmt: skip
         self.p, self.end = pipeline, pipeline.fake.t + seconds
         self.audio = read_audio(JFK)
         self.audio_until, self.cost = audio_until, cost
+        # (stream second, seconds): the worker thread is descheduled this long at that time
+        self.hiccups = sorted(hiccups)
+        self.mute_at = mute_at  # stream second at which the user mutes
         self.pushed: list[tuple[int, float, int]] = []  # (frame, due then, ring end then)
+        self.looks: list = []  # the look each pushed face carries
         self.generated: list[tuple[list[int], int]] = []  # (frames, due when the call began)
         real_wait, real_push = pipeline.fake.wait, pipeline._push
         real_generate = pipeline.look.engine.generate
 
         def wait(timeout=None):
             real_wait(timeout)
+            stream_s = pipeline.clock.stream_time(pipeline.fake.t)
+            if self.hiccups and stream_s >= self.hiccups[0][0]:
+                pipeline.fake.t += self.hiccups.pop(0)[1]
+            if stream_s >= self.mute_at:
+                pipeline.muted = True
             self._deliver()
             if pipeline.fake.t >= self.end:
                 pipeline.fake.set()
@@ -208,6 +310,7 @@ class _Worker:
                 raise AssertionError("more faces than frames: the worker does not wait")
             due = pipeline._due_frame(pipeline.fake.t)
             self.pushed += [(k, due, pipeline.ring.end) for k in frames]
+            self.looks += [look] * len(frames)
             real_push(frames, faces, look)
 
         def generate(ring, frames):
@@ -239,22 +342,61 @@ class _Worker:
 def test_worker_generates_every_frame_once_its_audio_is_in(pipeline) -> None:
     w = _Worker(pipeline, 3.0).run()
     frames = [k for k, _, _ in w.pushed]
-    assert frames == list(range(frames[0], frames[0] + len(frames)))  # in order, none skipped
+    assert frames == list(range(len(frames)))  # from the stream's first frame, none skipped
     assert len(frames) > 2.5 * FPS and pipeline.counters.frames_silent == 0
     engine = pipeline.look.engine
     assert all(engine.samples_needed(k) <= end for k, _, end in w.pushed)  # never early
+    # nor later than the capture block that completes its audio
+    assert all(end < engine.samples_needed(k) + BLOCK for k, _, end in w.pushed)
     assert all(k > due for k, due, _ in w.pushed)  # and never too late to be shown
     assert pipeline.counters.frames_generated == len(frames)
+    assert pipeline.counters.frames_skipped == 0
+    assert all(look is pipeline.look for look in w.looks)
 
 
-def test_a_slow_worker_skips_ahead_instead_of_falling_behind(pipeline) -> None:
+def test_a_slow_worker_skips_ahead_instead_of_falling_behind(pipeline, caplog) -> None:
+    caplog.set_level("INFO", logger=runner.__name__)
     w = _Worker(pipeline, 4.0, cost=2.5 * PERIOD).run()  # 2.5 frame times per engine call
     c = pipeline.counters
     assert c.frames_skipped > 0
     assert all(batch[0] > due for batch, due in w.generated)  # never starts on late frames
-    assert pipeline.scheduler.mode != Mode("full", 1, 1)  # and the scheduler stepped down
+    mode = pipeline.scheduler.mode
+    assert mode != Mode("full", 1, 1)  # and the scheduler stepped down
     firsts = [batch[0] for batch, _ in w.generated]
     assert firsts == sorted(firsts) and firsts[-1] > 3 * FPS  # it kept up with the clock
+    # the log names the mode it stepped to and the delay that goes with it
+    assert pipeline.playout_delay == pipeline.scheduler.playout_delay
+    changes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("scheduler")]
+    assert changes[-1] == (
+        f"scheduler: tier {mode.tier}, every {mode.stride}. frame, batch {mode.batch}, "
+        f"playout delay {pipeline.playout_delay * 1e3:.0f} ms"
+    )
+
+
+def test_a_descheduled_worker_skips_and_counts_exactly_the_late_frames(pipeline) -> None:
+    pipeline.scheduler.observe = lambda mode, seconds: False  # keep every frame, batch 1
+    hiccups = ((1.0, 10 * PERIOD), (2.0, 7.5 * PERIOD))
+    w = _Worker(pipeline, 3.0, hiccups=hiccups).run()
+    frames = [k for k, _, _ in w.pushed]
+    missing = sorted(set(range(frames[-1])) - set(frames))
+    assert len(missing) >= 2 * 6  # both hiccups cost frames (more than the playout delay)
+    assert pipeline.counters.frames_skipped == len(missing)
+    # after each gap the worker goes on with the first frame that can still be shown
+    for k, due, _ in w.pushed:
+        if k - 1 in missing:
+            assert k == due + 1
+
+
+def test_a_strided_batched_mode_generates_every_nth_frame_in_batches(pipeline) -> None:
+    scheduler = pipeline.scheduler
+    scheduler.mode = Mode("full", 2, 2)
+    scheduler._derive_delay()  # the delay that covers this mode's batch wait
+    pipeline.playout_delay = scheduler.playout_delay
+    scheduler.observe = lambda mode, seconds: False
+    w = _Worker(pipeline, 2.0).run()
+    assert len(w.generated) > FPS / 4
+    for batch, _ in w.generated:
+        assert batch[0] % 2 == 0 and batch == [batch[0], batch[0] + 2]
 
 
 def test_stalled_audio_gives_idle_faces_just_in_time(pipeline) -> None:
@@ -264,6 +406,25 @@ def test_stalled_audio_gives_idle_faces_just_in_time(pipeline) -> None:
     late = [(k, due) for k, due, _ in w.pushed if k > 1.5 * FPS]
     assert late and all(due < k <= due + 1 for k, due in late)  # idle faces only when due
     assert all(batch[-1] < 1.2 * FPS for batch, _ in w.generated)
+    frames = [k for k, _, _ in w.pushed]
+    idle = frames[c.frames_generated :]  # after the stall grace, a face for every frame
+    assert len(idle) == c.frames_silent and idle == list(range(idle[0], idle[-1] + 1))
+    assert c.frames_skipped == idle[0] - frames[c.frames_generated - 1] - 1  # only the grace
+    assert all(look is pipeline.look for look in w.looks)
+
+
+def test_muting_while_waiting_for_a_batch_gives_idle_faces_without_a_gap(pipeline) -> None:
+    scheduler = pipeline.scheduler
+    scheduler.mode = Mode("full", 2, 4)  # a batch's audio takes 8 frames to arrive
+    scheduler._derive_delay()
+    pipeline.playout_delay = scheduler.playout_delay
+    scheduler.observe = lambda mode, seconds: False
+    w = _Worker(pipeline, 3.0, mute_at=1.5).run()
+    c = pipeline.counters
+    assert c.frames_generated and c.frames_silent > FPS / 2
+    assert c.frames_skipped == 0  # the worker noticed at once: every idle face in time
+    frames = [k for k, _, _ in w.pushed]
+    assert frames == list(range(0, frames[-1] + 1, 2))
 
 
 def test_muted_gives_only_idle_faces(pipeline) -> None:
@@ -271,3 +432,195 @@ def test_muted_gives_only_idle_faces(pipeline) -> None:
     w = _Worker(pipeline, 2.0).run()
     assert w.generated == [] and pipeline.counters.frames_silent > FPS
     assert "muted" in " ".join(pipeline.snapshot().warnings)
+
+
+def test_an_engine_returning_the_wrong_number_of_faces_is_an_error(pipeline) -> None:
+    with pytest.raises(ValueError):
+        pipeline._push(range(3), [_face(pipeline, 0)] * 2, pipeline.look)
+
+
+def test_generate_sets_the_tier_and_times_each_frame(pipeline) -> None:
+    p, fake = pipeline, pipeline.fake
+    generate = p.engine.generate
+
+    def slow(ring, frames):
+        fake.t += 0.03  # one call for three frames
+        return generate(ring, frames)
+
+    p.look.engine.generate = slow
+    p.ring.write(read_audio(JFK)[:SAMPLE_RATE])
+    p._generate(range(3), Mode("nearest", 1, 3), p.look)
+    assert p.engine.tier == "nearest"
+    assert p.counters.stage_percentiles()["generate"] == pytest.approx((10.0, 10.0))
+    assert p.counters.frames_generated == 3
+    index, _, look = p._take_due(2)
+    assert index == 2 and look is p.look
+
+
+def test_the_sink_gets_the_audio_of_each_frame_shown_once(pipeline) -> None:
+    p, per_frame = pipeline, SAMPLE_RATE / FPS
+    audio = np.arange(SAMPLE_RATE, dtype=np.float32) / SAMPLE_RATE
+    p.ring.write(audio)
+
+    def span(a: float, b: float) -> np.ndarray:
+        return audio[round(a * per_frame) : round(b * per_frame)]
+
+    assert np.array_equal(p._audio_until(3), span(3, 4))  # the recording starts here
+    assert np.array_equal(p._audio_until(4), span(4, 5))
+    assert np.array_equal(p._audio_until(6), span(5, 7))  # a skipped tick's audio too
+    again = p._audio_until(6)  # a repeated tick: no audio twice
+    assert again.size == 0 and again.dtype == np.float32
+    assert np.array_equal(p._audio_until(40), audio[round(7 * per_frame) :])  # all there is
+
+
+def test_audio_before_the_stream_is_silence(pipeline) -> None:
+    p, per_frame = pipeline, SAMPLE_RATE / FPS
+    p.ring.write(np.ones(SAMPLE_RATE, np.float32))
+    first = p._audio_until(-3)  # the playout delay: the first frames shown precede the stream
+    assert first.size == round(-2 * per_frame) - round(-3 * per_frame) and not first.any()
+    rest = p._audio_until(1)
+    assert rest.size == round(2 * per_frame) - round(-2 * per_frame)
+    assert not rest[: round(2 * per_frame)].any() and rest[round(2 * per_frame) :].all()
+
+
+def test_audio_the_ring_no_longer_holds_is_skipped(pipeline) -> None:
+    p = pipeline
+    p.ring.write(np.ones(p.ring.capacity + SAMPLE_RATE, np.float32))  # the first second is gone
+    assert p._audio_until(0).size == 0  # frame 0's audio was overwritten
+    late = FPS * 2  # frame 60's audio is still held
+    assert p._audio_until(late).size == round((late + 1) * SAMPLE_RATE / FPS) - p.ring.start
+
+
+def test_finished_once_the_last_frame_of_the_file_is_due(pipeline) -> None:
+    p = pipeline
+    p.ring.write(np.zeros(SAMPLE_RATE + 100, np.float32))  # 30.19 frames: the last is 30
+    origin = p.clock.origin()
+
+    def at(frame: int) -> None:  # the middle of the tick when `frame` is due
+        p.fake.t = origin + p.playout_delay + (frame + 0.5) * PERIOD
+
+    at(40)
+    assert not p.finished()  # the file is still playing
+    p.source.finished = True
+    at(29)
+    assert not p.finished()
+    at(30)
+    assert p.finished()
+
+
+def test_the_base_delay_covers_look_ahead_and_one_capture_block_with_the_margin() -> None:
+    p = build_pipeline(_options())
+    try:
+        spare = []
+        for k in range(300):
+            # frame k is due at k/fps + delay; the capture may hold back its last block
+            arrived = (k * PERIOD + p._base_delay()) * SAMPLE_RATE - BLOCK
+            spare.append(arrived - p.engine.samples_needed(k))
+        assert min(spare) == pytest.approx(MARGIN_S * SAMPLE_RATE)  # for the frame needing most
+    finally:
+        p.sink.close()
+
+
+def _set_everything(p) -> dict:
+    """Distinct values for all a snapshot reports; returns what it must say."""
+    now, c = p.fake.t, p.counters
+    names = ("frames_shown", "frames_new", "frames_held", "frames_repeated", "frames_generated",
+             "frames_skipped", "frames_silent", "queue_drops", "late_ticks")  # fmt: skip
+    for i, name in enumerate(names, start=1):
+        setattr(c, name, 10 * i)
+    for t in (now - 1.0, now - 0.5, now):
+        c.shown_rate.tick(t)  # 2 intervals in 1 s
+    for t in (now - 0.5, now - 0.25, now):
+        c.generated_rate.tick(t)  # 2 in 0.5 s
+    c.time_stage("generate", 0.004)
+    stats = p.source.stats
+    stats.overruns, stats.level_db, stats.problem = 3, -20.5, "the microphone is gone"
+    stats.requested_latency_s, stats.granted_latency_s = 0.02, 0.03
+    p.source.latency_s = 0.025
+    p.source.measured_latency = lambda: (0.025, "timestamps")
+    p.sink.latency_s, p.sink.problem = 0.04, "the camera is held by another program"
+    p.look.engine.response_s = 0.007
+    p.look.engine.status_line = lambda: "remote gpu: 12 ms"
+    p.muted = True
+    p.scheduler.mode = Mode("nearest", 2, 4)
+    p.playout_delay = 0.15
+    p._push([5], [_face(p, 0)], p.look)
+    p._started_at = now - 12.5
+    return dict(
+        avatar="astronaut", engine="lite", tier="nearest", stride=2, batch=4, sink="memory",
+        source=p.source.name, target_fps=FPS, shown_fps=2.0, generated_fps=4.0,
+        **{name: getattr(c, name) for name in names}, queue_depth=1,
+        queue_capacity=FACE_BUFFER, audio_overruns=3, level_db=-20.5,
+        latency_ms=(0.025 + 0.15 + 0.04 + 0.007) * 1e3, playout_delay_ms=150.0,
+        stages_ms={"generate": (4.0, 4.0)},
+        warnings=(*p.warnings, "the microphone is gone: showing idle frames",
+                  "the camera is held by another program",
+                  "muted: the avatar stays idle (`livecam mute --off` to speak again)"),
+        uptime_s=12.5, capture_ms=25.0, capture_basis="timestamps", capture_requested_ms=20.0,
+        capture_granted_ms=30.0, remote="remote gpu: 12 ms",
+    )  # fmt: skip
+
+
+def test_the_snapshot_reports_every_counter_and_setting(pipeline) -> None:
+    assert pipeline.snapshot().uptime_s == 0.0  # not started yet
+    expected = _set_everything(pipeline)
+    snap = pipeline.snapshot()
+    assert set(expected) == {f.name for f in dataclasses.fields(Snapshot)}
+    for name, value in expected.items():
+        got = getattr(snap, name)
+        if isinstance(value, float):
+            assert got == pytest.approx(value), name
+        else:
+            assert got == value, name
+    assert pipeline.latency_s() * 1e3 == pytest.approx(snap.latency_ms)
+
+
+def test_a_failing_thread_stops_the_pipeline_and_keeps_its_error(pipeline, caplog) -> None:
+    boom = RuntimeError("the engine failed")
+
+    def fail() -> None:
+        raise boom
+
+    thread = threading.Thread(target=pipeline._guard(fail), name="generate")
+    thread.start()
+    thread.join()
+    assert pipeline.error is boom and not pipeline.running
+    record = caplog.records[-1]
+    assert record.getMessage() == "pipeline thread generate failed"
+    assert record.exc_info[1] is boom
+
+
+def test_switch_frames_each_face_with_the_look_that_made_it(pipeline, caplog) -> None:
+    caplog.set_level("INFO", logger=runner.__name__)
+    p, old, frames = pipeline, pipeline.look, []
+    p.on_frame = frames.append
+    avatar = load_avatar("portrait")
+    new = Look(
+        avatar, old.engine.for_avatar(avatar), build_compositor(avatar, 160, 120, FPS, False)
+    )
+    before = _face(p, 9)
+    p._push([0], [before], old)  # generated before the switch
+    p.switch(new)
+    assert (p.look, p.engine, p.compositor) == (new, new.engine, new.compositor)
+    assert caplog.records[-1].getMessage() == "avatar switched to portrait"
+    p._show(0, p.fake.t)
+    assert np.array_equal(frames[0], old.compositor.compose(before, 0))
+
+
+def test_start_runs_both_threads_and_stop_ends_them() -> None:
+    """Real threads and time: the camera shows idle faces before the source delivers."""
+    p = build_pipeline(_options())
+    p.source.start = lambda: None  # a microphone still opening
+    p.start()
+    try:
+        assert sorted(t.name for t in p._threads) == ["generate", "output"]
+        assert all(t.daemon and t.is_alive() for t in p._threads)
+        deadline = time.monotonic() + 20
+        while not (p.counters.frames_silent and p.counters.frames_shown > 1):
+            assert time.monotonic() < deadline and p.error is None, p.error
+            time.sleep(0.01)
+        assert p.snapshot().uptime_s > 0
+    finally:
+        p.stop()
+    assert not any(t.is_alive() for t in p._threads) and p.sink.closed
+    assert p.error is None

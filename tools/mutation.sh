@@ -5,7 +5,7 @@
 #
 #   tools/mutation.sh                 # ring clock scheduler runner cachefile store weights latents features
 #   tools/mutation.sh ring scheduler  # some of them
-#   control: its tests start daemons; add tests/test_control.py to the selection first
+#   tools/mutation.sh control runner # the control socket (~10 min here) is not in the default
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=$(dirname "${PYTHON:-.venv/bin/python}")
