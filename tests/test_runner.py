@@ -223,6 +223,16 @@ def test_ticks_lock_to_due_times_and_a_stall_resyncs_without_a_burst(pipeline) -
     assert pipeline.snapshot().shown_fps == pytest.approx(rate)
 
 
+@pytest.mark.parametrize("jump", [-150, 150])
+def test_a_clock_that_re_anchors_between_two_readings_neither_stalls_nor_bursts(
+    pipeline, jump: int
+) -> None:
+    now = pipeline.fake.t
+    due = pipeline._due_frame(now) + jump  # read before the clock moved by 5 s either way
+    ahead = (pipeline._next_tick(due, now) - now) / PERIOD
+    assert runner.MIN_INTERVAL - 1e-9 <= ahead <= 2 + 1e-9
+
+
 @pytest.mark.parametrize("frames", [1.3, 2.8])
 def test_a_new_playout_delay_relocks_the_ticks_in_one_interval(pipeline, frames: float) -> None:
     fake, sent = pipeline.fake, []

@@ -256,8 +256,11 @@ class Pipeline:
         rate: after a new playout delay or a stall, one longer interval locks them again."""
         period = 1.0 / self.cfg.fps
         stream_due = (due + 1) * period + self.playout_delay
-        tick = now + stream_due - self.clock.stream_time(now) + TICK_LAG
-        return tick if tick - now >= MIN_INTERVAL * period else tick + period
+        ahead = stream_due - self.clock.stream_time(now) + TICK_LAG
+        if ahead < MIN_INTERVAL * period:
+            ahead += period
+        # bounded too where the clock re-anchored between reading `due` and now
+        return now + min(max(ahead, MIN_INTERVAL * period), 2 * period)
 
     def _show(self, due: int, now: float) -> None:
         c = self.counters
