@@ -103,6 +103,31 @@ def test_face_buffer_is_bounded_and_counts_what_it_drops(pipeline) -> None:
     assert pipeline._take_due(n - 1) is None  # a face is never shown before its tick
 
 
+def test_a_stall_of_over_a_period_is_a_late_tick_and_a_shorter_one_is_not(pipeline) -> None:
+    fake, sent = pipeline.fake, []
+    real_send = pipeline.sink.send
+
+    def send(frame, audio) -> None:
+        real_send(frame, audio)
+        sent.append(fake.t)
+        if len(sent) == 3:
+            fake.t += 1.5 * PERIOD  # the next tick goes out half a period late
+        if len(sent) == 6:
+            fake.t += 2.5 * PERIOD  # ... and one and a half periods late (under two)
+        if len(sent) == 10:
+            fake.set()
+
+    pipeline.sink.send = send
+    pipeline._output()
+    assert pipeline.counters.late_ticks == 1
+
+
+def test_an_unknown_kind_of_shown_frame_is_refused(pipeline) -> None:
+    with pytest.raises(ValueError, match="unknown kind"):
+        pipeline.counters.count_shown("skipped")
+    assert pipeline.counters.shown_counts() == (0, 0, 0, 0)
+
+
 def test_new_held_and_repeated_frames_are_counted_apart(pipeline) -> None:
     c, now = pipeline.counters, pipeline.fake.t
     pipeline.scheduler.mode = Mode("full", 2, 1)  # a mouth every 2nd frame

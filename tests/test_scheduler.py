@@ -177,15 +177,15 @@ def test_the_delay_comes_down_once_the_calls_are_steadily_faster():
     """Slow first calls (a new connection, cold caches) set the delay; it comes down after
     LOWER_AFTER_S of faster ones, not on a short dip, and not more often than that."""
     s = Scheduler(FPS, ("full",), (1,), base_delay_s=0.06, initial_cost_s=0.004)
-    mode = Mode("full", 1, 1)
+    mode, t0 = Mode("full", 1, 1), 1000.0  # a monotonic clock's time
     for k in range(10):
-        s.observe(mode, 0.02, now=k / FPS)  # calibrated on the slow start
+        s.observe(mode, 0.02, now=t0 + k / FPS)  # calibrated on the slow start
     high = s.playout_delay
     assert high == pytest.approx(0.06 + 1.1 * 0.02)
     for k in range(10, 40):  # a full window of fast calls, but within LOWER_AFTER_S
-        s.observe(mode, 0.008, now=k / FPS)
+        s.observe(mode, 0.008, now=t0 + k / FPS)
     assert s.playout_delay == high
-    changed = [s.observe(mode, 0.008, now=LOWER_AFTER_S + k / FPS) for k in range(30)]
+    changed = [s.observe(mode, 0.008, now=t0 + LOWER_AFTER_S + k / FPS) for k in range(30)]
     assert changed.count(True) == 1  # once, then it waits again
     assert s.playout_delay == pytest.approx(0.06 + 1.1 * 0.008)
     assert s.mode == mode

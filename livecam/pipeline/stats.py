@@ -130,13 +130,15 @@ class Counters:
         """One frame on the camera, its mouth "new", "held" or "repeated": counted together,
         so a snapshot never sees the frame without its kind."""
         with self.lock:
-            self.frames_shown += 1
             if kind == "new":
                 self.frames_new += 1
             elif kind == "held":
                 self.frames_held += 1
-            else:
+            elif kind == "repeated":
                 self.frames_repeated += 1
+            else:
+                raise ValueError(f"unknown kind of shown frame: {kind!r}")
+            self.frames_shown += 1
 
     def shown_counts(self) -> tuple[int, int, int, int]:
         """(shown, new, held, repeated), read together."""
