@@ -103,22 +103,32 @@ def test_face_buffer_is_bounded_and_counts_what_it_drops(pipeline) -> None:
     assert pipeline._take_due(n - 1) is None  # a face is never shown before its tick
 
 
-def test_a_stall_of_over_a_period_is_a_late_tick_and_a_shorter_one_is_not(pipeline) -> None:
-    fake, sent = pipeline.fake, []
-    real_send = pipeline.sink.send
+def _run_output(pipeline, frames: int, after_send=lambda count: None) -> list[float]:
+    """Run the output loop on the fake clock for `frames` frames; `after_send(count)` runs
+    after each frame reaches the sink (a stall, a new delay). The times they were sent."""
+    sent, real_send = [], pipeline.sink.send
 
     def send(frame, audio) -> None:
         real_send(frame, audio)
-        sent.append(fake.t)
-        if len(sent) == 3:
-            fake.t += 1.5 * PERIOD  # the next tick goes out half a period late
-        if len(sent) == 6:
-            fake.t += 2.5 * PERIOD  # ... and one and a half periods late (under two)
-        if len(sent) == 10:
-            fake.set()
+        sent.append(pipeline.fake.t)
+        after_send(len(sent))
+        if len(sent) == frames:
+            pipeline.fake.set()
 
     pipeline.sink.send = send
     pipeline._output()
+    return sent
+
+
+def test_a_stall_of_over_a_period_is_a_late_tick_and_a_shorter_one_is_not(pipeline) -> None:
+    # after frame 3 the next tick goes out half a period late, after frame 6 one and a half
+    # periods late (under two)
+    stalls = {3: 1.5 * PERIOD, 6: 2.5 * PERIOD}
+
+    def stall(count: int) -> None:
+        pipeline.fake.t += stalls.get(count, 0.0)
+
+    _run_output(pipeline, 10, stall)
     assert pipeline.counters.late_ticks == 1
 
 
@@ -216,21 +226,14 @@ def _phases(pipeline, times: list[float]) -> np.ndarray:
 
 
 def test_ticks_lock_to_due_times_and_a_stall_resyncs_without_a_burst(pipeline) -> None:
-    fake, sent = pipeline.fake, []
-    real_send = pipeline.sink.send
+    fake, ticks = pipeline.fake, []
 
-    def send(frame, audio) -> None:
-        real_send(frame, audio)
-        sent.append(fake.t)
-        if len(sent) in (5, 10):
+    def stall(count: int) -> None:
+        if count in (5, 10):
             fake.t += 3.5 * PERIOD  # the sink stalls for three and a half frames
-        if len(sent) == 15:
-            fake.set()
 
-    pipeline.sink.send = send
-    ticks = []
     pipeline.on_tick = lambda index, now: ticks.append((index, now))
-    pipeline._output()
+    sent = _run_output(pipeline, 15, stall)
     gaps = np.diff(sent) / PERIOD
     assert pipeline.counters.late_ticks == 2
     assert gaps.min() >= runner.MIN_INTERVAL - 1e-9, gaps.round(2)  # never a burst
@@ -260,19 +263,11 @@ def test_a_clock_that_re_anchors_between_two_readings_neither_stalls_nor_bursts(
 
 @pytest.mark.parametrize("frames", [1.3, 2.8])
 def test_a_new_playout_delay_relocks_the_ticks_in_one_interval(pipeline, frames: float) -> None:
-    fake, sent = pipeline.fake, []
-    real_send = pipeline.sink.send
-
-    def send(frame, audio) -> None:
-        real_send(frame, audio)
-        sent.append(fake.t)
-        if len(sent) == 10:
+    def shift(count: int) -> None:
+        if count == 10:
             pipeline.playout_delay += frames / FPS  # due times move off the ticks' grid
-        if len(sent) == 20:
-            fake.set()
 
-    pipeline.sink.send = send
-    pipeline._output()
+    sent = _run_output(pipeline, 20, shift)
     gaps = np.diff(sent) / PERIOD
     # the due times moved by a fraction of a period: one longer interval (never a shorter
     # one: the camera never runs faster than its rate), and the ticks are locked again
