@@ -3,7 +3,16 @@
 import numpy as np
 import pytest
 
-from livecam.pipeline.scheduler import LOWER_AFTER_S, STEP_UP_AFTER_S, Mode, Scheduler
+from livecam.pipeline.scheduler import (
+    LATENCY_CEILING_S,
+    LOWER_AFTER_S,
+    STEP_DOWN_AT,
+    STEP_UP_AFTER_S,
+    STEP_UP_BELOW,
+    TARGET_UTILISATION,
+    Mode,
+    Scheduler,
+)
 
 FPS = 30
 BUDGET = 1 / FPS
@@ -201,3 +210,176 @@ def test_a_short_dip_does_not_lower_the_delay():
     for k in range(300):  # 10 s of calls: dips of 20 fast calls, shorter than the window
         s.observe(mode, 0.008 if k % 30 < 20 else 0.02, now=now + k / FPS)
     assert s.playout_delay == high  # every window's p95 still needs it
+
+
+def test_a_base_delay_without_room_keeps_the_coarsest_mode_and_reports_no_change():
+    """Every mode's predicted delay is over the latency ceiling (base 0.19 s + 1.3 x 10 ms):
+    calm calls leave the coarsest stride alone, and observe says so."""
+    s = Scheduler(FPS, ("full",), (1,), base_delay_s=0.19)
+    end = _drive(s, lambda m: 2 * BUDGET, 3)
+    assert s.mode == Mode("full", 6, 1) and s.level == len(s.ladder) - 1
+    _drive_logged(s, lambda m: 0.01, STEP_UP_AFTER_S * 3, start=end)
+    assert s.mode == Mode("full", 6, 1)
+
+
+def test_a_calm_mode_that_a_better_level_could_not_sustain_is_kept():
+    """At stride 2 a call of 0.8 frame times is calm (0.4 of the time), but every frame would
+    need 0.8 (over the 0.75 target): no step up, and observe reports no change."""
+    s = Scheduler(FPS, ("full",), (1,), base_delay_s=0.05)
+    end = _drive(s, lambda m: 1.2 * BUDGET, 3)
+    assert s.mode == Mode("full", 2, 1)
+    _drive_logged(s, lambda m: 0.8 * BUDGET, STEP_UP_AFTER_S * 3, start=end)
+    assert s.mode == Mode("full", 2, 1)
+
+
+def test_a_faster_engine_gives_up_batching_after_a_calm_period():
+    s = Scheduler(FPS, ("full",), (1, 2, 4), base_delay_s=0.08)
+    end = _drive(s, lambda m: 0.8 * BUDGET + 0.2 * BUDGET * m.batch, 5)  # batching pays
+    assert s.level == 0 and s.mode.batch > 1
+    for _ in range(3):  # batch-1 calls still in flight at the switch: the engine got faster
+        s.observe(Mode("full", 1, 1), 0.2 * BUDGET, now=end)
+    assert s.mode.batch > 1  # not at once
+    _drive(s, lambda m: 0.2 * BUDGET * m.batch, STEP_UP_AFTER_S * 3, start=end)
+    assert s.mode == Mode("full", 1, 1)  # batch 1 keeps up again: no batch wait
+
+
+@pytest.mark.parametrize("base", [0.02, 0.033])  # 0.033: batch 2 exactly at the ceiling
+def test_nothing_keeps_up_the_least_loaded_batch_under_the_latency_ceiling(base):
+    """120 fps, stride 6: batch 1 loads the generator 1.2 times, batch 2 0.9 times; both are
+    within the latency ceiling, so batch 2, the least overloaded, is kept."""
+    fps, cost = 120, {1: 0.06, 2: 0.09}
+    s = Scheduler(fps, ("full",), (1, 2), base_delay_s=base)
+    assert base + 6 / fps + 1.3 * cost[2] <= 0.2  # batch 2's predicted delay
+    now = 0.0
+    for _ in range(300):
+        mode = s.mode
+        s.observe(mode, cost[mode.batch], now=now)
+        now += mode.batch * mode.stride / fps
+    assert s.mode == Mode("full", 6, 2)
+
+
+def test_a_step_down_never_moves_up_the_ladder():
+    """A late call of the previous mode makes full quality look affordable again; a step down
+    from the current mode still goes down (going up waits for a calm period)."""
+    s = Scheduler(FPS, ("full", "nearest"), (1,), base_delay_s=0.08)
+    _drive(s, lambda m: 1.5 * BUDGET if m.tier == "full" else 0.5 * BUDGET, 1)
+    assert s.mode == Mode("nearest", 1, 1) and s.level == 1
+    assert not s.observe(Mode("full", 1, 1), 0.1 * BUDGET, now=1.0)  # now under the target
+    assert s.observe(s.mode, 2 * BUDGET, now=1.1)  # the current mode falls behind
+    assert s.level > 1 and s.mode.stride > 1
+
+
+# The thresholds themselves. At 32 fps (a power of two) a call of x / 32 s loads the generator
+# exactly x, so each test can sit exactly on a threshold.
+FPS2 = 32
+
+
+def test_a_generator_at_exactly_the_step_down_load_keeps_its_mode():
+    s = Scheduler(FPS2, ("full",), (1, 2), base_delay_s=0.08, initial_cost_s=STEP_DOWN_AT / FPS2)
+    changed = [s.observe(s.mode, STEP_DOWN_AT / FPS2, now=k / FPS2) for k in range(60)]
+    assert s.mode == Mode("full", 1, 1) and changed.count(True) == 1  # the calibration only
+
+
+def test_one_slow_call_does_not_step_down_from_a_mode_estimated_at_the_target_load():
+    s = Scheduler(FPS2, ("full",), (1, 2), base_delay_s=0.08,
+                  initial_cost_s=TARGET_UTILISATION / FPS2)  # fmt: skip
+    assert not s.observe(Mode("full", 1, 2), 0.04, now=0.0)  # a late call of another mode
+    assert s.mode == Mode("full", 1, 1)
+
+
+def test_a_mode_exactly_at_the_target_load_and_the_latency_ceiling_is_planned():
+    cost = TARGET_UTILISATION / FPS2
+    base = LATENCY_CEILING_S - 1.3 * cost
+    s = Scheduler(FPS2, ("full",), (1, 2), base_delay_s=base, initial_cost_s=cost)
+    assert base + 1.3 * cost == LATENCY_CEILING_S
+    assert s._plan(0) == Mode("full", 1, 1)  # not batch 2, not the next stride
+
+
+def test_steps_up_exactly_when_the_calm_period_is_over():
+    """Calls of one frame time step down to stride 2 at once (load 0.5 there: not calm); from
+    the first call of 0.1 frame times (load 0.41 with the moving average) the generator is
+    calm, and it steps up at the first call STEP_UP_AFTER_S later."""
+    s = Scheduler(FPS2, ("full",), (1,), base_delay_s=0.05, initial_cost_s=1 / FPS2)
+    now, calm_from, stepped_at = 0.0, None, None
+    while stepped_at is None and now < 20:
+        mode = s.mode
+        if now >= 2 and calm_from is None:
+            calm_from = now
+        s.observe(mode, (0.1 if calm_from is not None else 1) / FPS2, now=now)
+        if s.mode == Mode("full", 2, 1):
+            assert s.utilisation(s.mode) >= STEP_UP_BELOW or calm_from is not None
+        elif s.mode == Mode("full", 1, 1) and now > 0:
+            stepped_at = now
+        now += mode.batch * mode.stride / FPS2  # sums of 1/32 s: exact
+    assert stepped_at == calm_from + STEP_UP_AFTER_S
+
+
+def test_a_load_of_exactly_the_step_up_threshold_is_not_calm():
+    """Full quality overloads, nearest runs at exactly STEP_UP_BELOW; late full calls make full
+    look affordable, but the generator is not calm: no step up, however long."""
+    s = Scheduler(FPS2, ("full", "nearest"), (1,), base_delay_s=0.08)
+    now = 0.0
+    while s.mode.tier == "full":
+        s.observe(s.mode, 1.5 / FPS2, now=now)
+        now += 1 / FPS2
+    assert s.mode == Mode("nearest", 1, 1)
+    for _ in range(3):
+        s.observe(Mode("full", 1, 1), 0.1 / FPS2, now=now)
+    assert s._plan(0) == Mode("full", 1, 1)  # affordable now
+    for k in range(320):  # 10 s
+        s.observe(s.mode, STEP_UP_BELOW / FPS2, now=now + k / FPS2)
+        assert s.mode == Mode("nearest", 1, 1)
+
+
+def test_the_delay_comes_down_exactly_lower_after_s_after_it_was_derived():
+    s = Scheduler(FPS, ("full",), (1,), base_delay_s=0.06, initial_cost_s=0.004)
+    mode = Mode("full", 1, 1)
+    for _ in range(10):
+        s.observe(mode, 0.02, now=0.0)  # derived at 0.0
+    high = s.playout_delay
+    for _ in range(30):
+        s.observe(mode, 0.008, now=1.0)  # a full window of fast calls, too soon
+    assert s.playout_delay == high
+    assert s.observe(mode, 0.008, now=LOWER_AFTER_S)
+    assert s.playout_delay == pytest.approx(0.06 + 1.1 * 0.008)
+
+
+def test_a_window_needing_exactly_the_lowering_share_keeps_the_delay():
+    """Calibrated on 20 ms calls; 16 ms calls need exactly 0.8 (LOWER_BELOW) of that."""
+    s = Scheduler(FPS, ("full",), (1,), base_delay_s=0.06, initial_cost_s=0.004)
+    mode = Mode("full", 1, 1)
+    for _ in range(10):
+        s.observe(mode, 0.02, now=0.0)
+    high = s.playout_delay
+    assert 1.1 * 0.016 == 0.8 * (1.1 * 0.02)  # exact in floating point
+    for k in range(60):
+        s.observe(mode, 0.016, now=LOWER_AFTER_S + k / FPS)
+    assert s.playout_delay == high
+
+
+def test_a_slowdown_of_exactly_the_re_derive_share_keeps_the_delay():
+    """Calibrated on 20 ms calls; 24 ms calls need exactly 1.2 times that: not more."""
+    s = Scheduler(FPS, ("full",), (1,), base_delay_s=0.06, initial_cost_s=0.004)
+    mode = Mode("full", 1, 1)
+    for _ in range(10):
+        s.observe(mode, 0.02, now=0.0)
+    high = s.playout_delay
+    assert 1.1 * 0.024 == 1.2 * (1.1 * 0.02)  # exact in floating point
+    changed = [s.observe(mode, 0.024, now=k / FPS) for k in range(20)]
+    assert not any(changed) and s.playout_delay == high
+
+
+def test_a_failed_step_up_starts_the_next_calm_period():
+    """A base delay of 0.19 s leaves room under the latency ceiling only for calls under
+    7.7 ms: the coarsest stride at once, calm from the next call. The attempt 3 s later finds
+    nothing (10 ms calls); calls of 2 ms from 4 s make full quality fit, and the next attempt
+    comes 3 s after the failed one."""
+    s = Scheduler(FPS2, ("full",), (1,), base_delay_s=0.19, initial_cost_s=1 / FPS2)
+    s.observe(s.mode, 1 / FPS2, now=0.0)
+    assert s.mode == Mode("full", 6, 1)
+    now, calm_from = 1 / FPS2, 1 / FPS2
+    while s.mode.stride == 6 and now < 20:
+        s.observe(s.mode, 0.01 if now < 4 else 0.002, now=now)
+        now += 6 / FPS2  # exact
+    assert s.mode == Mode("full", 1, 1)
+    assert now - 6 / FPS2 == calm_from + 2 * STEP_UP_AFTER_S
