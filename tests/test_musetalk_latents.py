@@ -12,7 +12,7 @@ import torch
 
 from livecam.avatar.store import avatar_dir, load_avatar
 from livecam.engines.musetalk import avatar_latents
-from livecam.engines.musetalk.avatar_latents import MANIFEST, NPZ, prepare_latents
+from livecam.engines.musetalk.avatar_latents import MANIFEST, NPZ, face_box, prepare_latents
 from livecam.hashing import sha256_array
 from tests.musetalk_tiny import tiny_vae
 
@@ -105,3 +105,61 @@ def test_another_key_is_rebuilt(
     assert not (again.latents == 7.0).any()
     manifest = json.loads((avatar_dir("astronaut") / MANIFEST).read_text())
     assert manifest["key"]["vae"] == ("vae-b" if what == "vae" else "vae-a")
+
+
+def _face(x: tuple[float, float], nose_y: float, chin_y: float) -> np.ndarray:
+    """68 landmarks spanning x[0]..x[1], nose point 29 at nose_y, the lowest at chin_y."""
+    pts = np.zeros((68, 2), np.float32)
+    pts[:, 0] = np.linspace(x[0], x[1], 68)
+    pts[:, 1] = np.linspace(nose_y - 20, chin_y, 68)
+    pts[29, 1] = nose_y
+    return pts
+
+
+def test_face_box_as_musetalk_defines_it() -> None:
+    # x from the landmarks' extent, bottom 10 px under the chin, top the nose mirrored above
+    assert face_box(_face((100, 200), 150, 230), (400, 300, 3)) == (100, 70, 200, 240)
+    # coordinates truncated to int, as MuseTalk does
+    truncated = face_box(_face((100.9, 200.9), 150.9, 230.9), (400, 300))
+    assert truncated == (100, 70, 200, 240)
+    # clipped to the image: top above it, sides past it, the margin under its bottom
+    assert face_box(_face((-5, 305), 60, 230), (235, 300)) == (0, 0, 300, 235)
+
+
+def test_a_face_box_under_8_pixels_is_refused() -> None:
+    assert face_box(_face((100, 108), 150, 230), (400, 300)) == (100, 70, 108, 240)
+    with pytest.raises(ValueError, match="too small"):
+        face_box(_face((100, 107), 150, 230), (400, 300))
+    exactly_8 = face_box(_face((100, 200), 150, 154), (400, 300), margin=0)
+    assert exactly_8 == (100, 146, 200, 154)
+    with pytest.raises(ValueError, match="too small"):
+        face_box(_face((100, 200), 150, 153), (400, 300), margin=1)
+
+
+def test_blend_mask_covers_the_jaw_below_the_middle_feathered() -> None:
+    """A 100 px box: the mask is eroded by 2 px and blurred with sigma 3.5 px (0.035 of the
+    width), so 16 px (2 + 4 sigma) from the polygon's edge it is 0 or 1 within 1e-3."""
+    t = np.linspace(0, 1, 15)
+    pts = np.zeros((68, 2), np.float32)
+    pts[1:16, 0] = 10 + 80 * t  # the jaw: a U from (10, 50) down to y 90 and up to (90, 50)
+    pts[1:16, 1] = 50 + 40 * np.sin(np.pi * t)
+    pts += np.array([30, 20], np.float32)  # the box sits at (30, 20) in the image
+    mask = avatar_latents.blend_mask(pts, (30, 20, 130, 120))
+    assert mask.shape == (100, 100, 1) and mask.dtype == np.float32
+    assert mask.min() >= 0.0 and mask.max() <= 1.0
+    assert mask[:34].max() < 1e-3  # above the middle line (50) less 16 px
+    assert mask[68, 50, 0] > 0.999  # inside the jaw, 18 px under the middle line
+    assert mask[95, 5, 0] < 1e-3 and mask[95, 95, 0] < 1e-3  # outside the jaw
+    column = mask[40:61, 50, 0]  # across the top edge: a soft ramp, not a step
+    assert np.all(np.diff(column) >= 0) and ((column > 0.05) & (column < 0.95)).sum() >= 4
+
+
+def test_vae_input_is_rgb_in_minus_one_to_one_with_the_lower_half_blanked() -> None:
+    crop = np.zeros((1, 256, 256, 3), np.uint8)
+    crop[..., 0], crop[..., 2] = 255, 51  # BGR: blue full, red 0.2
+    full = avatar_latents.to_vae_input(crop, lower_half_zeroed=False)
+    assert full.shape == (1, 3, 256, 256) and full.dtype == torch.float32
+    assert torch.allclose(full[0, :, 0, 0], torch.tensor([-0.6, -1.0, 1.0]))  # R, G, B
+    half = avatar_latents.to_vae_input(crop, lower_half_zeroed=True)
+    assert torch.equal(half[:, :, :128], full[:, :, :128])
+    assert (half[:, :, 128:] == -1.0).all()  # black (0) before the normalisation

@@ -11,6 +11,9 @@ cd "$(dirname "$0")/.."
 bin=$(dirname "${PYTHON:-.venv/bin/python}")
 "$bin/python" -c 'import mutmut' 2>/dev/null || "$bin/python" -m pip install -q -e '.[mutation]'
 unset PYTHONPATH  # the mutated copy in mutants/ must be the one imported
+# mutmut forks each mutant's run from a process that already ran torch: a forked child's first
+# multi-threaded torch op waits forever on the parent's OpenMP team (a false "timeout")
+export OMP_NUM_THREADS=1
 
 declare -A module=(
   [ring]=livecam.audio.ring [clock]=livecam.audio.clock
