@@ -19,6 +19,7 @@ from livecam.features.whisper import (
     StreamingFeatures,
     frame_steps,
     offline_features,
+    pad_steps,
     streaming_deviation,
     streaming_features,
 )
@@ -140,3 +141,51 @@ def test_streaming_features_see_seconds_of_left_context(tiny: Path, first: int) 
     assert np.abs(changed - audio)[a : a + 8_000].max() > 0.1  # it was speech
     layers = out[0].reshape(10, 5, -1)[:, 1:], out[1].reshape(10, 5, -1)[:, 1:]
     assert not np.allclose(*layers, atol=1e-4)
+
+
+def test_musetalk_padding_around_the_steps() -> None:
+    """2 frame spans of zero steps before the audio and 6 after (MuseTalk v1.5)."""
+    assert pad_steps(25.0) == (4, 12)  # a frame spans 2 steps at 25 fps
+    assert pad_steps(30.0) == (4, 12)  # 1.67 steps: rounded up
+    assert pad_steps(50.0) == (2, 6)
+    assert frame_steps(1, 30.0) == (-3, 7)  # floor(50 / 30) - 4
+
+
+def _positions_only(tiny: Path):
+    """whisper with its convolutions zeroed: hidden state 0 is a constant plus the step's
+    positional embedding (see the test above)."""
+    whisper = whisper_from_dir(tiny, "cpu")
+    with torch.no_grad():
+        whisper.encoder.conv1.weight.zero_()
+        whisper.encoder.conv2.weight.zero_()
+    return whisper
+
+
+def _state0(features: torch.Tensor) -> torch.Tensor:
+    return features.reshape(len(features), 10, 5, -1)[:, :, 0]
+
+
+def test_streaming_restarts_the_positions_at_the_30_s_segment_edge(tiny: Path) -> None:
+    """Offline cuts the audio into 30 s segments; a frame just after 30 s takes steps of both
+    segments, and streaming must give each step its place in its own segment."""
+    whisper = _positions_only(tiny)
+    audio = np.tile(read_audio(JFK), 3)[: 32 * 16_000]
+    fps, frames = 25.0, list(range(748, 754))  # 29.92 s .. 30.16 s: across the edge
+    stream = StreamingFeatures(whisper, fps)
+    got = stream.features(_ring_until(audio, stream.samples_needed(frames[-1])), frames)
+    want = offline_features(whisper, audio, fps)[frames[0] : frames[-1] + 1]
+    assert torch.allclose(_state0(got), _state0(want), atol=1e-5)
+
+
+def test_asking_again_for_earlier_frames_recomputes_them(tiny: Path) -> None:
+    """A stream asked for earlier frames than its last (a restarted source) gives what a new
+    stream gives for them, not steps cached for other times."""
+    whisper = whisper_from_dir(tiny, "cpu")
+    audio = read_audio(JFK)
+    fps = 25.0
+    ring = _ring_until(audio, len(audio))
+    stream = StreamingFeatures(whisper, fps)
+    stream.features(ring, list(range(200, 210)))
+    again = stream.features(ring, list(range(20, 30)))
+    fresh = StreamingFeatures(whisper, fps).features(ring, list(range(20, 30)))
+    assert torch.equal(again, fresh)
