@@ -183,6 +183,10 @@ def test_cache_round_trip(cache: Path, face_crop: Path, monkeypatch: pytest.Monk
     assert np.array_equal(first.mouth.patches, second.mouth.patches)
     assert np.array_equal(first.eyes.mask, second.eyes.mask)
     assert (second.mouth.x, second.mouth.y) == (first.mouth.x, first.mouth.y)
+    pairs = [(first.landmarks, second.landmarks), (first.mouth.mask, second.mouth.mask),
+             (first.eyes.mask, second.eyes.mask)]  # fmt: skip
+    for fresh, cached in pairs:
+        assert cached.dtype == fresh.dtype == np.float32  # what the renderer is built for
     assert [(a.name, a.kind, a.status) for a in list_avatars() if a.name == "me"] == [
         ("me", "prepared", "ready")
     ]
@@ -618,7 +622,8 @@ def test_known_faces_come_from_the_bundled_avatar_toml_of_its_own_photo(
     astronaut = store.bundled_root() / "astronaut" / "astronaut.png"
     assert store._known_faces("astronaut", astronaut) == 2  # its detector_faces
     assert store._known_faces("astronaut", face_crop) == 1  # another photo under its name
-    assert store._known_faces("portrait", PHOTOS["portrait"]) == 1  # not recorded
+    portrait = store.bundled_root() / "portrait" / "portrait.jpg"
+    assert store._known_faces("portrait", portrait) == 1  # not recorded: one
     assert store._known_faces("nobody", face_crop) == 1
     meta = store._bundled("astronaut")
     assert meta is not None and Path(meta["source"]).resolve() == astronaut.resolve()
@@ -650,7 +655,9 @@ def test_a_failed_write_keeps_the_old_cache_and_leaves_no_version(
 
     with monkeypatch.context() as patch:
         patch.setattr(store.cachefile, "save_arrays", full)
-        with pytest.raises(AvatarError, match=r"^no space left to save avatar 'me' in "):
+        with pytest.raises(
+            AvatarError, match=rf"^no space left to save avatar 'me' in {re.escape(str(root))}: "
+        ):
             prepare_avatar("me", face_crop, force=True)
     assert sorted(p.name for p in root.iterdir()) == before
     assert np.array_equal(load_avatar("me").image, first.image)
@@ -671,3 +678,35 @@ def test_preparing_the_bundled_astronaut_is_quiet_about_its_false_face(cache: Pa
     photo = store.bundled_root() / "astronaut" / "astronaut.png"
     assert prepare_avatar("astronaut", photo).warnings == []
     assert load_avatar("astronaut").warnings == []
+
+
+def test_a_writer_waits_for_the_lock_of_its_name(
+    cache: Path, face_crop: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from livecam.avatar import cachedir
+
+    first = prepare_avatar("me", face_crop)
+    monkeypatch.setattr(store, "build_avatar", lambda *args: first)  # only the write is slow
+    root = cache / "avatars"
+    link = os.readlink(root / "me")
+    with cachedir.locked(root, "me"):  # a remover or another writer of "me"
+        writer = threading.Thread(
+            target=prepare_avatar, args=("me", face_crop), kwargs={"force": True}
+        )
+        writer.start()
+        writer.join(timeout=1.0)  # a slow machine can only make this pass wrongly, never fail
+        assert writer.is_alive() and os.readlink(root / "me") == link
+    writer.join()
+    assert os.readlink(root / "me") != link  # then it wrote a new version
+    assert np.array_equal(load_avatar("me").image, first.image)
+
+
+def test_an_image_over_the_pixel_limit_is_named_in_the_error(cache: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    big = tmp_path / "big.png"
+    Image.new("1", (8001, 8000)).save(big)  # 64 MP of one bit: a small file
+    with pytest.raises(
+        AvatarError, match=rf"^image {re.escape(str(big))} is 8001x8000: more than 64 "
+    ):
+        prepare_avatar("big", big)
