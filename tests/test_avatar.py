@@ -710,3 +710,63 @@ def test_an_image_over_the_pixel_limit_is_named_in_the_error(cache: Path, tmp_pa
         AvatarError, match=rf"^image {re.escape(str(big))} is 8001x8000: more than 64 "
     ):
         prepare_avatar("big", big)
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "expected"),
+    [
+        (1440, 400, (720, 200)),
+        (720, 1500, (720, 1500)),
+        (600, 1500, (600, 1500)),
+        (2160, 1, (720, 1)),
+    ],
+)
+def test_stills_are_scaled_to_720_rows_by_their_height_only(
+    tmp_path: Path, height: int, width: int, expected: tuple[int, int]
+) -> None:
+    path = tmp_path / "photo.png"
+    cv2.imwrite(str(path), np.full((height, width, 3), 90, np.uint8))
+    image = store.read_image(path)
+    assert image.shape == (*expected, 3) and image.dtype == np.uint8
+
+
+def test_a_downscaled_still_is_averaged_not_sampled(tmp_path: Path) -> None:
+    """Alternate black and white rows, scaled by 1/3: each output row averages three input
+    rows (85 or 170); sampling would keep pure black and white (aliasing)."""
+    rows = np.zeros((2160, 8, 3), np.uint8)
+    rows[1::2] = 255
+    path = tmp_path / "stripes.png"
+    cv2.imwrite(str(path), rows)
+    image = store.read_image(path)
+    assert image.shape[0] == 720
+    assert set(np.unique(image)) <= {85, 170}
+
+
+def test_a_still_opencv_cannot_decode_is_refused_by_name(cache: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    tga = tmp_path / "face.tga"  # whole for PIL (the damage check), not for cv2.imread
+    Image.new("RGB", (20, 20), (255, 0, 0)).save(tga)
+    with pytest.raises(AvatarError, match=rf"^cannot read image {re.escape(str(tga))}: not a "):
+        prepare_avatar("tga", tga)
+    missing = tmp_path / "gone.png"
+    with pytest.raises(AvatarError, match=rf"^cannot read image {re.escape(str(missing))}: not a "):
+        store.read_image(missing)
+
+
+def test_a_decompression_bomb_is_refused_by_name(cache: Path, tmp_path: Path) -> None:
+    """A PNG header declaring 20000x20000 pixels (PIL refuses it before our own limit)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    bomb = tmp_path / "bomb.png"
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    message = f"image {bomb} is larger than 64 megapixels; scale it down first"
+    with pytest.raises(AvatarError, match=f"^{re.escape(message)}$"):
+        prepare_avatar("bomb", bomb)
