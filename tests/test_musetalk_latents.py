@@ -163,3 +163,13 @@ def test_vae_input_is_rgb_in_minus_one_to_one_with_the_lower_half_blanked() -> N
     half = avatar_latents.to_vae_input(crop, lower_half_zeroed=True)
     assert torch.equal(half[:, :, :128], full[:, :, :128])
     assert (half[:, :, 128:] == -1.0).all()  # black (0) before the normalisation
+
+
+def test_the_crop_is_resized_with_lanczos_as_musetalk_does() -> None:
+    """A sharp edge between grey 50 and 200, enlarged: Lanczos rings (values past both sides
+    next to the edge); linear or nearest interpolation stay between the two."""
+    image = np.full((100, 100, 3), 50, np.uint8)
+    image[:, 50:] = 200
+    crop = avatar_latents.crop_face(image, (0, 0, 100, 100))
+    assert crop.shape == (256, 256, 3)
+    assert crop.min() < 50 and crop.max() > 200
