@@ -173,3 +173,17 @@ def test_the_crop_is_resized_with_lanczos_as_musetalk_does() -> None:
     crop = avatar_latents.crop_face(image, (0, 0, 100, 100))
     assert crop.shape == (256, 256, 3)
     assert crop.min() < 50 and crop.max() > 200
+
+
+@pytest.mark.parametrize(
+    "content", ["[]", '"text"', "{}", '{"key": 1}', '{"key": {}, "arrays": []}']
+)
+def test_a_manifest_off_its_schema_is_rebuilt_not_a_crash(
+    cache: Path, vae, encodes: list[int], content: str
+) -> None:
+    first = _prepare(vae)
+    (avatar_dir("astronaut") / MANIFEST).write_text(content)
+    again = _prepare(vae)
+    assert encodes == [1, 1] and np.array_equal(again.latents, first.latents)
+    _prepare(vae)
+    assert encodes == [1, 1]  # whole again
