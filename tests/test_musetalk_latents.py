@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from livecam.avatar import cachedir
 from livecam.avatar.store import avatar_dir, load_avatar
 from livecam.engines.musetalk import avatar_latents
 from livecam.engines.musetalk.avatar_latents import MANIFEST, NPZ, face_box, prepare_latents
@@ -75,6 +76,7 @@ def test_whole_cache_is_loaded_not_rebuilt(cache: Path, vae, encodes: list[int])
     assert encodes == [1]  # no encode: the file was used
     assert (again.latents == 7.0).all()
     assert again.box == first.box and np.array_equal(again.mask, first.mask)
+    assert np.array_equal(again.crop, first.crop) and again.crop.shape == (256, 256, 3)
 
 
 def test_damaged_arrays_are_rebuilt(cache: Path, vae, encodes: list[int]) -> None:
@@ -187,3 +189,26 @@ def test_a_manifest_off_its_schema_is_rebuilt_not_a_crash(
     assert encodes == [1, 1] and np.array_equal(again.latents, first.latents)
     _prepare(vae)
     assert encodes == [1, 1]  # whole again
+
+
+def test_a_consistent_cache_without_one_array_is_rebuilt(
+    cache: Path, vae, encodes: list[int]
+) -> None:
+    first = _prepare(vae)
+    _rewrite(avatar_dir("astronaut"), lambda arrays: arrays.pop("mask"), rehash=True)
+    assert np.array_equal(_prepare(vae).mask, first.mask)  # checksums match, the set does not
+    assert encodes == [1, 1]
+
+
+def test_damaged_arrays_are_named_in_the_warning(
+    cache: Path, vae, caplog: pytest.LogCaptureFixture
+) -> None:
+    _prepare(vae)
+    folder = avatar_dir("astronaut")
+    _rewrite(folder, _mark, rehash=False)
+    with caplog.at_level("WARNING", logger="livecam.engines.musetalk.avatar_latents"):
+        _prepare(vae)
+    [message] = [r.getMessage() for r in caplog.records]
+    live = cachedir.live_dir(folder.parent, "astronaut")  # the version folder the link names
+    assert message.startswith(f"musetalk avatar data in {live} damaged (")
+    assert "latents" in message and message.endswith("); rebuilding")
