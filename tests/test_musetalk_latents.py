@@ -232,6 +232,8 @@ def test_blend_mask_fills_the_jaw_eroded_by_its_kernel(s: float, area: int) -> N
     of the box, at most): the sum is the eroded area within 1 %."""
     mask = avatar_latents.blend_mask(_rectangle_jaw(s), (0, 0, round(100 * s), round(100 * s)))
     assert abs(float(mask.sum()) - area) < 0.01 * area
+    row = mask[round(72 * s), : round(30 * s), 0]  # across the left side: feathered too
+    assert ((row > 0.05) & (row < 0.95)).sum() >= round(9 * s)
 
 
 def test_a_failed_cache_write_still_gives_the_data_and_says_why(
