@@ -89,10 +89,10 @@ def fake_cam():
         fake_camera.unregister()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    """`livecam serve --engine lite --replicas 2` on a local Ray cluster, its URL; one for the
-    whole session (start-up costs ~10 s)."""
+    """`livecam serve --engine lite --replicas 2` on a local Ray cluster, its URL; one for each
+    module that uses it (start-up costs ~10 s), so Ray does not run beside the other tests."""
     ray = pytest.importorskip("ray")
     serve = pytest.importorskip("ray.serve")
     from livecam.remote.server import start_app

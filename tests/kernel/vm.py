@@ -98,5 +98,6 @@ def start(command: list[str], rwdir: Path, log: Path, forward: tuple[int, ...],
     netdev = ",".join(["user,id=hop", *(f"hostfwd=tcp:127.0.0.1:{p}-:{p}" for p in forward)])
     qemu_opts = f"-device virtio-net-pci,netdev=hop -netdev {netdev}"
     args, env = _args(command, rwdir, 1, memory, module, qemu_opts)
-    return subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
-                            cwd=rwdir, stdin=subprocess.DEVNULL)  # fmt: skip
+    with log.open("w") as console:
+        return subprocess.Popen(args, stdout=console, stderr=subprocess.STDOUT, env=env,
+                                cwd=rwdir, stdin=subprocess.DEVNULL)  # fmt: skip
