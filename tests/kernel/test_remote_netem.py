@@ -60,9 +60,8 @@ class Hop:
             self._io.write(b'{"quit": true}\n')
             self._io.flush()
             self.proc.wait(60)
-        except (OSError, TimeoutError):
-            self.proc.kill()
-            self.proc.wait()
+        except (OSError, subprocess.TimeoutExpired):
+            vm.stop(self.proc)
 
 
 def _connect(port: int, proc: subprocess.Popen, console: Path) -> socket.socket:
@@ -137,7 +136,11 @@ def hop(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[tuple[Hop,
     cmd = [sys.executable, str(script), str(ports["control"]),
            *(f"{ports[name]}:{target}" for name, target in targets.items())]  # fmt: skip
     proc = vm.start(cmd, out, out / "console.txt", tuple(ports.values()), "sch_netem")
-    guest = Hop(proc, _connect(ports["control"], proc, out / "console.txt"))
+    try:
+        guest = Hop(proc, _connect(ports["control"], proc, out / "console.txt"))
+    except BaseException:
+        vm.stop(proc)
+        raise
     try:
         yield guest, ports
     finally:
@@ -172,18 +175,22 @@ def runs(hop: tuple[Hop, dict], server: str, tmp_path_factory) -> Runs:
     guest.netem("")
     found = Runs(plain_rtt, netem_rtt, direct, slow, np.array(direct_link.rtt_s) * 1e3,
                  np.array(link.rtt_s) * 1e3, link.remote_frames, qdisc)  # fmt: skip
-    pct = lambda a: np.percentile(a, [50, 95]).round(1)  # noqa: E731
+    sent, dropped = _packets(qdisc)
     print(
-        f"\nhop RTT p50/p95: {pct(plain_rtt)} ms netem off, {pct(netem_rtt)} ms on "
-        f"(guest {guest.ready['kernel']}); {NETEM}: {_packets(qdisc)} packets sent, dropped"
-        f"\ngeneration calls p50/p95: {pct(found.direct_calls_ms)} ms direct, "
-        f"{pct(found.slow_calls_ms)} ms through netem"
+        f"\nhop RTT p50/p95: {_pct(plain_rtt)} ms netem off, {_pct(netem_rtt)} ms on "
+        f"(guest {guest.ready['kernel']}); {NETEM}: {sent} packets sent, {dropped} dropped"
+        f"\ngeneration calls p50/p95: {_pct(found.direct_calls_ms)} ms direct, "
+        f"{_pct(found.slow_calls_ms)} ms through netem"
         f"\nplayout delay {direct.playout_delay_ms:.1f} -> {slow.playout_delay_ms:.1f} ms, "
         f"latency {direct.latency_ms:.1f} -> {slow.latency_ms:.1f} ms, shown fps "
         f"{direct.shown_fps:.1f} -> {slow.shown_fps:.1f}; through netem {slow.frames_generated} "
         f"frames generated ({slow.tier}, every {slow.stride}.), {link.remote_frames} remote"
     )
     return found
+
+
+def _pct(values: np.ndarray) -> np.ndarray:
+    return np.percentile(values, [50, 95]).round(1)
 
 
 def _packets(qdisc: str) -> tuple[int, int]:

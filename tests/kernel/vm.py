@@ -9,6 +9,7 @@ import glob
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -98,6 +99,14 @@ def start(command: list[str], rwdir: Path, log: Path, forward: tuple[int, ...],
     netdev = ",".join(["user,id=hop", *(f"hostfwd=tcp:127.0.0.1:{p}-:{p}" for p in forward)])
     qemu_opts = f"-device virtio-net-pci,netdev=hop -netdev {netdev}"
     args, env = _args(command, rwdir, 1, memory, module, qemu_opts)
-    with log.open("w") as console:
+    with log.open("w") as console:  # its own process group: stop() ends qemu with it
         return subprocess.Popen(args, stdout=console, stderr=subprocess.STDOUT, env=env,
-                                cwd=rwdir, stdin=subprocess.DEVNULL)  # fmt: skip
+                                cwd=rwdir, stdin=subprocess.DEVNULL,
+                                start_new_session=True)  # fmt: skip
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End a guest from start() that did not power off."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
