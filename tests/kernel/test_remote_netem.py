@@ -218,6 +218,7 @@ def test_a_slow_lossy_network_keeps_the_frame_rate(runs):
 
 
 @pytest.mark.xfail(
+    strict=False,  # a run without a retransmission in its last window may pass
     reason="at 1 % packet loss 5-10 % of the calls (~20 packets each, ACKs included) wait for a "
     "TCP retransmission, and the playout delay covers the calls' p95: it grows by 200-500 ms "
     "over a ~110 ms round trip",
