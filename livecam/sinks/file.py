@@ -139,7 +139,8 @@ class FileSink:
                 self._proc.kill()
                 self._proc.wait()
             if hasattr(self, "_audio"):
-                self._audio.close()
+                with contextlib.suppress(OSError):  # (a full disk fails its flush again)
+                    self._audio.close()
             self._stderr.close()
             self._remove_temps()
             raise SinkError(f"cannot write {self.path}: {e.strerror or e}") from e
