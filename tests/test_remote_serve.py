@@ -96,6 +96,27 @@ def test_four_clients_get_their_own_avatars_faces_keyed_to_the_sample_clock(serv
         assert engine.link.stats.remote_frames == sum(map(len, SCHEDULE))
 
 
+def test_calls_in_flight_are_answered_in_order_with_their_own_faces(server, avatars, ring):
+    """The pipeline sends a call as its audio arrives, before the last one is answered: the
+    schedule's calls all go out first, then each reply is read, and each holds its frames."""
+    avatar = avatars[1]
+    engine = open_remote(server, TOKEN, avatar, LiteEngine(avatar, FPS), remote_only=True)
+    local = LiteEngine(avatar, FPS)
+    try:
+        calls = [(frames, engine.submit(ring, frames)) for frames in SCHEDULE[:12]]
+        for frames, call in calls:
+            while (faces := call.wait(1.0)) is None:
+                pass
+            expected = local.generate(ring, frames)
+            for k, a, b in zip(frames, faces, expected, strict=True):
+                assert np.array_equal(a, b), f"frame {k} differs"
+        stats = engine.link.stats
+        assert stats.local_frames == 0 and stats.timeouts == 0
+        assert stats.remote_frames == sum(map(len, SCHEDULE[:12]))
+    finally:
+        engine.close()
+
+
 def test_the_generator_merges_streams_into_one_call(server, avatars):
     from livecam.remote.generator import RenderRequest
 

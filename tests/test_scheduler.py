@@ -201,3 +201,20 @@ def test_a_short_dip_does_not_lower_the_delay():
     for k in range(300):  # 10 s of calls: dips of 20 fast calls, shorter than the window
         s.observe(mode, 0.008 if k % 30 < 20 else 0.02, now=now + k / FPS)
     assert s.playout_delay == high  # every window's p95 still needs it
+
+
+def test_a_long_latency_with_little_cost_raises_the_delay_not_the_stride():
+    """A remote engine's calls: 5 ms of work, answered a 150 ms round trip later (several in
+    flight). The delay covers the round trip; the mode stays at every frame."""
+    s = Scheduler(FPS, ("full", "nearest"), (1, 2, 4), base_delay_s=0.08)
+    now = 0.0
+    while now < 10:
+        mode = s.mode
+        s.observe(mode, 0.005, now=now, latency=0.15)
+        now += mode.batch * mode.stride / FPS
+    assert s.mode == Mode("full", 1, 1)
+    assert 0.08 + 0.15 <= s.playout_delay <= 0.08 + 0.15 * 1.1 + 1e-9  # p95 plus 10 %
+    # as the call's own time, the same 150 ms is far more than a frame: it steps down
+    slow = Scheduler(FPS, ("full", "nearest"), (1, 2, 4), base_delay_s=0.08)
+    _drive(slow, lambda m: 0.15, 10)
+    assert slow.mode.stride > 1

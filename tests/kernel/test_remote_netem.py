@@ -211,17 +211,21 @@ def test_a_slow_lossy_network_keeps_the_frame_rate(runs):
     for snap in (runs.direct, runs.slow):
         assert snap.frames_shown >= 0.9 * SECONDS * FPS, snap
     assert runs.remote_frames > 0.8 * runs.slow.frames_generated  # few local stand-ins
-    # a call takes about a round trip more at the median; the delay covers at least that
+    # calls overlap, so the round trip does not ration the mouths: one call at a time got
+    # every 6th frame its own face (a 130 ms call per 33 ms frame)
+    assert runs.slow.frames_generated >= 0.5 * runs.slow.frames_shown, runs.slow
+    # a call takes about a round trip more at the median (plus a few server times: it waits
+    # behind the calls sent before it); the delay covers at least that
     added = np.median(runs.slow_calls_ms) - np.median(runs.direct_calls_ms)
-    assert added <= np.median(runs.netem_rtt_ms) + 40, (runs.direct_calls_ms, runs.slow_calls_ms)
+    assert added <= np.median(runs.netem_rtt_ms) + 60, (runs.direct_calls_ms, runs.slow_calls_ms)
     assert runs.slow.playout_delay_ms >= ROUND_TRIP_MS
 
 
 @pytest.mark.xfail(
-    strict=False,  # a run without a retransmission in its last window may pass
-    reason="at 1 % packet loss 5-10 % of the calls (~20 packets each, ACKs included) wait for a "
-    "TCP retransmission, and the playout delay covers the calls' p95: it grows by 200-500 ms "
-    "over a ~110 ms round trip",
+    strict=False,  # it passed in both runs with calls in flight; not yet run after run
+    reason="at 1 % packet loss a call that waits for a TCP retransmission holds up the replies "
+    "behind it, and the playout delay covers the calls' p95: with one call in flight it grew "
+    "by 200-500 ms over a ~110 ms round trip",
 )
 def test_a_slow_lossy_network_adds_about_the_round_trip_to_the_latency(runs):
     # the two runs may settle on different batch sizes: a frame more or less of waiting
