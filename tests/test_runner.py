@@ -4,6 +4,7 @@ and the lite engine's live path against its offline path."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 import time
 import types
@@ -413,6 +414,7 @@ class _RoundTrips:
         self.most = 0  # calls in flight at once, at most
         engine = self.p.look.engine
         engine.submit = self.submit
+        engine.calls_in_flight = lambda period: math.ceil(rtt / period)
 
     def submit(self, ring, frames):
         faces = self.p.look.engine.generate(ring, frames)  # (the worker's recording wrapper)

@@ -59,3 +59,8 @@ class PipelinedEngine(Protocol):
     def submit(self, ring: AudioRing, frames: Sequence[int]) -> Call:
         """Start on `frames` (as `generate` would) and return at once."""
         ...
+
+    def calls_in_flight(self, period_s: float) -> int:
+        """How many calls to keep in flight when one goes out every `period_s`: enough to
+        cover the round trip, not more (more only queue up at the generator)."""
+        ...

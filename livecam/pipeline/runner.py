@@ -39,7 +39,7 @@ TICK_LAG = 0.002  # s a tick falls after its frame is due (timer wake-up jitter)
 MIN_INTERVAL = 0.9  # periods: shorter only to follow the audio clock's small corrections
 STALL_GRACE_S = 0.25  # the capture stream this far behind the clock: the source stalled
 MARGIN_S = 0.005  # scheduling jitter of the worker thread
-MAX_IN_FLIGHT = 8  # calls of a pipelined engine (remote) at once: round trips overlap
+MAX_IN_FLIGHT = 8  # calls of a pipelined engine (remote) at once, whatever it asks for
 
 
 @dataclass(frozen=True)
@@ -192,7 +192,14 @@ class Pipeline:
             engine = look.engine
             needed = engine.samples_needed(batch[-1])
             ready = not self.muted and needed <= self.ring.end
-            if ready and isinstance(engine, PipelinedEngine) and len(in_flight) < MAX_IN_FLIGHT:
+            if (
+                ready
+                and isinstance(engine, PipelinedEngine)
+                and len(in_flight)
+                < min(
+                    MAX_IN_FLIGHT, engine.calls_in_flight(mode.batch * mode.stride / self.cfg.fps)
+                )
+            ):
                 if engine.tier != mode.tier:
                     engine.set_tier(mode.tier)
                 in_flight.append(InFlight(batch, mode, look, engine.submit(self.ring, batch),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import ipaddress
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -434,6 +435,13 @@ class RemoteEngine:
         tier = self.tier if server is None or self.tier in server.tiers else server.tiers[0]
         pending = self.link.send(self.sha, self.blob, ring, frames, tier, upto)
         return RemoteCall(self, ring, frames, pending, time.perf_counter() - t0)
+
+    def calls_in_flight(self, period_s: float) -> int:
+        """The network's round trip (the fastest recent one: the rest is queueing, which more
+        calls would only lengthen) over the period between calls: one over loopback or a LAN,
+        as many as the round trip holds periods beyond."""
+        rtts = tuple(self.link.stats.rtt_s)
+        return max(1, math.ceil((min(rtts) if rtts else period_s) / period_s))
 
     def generate(self, ring: AudioRing, frames: Sequence[int]) -> list[np.ndarray]:
         call = self.submit(ring, frames)
