@@ -37,6 +37,7 @@ REPLY_TIMEOUT_S = 1.0  # live: a reply this late and the frames come from the lo
 CONTEXT_S = 2.0  # audio sent before the first frame after (re)connecting
 BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 4.0)
 RTT_WINDOW = 300
+KEPT_REPLIES = 16  # replies that came out of turn, kept until read
 
 
 class RemoteError(Exception):
@@ -105,6 +106,11 @@ class ServerEngine:
                    wire.needed_from_table(header.get("needed")))  # fmt: skip
 
 
+def _newer(header: dict, request_id: int) -> bool:
+    found = header.get("id")
+    return isinstance(found, int) and found > request_id
+
+
 class _Connection:
     """One authenticated stream on the server: audio sent so far, avatars it knows."""
 
@@ -113,9 +119,14 @@ class _Connection:
         self.sent: int | None = None  # absolute sample index sent up to
         self.avatars: set[str] = set()
         self.ids = iter(range(1, 1 << 62))
+        # replies to calls in flight that came while another answer was awaited (an avatar's)
+        self.kept: collections.OrderedDict[object, tuple[dict, bytes]] = collections.OrderedDict()
 
     def recv(self, kind: str, timeout: float, request_id: int | None = None) -> tuple[dict, bytes]:
-        """The next message of `kind` (and id); late replies to older requests are dropped."""
+        """The next message of `kind` (and id). Replies to older requests (given up on) are
+        dropped; those to newer ones, kept for their turn."""
+        if kind == "faces" and request_id in self.kept:
+            return self.kept.pop(request_id)
         deadline = time.monotonic() + timeout
         while True:
             header, payload = wire.unpack(self.ws.recv(max(deadline - time.monotonic(), 0.0)))
@@ -123,6 +134,10 @@ class _Connection:
                 raise RemoteError(f"the server says: {header.get('message')}")
             if header["type"] == kind and (request_id is None or header.get("id") == request_id):
                 return header, payload
+            if header["type"] == "faces" and (request_id is None or _newer(header, request_id)):
+                self.kept[header.get("id")] = (header, payload)
+                while len(self.kept) > KEPT_REPLIES:
+                    self.kept.popitem(last=False)
 
     def ensure_avatar(self, sha: str, blob: bytes) -> None:
         if sha in self.avatars:
