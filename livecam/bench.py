@@ -92,7 +92,10 @@ def run_bench(
     engine, compositor = fresh()
     with tempfile.TemporaryDirectory() as tmp:
         sink, _ = open_sink(
-            "file", SinkSettings(width=width, height=height, fps=fps, out=Path(tmp) / "b.mp4")
+            "file",
+            SinkSettings(
+                width=width, height=height, fps=fps, out=Path(tmp) / "b.mp4", soundtrack=audio
+            ),
         )
         t0 = time.perf_counter()
         rendered = render_audio(audio, engine, compositor, sink)

@@ -34,17 +34,22 @@ EARLY_S = 0.4  # a mouth opening this long before a sound still counts as its re
 
 
 def burst_train(
-    count: int = 15, period_s: float = 1.2, burst_s: float = 0.25, seed: int = 0
+    count: int, fps: float, period_s: float = 1.2, burst_s: float = 0.25, seed: int = 0
 ) -> tuple[np.ndarray, list[int]]:
-    """Vowel-like bursts (140 Hz harmonics shaped like an "ah") over faint noise."""
+    """Vowel-like bursts (140 Hz harmonics shaped like an "ah") over faint noise.
+
+    A mouth can only move at a frame, so a sound's latency depends on where in the frame
+    period it starts (a sawtooth one period wide). Each burst starts 1/count of a frame later
+    in the frame grid than the one before, so the bursts sample every phase evenly and their
+    median is the latency of speech, whose onsets fall anywhere in the grid."""
     rng = np.random.default_rng(seed)
-    total = int((LEAD_S + count * period_s) * SAMPLE_RATE)
+    total = int((LEAD_S + count * period_s + 1 / fps) * SAMPLE_RATE)
     audio = (0.001 * rng.standard_normal(total)).astype(np.float32)
     t = np.arange(int(burst_s * SAMPLE_RATE)) / SAMPLE_RATE
     harmonics = [(h * 140.0, 1.0 / (1 + abs(h * 140.0 - 800) / 300)) for h in range(1, 25)]
     burst = sum(a * np.sin(2 * np.pi * f * t) for f, a in harmonics)
     burst = (0.3 * burst / np.abs(burst).max() * np.hanning(len(t)) ** 0.2).astype(np.float32)
-    onsets = [int((LEAD_S + i * period_s) * SAMPLE_RATE) for i in range(count)]
+    onsets = [int((LEAD_S + i * period_s + i / count / fps) * SAMPLE_RATE) for i in range(count)]
     for onset in onsets:
         audio[onset : onset + len(burst)] += burst
     return audio, onsets
@@ -120,7 +125,7 @@ def _run_until_done(pipeline: Pipeline, seconds: float) -> None:
 
 
 def latency_from_file(opts: LiveOptions, bursts: int = 15) -> dict:
-    audio, onsets = burst_train(bursts)
+    audio, onsets = burst_train(bursts, opts.fps)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bursts.wav"
         sf.write(str(path), audio, SAMPLE_RATE)
@@ -138,7 +143,7 @@ def _pulse_pipeline(
 ) -> Iterator[tuple[Pipeline, MouthProbe, _Player]]:
     """A pipeline whose microphone is a fresh null sink's monitor, a probe on its frames, and
     a player that speaks the burst train into that sink."""
-    audio, onsets = burst_train(bursts)
+    audio, onsets = burst_train(bursts, opts.fps)
     name = f"livecam_bench_{uuid.uuid4().hex[:6]}"
     modules = pulse.create_fed_source(name, f"{name}_mic")
     try:
@@ -220,7 +225,7 @@ def latency_from_pulse(opts: LiveOptions, bursts: int = 15) -> dict:
     summary = _summary(_responses(probe, played, 0.0), bursts, pipeline)
     # the capture on its own: where the pipeline's clock put each onset, minus when it played
     start = max(first, pipeline.ring.start)
-    found = _onsets(pipeline.ring.read(start, pipeline.ring.end), bursts)
+    found = _heard_onsets(pipeline.ring.read(start, pipeline.ring.end), player)
     clocked = [pipeline.clock.origin() + (start + n) / SAMPLE_RATE for n in found]
     late = [c - min(played, key=lambda p, c=c: abs(c - p)) for c in clocked]
     capture, basis = pipeline.source.measured_latency()
@@ -271,7 +276,7 @@ def virtual_mic_offset(opts: LiveOptions, bursts: int = 15) -> dict:
         finally:
             mic.stop()
             pipeline.stop()
-    onset_times = recorder.times(_onsets(recorder.heard(), bursts))
+    onset_times = recorder.times(_heard_onsets(recorder.heard(), player))
     offsets = np.array(_responses(probe, onset_times, pipeline.sink.latency_s)) * 1e3
     return {
         "bursts": bursts,
@@ -287,7 +292,8 @@ def virtual_mic_offset(opts: LiveOptions, bursts: int = 15) -> dict:
 
 
 def _onsets(audio: np.ndarray, expected: int) -> list[int]:
-    """Sample indices where the 1 ms energy first rises well above the quiet level."""
+    """Sample indices where the 1 ms energy first rises well above the quiet level (a few
+    milliseconds into each burst: see `_heard_onsets`)."""
     hop = SAMPLE_RATE // 1000
     energy = np.sqrt(np.mean(audio[: len(audio) // hop * hop].reshape(-1, hop) ** 2, axis=1))
     loud = energy > 0.2 * np.percentile(energy, 99)
@@ -297,6 +303,16 @@ def _onsets(audio: np.ndarray, expected: int) -> list[int]:
         if not kept or s - kept[-1] > 500:  # 0.5 s
             kept.append(int(s))
     return [s * hop for s in kept[:expected]]
+
+
+def _heard_onsets(audio: np.ndarray, player: _Player) -> list[int]:
+    """Where the player's bursts start in audio that went through the sound server: the
+    detector's crossings, moved back by how late it crosses on the clean bursts (6-7 ms:
+    the burst's first millisecond is quieter than the threshold), so that an onset heard
+    and an onset played are compared like with like."""
+    clean = np.array(_onsets(player.audio, len(player.onsets))) - np.array(player.onsets)
+    lateness = int(np.median(clean))
+    return [n - lateness for n in _onsets(audio, len(player.onsets))]
 
 
 def soak(opts: LiveOptions, seconds: float) -> dict:

@@ -267,7 +267,8 @@ def render(
             except ValueError as exc:
                 raise typer.BadParameter(str(exc), param_hint="--tier") from None
         comp = build_compositor(face, width, height, fps, idle)
-        sink, _ = open_sink("file", SinkSettings(width=width, height=height, fps=fps, out=out))
+        settings = SinkSettings(width=width, height=height, fps=fps, out=out, soundtrack=samples)
+        sink, _ = open_sink("file", settings)
         try:
             result = render_audio(samples, eng, comp, sink)
         finally:

@@ -1,5 +1,5 @@
-"""Shared fixtures: an isolated avatar cache, test audio, and a microphone on a private
-PulseAudio and PipeWire server."""
+"""Shared fixtures: an isolated avatar cache, test audio, a microphone on a private
+PulseAudio and PipeWire server, and a `livecam serve` app on a local Ray cluster."""
 
 from __future__ import annotations
 
@@ -87,3 +87,21 @@ def fake_cam():
         yield fake_camera.FakeBackend.instances
     finally:
         fake_camera.unregister()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    """`livecam serve --engine lite --replicas 2` on a local Ray cluster, its URL; one for each
+    module that uses it (start-up costs ~10 s), so Ray does not run beside the other tests."""
+    ray = pytest.importorskip("ray")
+    serve = pytest.importorskip("ray.serve")
+    from livecam.remote.server import start_app
+    from tests.remote_server import TOKEN, free_port
+
+    # 2 CPUs for the lite pool's two replicas, one for test_remote_serve's musetalk app
+    ray.init(num_cpus=3, include_dashboard=False, logging_level="warning")
+    try:
+        yield start_app("lite", 2, TOKEN, "127.0.0.1", free_port())
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -126,7 +126,7 @@ def test_every_way_out_removes_the_temporaries(tmp_path, monkeypatch):
 
     monkeypatch.setattr(file_sink.tempfile, "mkstemp", second_fails)
     with pytest.raises(SinkError, match=f"cannot write {out}: No space left on device"):
-        FileSink(out, W, H, FPS)  # the encoder already runs: stopped, its file removed
+        FileSink(out, W, H, FPS)  # the sound's temporary, made first, is removed
     assert _leftovers(tmp_path) == []
 
 
@@ -191,3 +191,30 @@ def test_a_really_full_disk_keeps_a_playable_file(tmp_path):
     assert int(proc.stdout.split()[2]) > 10  # playable: the frames before the disk filled
     error = proc.stderr.split("SinkError: ", 1)[1].splitlines()[0]  # one line, saying why
     assert error.endswith(": No space left on device"), proc.stderr  # (sound or video first)
+
+
+SOUNDTRACK_TOO_BIG = """
+import sys, numpy as np
+from pathlib import Path
+from livecam.sinks import SinkError
+from livecam.sinks.file import FileSink
+try:  # 20 s of sound, 1.28 MB of float32: more than the disk holds
+    FileSink(Path(sys.argv[1]) / "out.mp4", 160, 120, 30, np.zeros(320000, np.float32))
+except SinkError as exc:
+    print("open:", exc, file=sys.stderr)
+"""
+
+
+def test_a_soundtrack_that_does_not_fit_is_one_line_and_leaves_nothing(tmp_path):
+    from tests.test_cache_hardening import _namespace, _run
+
+    folder = tmp_path / "small"
+    folder.mkdir()
+    script = """mount -t tmpfs -o size=600k tmpfs "$1" || exit 99
+    "$3" -c "$2" "$1"; echo "rc=$?"; ls -A "$1"
+    """
+    proc = _run(*_namespace(), "sh", "-c", script, "sh", str(folder), SOUNDTRACK_TOO_BIG,
+                sys.executable)  # fmt: skip
+    assert proc.stdout.split() == ["rc=0"], proc.stdout + proc.stderr  # no temporaries left
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().endswith(": No space left on device"), proc.stderr

@@ -4,6 +4,7 @@ and the lite engine's live path against its offline path."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 import time
 import types
@@ -403,8 +404,69 @@ def test_a_slow_worker_skips_ahead_instead_of_falling_behind(pipeline, caplog) -
     )
 
 
+class _RoundTrips:
+    """Makes the pipeline's engine a pipelined one (a remote engine's shape) whose calls are
+    answered `rtt` after they are sent, costing `busy` of this machine's time each."""
+
+    def __init__(self, worker: _Worker, rtt: float, busy: float = 0.001) -> None:
+        self.p, self.rtt, self.busy = worker.p, rtt, busy
+        self.in_flight: list[float] = []  # answer times of the calls not yet collected
+        self.most = 0  # calls in flight at once, at most
+        engine = self.p.look.engine
+        engine.submit = self.submit
+        engine.calls_in_flight = lambda period: math.ceil(rtt / period)
+
+    def submit(self, ring, frames):
+        faces = self.p.look.engine.generate(ring, frames)  # (the worker's recording wrapper)
+        answer_at = self.p.fake.t + self.rtt
+        self.in_flight.append(answer_at)
+        self.most = max(self.most, len(self.in_flight))
+        return _FakeCall(self, faces, answer_at)
+
+
+class _FakeCall:
+    def __init__(self, trips: _RoundTrips, faces, answer_at: float) -> None:
+        self.trips, self.faces, self.answer_at, self.busy_s = trips, faces, answer_at, trips.busy
+
+    def wait(self, timeout: float):
+        clock = self.trips.p.fake
+        left = self.answer_at - clock.t
+        if left > timeout:
+            clock.wait(timeout)
+            return None
+        clock.wait(max(left, 0.0))
+        self.trips.in_flight.remove(self.answer_at)
+        return self.faces
+
+
+def test_round_trips_overlap_so_every_frame_is_generated(monkeypatch) -> None:
+    """A 200 ms round trip (a remote engine over a slow network): calls go out as their audio
+    arrives, several in flight, and every frame still gets its own face; the playout delay
+    covers the round trip. One call at a time could make at most 5 calls a second."""
+    rtt = 0.2
+    runs = {}
+    for pipelined in (True, False):
+        p = _fake_pipeline(monkeypatch)
+        worker = _Worker(p, 5.0, cost=0.0 if pipelined else rtt)
+        trips = _RoundTrips(worker, rtt) if pipelined else None
+        worker.run()
+        runs[pipelined] = (p, worker, trips)
+        p.sink.close()
+    p, worker, trips = runs[True]
+    frames = [k for k, _, _ in worker.pushed]
+    late = frames[frames.index(next(k for k in frames if k > 2 * FPS)) :]  # once settled
+    assert late == list(range(late[0], late[-1] + 1))  # every frame, none skipped
+    assert p.scheduler.mode.stride == 1
+    assert trips.most >= rtt * FPS  # a round trip's worth of calls out at once
+    assert p.playout_delay >= rtt  # faces arrive before they are due
+    assert all(k > due for k, due, _ in worker.pushed[-FPS:])
+    # the same round trip, one call at a time: the scheduler has to skip frames
+    serial, _, _ = runs[False]
+    assert serial.scheduler.mode.stride > 1
+
+
 def test_a_descheduled_worker_skips_and_counts_exactly_the_late_frames(pipeline) -> None:
-    pipeline.scheduler.observe = lambda mode, seconds: False  # keep every frame, batch 1
+    pipeline.scheduler.observe = lambda mode, seconds, **_: False  # keep every frame, batch 1
     hiccups = ((1.0, 10 * PERIOD), (2.0, 7.5 * PERIOD))
     w = _Worker(pipeline, 3.0, hiccups=hiccups).run()
     frames = [k for k, _, _ in w.pushed]
@@ -422,7 +484,7 @@ def test_a_strided_batched_mode_generates_every_nth_frame_in_batches(pipeline) -
     scheduler.mode = Mode("full", 2, 2)
     scheduler._derive_delay()  # the delay that covers this mode's batch wait
     pipeline.playout_delay = scheduler.playout_delay
-    scheduler.observe = lambda mode, seconds: False
+    scheduler.observe = lambda mode, seconds, **_: False
     w = _Worker(pipeline, 2.0).run()
     assert len(w.generated) > FPS / 4
     for batch, _ in w.generated:
@@ -448,7 +510,7 @@ def test_muting_while_waiting_for_a_batch_gives_idle_faces_without_a_gap(pipelin
     scheduler.mode = Mode("full", 2, 4)  # a batch's audio takes 8 frames to arrive
     scheduler._derive_delay()
     pipeline.playout_delay = scheduler.playout_delay
-    scheduler.observe = lambda mode, seconds: False
+    scheduler.observe = lambda mode, seconds, **_: False
     w = _Worker(pipeline, 3.0, mute_at=1.5).run()
     c = pipeline.counters
     assert c.frames_generated and c.frames_silent > FPS / 2

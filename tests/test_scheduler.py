@@ -383,3 +383,20 @@ def test_a_failed_step_up_starts_the_next_calm_period():
         now += 6 / FPS2  # exact
     assert s.mode == Mode("full", 1, 1)
     assert now - 6 / FPS2 == calm_from + 2 * STEP_UP_AFTER_S
+
+
+def test_a_long_latency_with_little_cost_raises_the_delay_not_the_stride():
+    """A remote engine's calls: 5 ms of work, answered a 150 ms round trip later (several in
+    flight). The delay covers the round trip; the mode stays at every frame."""
+    s = Scheduler(FPS, ("full", "nearest"), (1, 2, 4), base_delay_s=0.08)
+    now = 0.0
+    while now < 10:
+        mode = s.mode
+        s.observe(mode, 0.005, now=now, latency=0.15)
+        now += mode.batch * mode.stride / FPS
+    assert s.mode == Mode("full", 1, 1)
+    assert 0.08 + 0.15 <= s.playout_delay <= 0.08 + 0.15 * 1.1 + 1e-9  # p95 plus 10 %
+    # as the call's own time, the same 150 ms is far more than a frame: it steps down
+    slow = Scheduler(FPS, ("full", "nearest"), (1, 2, 4), base_delay_s=0.08)
+    _drive(slow, lambda m: 0.15, 10)
+    assert slow.mode.stride > 1

@@ -62,9 +62,16 @@ def decoded_audio(path: Path) -> np.ndarray:
     return np.frombuffer(subprocess.run(cmd, capture_output=True, check=True).stdout, np.float32)
 
 
-def test_writes_h264_and_aac_in_sync(tmp_path: Path) -> None:
+def soundtrack() -> np.ndarray:
+    """All the frames' audio, silence before ONSET included (what a render knows ahead)."""
+    silence = np.zeros(round(ONSET * SAMPLE_RATE / FPS), np.float32)
+    return np.concatenate([silence, *(audio(k) for k in range(ONSET, N))])
+
+
+@pytest.mark.parametrize("one_pass", [False, True], ids=["muxed on close", "one pass"])
+def test_writes_h264_and_aac_in_sync(tmp_path: Path, one_pass: bool) -> None:
     out = tmp_path / "clip.mp4"
-    sink = FileSink(out, W, H, FPS)
+    sink = FileSink(out, W, H, FPS, soundtrack() if one_pass else None)
     for k in range(N):
         sink.send(frame(k), audio(k))
     sink.close()
@@ -112,6 +119,20 @@ def test_killed_encoder_leaves_a_playable_file(tmp_path: Path) -> None:
         sink.close()
     (video,) = probe(out)
     assert video["codec_name"] == "h264" and int(video["nb_read_frames"]) >= 20
+
+
+def test_a_killed_one_pass_encoder_leaves_the_old_file_alone(tmp_path: Path) -> None:
+    """A plain mp4 is unplayable until the encoder writes its end: nothing is published."""
+    out = tmp_path / "render.mp4"
+    out.write_bytes(b"an earlier render")
+    sink = FileSink(out, W, H, FPS, soundtrack())
+    for k in range(N):
+        sink.send(frame(k), audio(k))
+    sink._proc.kill()
+    with pytest.raises(SinkError, match="ffmpeg failed"):
+        sink.close()
+    assert out.read_bytes() == b"an earlier render"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["render.mp4"]  # temp files gone
 
 
 def test_failed_mux_keeps_the_video(

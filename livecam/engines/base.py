@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -38,4 +38,29 @@ class Engine(Protocol):
 
     def for_avatar(self, avatar: Avatar) -> Engine:
         """The same engine on another avatar: weights and audio analysis carry over."""
+        ...
+
+
+class Call(Protocol):
+    """Faces being made for one `submit`."""
+
+    busy_s: float  # the generator's own time for it (not the wait), once answered
+
+    def wait(self, timeout: float) -> list[np.ndarray] | None:
+        """The faces, or None while they are still not there after `timeout` seconds."""
+        ...
+
+
+@runtime_checkable
+class PipelinedEngine(Protocol):
+    """An engine whose calls take a round trip (remote): the pipeline keeps several in
+    flight, so the round trip adds to the latency but does not limit the frame rate."""
+
+    def submit(self, ring: AudioRing, frames: Sequence[int]) -> Call:
+        """Start on `frames` (as `generate` would) and return at once."""
+        ...
+
+    def calls_in_flight(self, period_s: float) -> int:
+        """How many calls to keep in flight when one goes out every `period_s`: enough to
+        cover the round trip, not more (more only queue up at the generator)."""
         ...

@@ -53,11 +53,12 @@ class LiteEngine:
     name = "lite"
     tiers = ("full", "nearest")  # nearest: snap to the closest bank shape instead of blending
     batch_sizes = (1, 2, 4)
-    # A sound's onset shows as a visibly opening mouth this long after its frame is due
-    # (`livecam bench --latency`, file source: 4.6-6.6 ms beyond the playout delay over five
-    # runs; the playout delay already holds the analysis look-ahead). The virtual microphone
-    # adds it to its delay, the latency estimate to its sum.
-    response_s = 0.005
+    # A sound's onset shows as a visibly opening mouth this long after its frame is due, as
+    # a median over where in the frame period the sound starts (`livecam bench --latency`,
+    # file source, bursts spread over the phase: -0.4 to +0.5 ms beyond the playout delay,
+    # which already holds the analysis look-ahead); any one sound lands within half a frame
+    # of it, by its phase. The virtual microphone adds it to its delay, the estimate to its sum.
+    response_s = 0.0
     warnings: tuple[str, ...] = ()
 
     def __init__(self, avatar: Avatar, fps: float, idle_motion: bool = True) -> None:

@@ -5,7 +5,8 @@ stream clock reaches k/fps + playout_delay. The output thread never waits for th
 each tick it composes the newest face that is due (head motion stays smooth even when the
 mouth is generated only every n-th frame) or repeats the previous one (counted). The worker
 never works on frames that can no longer be shown in time: it jumps forward instead, and the
-scheduler picks tier, stride and batch so that it keeps up.
+scheduler picks tier, stride and batch so that it keeps up. An engine whose calls take a round
+trip (remote) has several in flight: each goes out as soon as its audio is in.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from livecam.audio.ring import AudioRing
 from livecam.audio.sources import AudioSource
 from livecam.avatar.model import Avatar
 from livecam.constants import BLOCK, SAMPLE_RATE
-from livecam.engines.base import Engine
+from livecam.engines.base import Call, Engine, PipelinedEngine
 from livecam.pipeline.compositor import Compositor
 from livecam.pipeline.scheduler import Mode, Scheduler
 from livecam.pipeline.stats import Counters, Snapshot
@@ -38,6 +39,7 @@ TICK_LAG = 0.002  # s a tick falls after its frame is due (timer wake-up jitter)
 MIN_INTERVAL = 0.9  # periods: shorter only to follow the audio clock's small corrections
 STALL_GRACE_S = 0.25  # the capture stream this far behind the clock: the source stalled
 MARGIN_S = 0.005  # scheduling jitter of the worker thread
+MAX_IN_FLIGHT = 8  # calls of a pipelined engine (remote) at once, whatever it asks for
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,17 @@ class Look:
 
 
 Face = tuple[int, np.ndarray, Look]  # (frame index, avatar-size face, its look)
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A pipelined engine's call, sent and not yet answered."""
+
+    frames: range
+    mode: Mode
+    look: Look
+    call: Call
+    sent: float  # perf_counter()
 
 
 class Pipeline:
@@ -166,6 +179,7 @@ class Pipeline:
     # -- generation worker -------------------------------------------------------------------
     def _work(self) -> None:
         next_frame = 0
+        in_flight: collections.deque[InFlight] = collections.deque()
         while not self._stop.is_set():
             now = time.monotonic()
             mode, look = self.scheduler.mode, self.look
@@ -175,7 +189,26 @@ class Pipeline:
                 next_frame = due + 1
             first = -(-next_frame // mode.stride) * mode.stride  # strided frames are aligned
             batch = range(first, first + mode.batch * mode.stride, mode.stride)
-            if not self.muted and look.engine.samples_needed(batch[-1]) <= self.ring.end:
+            engine = look.engine
+            needed = engine.samples_needed(batch[-1])
+            ready = not self.muted and needed <= self.ring.end
+            if (
+                ready
+                and isinstance(engine, PipelinedEngine)
+                and len(in_flight)
+                < min(
+                    MAX_IN_FLIGHT, engine.calls_in_flight(mode.batch * mode.stride / self.cfg.fps)
+                )
+            ):
+                if engine.tier != mode.tier:
+                    engine.set_tier(mode.tier)
+                in_flight.append(InFlight(batch, mode, look, engine.submit(self.ring, batch),
+                                          time.perf_counter()))  # fmt: skip
+                next_frame = batch[-1] + 1
+            elif in_flight:  # the oldest reply, or the next batch's audio, whichever is first
+                wait = 0.02 if ready else needed / SAMPLE_RATE - self.clock.stream_time(now)
+                self._collect(in_flight, min(max(wait, 0.002), 0.02))
+            elif ready:
                 self._generate(batch, mode, look)
                 next_frame = batch[-1] + 1
             elif self.muted or self._source_stalled(now):  # idle faces, just in time
@@ -186,8 +219,7 @@ class Pipeline:
                 else:
                     self._stop.wait(0.5 / self.cfg.fps)
             else:
-                wait = look.engine.samples_needed(batch[-1]) / SAMPLE_RATE
-                wait -= self.clock.stream_time(now)
+                wait = needed / SAMPLE_RATE - self.clock.stream_time(now)
                 self._stop.wait(min(max(wait, 0.002), 0.02))
 
     def _generate(self, frames: range, mode: Mode, look: Look) -> None:
@@ -196,13 +228,26 @@ class Pipeline:
             engine.set_tier(mode.tier)
         t0 = time.perf_counter()
         faces = engine.generate(self.ring, frames)
-        seconds = time.perf_counter() - t0
+        self._made(frames, faces, mode, look, time.perf_counter() - t0)
+
+    def _collect(self, in_flight: collections.deque[InFlight], timeout: float) -> None:
+        """The oldest call's faces, if they come within `timeout`."""
+        call = in_flight[0]
+        faces = call.call.wait(timeout)
+        if faces is not None:
+            in_flight.popleft()
+            latency = time.perf_counter() - call.sent
+            self._made(call.frames, faces, call.mode, call.look, call.call.busy_s, latency)
+
+    def _made(self, frames: range, faces: list[np.ndarray], mode: Mode, look: Look,
+              seconds: float, latency: float | None = None) -> None:  # fmt: skip
+        """Generated faces into the buffer; the call's cost (and latency) to the scheduler."""
         self.counters.time_stage("generate", seconds / len(frames))
         self._push(frames, faces, look)
         self.counters.frames_generated += len(frames)
         for _ in frames:
             self.counters.generated_rate.tick()
-        if self.scheduler.observe(mode, seconds):
+        if self.scheduler.observe(mode, seconds, latency=latency):
             new = self.scheduler.mode
             self.playout_delay = self.scheduler.playout_delay
             log.info(

@@ -116,12 +116,17 @@ class Scheduler:
         return None
 
     # -- feedback -----------------------------------------------------------------------------
-    def observe(self, mode: Mode, seconds: float, now: float | None = None) -> bool:
-        """Record one engine call; returns True when the mode (and playout delay) changed."""
+    def observe(
+        self, mode: Mode, seconds: float, now: float | None = None, latency: float | None = None
+    ) -> bool:
+        """Record one engine call: `seconds` of the generator's own time, and the `latency`
+        from asking to faces where that is longer (a remote call: the round trip, while later
+        calls go out meanwhile). The cost sets the mode; the latency, the playout delay.
+        Returns True when the mode (and playout delay) changed."""
         key = (mode.tier, mode.batch)
         old = self._cost.get(key, seconds)
         self._cost[key] = old + EWMA * (seconds - old)
-        self._recent.append(seconds)
+        self._recent.append(seconds if latency is None else latency)
         now = time.monotonic() if now is None else now
         if (
             len(self._recent) == RECALIBRATE_AFTER

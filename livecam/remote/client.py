@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import ipaddress
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -36,6 +37,7 @@ REPLY_TIMEOUT_S = 1.0  # live: a reply this late and the frames come from the lo
 CONTEXT_S = 2.0  # audio sent before the first frame after (re)connecting
 BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 4.0)
 RTT_WINDOW = 300
+KEPT_REPLIES = 16  # replies that came out of turn, kept until read
 
 
 class RemoteError(Exception):
@@ -104,6 +106,11 @@ class ServerEngine:
                    wire.needed_from_table(header.get("needed")))  # fmt: skip
 
 
+def _newer(header: dict, request_id: int) -> bool:
+    found = header.get("id")
+    return isinstance(found, int) and found > request_id
+
+
 class _Connection:
     """One authenticated stream on the server: audio sent so far, avatars it knows."""
 
@@ -112,9 +119,14 @@ class _Connection:
         self.sent: int | None = None  # absolute sample index sent up to
         self.avatars: set[str] = set()
         self.ids = iter(range(1, 1 << 62))
+        # replies to calls in flight that came while another answer was awaited (an avatar's)
+        self.kept: collections.OrderedDict[object, tuple[dict, bytes]] = collections.OrderedDict()
 
     def recv(self, kind: str, timeout: float, request_id: int | None = None) -> tuple[dict, bytes]:
-        """The next message of `kind` (and id); late replies to older requests are dropped."""
+        """The next message of `kind` (and id). Replies to older requests (given up on) are
+        dropped; those to newer ones, kept for their turn."""
+        if kind == "faces" and request_id in self.kept:
+            return self.kept.pop(request_id)
         deadline = time.monotonic() + timeout
         while True:
             header, payload = wire.unpack(self.ws.recv(max(deadline - time.monotonic(), 0.0)))
@@ -122,6 +134,10 @@ class _Connection:
                 raise RemoteError(f"the server says: {header.get('message')}")
             if header["type"] == kind and (request_id is None or header.get("id") == request_id):
                 return header, payload
+            if header["type"] == "faces" and (request_id is None or _newer(header, request_id)):
+                self.kept[header.get("id")] = (header, payload)
+                while len(self.kept) > KEPT_REPLIES:
+                    self.kept.popitem(last=False)
 
     def ensure_avatar(self, sha: str, blob: bytes) -> None:
         if sha in self.avatars:
@@ -135,11 +151,12 @@ class _Connection:
             raise RemoteError("the server did not take the avatar")
         self.avatars.add(sha)
 
-    def request(
-        self, ring: AudioRing, upto: int, sha: str, frames: list[int], tier: str, timeout: float
-    ) -> tuple[dict, bytes]:
+    def send_request(
+        self, ring: AudioRing, upto: int, sha: str, frames: list[int], tier: str
+    ) -> int:
         """Ask for faces, with the audio up to `upto` the server has not had yet (the last
-        piece rides in the request: one message per call in the common case)."""
+        piece rides in the request: one message per call in the common case); the request's
+        id. Replies come in order, later (`reply`): several requests may be in flight."""
         start = max(self.sent if self.sent is not None else upto - int(CONTEXT_S * SAMPLE_RATE), 0)
         start = max(start, ring.start)
         while upto - start > wire.MAX_AUDIO_SAMPLES:
@@ -153,6 +170,12 @@ class _Connection:
         header = {"type": "frames", "id": request_id, "avatar": sha, "frames": frames,
                   "tier": tier, "audio_start": start}  # fmt: skip
         self.ws.send(wire.pack(header, audio))
+        return request_id
+
+    def reply(
+        self, request_id: int, sha: str, frames: list[int], timeout: float
+    ) -> tuple[dict, bytes]:
+        """The reply to a request (TimeoutError if it is not there within `timeout`)."""
         header, payload = self.recv("faces", timeout, request_id)
         if (
             header.get("stream") != self.stream
@@ -163,9 +186,21 @@ class _Connection:
         return header, payload
 
 
+@dataclass(frozen=True)
+class Pending:
+    """A request sent on a connection, its reply not read yet."""
+
+    conn: _Connection
+    request_id: int
+    sha: str
+    frames: list[int]
+    sent: float  # perf_counter() when it went out
+
+
 class Link:
     """The connection to the server, shared by a stream's engines (one per avatar shown):
-    one request at a time, reconnecting in the background after a drop."""
+    requests go out as their audio arrives, several in flight, and their replies are read in
+    order; it reconnects in the background after a drop."""
 
     def __init__(
         self, url: str, token: str, fps: float, idle: bool, reply_timeout_s: float = REPLY_TIMEOUT_S
@@ -265,41 +300,62 @@ class Link:
             self.stats.reconnects += 1
             return
 
-    def faces(
-        self,
-        sha: str,
-        blob: bytes,
-        ring: AudioRing,
-        frames: list[int],
-        tier: str,
-        upto: int,
-        shape: tuple[int, ...],
-    ) -> list[list[wire.Patch]] | None:
-        """Patches per frame from the server, or None (then the caller makes local frames)."""
+    def send(
+        self, sha: str, blob: bytes, ring: AudioRing, frames: list[int], tier: str, upto: int
+    ) -> Pending | None:
+        """Ask for faces; the request in flight, or None (then the caller makes local frames)."""
         with self._lock:
             conn = self._conn
             if conn is None:
                 return None
-            t0 = time.perf_counter()
             try:
                 conn.ensure_avatar(sha, blob)
-                header, payload = conn.request(ring, upto, sha, frames, tier, self.reply_timeout_s)
-                patches = _decode(header, payload, len(frames), shape)
-            except (TimeoutError, IndexError):  # late reply; audio overwritten while read
+                request_id = conn.send_request(ring, upto, sha, frames, tier)
+            except (TimeoutError, IndexError):  # a late avatar answer; audio overwritten
                 self.stats.timeouts += 1
                 return None
             except (OSError, ConnectionClosed, RemoteError, wire.ProtocolError) as exc:
-                self._conn = None
-                conn.ws.close()
-                log.warning("remote generation lost (%s): local frames until it is back", exc)
-                self.start_reconnecting(f"lost the livecam server at {self.url} ({exc})")
+                self._lose(conn, exc)
                 return None
+        return Pending(conn, request_id, sha, frames, time.perf_counter())
+
+    def receive(
+        self, pending: Pending, timeout: float, shape: tuple[int, ...]
+    ) -> tuple[bool, list[list[wire.Patch]] | None]:
+        """(answered, patches per frame): (False, None) while the reply is not there after
+        `timeout`; (True, None) when it never will be: too late, or the connection was lost
+        (then the caller makes local frames)."""
+        with self._lock:
+            conn = self._conn
+            if conn is not pending.conn:
+                return True, None
+            left = pending.sent + self.reply_timeout_s - time.perf_counter()
+            try:
+                header, payload = conn.reply(
+                    pending.request_id, pending.sha, pending.frames, max(min(timeout, left), 0.0)
+                )
+                patches = _decode(header, payload, len(pending.frames), shape)
+            except TimeoutError:
+                if left > timeout:
+                    return False, None
+                self.stats.timeouts += 1
+                return True, None
+            except (OSError, ConnectionClosed, RemoteError, wire.ProtocolError) as exc:
+                self._lose(conn, exc)
+                return True, None
         s = self.stats
-        s.rtt_s.append(time.perf_counter() - t0)
+        s.rtt_s.append(time.perf_counter() - pending.sent)
         s.server_ms, s.queue = _number(header, "server_ms"), int(_number(header, "queue"))
         s.batch_streams[int(_number(header, "batch_streams"))] += 1
         s.batch_frames[int(_number(header, "batch_frames"))] += 1
-        return patches
+        return True, patches
+
+    def _lose(self, conn: _Connection, exc: Exception) -> None:
+        """The connection failed (called under the lock): local frames until it is back."""
+        self._conn = None
+        conn.ws.close()
+        log.warning("remote generation lost (%s): local frames until it is back", exc)
+        self.start_reconnecting(f"lost the livecam server at {self.url} ({exc})")
 
     def status_line(self) -> str:
         s = self.stats
@@ -384,19 +440,34 @@ class RemoteEngine:
     def samples_needed(self, frame: int) -> int:
         return self._needed(frame)
 
-    def generate(self, ring: AudioRing, frames: Sequence[int]) -> list[np.ndarray]:
+    def submit(self, ring: AudioRing, frames: Sequence[int]) -> RemoteCall:
+        """Send the request for `frames` and return at once (several may be in flight)."""
+        t0 = time.perf_counter()
         frames = list(frames)
         self.local.analysis.feed(ring, frames[-1])  # cheap; keeps local frames ready
         upto = self.samples_needed(frames[-1])
-        server, shape = self.link.server, self._base.shape
+        server = self.link.server
         tier = self.tier if server is None or self.tier in server.tiers else server.tiers[0]
-        patches = self.link.faces(self.sha, self.blob, ring, frames, tier, upto, shape)
-        if patches is None:
-            self.link.stats.local_frames += len(frames)
-            self.local.set_tier(self.tier if self.tier in self.local.tiers else "full")
-            return self.local.generate(ring, frames)
-        self.link.stats.remote_frames += len(frames)
-        return [paste(self._base, p) for p in patches]
+        pending = self.link.send(self.sha, self.blob, ring, frames, tier, upto)
+        return RemoteCall(self, ring, frames, pending, time.perf_counter() - t0)
+
+    def calls_in_flight(self, period_s: float) -> int:
+        """The network's round trip (the fastest recent one: the rest is queueing, which more
+        calls would only lengthen) over the period between calls: one over loopback or a LAN,
+        as many as the round trip holds periods beyond."""
+        rtts = tuple(self.link.stats.rtt_s)
+        return max(1, math.ceil((min(rtts) if rtts else period_s) / period_s))
+
+    def generate(self, ring: AudioRing, frames: Sequence[int]) -> list[np.ndarray]:
+        call = self.submit(ring, frames)
+        while (faces := call.wait(self.link.reply_timeout_s)) is None:
+            pass
+        return faces
+
+    def local_faces(self, ring: AudioRing, frames: list[int]) -> list[np.ndarray]:
+        self.link.stats.local_frames += len(frames)
+        self.local.set_tier(self.tier if self.tier in self.local.tiers else "full")
+        return self.local.generate(ring, frames)
 
     def generate_silent(self, frames: Sequence[int]) -> list[np.ndarray]:
         return self.local.generate_silent(frames)
@@ -406,6 +477,35 @@ class RemoteEngine:
 
     def close(self) -> None:
         self.link.close()
+
+
+class RemoteCall:
+    """A request for faces in flight. `busy_s`: this machine's and the server's own time for
+    it (what bounds how many calls per second a stream can make), not the round trip."""
+
+    def __init__(self, engine: RemoteEngine, ring: AudioRing, frames: list[int],
+                 pending: Pending | None, busy_s: float) -> None:  # fmt: skip
+        self.engine, self.ring, self.frames, self.pending = engine, ring, frames, pending
+        self.busy_s = busy_s
+
+    def wait(self, timeout: float) -> list[np.ndarray] | None:
+        """The faces, or None while the reply is still not there after `timeout` seconds;
+        local ones where the server did not answer in time or the connection dropped."""
+        link, base = self.engine.link, self.engine._base
+        patches = None
+        if self.pending is not None:
+            answered, patches = link.receive(self.pending, timeout, base.shape)
+            if not answered:
+                return None
+        t0 = time.perf_counter()  # (the wait for the reply is not this machine's work)
+        if patches is None:
+            faces = self.engine.local_faces(self.ring, self.frames)
+        else:
+            link.stats.remote_frames += len(self.frames)
+            faces = [paste(base, p) for p in patches]
+            self.busy_s += link.stats.server_ms / 1e3
+        self.busy_s += time.perf_counter() - t0
+        return faces
 
 
 def open_remote(

@@ -5,8 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from livecam.sinks.base import Sink, SinkError, check_frame
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["SINK_KINDS", "Sink", "SinkError", "SinkSettings", "check_frame", "open_sink"]
 
@@ -21,6 +25,7 @@ class SinkSettings:
     host: str = "127.0.0.1"  # preview
     port: int = 8080
     out: Path | None = None  # file
+    soundtrack: np.ndarray | None = None  # file: all the sound, when known ahead (a render)
 
 
 # Each opener imports its sink itself, so that e.g. the file sink never loads the camera library.
@@ -42,7 +47,7 @@ def _file(s: SinkSettings) -> tuple[Sink, list[str]]:
         raise SinkError("--out PATH is required with --sink file")
     from livecam.sinks.file import FileSink
 
-    return FileSink(s.out, s.width, s.height, s.fps), []
+    return FileSink(s.out, s.width, s.height, s.fps, s.soundtrack), []
 
 
 def _memory(s: SinkSettings) -> tuple[Sink, list[str]]:

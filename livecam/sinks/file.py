@@ -1,4 +1,5 @@
-"""File sink: H.264 mp4 through an ffmpeg subprocess, audio muxed in on close.
+"""File sink: H.264 mp4 through an ffmpeg subprocess, audio muxed in on close (or, for a
+render, whose sound is known before the first frame, encoded with the video in one pass).
 
 Video goes to a temporary fragmented mp4 next to `path` (playable at every keyframe, so a
 killed encoder still leaves a video), audio to a temporary raw float32 file (plain writes: a
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import math
 import os
 import re
 import shutil
@@ -50,16 +52,26 @@ def find_ffmpeg() -> str:
     return exe
 
 
-def encode_command(ffmpeg: str, path: Path, width: int, height: int, fps: float) -> list[str]:
-    """ffmpeg arguments: raw I420 frames on stdin -> fragmented H.264 mp4 at `path`."""
+def encode_command(ffmpeg: str, path: Path, width: int, height: int, fps: float,
+                   soundtrack: Path | None = None) -> list[str]:  # fmt: skip
+    """ffmpeg arguments: raw I420 frames on stdin -> fragmented H.264 mp4 at `path`; or, with
+    the raw float32 `soundtrack` known ahead, H.264 and AAC in a plain mp4 (fragments would
+    lose the AAC encoder's delay: the sound 1024 samples, 64 ms, late)."""
     gop = max(1, round(2 * fps))  # keyframe (and so a fragment) every 2 s
+    sound, movflags = ["-an"], FRAG_MOVFLAGS
+    if soundtrack is not None:
+        sound = [
+            "-f", "f32le", "-ar", str(SAMPLE_RATE), "-ac", "1", "-i", str(soundtrack),
+            "-map", "0:v:0", "-map", "1:a:0", "-c:a", "aac", "-b:a", AUDIO_BITRATE,
+        ]  # fmt: skip
+        movflags = "+faststart"
     return [
         ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
         "-f", "rawvideo", "-pix_fmt", "yuv420p", "-s", f"{width}x{height}", "-r", str(fps),
-        "-i", "pipe:0",
-        "-an", "-c:v", "libx264", "-preset", X264_PRESET, "-tune", X264_TUNE,
+        "-i", "pipe:0", *sound,
+        "-c:v", "libx264", "-preset", X264_PRESET, "-tune", X264_TUNE,
         "-crf", str(X264_CRF), "-g", str(gop), "-pix_fmt", "yuv420p",
-        "-movflags", FRAG_MOVFLAGS, "-flush_packets", "1", "-f", "mp4", str(path),
+        "-movflags", movflags, "-flush_packets", "1", "-f", "mp4", str(path),
     ]  # fmt: skip
 
 
@@ -86,7 +98,11 @@ def _check_path(path: Path) -> None:
 class FileSink:
     """Writes frames and their audio to an mp4 file; frame k gets audio [k/fps, (k+1)/fps)."""
 
-    def __init__(self, path: Path, width: int, height: int, fps: float) -> None:
+    def __init__(self, path: Path, width: int, height: int, fps: float,
+                 soundtrack: np.ndarray | None = None) -> None:  # fmt: skip
+        """`soundtrack`: the whole sound when it is known before the first frame (a render):
+        it is encoded in the same pass as the video, with no mux on close, and the audio
+        that comes with each frame only times the frames."""
         if width % 2 or height % 2:
             raise SinkError(f"video files need an even width and height, got {width}x{height}")
         self.path = Path(path).expanduser().absolute()
@@ -97,30 +113,51 @@ class FileSink:
         self.audio_samples = 0
         self._got_audio = False
         self._audio_ok = True
+        self._in_one_pass = soundtrack is not None
         self._ffmpeg = find_ffmpeg()
         _check_path(self.path)
         self._temps: list[Path] = []
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the sink)
+        fds: list[int] = []
         try:
-            video_fd, self._video_path = self._temporary(".video.mp4")
-            try:
-                cmd = encode_command(self._ffmpeg, _fd_path(video_fd), width, height, fps)
-                self._proc = subprocess.Popen(
-                    cmd, stdin=subprocess.PIPE, stderr=self._stderr, pass_fds=(video_fd,)
-                )
-            finally:
-                os.close(video_fd)
             audio_fd, self._audio_path = self._temporary(".audio.f32")
+            sound = None
+            if soundtrack is not None:
+                fds.append(os.dup(audio_fd))  # ffmpeg reads the soundtrack through it
+                sound = _fd_path(fds[-1])
             self._audio = os.fdopen(audio_fd, "wb")
+            if soundtrack is not None:
+                self._write_soundtrack(soundtrack)
+            video_fd, self._video_path = self._temporary(".video.mp4")
+            fds.append(video_fd)
+            cmd = encode_command(self._ffmpeg, _fd_path(video_fd), width, height, fps, sound)
+            self._proc = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, stderr=self._stderr, pass_fds=tuple(fds)
+            )
         except OSError as e:
             if hasattr(self, "_proc"):
                 self._proc.kill()
                 self._proc.wait()
+            if hasattr(self, "_audio"):
+                with contextlib.suppress(OSError):  # (a full disk fails its flush again)
+                    self._audio.close()
             self._stderr.close()
             self._remove_temps()
             raise SinkError(f"cannot write {self.path}: {e.strerror or e}") from e
+        finally:
+            for fd in fds:
+                os.close(fd)
         _grow_pipe(self._proc.stdin)
         self._closed = False
+
+    def _write_soundtrack(self, soundtrack: np.ndarray) -> None:
+        """All of it, padded with silence to a whole frame (a render's last frame)."""
+        sound = np.asarray(soundtrack, "<f4").reshape(-1)
+        frames = math.ceil(sound.size * self.fps / SAMPLE_RATE)
+        self._audio.write(sound.tobytes())
+        padding = round(frames * SAMPLE_RATE / self.fps) - sound.size
+        self._audio.write(np.zeros(max(padding, 0), "<f4").tobytes())
+        self._audio.close()
 
     def send(self, frame: np.ndarray, audio: np.ndarray) -> None:
         check_frame(frame, self.width, self.height)
@@ -148,11 +185,13 @@ class FileSink:
         # Pad with silence up to this frame's start so audio stays aligned with the video.
         start = round(self.frames * SAMPLE_RATE / self.fps)
         if self.audio_samples < start:
-            self._audio.write(np.zeros(start - self.audio_samples, "<f4").tobytes())
+            if not self._in_one_pass:
+                self._audio.write(np.zeros(start - self.audio_samples, "<f4").tobytes())
             self.audio_samples = start
         if audio.size:
             self._got_audio = True
-            self._audio.write(np.asarray(audio, "<f4").reshape(-1).tobytes())
+            if not self._in_one_pass:
+                self._audio.write(np.asarray(audio, "<f4").reshape(-1).tobytes())
             self.audio_samples += audio.size
 
     def close(self) -> None:
@@ -167,11 +206,14 @@ class FileSink:
                 self._proc.stdin.close()
             code = self._proc.wait()
             if code != 0:
-                if self._video_path.stat().st_size:
+                # fragments play up to where the encoder stopped; a plain mp4 without its end
+                # does not play at all
+                if self._video_path.stat().st_size and not self._in_one_pass:
                     self._publish(self._video_path)
                 raise SinkError(f"ffmpeg failed writing {self.path} (exit {code}): "
                                 f"{self._errors()}")  # fmt: skip
-            self._publish((sound and self._mux()) or self._video_path)
+            muxed = sound and not self._in_one_pass and self._mux()
+            self._publish(muxed or self._video_path)
         except OSError as e:  # e.g. a full disk
             raise SinkError(f"cannot write {self.path}: {e.strerror or e}") from None
         finally:

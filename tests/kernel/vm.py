@@ -1,6 +1,7 @@
-"""Boots Debian's kernel with v4l2loopback in a qemu guest through virtme-ng (the host's root
-filesystem, read-only, so the guest runs this checkout, its venv and ffmpeg), runs a command
-there and leaves its files in a host directory shared read-write (--rwdir)."""
+"""Boots Debian's kernel (with v4l2loopback, or with netem and a NIC) in a qemu guest through
+virtme-ng (the host's root filesystem, read-only, so the guest runs this checkout, its venv and
+ffmpeg), runs a command there and leaves its files in a host directory shared read-write
+(--rwdir)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import glob
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -16,8 +18,9 @@ from pathlib import Path
 # What .ci/run installs (apt) for these tests; named in every "missing" message.
 APT_PACKAGES = ("linux-image-amd64", "v4l2loopback-dkms", "qemu-system-x86", "v4l-utils",
                 "ffmpeg", "gstreamer1.0-tools", "gstreamer1.0-plugins-good",
-                "gstreamer1.0-plugins-base-apps", "chromium")  # fmt: skip
+                "gstreamer1.0-plugins-base-apps", "chromium", "iproute2")  # fmt: skip
 VIRTME_NG = "virtme-ng==1.42"
+CAMERA_CLIENTS = ("ffmpeg", "v4l2-ctl", "gst-launch-1.0", "gst-device-monitor-1.0", "chromium")
 TCG_CPU = "Nehalem"  # x86-64-v2 (numpy's baseline), no AVX to emulate
 
 
@@ -27,11 +30,11 @@ class Kernel:
     release: str
 
 
-def find_kernel() -> Kernel | None:
-    """The newest installed kernel that has v4l2loopback built for it (by dkms)."""
+def find_kernel(module: str = "v4l2loopback") -> Kernel | None:
+    """The newest installed kernel that has `module` (v4l2loopback: built for it by dkms)."""
     for image in sorted(glob.glob("/boot/vmlinuz-*"), reverse=True):
         release = image.removeprefix("/boot/vmlinuz-")
-        if glob.glob(f"/lib/modules/{release}/**/v4l2loopback.ko*", recursive=True):
+        if glob.glob(f"/lib/modules/{release}/**/{module}.ko*", recursive=True):
             return Kernel(Path(image), release)
     return None
 
@@ -41,16 +44,17 @@ def _tool(name: str) -> str | None:
     return shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
 
 
-def unavailable() -> str | None:
-    """Why the guest cannot boot here (with the fix), or None."""
+def unavailable(module: str = "v4l2loopback",
+                tools: tuple[str, ...] = CAMERA_CLIENTS) -> str | None:  # fmt: skip
+    """Why the guest cannot boot here with `module` and `tools` (with the fix), or None."""
     if _tool("qemu-system-x86_64") is None:
         return f"qemu is not installed: apt-get install {' '.join(APT_PACKAGES)}"
-    if find_kernel() is None:
-        return ("no kernel with v4l2loopback in /boot and /lib/modules: apt-get install "
+    if find_kernel(module) is None:
+        return (f"no kernel with {module} in /boot and /lib/modules: apt-get install "
                 f"{' '.join(APT_PACKAGES)} linux-headers-amd64")  # fmt: skip
     if _tool("vng") is None:
         return f"virtme-ng is not installed: pip install {VIRTME_NG}"
-    for tool in ("ffmpeg", "v4l2-ctl", "gst-launch-1.0", "gst-device-monitor-1.0", "chromium"):
+    for tool in tools:
         if shutil.which(tool) is None:
             return f"{tool} is not installed: apt-get install {' '.join(APT_PACKAGES)}"
     return None
@@ -61,18 +65,48 @@ def use_kvm() -> bool:
     return os.environ.get("LIVECAM_KERNEL_KVM") == "1" and os.access("/dev/kvm", os.W_OK)
 
 
-def boot(command: list[str], rwdir: Path, timeout: float, cpus: int = 2,
-         memory: str = "2G") -> subprocess.CompletedProcess:  # fmt: skip
-    """Run `command` as root in a fresh guest; the guest powers off when it ends."""
-    kernel = find_kernel()
+def _args(command: list[str], rwdir: Path, cpus: int, memory: str, module: str,
+          qemu_opts: str) -> tuple[list[str], dict[str, str]]:  # fmt: skip
+    kernel = find_kernel(module)
     vng = _tool("vng")
-    assert kernel is not None and vng is not None, unavailable()
+    assert kernel is not None and vng is not None, unavailable(module, ())
     args = [vng, "--run", str(kernel.image), "--rwdir", str(rwdir), "--memory", memory,
             "--cpus", str(cpus), "--exec", shlex.join(command)]  # fmt: skip
     if not use_kvm():
         # emulated: a CPU without AVX runs numpy and OpenCV 2-3x faster than qemu's "max"
-        args += ["--disable-kvm", f"--qemu-opts=-cpu {TCG_CPU}"]
+        qemu_opts = f"-cpu {TCG_CPU} {qemu_opts}"
+        args.append("--disable-kvm")
+    if qemu_opts.strip():
+        args.append(f"--qemu-opts={qemu_opts.strip()}")
     # vng runs virtme-run from PATH: the venv's bin must be on it
     env = {**os.environ, "PATH": f"{Path(vng).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return args, env
+
+
+def boot(command: list[str], rwdir: Path, timeout: float, cpus: int = 2,
+         memory: str = "2G") -> subprocess.CompletedProcess:  # fmt: skip
+    """Run `command` as root in a fresh guest; the guest powers off when it ends."""
+    args, env = _args(command, rwdir, cpus, memory, "v4l2loopback", "")
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env,
                           cwd=rwdir, stdin=subprocess.DEVNULL)  # fmt: skip
+
+
+def start(command: list[str], rwdir: Path, log: Path, forward: tuple[int, ...],
+          module: str, memory: str = "512M") -> subprocess.Popen:  # fmt: skip
+    """Start `command` in a guest with one NIC on qemu's user networking (the host is
+    10.0.2.2 there) and each port in `forward` forwarded from the host's 127.0.0.1 to the
+    same guest port; the guest powers off when the command ends."""
+    netdev = ",".join(["user,id=hop", *(f"hostfwd=tcp:127.0.0.1:{p}-:{p}" for p in forward)])
+    qemu_opts = f"-device virtio-net-pci,netdev=hop -netdev {netdev}"
+    args, env = _args(command, rwdir, 1, memory, module, qemu_opts)
+    with log.open("w") as console:  # its own process group: stop() ends qemu with it
+        return subprocess.Popen(args, stdout=console, stderr=subprocess.STDOUT, env=env,
+                                cwd=rwdir, stdin=subprocess.DEVNULL,
+                                start_new_session=True)  # fmt: skip
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End a guest from start() that did not power off."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

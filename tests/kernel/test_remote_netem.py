@@ -1,0 +1,233 @@
+"""A slow, lossy network between a livecam client and `livecam serve`: real netem (sch_netem)
+in a qemu guest that is the one hop between them (netem_hop.py relays there), 50 ms +- 10 ms
+and 1 % loss on each direction, recovered by the guest's Linux TCP. Skipped with the reason
+where the guest cannot boot; in CI (CI=true) a missing piece fails instead."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from livecam.pipeline.stats import Snapshot
+from tests.kernel import vm
+from tests.remote_server import FPS, TOKEN, free_port, run_live
+
+pytest.importorskip("ray.serve")
+
+# on the guest's NIC, which every byte of the flow leaves once: 50 +- 10 ms each way, in order
+# (without a rate netem gives each packet its own delay and so reorders them by up to 20 ms,
+# which a path that varies its delay does not do), and 1 % of the packets lost
+NETEM = "delay 50ms 10ms rate 1gbit loss 1%"
+ROUND_TRIP_MS = 100.0  # 50 ms each way
+BOOT_TIMEOUT_S = 240  # emulated boot and the relay's start; ~25 s on 2 idle cores
+SECONDS = 10.0  # of each live run
+
+
+class Hop:
+    """The guest: relays host ports through its NIC, netem switched over a control port."""
+
+    def __init__(self, proc: subprocess.Popen, control: socket.socket) -> None:
+        self.proc, self._io = proc, control.makefile("rwb")
+        self.ready = json.loads(self._io.readline())
+
+    def request(self, **message: object) -> dict:
+        self._io.write(json.dumps(message).encode() + b"\n")
+        self._io.flush()
+        reply = json.loads(self._io.readline())
+        assert reply["rc"] == 0, reply["out"]
+        return reply
+
+    def netem(self, spec: str) -> None:
+        self.request(netem=spec)
+
+    def qdisc(self) -> str:
+        return self.request(qdisc=True)["out"]
+
+    def close(self) -> None:
+        try:
+            self._io.write(b'{"quit": true}\n')
+            self._io.flush()
+            self.proc.wait(60)
+        except (OSError, subprocess.TimeoutExpired):
+            vm.stop(self.proc)
+
+
+def _connect(port: int, proc: subprocess.Popen, console: Path) -> socket.socket:
+    """qemu accepts on the host port at once and closes the connection while nothing listens
+    in the guest; the guest greets once its relays run."""
+    deadline = time.monotonic() + BOOT_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the guest ended (rc {proc.returncode}):\n{console.read_text()[-3000:]}")
+        conn = socket.socket()
+        try:
+            conn.settimeout(30)
+            conn.connect(("127.0.0.1", port))
+            if conn.recv(1, socket.MSG_PEEK):
+                conn.settimeout(60)
+                return conn
+        except OSError:
+            pass
+        conn.close()
+        time.sleep(0.5)
+    pytest.fail(f"the guest did not answer in {BOOT_TIMEOUT_S} s:\n{console.read_text()[-3000:]}")
+
+
+def _echo_server() -> int:
+    """A host echo server (the far end of the RTT probe); its port."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            conn, _ = listener.accept()
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=echo, args=(conn,), daemon=True).start()
+
+    def echo(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener.getsockname()[1]
+
+
+def _round_trips_ms(port: int, count: int = 60) -> np.ndarray:
+    """Round trips of a 64-byte message through the hop to the echo server and back."""
+    times = []
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(count):
+            t0 = time.perf_counter()
+            conn.sendall(b"x" * 64)
+            got = 0
+            while got < 64:
+                got += len(conn.recv(64 - got))
+            times.append((time.perf_counter() - t0) * 1e3)
+            time.sleep(0.02)
+    return np.array(times)
+
+
+@pytest.fixture(scope="module")
+def hop(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[tuple[Hop, dict]]:
+    """The guest relaying the server's port and the echo port; the ports it forwards."""
+    reason = vm.unavailable("sch_netem", ("tc", "ip"))
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"the netem test cannot run in CI: {reason}")
+        pytest.skip(reason)
+    server = request.getfixturevalue("server")  # after the check: Ray takes ~10 s to start
+    out = tmp_path_factory.mktemp("netem")
+    ports = {"control": free_port(), "server": free_port(), "echo": free_port()}
+    targets = {"server": int(server.rsplit(":", 1)[1]), "echo": _echo_server()}
+    script = Path(__file__).with_name("netem_hop.py")
+    cmd = [sys.executable, str(script), str(ports["control"]),
+           *(f"{ports[name]}:{target}" for name, target in targets.items())]  # fmt: skip
+    proc = vm.start(cmd, out, out / "console.txt", tuple(ports.values()), "sch_netem")
+    try:
+        guest = Hop(proc, _connect(ports["control"], proc, out / "console.txt"))
+    except BaseException:
+        vm.stop(proc)
+        raise
+    try:
+        yield guest, ports
+    finally:
+        guest.close()
+
+
+@dataclass(frozen=True)
+class Runs:
+    plain_rtt_ms: np.ndarray  # through the hop to an echo server, netem off
+    netem_rtt_ms: np.ndarray  # the same with netem on
+    direct: Snapshot  # livecam straight to the server
+    slow: Snapshot  # through the hop with netem on
+    direct_calls_ms: np.ndarray  # generation calls' round trips
+    slow_calls_ms: np.ndarray
+    remote_frames: int  # of the slow run's generated frames, those from the server
+    qdisc: str  # tc -s qdisc after the slow run
+
+
+@pytest.fixture(scope="module")
+def runs(hop: tuple[Hop, dict], server: str, tmp_path_factory) -> Runs:
+    guest, ports = hop
+    token_file = tmp_path_factory.mktemp("token") / "token"
+    token_file.write_text(TOKEN)
+    plain_rtt = _round_trips_ms(ports["echo"])  # what the guest alone adds
+    direct, direct_link = run_live(server, token_file, SECONDS)
+    guest.netem(NETEM)
+    netem_rtt = _round_trips_ms(ports["echo"])
+    with pytest.MonkeyPatch.context() as patch:  # the client takes the hop for a network:
+        patch.setattr("livecam.remote.client._loopback", lambda url: False)  # JPEG faces
+        slow, link = run_live(f"ws://127.0.0.1:{ports['server']}", token_file, SECONDS)
+    qdisc = guest.qdisc()
+    guest.netem("")
+    found = Runs(plain_rtt, netem_rtt, direct, slow, np.array(direct_link.rtt_s) * 1e3,
+                 np.array(link.rtt_s) * 1e3, link.remote_frames, qdisc)  # fmt: skip
+    sent, dropped = _packets(qdisc)
+    print(
+        f"\nhop RTT p50/p95: {_pct(plain_rtt)} ms netem off, {_pct(netem_rtt)} ms on "
+        f"(guest {guest.ready['kernel']}); {NETEM}: {sent} packets sent, {dropped} dropped"
+        f"\ngeneration calls p50/p95: {_pct(found.direct_calls_ms)} ms direct, "
+        f"{_pct(found.slow_calls_ms)} ms through netem"
+        f"\nplayout delay {direct.playout_delay_ms:.1f} -> {slow.playout_delay_ms:.1f} ms, "
+        f"latency {direct.latency_ms:.1f} -> {slow.latency_ms:.1f} ms, shown fps "
+        f"{direct.shown_fps:.1f} -> {slow.shown_fps:.1f}; through netem {slow.frames_generated} "
+        f"frames generated ({slow.tier}, every {slow.stride}.), {link.remote_frames} remote"
+    )
+    return found
+
+
+def _pct(values: np.ndarray) -> np.ndarray:
+    return np.percentile(values, [50, 95]).round(1)
+
+
+def _packets(qdisc: str) -> tuple[int, int]:
+    """(sent, dropped) from `tc -s qdisc show`."""
+    found = re.search(r"Sent \d+ bytes (\d+) pkt \(dropped (\d+)", qdisc)
+    assert found, qdisc
+    return int(found[1]), int(found[2])
+
+
+def test_netem_delays_and_drops_on_the_hop(runs):
+    sent, dropped = _packets(runs.qdisc)
+    assert sent > 500 and dropped > 0, runs.qdisc  # the slow run went through netem
+    added = np.median(runs.netem_rtt_ms) - np.median(runs.plain_rtt_ms)
+    assert ROUND_TRIP_MS - 10 <= added <= ROUND_TRIP_MS + 40, (runs.plain_rtt_ms, runs.netem_rtt_ms)
+
+
+def test_a_slow_lossy_network_keeps_the_frame_rate(runs):
+    for snap in (runs.direct, runs.slow):
+        assert snap.frames_shown >= 0.9 * SECONDS * FPS, snap
+    assert runs.remote_frames > 0.8 * runs.slow.frames_generated  # few local stand-ins
+    # calls overlap, so the round trip does not ration the mouths: one call at a time got
+    # every 6th frame its own face (a 130 ms call per 33 ms frame)
+    assert runs.slow.frames_generated >= 0.5 * runs.slow.frames_shown, runs.slow
+    # a call takes about a round trip more at the median (plus a few server times: it waits
+    # behind the calls sent before it); the delay covers at least that
+    added = np.median(runs.slow_calls_ms) - np.median(runs.direct_calls_ms)
+    assert added <= np.median(runs.netem_rtt_ms) + 60, (runs.direct_calls_ms, runs.slow_calls_ms)
+    assert runs.slow.playout_delay_ms >= ROUND_TRIP_MS
+
+
+@pytest.mark.xfail(
+    strict=False,  # it passed in both runs with calls in flight; not yet run after run
+    reason="at 1 % packet loss a call that waits for a TCP retransmission holds up the replies "
+    "behind it, and the playout delay covers the calls' p95: with one call in flight it grew "
+    "by 200-500 ms over a ~110 ms round trip",
+)
+def test_a_slow_lossy_network_adds_about_the_round_trip_to_the_latency(runs):
+    # the two runs may settle on different batch sizes: a frame more or less of waiting
+    grown = runs.slow.playout_delay_ms - runs.direct.playout_delay_ms
+    assert grown <= np.median(runs.netem_rtt_ms) + 80, (runs.direct, runs.slow)
