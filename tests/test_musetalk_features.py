@@ -16,6 +16,7 @@ from livecam.audio.ring import AudioRing
 from livecam.cli import app
 from livecam.engines.musetalk.models import compute_features, whisper_from_dir
 from livecam.features.whisper import (
+    OfflineFeatures,
     StreamingFeatures,
     frame_steps,
     offline_features,
@@ -189,3 +190,21 @@ def test_asking_again_for_earlier_frames_recomputes_them(tiny: Path) -> None:
     again = stream.features(ring, list(range(20, 30)))
     fresh = StreamingFeatures(whisper, fps).features(ring, list(range(20, 30)))
     assert torch.equal(again, fresh)
+
+
+def test_offline_features_from_the_ring_follow_its_audio(tiny: Path) -> None:
+    """The render path: features of everything in the ring, MuseTalk's offline definition,
+    computed again once more audio came in."""
+    whisper = whisper_from_dir(tiny, "cpu")
+    audio = read_audio(JFK)[: 3 * 16_000]
+    fps = 25.0
+    source = OfflineFeatures(whisper, fps)
+    assert source.samples_needed(10) == frame_steps(10, fps)[1] * 320
+    ring = AudioRing(len(audio))
+    ring.write(audio[:32_000])
+    first = source.features(ring, [5, 6])
+    assert torch.equal(first, offline_features(whisper, audio[:32_000], fps)[5:7])
+    ring.write(audio[32_000:])  # grew: the last second changes the 30 s segment's encoding
+    again = source.features(ring, [5, 6])
+    assert torch.equal(again, offline_features(whisper, audio, fps)[5:7])
+    assert not torch.equal(again, first)
