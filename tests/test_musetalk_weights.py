@@ -288,3 +288,12 @@ def test_models_download_cli_from_a_mirror(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_librarys_error_is_cut_to_its_first_line() -> None:
+    """Refusals quote a library's message (which can span a page) as one line of at most 200
+    characters, or the error's kind when it has no message."""
+    assert weights._first_line(ValueError("bad header\n  at byte 8\n")) == "bad header"
+    assert weights._first_line(ValueError("x" * 300)) == "x" * 200
+    assert weights._first_line(KeyError()) == "KeyError"
+    assert weights._first_line(ValueError("  \n")) == "ValueError"
