@@ -192,14 +192,7 @@ class Pipeline:
             engine = look.engine
             needed = engine.samples_needed(batch[-1])
             ready = not self.muted and needed <= self.ring.end
-            if (
-                ready
-                and isinstance(engine, PipelinedEngine)
-                and len(in_flight)
-                < min(
-                    MAX_IN_FLIGHT, engine.calls_in_flight(mode.batch * mode.stride / self.cfg.fps)
-                )
-            ):
+            if ready and self._room_for_a_call(engine, mode, len(in_flight)):
                 if engine.tier != mode.tier:
                     engine.set_tier(mode.tier)
                 in_flight.append(InFlight(batch, mode, look, engine.submit(self.ring, batch),
@@ -221,6 +214,13 @@ class Pipeline:
             else:
                 wait = needed / SAMPLE_RATE - self.clock.stream_time(now)
                 self._stop.wait(min(max(wait, 0.002), 0.02))
+
+    def _room_for_a_call(self, engine: Engine, mode: Mode, in_flight: int) -> bool:
+        """A pipelined engine with fewer calls in flight than it wants at this mode's pace."""
+        if not isinstance(engine, PipelinedEngine):
+            return False
+        period = mode.batch * mode.stride / self.cfg.fps
+        return in_flight < min(MAX_IN_FLIGHT, engine.calls_in_flight(period))
 
     def _generate(self, frames: range, mode: Mode, look: Look) -> None:
         engine = look.engine

@@ -120,7 +120,7 @@ class _Connection:
         self.avatars: set[str] = set()
         self.ids = iter(range(1, 1 << 62))
         # replies to calls in flight that came while another answer was awaited (an avatar's)
-        self.kept: collections.OrderedDict[object, tuple[dict, bytes]] = collections.OrderedDict()
+        self.kept: collections.OrderedDict[int, tuple[dict, bytes]] = collections.OrderedDict()
 
     def recv(self, kind: str, timeout: float, request_id: int | None = None) -> tuple[dict, bytes]:
         """The next message of `kind` (and id). Replies to older requests (given up on) are
