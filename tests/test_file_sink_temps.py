@@ -176,17 +176,25 @@ finally:
 """
 
 
-def test_a_really_full_disk_keeps_a_playable_file(tmp_path):
+def _on_a_small_disk(tmp_path: Path, child: str, then: str = "") -> subprocess.CompletedProcess:
+    """Python `child` run with a 600 kB tmpfs folder as its argument, in a private mount
+    namespace; prints its "rc=N", what it left there, then what shell command `then` prints
+    there (the mount is gone with the child: what the sink left is looked at from inside)."""
     from tests.test_cache_hardening import _namespace, _run
 
     folder = tmp_path / "small"
     folder.mkdir()
-    # (the mount is gone with the child: what the sink left is looked at from inside)
-    script = """mount -t tmpfs -o size=600k tmpfs "$1" || exit 99
+    script = f"""mount -t tmpfs -o size=600k tmpfs "$1" || exit 99
     "$3" -c "$2" "$1"; echo "rc=$?"; ls -A "$1"
-    ffprobe -v error -count_frames -show_entries stream=nb_read_frames -of csv=p=0 "$1/out.mp4"
+    {then}
     """
-    proc = _run(*_namespace(), "sh", "-c", script, "sh", str(folder), DISK_FULL, sys.executable)
+    return _run(*_namespace(), "sh", "-c", script, "sh", str(folder), child, sys.executable)
+
+
+def test_a_really_full_disk_keeps_a_playable_file(tmp_path):
+    count = ("ffprobe -v error -count_frames -show_entries stream=nb_read_frames -of csv=p=0 "
+             '"$1/out.mp4"')  # fmt: skip
+    proc = _on_a_small_disk(tmp_path, DISK_FULL, count)
     assert proc.stdout.split()[:2] == ["rc=1", "out.mp4"], proc.stdout + proc.stderr
     assert int(proc.stdout.split()[2]) > 10  # playable: the frames before the disk filled
     error = proc.stderr.split("SinkError: ", 1)[1].splitlines()[0]  # one line, saying why
@@ -206,15 +214,7 @@ except SinkError as exc:
 
 
 def test_a_soundtrack_that_does_not_fit_is_one_line_and_leaves_nothing(tmp_path):
-    from tests.test_cache_hardening import _namespace, _run
-
-    folder = tmp_path / "small"
-    folder.mkdir()
-    script = """mount -t tmpfs -o size=600k tmpfs "$1" || exit 99
-    "$3" -c "$2" "$1"; echo "rc=$?"; ls -A "$1"
-    """
-    proc = _run(*_namespace(), "sh", "-c", script, "sh", str(folder), SOUNDTRACK_TOO_BIG,
-                sys.executable)  # fmt: skip
+    proc = _on_a_small_disk(tmp_path, SOUNDTRACK_TOO_BIG)
     assert proc.stdout.split() == ["rc=0"], proc.stdout + proc.stderr  # no temporaries left
     assert "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().endswith(": No space left on device"), proc.stderr

@@ -331,12 +331,18 @@ def test_a_load_of_exactly_the_step_up_threshold_is_not_calm():
         assert s.mode == Mode("nearest", 1, 1)
 
 
-def test_the_delay_comes_down_exactly_lower_after_s_after_it_was_derived():
+def _calibrated_on(seconds: float) -> tuple[Scheduler, Mode, float]:
+    """One tier and batch 1, its delay derived at time 0 from ten calls of `seconds` each:
+    the scheduler, its mode and that delay."""
     s = Scheduler(FPS, ("full",), (1,), base_delay_s=0.06, initial_cost_s=0.004)
     mode = Mode("full", 1, 1)
     for _ in range(10):
-        s.observe(mode, 0.02, now=0.0)  # derived at 0.0
-    high = s.playout_delay
+        s.observe(mode, seconds, now=0.0)
+    return s, mode, s.playout_delay
+
+
+def test_the_delay_comes_down_exactly_lower_after_s_after_it_was_derived():
+    s, mode, high = _calibrated_on(0.02)  # derived at 0.0
     for _ in range(30):
         s.observe(mode, 0.008, now=1.0)  # a full window of fast calls, too soon
     assert s.playout_delay == high
@@ -346,11 +352,7 @@ def test_the_delay_comes_down_exactly_lower_after_s_after_it_was_derived():
 
 def test_a_window_needing_exactly_the_lowering_share_keeps_the_delay():
     """Calibrated on 20 ms calls; 16 ms calls need exactly 0.8 (LOWER_BELOW) of that."""
-    s = Scheduler(FPS, ("full",), (1,), base_delay_s=0.06, initial_cost_s=0.004)
-    mode = Mode("full", 1, 1)
-    for _ in range(10):
-        s.observe(mode, 0.02, now=0.0)
-    high = s.playout_delay
+    s, mode, high = _calibrated_on(0.02)  # derived at 0.0
     assert 1.1 * 0.016 == 0.8 * (1.1 * 0.02)  # exact in floating point
     for k in range(60):
         s.observe(mode, 0.016, now=LOWER_AFTER_S + k / FPS)
@@ -359,11 +361,7 @@ def test_a_window_needing_exactly_the_lowering_share_keeps_the_delay():
 
 def test_a_slowdown_of_exactly_the_re_derive_share_keeps_the_delay():
     """Calibrated on 20 ms calls; 24 ms calls need exactly 1.2 times that: not more."""
-    s = Scheduler(FPS, ("full",), (1,), base_delay_s=0.06, initial_cost_s=0.004)
-    mode = Mode("full", 1, 1)
-    for _ in range(10):
-        s.observe(mode, 0.02, now=0.0)
-    high = s.playout_delay
+    s, mode, high = _calibrated_on(0.02)  # derived at 0.0
     assert 1.1 * 0.024 == 1.2 * (1.1 * 0.02)  # exact in floating point
     changed = [s.observe(mode, 0.024, now=k / FPS) for k in range(20)]
     assert not any(changed) and s.playout_delay == high
