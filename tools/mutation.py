@@ -41,7 +41,6 @@ def mutmut_config(common: dict, module: dict) -> str:
     """The [tool.mutmut] table of one module's run."""
     table = {
         **common,
-        **module.get("mutmut", {}),
         "only_mutate": [module["file"]],
         "pytest_add_cli_args_test_selection": module["tests"],
     }
