@@ -406,19 +406,27 @@ def test_a_slow_worker_skips_ahead_instead_of_falling_behind(pipeline, caplog) -
 
 class _RoundTrips:
     """Makes the pipeline's engine a pipelined one (a remote engine's shape) whose calls are
-    answered `rtt` after they are sent, costing `busy` of this machine's time each."""
+    answered `rtt` after they are sent, costing `busy` of this machine's time each. Calls
+    sent while `held` = (from, until) (fake clock) are answered a round trip after `until`
+    at the earliest: a lost packet holds up the replies behind it until it is resent."""
 
-    def __init__(self, worker: _Worker, rtt: float, busy: float = 0.001) -> None:
-        self.p, self.rtt, self.busy = worker.p, rtt, busy
+    def __init__(self, worker: _Worker, rtt: float, busy: float = 0.001,
+                 held: tuple[float, float] = (0.0, 0.0)) -> None:  # fmt: skip
+        self.p, self.rtt, self.busy, self.held = worker.p, rtt, busy, held
         self.in_flight: list[float] = []  # answer times of the calls not yet collected
         self.most = 0  # calls in flight at once, at most
+        self.sent: list[float] = []  # when each call went out
         engine = self.p.look.engine
         engine.submit = self.submit
         engine.calls_in_flight = lambda period: math.ceil(rtt / period)
 
     def submit(self, ring, frames):
         faces = self.p.look.engine.generate(ring, frames)  # (the worker's recording wrapper)
-        answer_at = self.p.fake.t + self.rtt
+        now = self.p.fake.t
+        answer_at = now + self.rtt
+        if self.held[0] <= now < self.held[1]:
+            answer_at = max(answer_at, self.held[1] + self.rtt)
+        self.sent.append(now)
         self.in_flight.append(answer_at)
         self.most = max(self.most, len(self.in_flight))
         return _FakeCall(self, faces, answer_at)
@@ -463,6 +471,29 @@ def test_round_trips_overlap_so_every_frame_is_generated(monkeypatch) -> None:
     # the same round trip, one call at a time: the scheduler has to skip frames
     serial, _, _ = runs[False]
     assert serial.scheduler.mode.stride > 1
+
+
+def test_calls_held_up_behind_a_lost_packet_do_not_hold_back_the_next_ones(pipeline) -> None:
+    """For 300 ms every reply waits for a resent packet (a 200 ms round trip later): the
+    calls after them still go out one per frame, not in a burst once the held-up ones are
+    answered; the held-up faces come after their tick and are counted."""
+    rtt, t0 = 0.2, pipeline.fake.t
+    pipeline.scheduler.observe = lambda mode, seconds, **_: False  # every frame, batch 1
+    pipeline.playout_delay = pipeline._base_delay() + rtt + 0.02  # covers the round trip
+    worker = _Worker(pipeline, 4.0)
+    trips = _RoundTrips(worker, rtt, held=(t0 + 2.0, t0 + 2.3))
+    worker.run()
+    sent = np.array(trips.sent) - t0
+    during = sent[(sent >= 2.0) & (sent < 2.3 + rtt)]
+    assert len(during) >= 0.9 * (0.3 + rtt) * FPS  # a call per frame all along
+    # never more at once than one capture block's audio completes
+    assert max(np.unique(sent, return_counts=True)[1]) <= math.ceil(BLOCK / SAMPLE_RATE * FPS)
+    late = [k for k, due, _ in worker.pushed if k <= due]
+    assert len(late) >= 0.2 * FPS  # held-up ones (the mouth before them stayed on)
+    assert pipeline.counters.frames_late == len(late)
+    frames = [k for k, _, _ in worker.pushed]
+    assert frames == list(range(frames[0], frames[-1] + 1))  # each frame still got a face
+    assert all(k > due for k, due, _ in worker.pushed[-FPS:])  # on time again
 
 
 def test_a_descheduled_worker_skips_and_counts_exactly_the_late_frames(pipeline) -> None:
@@ -617,7 +648,8 @@ def _set_everything(p) -> dict:
     """Distinct values for all a snapshot reports; returns what it must say."""
     now, c = p.fake.t, p.counters
     names = ("frames_shown", "frames_new", "frames_held", "frames_repeated", "frames_generated",
-             "frames_skipped", "frames_silent", "queue_drops", "late_ticks")  # fmt: skip
+             "frames_skipped", "frames_late", "frames_silent", "queue_drops",
+             "late_ticks")  # fmt: skip
     for i, name in enumerate(names, start=1):
         setattr(c, name, 10 * i)
     for t in (now - 1.0, now - 0.5, now):

@@ -87,6 +87,10 @@ def serve(io, nic: str) -> bool:
                 reply = sh("tc", "qdisc", "del", "dev", nic, "root")
         elif "qdisc" in request:
             reply = sh("tc", "-s", "qdisc", "show", "dev", nic)
+        elif "nstat" in request:  # the guest TCP's counters (retransmissions by kind)
+            reply = sh("nstat", "-az")
+        elif "ss" in request:
+            reply = sh("ss", "-tin")
         else:
             return True
         io.write(json.dumps(reply).encode() + b"\n")
