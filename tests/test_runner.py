@@ -411,14 +411,15 @@ class _RoundTrips:
     at the earliest: a lost packet holds up the replies behind it until it is resent."""
 
     def __init__(self, worker: _Worker, rtt: float, busy: float = 0.001,
-                 held: tuple[float, float] = (0.0, 0.0)) -> None:  # fmt: skip
+                 held: tuple[float, float] = (0.0, 0.0), fastest: float = 0.0) -> None:  # fmt: skip
         self.p, self.rtt, self.busy, self.held = worker.p, rtt, busy, held
         self.in_flight: list[float] = []  # answer times of the calls not yet collected
         self.most = 0  # calls in flight at once, at most
         self.sent: list[float] = []  # when each call went out
         engine = self.p.look.engine
         engine.submit = self.submit
-        engine.calls_in_flight = lambda period: math.ceil(rtt / period)
+        # as the remote engine: from the fastest recent round trip
+        engine.calls_in_flight = lambda period: math.ceil((fastest or rtt) / period)
 
     def submit(self, ring, frames):
         faces = self.p.look.engine.generate(ring, frames)  # (the worker's recording wrapper)
@@ -471,6 +472,20 @@ def test_round_trips_overlap_so_every_frame_is_generated(monkeypatch) -> None:
     # the same round trip, one call at a time: the scheduler has to skip frames
     serial, _, _ = runs[False]
     assert serial.scheduler.mode.stride > 1
+
+
+def test_round_trips_slower_than_the_fastest_still_give_every_frame_a_face(pipeline) -> None:
+    """The engine asks for as many calls as its fastest round trip holds (100 ms: 3), and
+    they take 150 ms (jitter): still one call a frame, every frame on time."""
+    pipeline.scheduler.observe = lambda mode, seconds, **_: False  # every frame, batch 1
+    pipeline.playout_delay = pipeline._base_delay() + 0.15 + 0.02  # covers the round trip
+    worker = _Worker(pipeline, 4.0)
+    _RoundTrips(worker, 0.15, fastest=0.1)
+    worker.run()
+    frames = [k for k, _, _ in worker.pushed]
+    assert frames == list(range(frames[-1] + 1))  # each frame got a face
+    assert pipeline.counters.frames_skipped == 0
+    assert all(k > due for k, due, _ in worker.pushed)  # and before its tick
 
 
 def test_calls_held_up_behind_a_lost_packet_do_not_hold_back_the_next_ones(pipeline) -> None:

@@ -218,16 +218,17 @@ class Pipeline:
     def _room_for_a_call(
         self, engine: Engine, mode: Mode, in_flight: collections.deque[InFlight]
     ) -> bool:
-        """A pipelined engine with fewer calls sent in the last round trip than it wants at
-        this mode's pace. Calls out for longer and still unanswered (a lost packet holds
-        them up) do not count: the next ones still go out one per period as their audio
-        comes in, not in a burst once the held-up ones are answered."""
+        """A pipelined engine that sent no more calls in the last round trip than it wants
+        at this mode's pace: one a period as their audio comes in, and one more to catch up
+        after a late one. Calls out for longer and still unanswered (a lost packet holds
+        them up) do not count: the next ones still go out on time, not in a burst once the
+        held-up ones are answered."""
         if not isinstance(engine, PipelinedEngine) or len(in_flight) >= MAX_IN_FLIGHT:
             return False
         period = mode.batch * mode.stride / self.cfg.fps
         calls = engine.calls_in_flight(period)
         since = time.perf_counter() - calls * period
-        return sum(1 for call in in_flight if call.sent > since) < calls
+        return sum(1 for call in in_flight if call.sent > since) <= calls
 
     def _generate(self, frames: range, mode: Mode, look: Look) -> None:
         engine = look.engine
