@@ -447,3 +447,11 @@ def test_round_trips_later_by_less_than_a_frame_are_covered_whatever_their_sprea
     s = Scheduler(FPS, ("full",), (1,), base_delay_s=0.08)
     _drive_round_trips(s, [0.035 if k % 10 == 9 else 0.010 for k in range(300)])
     assert s.playout_delay >= 0.08 + 0.035
+
+
+def test_the_margin_on_round_trips_is_on_their_jitter_not_on_the_path():
+    """A 100 ms path with up to 20 ms of jitter: the delay covers the p95 and 10 % of what
+    exceeds the fastest round trip (10 % of the whole would add 10 ms for the path)."""
+    s = Scheduler(FPS, ("full",), (1,), base_delay_s=0.08)
+    _drive_round_trips(s, [0.1 + 0.02 * (k % 2) for k in range(60)])
+    assert s.playout_delay == pytest.approx(0.08 + 0.1 + 1.1 * 0.02)
