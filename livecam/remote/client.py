@@ -10,6 +10,7 @@ background thread reconnects with backoff. Imports neither Ray nor torch.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ipaddress
 import itertools
 import logging
@@ -400,26 +401,30 @@ class Link:
 
     def _first_reply(self, pending: Pending, timeout: float) -> tuple[dict, bytes]:
         """The reply from whichever connection has it first (TimeoutError if none does
-        within `timeout`); the second connection failing leaves the first."""
+        within `timeout`); the second connection failing leaves the first. Both are read
+        each time, so neither holds the copies that came second."""
         conn, second = self._conn, self._second
         if second is None or second not in pending.conns:
             return conn.reply(pending.request_id, pending.sha, pending.frames, timeout)
         deadline = time.perf_counter() + timeout
         while True:
+            found = None
+            with contextlib.suppress(TimeoutError):
+                found = conn.reply(pending.request_id, pending.sha, pending.frames, 0.0)
             try:
-                return conn.reply(pending.request_id, pending.sha, pending.frames, 0.0)
-            except TimeoutError:
-                pass
-            try:
-                found = second.reply(pending.request_id, pending.sha, pending.frames, 0.0)
-                self.stats.second_first += 1
-                return found
+                copy = second.reply(pending.request_id, pending.sha, pending.frames, 0.0)
+                if found is None:
+                    self.stats.second_first += 1
+                    return copy
             except TimeoutError:
                 pass
             except (OSError, ConnectionClosed, RemoteError, wire.ProtocolError) as exc:
                 self._lose(second, exc)
-                return conn.reply(pending.request_id, pending.sha, pending.frames,
-                                  max(deadline - time.perf_counter(), 0.0))  # fmt: skip
+                if found is None:
+                    return conn.reply(pending.request_id, pending.sha, pending.frames,
+                                      max(deadline - time.perf_counter(), 0.0))  # fmt: skip
+            if found is not None:
+                return found
             left = deadline - time.perf_counter()
             if left <= 0:
                 raise TimeoutError

@@ -195,7 +195,7 @@ def runs(hop: tuple[Hop, dict], server: str, tmp_path_factory) -> Runs:
         f"latency {direct.latency_ms:.1f} -> {slow.latency_ms:.1f} ms, shown fps "
         f"{direct.shown_fps:.1f} -> {slow.shown_fps:.1f}; through netem {slow.frames_generated} "
         f"frames generated ({slow.tier}, every {slow.stride}.), {link.remote_frames} remote, "
-        f"{slow.frames_late} after their tick"
+        f"{slow.frames_late} after their tick, {link.second_first} first on the second connection"
         f"\nthrough netem {held.sum()} of {len(calls)} calls over a frame later than the median "
         f"(by {_pct(calls[held] - np.median(calls)) if held.any() else '-'} ms p50/p95); guest "
         f"TCP resent {resent.get('TcpRetransSegs', 0)} segments: "
