@@ -132,11 +132,13 @@ def publish_tiny_hashes(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
         monkeypatch.setattr(module, "COMPONENTS", comps)
 
 
-_WRITTEN: dict[str, Path] = {}
+_WRITTEN: dict[Path, Path] = {}  # by the test session's temporary folder
 
 
 def tiny_models_dir(factory) -> Path:
-    """Written once per test session (shared by every musetalk test module)."""
-    if "root" not in _WRITTEN:
-        _WRITTEN["root"] = write_tiny_models(factory.mktemp("musetalk-models"))
-    return _WRITTEN["root"]
+    """Written once per test session (shared by every musetalk test module); a process that
+    runs several sessions (mutmut) gets them anew in each, since pytest removes old folders."""
+    base = factory.getbasetemp()
+    if base not in _WRITTEN:
+        _WRITTEN[base] = write_tiny_models(factory.mktemp("musetalk-models"))
+    return _WRITTEN[base]

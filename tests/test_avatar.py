@@ -187,9 +187,19 @@ def test_cache_round_trip(cache: Path, face_crop: Path, monkeypatch: pytest.Monk
              (first.eyes.mask, second.eyes.mask)]  # fmt: skip
     for fresh, cached in pairs:
         assert cached.dtype == fresh.dtype == np.float32  # what the renderer is built for
-    assert [(a.name, a.kind, a.status) for a in list_avatars() if a.name == "me"] == [
-        ("me", "prepared", "ready")
+    assert second.name == "me"
+    assert [(a.name, a.kind, a.status, a.source) for a in list_avatars() if a.name == "me"] == [
+        ("me", "prepared", "ready", face_crop.resolve())
     ]
+
+
+def test_only_valid_names_with_a_cache_are_listed(cache: Path, face_crop: Path) -> None:
+    prepare_avatar("me", face_crop)
+    root = cache / "avatars"
+    (root / "stray").write_text("not a cache")  # a valid name, but a file
+    (root / "ghost").symlink_to(".ghost~v-gone")  # a pointer to no version
+    shutil.copytree(root / os.readlink(root / "me"), root / "bad name")  # a cache, badly named
+    assert [a.name for a in list_avatars()] == ["astronaut", "me", "portrait"]
 
 
 def test_corrupt_cache_is_rebuilt(
@@ -267,6 +277,9 @@ def test_bundled_avatar_prepared_on_first_use_and_removed(
     avatar = load_avatar("bob")
     assert avatar.image.shape == image.shape
     assert list_avatars()[0].status == "ready"
+    manifest = cache / "avatars" / "bob" / "manifest.json"
+    manifest.write_text("{")  # a bundled avatar's damaged cache: its source is still known
+    assert [(a.name, a.kind, a.status) for a in list_avatars()] == [("bob", "bundled", "damaged")]
     remove_avatar("bob")
     assert list_avatars()[0].status == "not prepared"
     with pytest.raises(AvatarError):
@@ -549,8 +562,9 @@ def test_a_damaged_prepared_avatar_says_how_to_make_it_again(
         f"the cache of avatar 'me' in {root} is damaged: make it again with "
         "`livecam avatars prepare me --from PHOTO_OR_CLIP --force`"
     )
-    info = [a for a in list_avatars() if a.name == "me"]
-    assert info == [store.AvatarInfo("me", "prepared", "damaged", None, "prepare it again")]
+    info = list_avatars()
+    assert [a.name for a in info] == ["astronaut", "me", "portrait"]  # and the ones after it
+    assert info[1] == store.AvatarInfo("me", "prepared", "damaged", None, "prepare it again")
 
 
 def test_unknown_avatar_message_is_exact(
@@ -770,3 +784,54 @@ def test_a_decompression_bomb_is_refused_by_name(cache: Path, tmp_path: Path) ->
     message = f"image {bomb} is larger than 64 megapixels; scale it down first"
     with pytest.raises(AvatarError, match=f"^{re.escape(message)}$"):
         prepare_avatar("bomb", bomb)
+
+
+def _a_clip(monkeypatch: pytest.MonkeyPatch, read=None, track=None):
+    """Clip decoding and tracking stood in for: three aligned frames of the astronaut, each
+    moved a little, with their landmarks and head motion (`read`/`track` may raise)."""
+    photo = load_avatar("astronaut")
+    aligned = np.stack([np.roll(photo.image, 2 * i, axis=1) for i in range(3)])
+    points = np.stack([photo.landmarks.astype(np.float64) + np.array([2 * i, 0]) for i in range(3)])
+    motion = np.tile(np.eye(2, 3, dtype=np.float32), (3, 1, 1))
+    monkeypatch.setattr(store.video, "read_clip", read or (lambda path: (list(aligned), 24.0)))
+    monkeypatch.setattr(store.video, "track_landmarks", track or (lambda frames: "tracks"))
+    monkeypatch.setattr(store.video, "stabilize", lambda frames, tracks: (aligned, motion, points))
+    return aligned, points, motion
+
+
+def test_a_clip_avatar_is_built_on_its_first_aligned_frame(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    aligned, points, motion = _a_clip(monkeypatch)
+    source = tmp_path / "me.mp4"
+    with caplog.at_level("INFO", logger=store.log.name):
+        av = store.build_avatar("me", source)
+    assert av.name == "me" and av.is_video and av.warnings == []
+    assert np.array_equal(av.image, aligned[0]) and av.landmarks.dtype == np.float32
+    assert np.array_equal(av.landmarks, points[0].astype(np.float32))
+    assert av.frames is aligned and av.motion is motion and av.clip_rate == 24.0
+    assert caplog.messages == [f"avatar 'me': 3 frames of {source}"]
+
+
+def test_a_clip_that_cannot_become_an_avatar_is_one_clear_error(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "me.mp4"
+
+    def unreadable(path: Path):
+        raise store.video.VideoError(f"cannot read video {path}")
+
+    def faceless(frames):
+        raise NoFaceError("no face")
+
+    _a_clip(monkeypatch, read=unreadable)
+    with pytest.raises(AvatarError) as err:
+        store.build_avatar("me", source)
+    assert str(err.value) == f"cannot read video {source}"
+    _a_clip(monkeypatch, track=faceless)
+    with pytest.raises(AvatarError) as err:
+        store.build_avatar("me", source)
+    assert str(err.value) == (
+        f"no face found in the first frame of {source}: start the clip on one clearly "
+        "visible, frontal face"
+    )

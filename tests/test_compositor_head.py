@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from livecam.avatar.store import load_avatar
+from livecam.pipeline import compositor
 from livecam.session import build_compositor
 
 
@@ -49,3 +50,29 @@ def test_the_seam_is_feathered_and_without_sway_the_frame_is_the_plain_warp() ->
     talking[avatar.landmarks[48:, 1].astype(int), avatar.landmarks[48:, 0].astype(int)] = 255
     diff = np.abs(still.compose(talking, 7).astype(int) - still.compose_whole(talking, 7))
     assert diff.max() <= 1  # no sway: the head path is the plain warp, mouth changes included
+
+
+@pytest.mark.parametrize("name", ["astronaut", "portrait"])
+def test_only_the_fading_edge_is_blended(name: str) -> None:
+    head = build_compositor(load_avatar(name), 1280, 720, 30)._head
+    covered = np.zeros(head.alpha.shape, bool)
+    for seam in head.seams:
+        assert not covered[seam.rows, seam.cols].any()  # no pixel blended twice
+        covered[seam.rows, seam.cols] = True
+        assert np.array_equal(seam.alpha, head.alpha[seam.rows, seam.cols])
+        assert np.array_equal(seam.beta, 1.0 - seam.alpha)
+    assert np.all(head.alpha[~covered] == 1.0)  # elsewhere the warped head is the frame
+    assert covered.mean() < 0.3  # a 29 px ring around a ~500 px square
+
+
+def test_no_seam_where_the_head_meets_the_canvas_edge() -> None:
+    alpha = np.ones((10, 12), np.float32)
+    alpha[:, :3] = np.float32([0.2, 0.5, 0.8])  # a rectangle that fades on its left only
+    (seam,) = compositor._seams(alpha, 3, (False, False, True, False))
+    assert (seam.rows, seam.cols) == (slice(0, 10), slice(0, 3))
+    alpha[7:] = np.minimum(alpha[7:], np.float32([[0.9], [0.6], [0.3]]))  # and at the bottom
+    seams = compositor._seams(alpha, 3, (False, True, True, False))
+    assert [(s.rows, s.cols) for s in seams] == [
+        (slice(7, 10), slice(0, 12)),
+        (slice(0, 7), slice(0, 3)),
+    ]

@@ -4,6 +4,7 @@ damaged or made for another image, landmarks or VAE."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -234,6 +235,28 @@ def test_blend_mask_fills_the_jaw_eroded_by_its_kernel(s: float, area: int) -> N
     assert abs(float(mask.sum()) - area) < 0.01 * area
     row = mask[round(72 * s), : round(30 * s), 0]  # across the left side: feathered too
     assert ((row > 0.05) & (row < 0.95)).sum() >= round(9 * s)
+
+
+def test_a_small_face_is_feathered_by_one_pixel_at_least() -> None:
+    """A 20 px box: 0.035 of its width is 0.7 px, under the blur's 1 px floor. The ramp from
+    0.05 to 0.95 spans +-1.64 sigma (3-4 px), and the middle of the 8 px tall jaw, 3 sigma from
+    its edges, is fully 1."""
+    row = avatar_latents.blend_mask(_rectangle_jaw(0.2), (0, 0, 20, 20))[14, :, 0]
+    assert row[8:12].min() > 0.999
+    assert 3 <= ((row[:10] > 0.05) & (row[:10] < 0.95)).sum() <= 4
+
+
+def test_the_cache_is_written_under_the_lock_of_its_avatar(cache: Path, vae) -> None:
+    load_avatar("astronaut")  # its cache folder, without musetalk data yet
+    folder = avatar_dir("astronaut")
+    assert not (folder / MANIFEST).exists()
+    with cachedir.locked(cache / "avatars", "astronaut"):  # a writer or remover of the avatar
+        writer = threading.Thread(target=_prepare, args=(vae,))
+        writer.start()
+        writer.join(timeout=1.0)  # a slow machine can only make this pass wrongly, never fail
+        assert writer.is_alive() and not (folder / MANIFEST).exists()
+    writer.join()
+    assert (folder / MANIFEST).exists()
 
 
 def test_a_failed_cache_write_still_gives_the_data_and_says_why(

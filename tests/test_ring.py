@@ -71,3 +71,11 @@ def test_one_sample_ring_and_the_first_overwritten_sample():
     ring.write(np.arange(5, dtype=np.float32))  # sample 0 is gone, 1..4 held
     with pytest.raises(IndexError, match="overwritten"):
         ring.read(0, 5)
+
+
+def test_the_ring_keeps_four_bytes_a_sample():
+    # its memory is what the capacity promises: float32 storage, whatever the device delivers
+    ring = AudioRing(16_000)
+    ring.write(np.full(100, 0.1, dtype=np.float64))
+    assert ring._buf.nbytes == 4 * 16_000
+    np.testing.assert_array_equal(ring.read(0, 100), np.float32(0.1))

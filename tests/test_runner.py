@@ -3,6 +3,7 @@ and the lite engine's live path against its offline path."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import threading
@@ -415,19 +416,19 @@ class _RoundTrips:
         self.p, self.rtt, self.busy, self.held = worker.p, rtt, busy, held
         self.in_flight: list[float] = []  # answer times of the calls not yet collected
         self.most = 0  # calls in flight at once, at most
-        self.sent: list[float] = []  # when each call went out
+        self.sent: list[tuple[list[int], float, str]] = []  # (frames, time, engine tier) a call
         engine = self.p.look.engine
         engine.submit = self.submit
         # as the remote engine: from the fastest recent round trip
         engine.calls_in_flight = lambda period: math.ceil((fastest or rtt) / period)
 
     def submit(self, ring, frames):
-        faces = self.p.look.engine.generate(ring, frames)  # (the worker's recording wrapper)
-        now = self.p.fake.t
+        engine, now = self.p.look.engine, self.p.fake.t
+        self.sent.append((list(frames), now, engine.tier))
+        faces = engine.generate(ring, frames)  # (the worker's recording wrapper)
         answer_at = now + self.rtt
         if self.held[0] <= now < self.held[1]:
             answer_at = max(answer_at, self.held[1] + self.rtt)
-        self.sent.append(now)
         self.in_flight.append(answer_at)
         self.most = max(self.most, len(self.in_flight))
         return _FakeCall(self, faces, answer_at)
@@ -467,8 +468,14 @@ def test_round_trips_overlap_so_every_frame_is_generated(monkeypatch) -> None:
     assert late == list(range(late[0], late[-1] + 1))  # every frame, none skipped
     assert p.scheduler.mode.stride == 1
     assert trips.most >= rtt * FPS  # a round trip's worth of calls out at once
-    assert p.playout_delay >= rtt  # faces arrive before they are due
-    assert all(k > due for k, due, _ in worker.pushed[-FPS:])
+    # the delay covers the round trip as the calls measured it (the fastest, and 10 % more
+    # of their p95's excess over it), not more: a reply is collected within 20 ms of its
+    # arrival, the longest the worker waits on it
+    s = p.scheduler
+    floor = s.base_delay_s + s._batch_wait(s.mode) + rtt
+    assert floor - 1e-9 <= p.playout_delay <= floor + 1.1 * 0.02
+    assert all(k > due for k, due, _ in worker.pushed[-FPS:])  # faces arrive before they are due
+    assert all(look is p.look for look in worker.looks)
     # the same round trip, one call at a time: the scheduler has to skip frames
     serial, _, _ = runs[False]
     assert serial.scheduler.mode.stride > 1
@@ -498,7 +505,7 @@ def test_calls_held_up_behind_a_lost_packet_do_not_hold_back_the_next_ones(pipel
     worker = _Worker(pipeline, 4.0)
     trips = _RoundTrips(worker, rtt, held=(t0 + 2.0, t0 + 2.3))
     worker.run()
-    sent = np.array(trips.sent) - t0
+    sent = np.array([t for _, t, _ in trips.sent]) - t0
     during = sent[(sent >= 2.0) & (sent < 2.3 + rtt)]
     assert len(during) >= 0.9 * (0.3 + rtt) * FPS  # a call per frame all along
     # never more at once than one capture block's audio completes
@@ -509,6 +516,54 @@ def test_calls_held_up_behind_a_lost_packet_do_not_hold_back_the_next_ones(pipel
     frames = [k for k, _, _ in worker.pushed]
     assert frames == list(range(frames[0], frames[-1] + 1))  # each frame still got a face
     assert all(k > due for k, due, _ in worker.pushed[-FPS:])  # on time again
+
+
+def test_a_call_goes_out_as_soon_as_its_audio_is_in_at_the_modes_tier(pipeline) -> None:
+    """With room for another call, a batch is sent within 2 ms (the worker's shortest wait)
+    of the capture block that completes its audio, even while it waits on earlier replies;
+    and at the scheduler's tier."""
+    pipeline.scheduler.observe = lambda mode, seconds, **_: False  # keep the mode
+    pipeline.scheduler.mode = Mode("nearest", 1, 2)
+    pipeline.playout_delay = 0.25  # covers the round trip: no frame is skipped
+    worker = _Worker(pipeline, 3.0)
+    trips = _RoundTrips(worker, rtt=0.15)
+    pipeline.look.engine.calls_in_flight = lambda period: runner.MAX_IN_FLIGHT  # never full
+    worker.run()
+    engine, origin = pipeline.look.engine, pipeline.clock.origin()
+    assert len(trips.sent) > 1.2 * FPS  # two frames a call for 3 s, less the start
+    assert [k for frames, _, _ in trips.sent for k in frames] == list(range(2 * len(trips.sent)))
+    for frames, sent, tier in trips.sent:
+        completed = -(-engine.samples_needed(frames[-1]) // BLOCK) * BLOCK  # its block's end
+        assert 0 <= sent - (origin + completed / SAMPLE_RATE) <= 0.002 + 1e-9, frames
+        assert tier == "nearest"
+    assert trips.most > 1  # while earlier calls were still out
+
+
+def test_room_for_a_call_at_the_modes_pace_up_to_the_cap(pipeline) -> None:
+    """Room while no more calls went out in the last round trip (the calls the engine wants,
+    a mode's period each) than it wants: one more catches up after a late one. Calls out for
+    longer (held up) do not count; the cap holds whatever the engine asks for."""
+    engine = pipeline.look.engine
+    mode = Mode("full", 2, 3)  # every 2nd frame, 3 frames a call: a call every 6 frames
+    period, now = 6 / FPS, pipeline.fake.t
+
+    def out(*periods_ago: float) -> collections.deque:  # calls sent then, not answered yet
+        return collections.deque(
+            runner.InFlight(range(1), mode, pipeline.look, None, now - p * period)
+            for p in periods_ago
+        )
+
+    assert not pipeline._room_for_a_call(engine, mode, out())  # a plain engine is called
+    _RoundTrips(_Worker(pipeline, 1.0), rtt=0.1)
+    periods: list[float] = []
+    engine.calls_in_flight = lambda period: periods.append(period) or 3
+    assert pipeline._room_for_a_call(engine, mode, out(0, 1, 2))  # one more to catch up
+    assert not pipeline._room_for_a_call(engine, mode, out(0, 0.5, 1, 2))
+    assert pipeline._room_for_a_call(engine, mode, out(0, 1, 2, 3.5))  # held up since
+    assert periods[0] == pytest.approx(period)
+    engine.calls_in_flight = lambda period: 50  # whatever it asks for
+    assert pipeline._room_for_a_call(engine, mode, out(*[0] * (runner.MAX_IN_FLIGHT - 1)))
+    assert not pipeline._room_for_a_call(engine, mode, out(*[0] * runner.MAX_IN_FLIGHT))
 
 
 def test_a_descheduled_worker_skips_and_counts_exactly_the_late_frames(pipeline) -> None:

@@ -154,8 +154,10 @@ def roi_field(dst: np.ndarray, src: np.ndarray, roi: Roi) -> np.ndarray:
     anchors = border_points(w, h)
     d_all = np.concatenate([dst - off, anchors])
     s_all = np.concatenate([src - off, anchors])
+    gap = d_all[:, None, :] - d_all[None, :, :]
+    apart = np.hypot(gap[..., 0], gap[..., 1]) > 1.0
     keep: list[int] = []
-    for i in range(len(d_all)):
-        if all(np.hypot(*(d_all[i] - d_all[j])) > 1.0 for j in keep):
+    for i in range(len(d_all)):  # in order: a point is merged into the first one kept near it
+        if apart[i, keep].all():
             keep.append(i)
     return dense_field(d_all[keep], s_all[keep], w, h)

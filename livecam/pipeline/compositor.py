@@ -120,13 +120,24 @@ HEAD_MARGIN = 0.55  # around the landmarks (brow to chin), in face heights: hair
 FEATHER = 0.12  # the swayed head fades into the still picture over this many face heights
 
 
+@dataclass(frozen=True)
+class _Seam:
+    """A strip of the head rectangle where the swayed head fades into the still picture."""
+
+    rows: slice
+    cols: slice
+    alpha: np.ndarray  # (rows, cols) float32 weights of the swayed head
+    beta: np.ndarray  # 1 - alpha
+
+
 @dataclass
 class _HeadRegion:
     """The canvas rectangle where the head moves, with a feathered edge; the rest is fixed.
 
     The sway is at most about a degree about the neck, so outside a margin around the head
     the full-frame warp moves pixels by a pixel or two: drawing that part once and warping
-    only the head (a third of the photo's area) looks the same and costs a third.
+    only the head (a third of the photo's area) looks the same and costs a third. The head is
+    warped straight into the frame; only the strips along the edge are blended.
     """
 
     x0: int
@@ -135,8 +146,7 @@ class _HeadRegion:
     y1: int
     still: np.ndarray  # (H, W, 3) the canvas with the photo placed, no sway
     alpha: np.ndarray  # (h, w) float32: 1 inside, fading to 0 at the rectangle's edge
-    beta: np.ndarray  # 1 - alpha
-    patch: np.ndarray  # (h, w, 3) uint8 scratch buffer for the warped head
+    seams: list[_Seam]  # where alpha < 1
 
     @classmethod
     def around(
@@ -149,15 +159,15 @@ class _HeadRegion:
         x0, y0 = max(x0, 0), max(y0, 0)
         x1, y1 = min(max(x1, x0 + 2), width), min(max(y1, y0 + 2), height)
         feather = max(2.0, FEATHER * framing.face_height * fit[0, 0])
-        h, w, inf = y1 - y0, x1 - x0, np.inf  # no fade where the rectangle meets the canvas edge
-        top = np.arange(h) + 0.5 if y0 > 0 else np.full(h, inf)
-        bottom = np.arange(h, 0, -1) - 0.5 if y1 < height else np.full(h, inf)
-        left = np.arange(w) + 0.5 if x0 > 0 else np.full(w, inf)
-        right = np.arange(w, 0, -1) - 0.5 if x1 < width else np.full(w, inf)
+        h, w, inf = y1 - y0, x1 - x0, np.inf
+        fades = (y0 > 0, y1 < height, x0 > 0, x1 < width)  # not where it meets the canvas edge
+        top = np.arange(h) + 0.5 if fades[0] else np.full(h, inf)
+        bottom = np.arange(h, 0, -1) - 0.5 if fades[1] else np.full(h, inf)
+        left = np.arange(w) + 0.5 if fades[2] else np.full(w, inf)
+        right = np.arange(w, 0, -1) - 0.5 if fades[3] else np.full(w, inf)
         edge = np.minimum(np.minimum(top, bottom)[:, None], np.minimum(left, right)[None, :])
         alpha = np.clip(edge / feather, 0.0, 1.0).astype(np.float32)
-        patch = np.empty((h, w, 3), np.uint8)
-        return cls(x0, y0, x1, y1, still, alpha, 1.0 - alpha, patch)
+        return cls(x0, y0, x1, y1, still, alpha, _seams(alpha, int(np.ceil(feather)), fades))
 
     def compose(self, image: np.ndarray, m: np.ndarray) -> np.ndarray:
         out = self.still.copy()
@@ -165,13 +175,34 @@ class _HeadRegion:
         m[0, 2] -= self.x0
         m[1, 2] -= self.y0
         region = out[self.y0 : self.y1, self.x0 : self.x1]
-        np.copyto(self.patch, region)  # where the photo does not reach: the still canvas
+        # where the photo does not reach, the still canvas stays
         cv2.warpAffine(
-            image, m, (self.x1 - self.x0, self.y1 - self.y0), dst=self.patch,
+            image, m, (self.x1 - self.x0, self.y1 - self.y0), dst=region,
             flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_TRANSPARENT,
         )  # fmt: skip
-        region[...] = cv2.blendLinear(self.patch, region, self.alpha, self.beta)
+        still = self.still[self.y0 : self.y1, self.x0 : self.x1]
+        for s in self.seams:
+            head = region[s.rows, s.cols]
+            head[...] = cv2.blendLinear(head, still[s.rows, s.cols], s.alpha, s.beta)
         return out
+
+
+def _seams(alpha: np.ndarray, depth: int, fades: tuple[bool, bool, bool, bool]) -> list[_Seam]:
+    """The strips `depth` deep along the sides that fade (top, bottom, left, right): the top
+    and bottom ones across the whole width, the left and right ones between them."""
+    h, w = alpha.shape
+    top = min(depth, h) if fades[0] else 0
+    bottom = max(h - depth, top) if fades[1] else h
+    left = min(depth, w) if fades[2] else 0
+    right = max(w - depth, left) if fades[3] else w
+    rows, middle = (slice(0, top), slice(bottom, h)), slice(top, bottom)
+    strips = [(r, slice(0, w)) for r in rows] + [
+        (middle, slice(0, left)),
+        (middle, slice(right, w)),
+    ]
+    return [
+        _Seam(r, c, alpha[r, c].copy(), 1.0 - alpha[r, c]) for r, c in strips if alpha[r, c].size
+    ]
 
 
 def _backdrop(image: np.ndarray, fit: np.ndarray, width: int, height: int) -> np.ndarray:
