@@ -6,6 +6,7 @@ import pytest
 from livecam.pipeline.scheduler import (
     LATENCY_CEILING_S,
     LOWER_AFTER_S,
+    SLOWER_AFTER_S,
     STEP_DOWN_AT,
     STEP_UP_AFTER_S,
     STEP_UP_BELOW,
@@ -428,16 +429,18 @@ def test_round_trips_a_lost_packet_held_up_are_not_covered_by_the_delay():
     assert 0.08 + 0.13 < s.playout_delay <= 0.08 + 1.1 * usual + 1e-9
 
 
-def test_a_network_that_got_slower_is_covered_after_a_second():
-    """Every round trip held up for half a second (a retransmission timeout, the replies
-    behind it draining): not covered. For SLOWER_AFTER_S: the network itself got slower."""
+def test_a_network_that_got_slower_is_covered_after_slower_after_s():
+    """Every round trip held up for a second and a half (retransmission timeouts on both
+    connections, the replies behind them draining; a stalled hop): not covered. For
+    SLOWER_AFTER_S without a break: the network itself got slower."""
     s = Scheduler(FPS, ("full",), (1,), base_delay_s=0.08)
     now = _drive_round_trips(s, _round_trips(10, held_every=30))
     low = s.playout_delay
-    slower = [t + 0.15 for t in _round_trips(2, rng_seed=2)]  # 250-300 ms from now on
-    now = _drive_round_trips(s, slower[: FPS // 2], start=now)
+    slower = [t + 0.15 for t in _round_trips(SLOWER_AFTER_S + 1, rng_seed=2)]  # 250-300 ms
+    held = int((SLOWER_AFTER_S - 0.5) * FPS)
+    now = _drive_round_trips(s, slower[:held], start=now)
     assert s.playout_delay == low < 0.08 + 0.2
-    _drive_round_trips(s, slower[FPS // 2 :], start=now)
+    _drive_round_trips(s, slower[held:], start=now)
     assert s.playout_delay >= 0.08 + 0.28
 
 

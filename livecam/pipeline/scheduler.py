@@ -35,7 +35,7 @@ LOWER_AFTER_S = 5.0  # a delay the calls no longer need comes down at most this 
 LOWER_BELOW = 0.8  # ... when a full window of calls needs less than this share of it
 HELD_UP_SPREADS = 3.5  # a round trip this many robust spreads over the median: a loss held it
 ROUND_TRIPS = 300  # round trips that tell what is usual (10 s of calls at 30 a second)
-SLOWER_AFTER_S = 1.0  # held up this long without a break: the network got slower, not lossy
+SLOWER_AFTER_S = 2.0  # held up this long without a break: the network got slower, not lossy
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,8 @@ class Scheduler:
         if len(self._recent) < RECALIBRATE_AFTER:
             return estimate * 1.3
         covered = self._covered()
+        if 2 * len(covered) <= len(self._recent):  # most held up, not for SLOWER_AFTER_S yet
+            return self._allowance  # (the few others tell nothing: it stays as it is)
         p95 = float(np.percentile(covered, 95))
         floor = float(covered.min()) if self._round_trips else 0.0
         return floor + (p95 - floor) * 1.1
@@ -108,8 +110,7 @@ class Scheduler:
         values = np.array(self._recent)
         if not self._round_trips or self._slower:
             return values
-        timely = values[values <= self._held_up_above()]
-        return timely if len(timely) else values
+        return values[values <= self._held_up_above()]
 
     def _held_up_above(self) -> float:
         """Held up: later than the usual round trip (the median of the longer window) by
