@@ -68,7 +68,8 @@ def render(s: Snapshot) -> Panel:
     info.add_row("queue", f"{s.queue_depth}/{s.queue_capacity} frames, {s.queue_drops} dropped")
     info.add_row(
         "counts",
-        f"{s.frames_generated} generated, {s.frames_skipped} skipped late, "
+        f"{s.frames_generated} generated ({s.frames_late} after their tick), "
+        f"{s.frames_skipped} skipped late, "
         f"{s.frames_silent} idle, {s.audio_overruns} audio overruns, "
         f"{s.late_ticks} late ticks",
     )

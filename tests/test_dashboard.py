@@ -22,6 +22,7 @@ def _snapshot(**kw) -> Snapshot:
         frames_repeated=20,
         frames_generated=880,
         frames_skipped=3,
+        frames_late=4,
         frames_silent=0,
         queue_depth=2,
         queue_capacity=8,
@@ -68,6 +69,7 @@ def test_dashboard_shows_the_numbers_users_need():
         "-18.0 dBFS",
         "up 1:15",
         "1 audio overruns",
+        "880 generated (4 after their tick)",
     ):
         assert expected in text, expected
 

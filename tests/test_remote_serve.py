@@ -143,9 +143,9 @@ def test_a_wrong_token_is_refused_before_any_work(server, avatars):
         assert header["code"] == "auth"
 
 
-def _hello(ws) -> dict:
+def _hello(ws, **extra) -> dict:
     ws.send(wire.pack({"type": "hello", "version": wire.VERSION, "token": TOKEN, "engine": "lite",
-                       "fps": FPS, "idle": True, "encoding": "raw"}))  # fmt: skip
+                       "fps": FPS, "idle": True, "encoding": "raw", **extra}))  # fmt: skip
     return wire.unpack(ws.recv(timeout=10))[0]
 
 
@@ -197,6 +197,71 @@ def test_a_dropped_connection_gives_local_frames_then_reconnects(server, avatars
         before = engine.link.stats.remote_frames
         engine.generate(ring, [40, 41])
         assert engine.link.stats.remote_frames == before + 2
+    finally:
+        engine.close()
+
+
+def test_a_second_connection_joins_the_stream_and_each_request_is_generated_once(
+    server, avatars, ring
+):
+    """Over a lossy network a client sends each request on two connections of its stream:
+    the server generates it once and answers on both (the same faces, the same generation
+    time); only the key the stream's ready message gave lets a connection join it."""
+    sha, blob = wire.avatar_blob(avatars[0])
+    url = stream_url(server)
+    with connect(url, proxy=None, max_size=None) as a, connect(url, proxy=None) as b:
+        ready = _hello(a)
+        stream, key = ready["stream"], ready["key"]
+        for join in ({"stream": stream, "key": "0" * 32}, {"stream": stream + 10**6, "key": key},
+                     "stream 1"):  # fmt: skip
+            with connect(url, proxy=None) as other:
+                header = _hello(other, join=join)
+                assert header["type"] == "error" and header["code"] == "bad_request", join
+        joined = _hello(b, join={"stream": stream, "key": key})
+        assert joined["type"] == "ready" and joined["stream"] == stream
+        a.send(wire.pack({"type": "avatar", "sha256": sha}, blob))
+        assert wire.unpack(a.recv(timeout=10))[0]["known"]
+        b.send(wire.pack({"type": "avatar", "sha256": sha}))  # known to the stream's server
+        assert wire.unpack(b.recv(timeout=10))[0]["known"]
+        audio = ring.read(0, 3200).tobytes()
+        ask = {"type": "frames", "id": 1, "avatar": sha, "frames": [0, 1], "tier": "full"}
+        for ws in (a, b):  # each copy carries the audio too
+            ws.send(wire.pack({**ask, "audio_start": 0}, audio))
+        (one, faces_a), (two, faces_b) = (wire.unpack(ws.recv(timeout=10)) for ws in (a, b))
+        assert one["type"] == two["type"] == "faces" and one["id"] == two["id"] == 1
+        assert faces_a == faces_b and one["generate_ms"] == two["generate_ms"]
+        b.send(wire.pack({**ask, "frames": [2]}))  # the same id for other frames: refused
+        assert wire.unpack(b.recv(timeout=10))[0]["code"] == "bad_request"
+        b.send(wire.pack({**ask, "id": 2, "frames": [2, 3]}))  # the audio came on the other
+        header, _ = wire.unpack(b.recv(timeout=10))
+        assert header["type"] == "faces" and header["frames"] == [2, 3]
+
+
+def test_a_client_over_a_network_sends_each_call_on_two_connections(server, avatars, ring,
+                                                                     monkeypatch):  # fmt: skip
+    """Over loopback one connection; over a network two, each call on both, and the first
+    reply is shown. When the second fails, the stream goes on over the first."""
+    avatar, local = avatars[2], LiteEngine(avatars[2], FPS)
+    loopback = open_remote(server, TOKEN, avatar, LiteEngine(avatar, FPS), remote_only=True)
+    assert loopback.link._second is None
+    loopback.close()
+    monkeypatch.setattr("livecam.remote.client._loopback", lambda url: False)
+    engine = open_remote(server, TOKEN, avatar, LiteEngine(avatar, FPS), remote_only=True)
+    try:
+        link = engine.link
+        assert link._second is not None and link._second.stream == link._conn.stream
+        calls = [engine.submit(ring, [k]) for k in range(8)]
+        assert all(len(call.pending.conns) == 2 for call in calls)
+        for k, call in enumerate(calls):
+            while (faces := call.wait(1.0)) is None:
+                pass
+            expected = local.generate(ring, [k])[0]  # (JPEG: close, not exact)
+            assert np.abs(faces[0].astype(int) - expected).mean() < 2, k
+        assert "two connections" in link.status_line()
+        link._second.ws.close()  # the second connection fails: the first goes on
+        faces = engine.generate(ring, [20, 21])
+        assert link._second is None and link._conn is not None
+        assert link.stats.remote_frames == 10 and link.stats.local_frames == 0
     finally:
         engine.close()
 

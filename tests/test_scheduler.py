@@ -6,6 +6,7 @@ import pytest
 from livecam.pipeline.scheduler import (
     LATENCY_CEILING_S,
     LOWER_AFTER_S,
+    SLOWER_AFTER_S,
     STEP_DOWN_AT,
     STEP_UP_AFTER_S,
     STEP_UP_BELOW,
@@ -398,3 +399,62 @@ def test_a_long_latency_with_little_cost_raises_the_delay_not_the_stride():
     slow = Scheduler(FPS, ("full", "nearest"), (1, 2, 4), base_delay_s=0.08)
     _drive(slow, lambda m: 0.15, 10)
     assert slow.mode.stride > 1
+
+
+def _round_trips(seconds: float, held_every: int = 0, rng_seed: int = 1) -> list[float]:
+    """A remote engine's round trips over a 100 +- 20 ms network, 30 calls a second; with
+    `held_every`, every so many calls a lost packet holds up four in a row (+ 150..90 ms)."""
+    rng = np.random.default_rng(rng_seed)
+    trips = list(0.13 + rng.uniform(-0.02, 0.02, int(seconds * FPS)))
+    for start in range(held_every // 2, len(trips) - 4, held_every or len(trips)):
+        for i, extra in enumerate((0.15, 0.13, 0.11, 0.09)):
+            trips[start + i] += extra
+    return trips
+
+
+def _drive_round_trips(s: Scheduler, trips: list[float], start: float = 0.0) -> float:
+    for k, trip in enumerate(trips):
+        s.observe(s.mode, 0.005, now=start + k / FPS, latency=trip)
+    return start + len(trips) / FPS
+
+
+def test_round_trips_a_lost_packet_held_up_are_not_covered_by_the_delay():
+    """At 1 % loss one call in seven or eight waits for a resent packet; the delay covers the
+    usual round trips (p95 and 10 %) and not those, whose frames come late instead."""
+    trips = _round_trips(10, held_every=30)  # 4 of every 30 calls held up: 13 %
+    s = Scheduler(FPS, ("full", "nearest"), (1, 2, 4), base_delay_s=0.08)
+    _drive_round_trips(s, trips)
+    usual = 0.13 + 0.02
+    assert s.mode == Mode("full", 1, 1)
+    assert 0.08 + 0.13 < s.playout_delay <= 0.08 + 1.1 * usual + 1e-9
+
+
+def test_a_network_that_got_slower_is_covered_after_slower_after_s():
+    """Every round trip held up for a second and a half (retransmission timeouts on both
+    connections, the replies behind them draining; a stalled hop): not covered. For
+    SLOWER_AFTER_S without a break: the network itself got slower."""
+    s = Scheduler(FPS, ("full",), (1,), base_delay_s=0.08)
+    now = _drive_round_trips(s, _round_trips(10, held_every=30))
+    low = s.playout_delay
+    slower = [t + 0.15 for t in _round_trips(SLOWER_AFTER_S + 1, rng_seed=2)]  # 250-300 ms
+    held = int((SLOWER_AFTER_S - 0.5) * FPS)
+    now = _drive_round_trips(s, slower[:held], start=now)
+    assert s.playout_delay == low < 0.08 + 0.2
+    _drive_round_trips(s, slower[held:], start=now)
+    assert s.playout_delay >= 0.08 + 0.28
+
+
+def test_round_trips_later_by_less_than_a_frame_are_covered_whatever_their_spread():
+    """All round trips alike but one in ten 25 ms later (under a frame): no spread to speak
+    of, yet those are jitter, not a lost packet's wait: the delay covers them."""
+    s = Scheduler(FPS, ("full",), (1,), base_delay_s=0.08)
+    _drive_round_trips(s, [0.035 if k % 10 == 9 else 0.010 for k in range(300)])
+    assert s.playout_delay >= 0.08 + 0.035
+
+
+def test_the_margin_on_round_trips_is_on_their_jitter_not_on_the_path():
+    """A 100 ms path with up to 20 ms of jitter: the delay covers the p95 and 10 % of what
+    exceeds the fastest round trip (10 % of the whole would add 10 ms for the path)."""
+    s = Scheduler(FPS, ("full",), (1,), base_delay_s=0.08)
+    _drive_round_trips(s, [0.1 + 0.02 * (k % 2) for k in range(60)])
+    assert s.playout_delay == pytest.approx(0.08 + 0.1 + 1.1 * 0.02)

@@ -39,7 +39,7 @@ TICK_LAG = 0.002  # s a tick falls after its frame is due (timer wake-up jitter)
 MIN_INTERVAL = 0.9  # periods: shorter only to follow the audio clock's small corrections
 STALL_GRACE_S = 0.25  # the capture stream this far behind the clock: the source stalled
 MARGIN_S = 0.005  # scheduling jitter of the worker thread
-MAX_IN_FLIGHT = 8  # calls of a pipelined engine (remote) at once, whatever it asks for
+MAX_IN_FLIGHT = 32  # calls of a pipelined engine at once: a second of them (the reply timeout)
 
 
 @dataclass(frozen=True)
@@ -192,7 +192,7 @@ class Pipeline:
             engine = look.engine
             needed = engine.samples_needed(batch[-1])
             ready = not self.muted and needed <= self.ring.end
-            if ready and self._room_for_a_call(engine, mode, len(in_flight)):
+            if ready and self._room_for_a_call(engine, mode, in_flight):
                 if engine.tier != mode.tier:
                     engine.set_tier(mode.tier)
                 in_flight.append(InFlight(batch, mode, look, engine.submit(self.ring, batch),
@@ -215,12 +215,20 @@ class Pipeline:
                 wait = needed / SAMPLE_RATE - self.clock.stream_time(now)
                 self._stop.wait(min(max(wait, 0.002), 0.02))
 
-    def _room_for_a_call(self, engine: Engine, mode: Mode, in_flight: int) -> bool:
-        """A pipelined engine with fewer calls in flight than it wants at this mode's pace."""
-        if not isinstance(engine, PipelinedEngine):
+    def _room_for_a_call(
+        self, engine: Engine, mode: Mode, in_flight: collections.deque[InFlight]
+    ) -> bool:
+        """A pipelined engine that sent no more calls in the last round trip than it wants
+        at this mode's pace: one a period as their audio comes in, and one more to catch up
+        after a late one. Calls out for longer and still unanswered (a lost packet holds
+        them up) do not count: the next ones still go out on time, not in a burst once the
+        held-up ones are answered."""
+        if not isinstance(engine, PipelinedEngine) or len(in_flight) >= MAX_IN_FLIGHT:
             return False
         period = mode.batch * mode.stride / self.cfg.fps
-        return in_flight < min(MAX_IN_FLIGHT, engine.calls_in_flight(period))
+        calls = engine.calls_in_flight(period)
+        since = time.perf_counter() - calls * period
+        return sum(1 for call in in_flight if call.sent > since) <= calls
 
     def _generate(self, frames: range, mode: Mode, look: Look) -> None:
         engine = look.engine
@@ -241,8 +249,12 @@ class Pipeline:
 
     def _made(self, frames: range, faces: list[np.ndarray], mode: Mode, look: Look,
               seconds: float, latency: float | None = None) -> None:  # fmt: skip
-        """Generated faces into the buffer; the call's cost (and latency) to the scheduler."""
+        """Generated faces into the buffer; the call's cost (and latency) to the scheduler.
+        Faces whose frame is due already are counted late (a remote reply that a lost packet
+        held up): the camera showed the mouth before them."""
         self.counters.time_stage("generate", seconds / len(frames))
+        due = self._due_frame(time.monotonic())
+        self.counters.frames_late += sum(1 for k in frames if k <= due)
         self._push(frames, faces, look)
         self.counters.frames_generated += len(frames)
         for _ in frames:
@@ -387,6 +399,7 @@ class Pipeline:
             frames_repeated=repeated,
             frames_generated=c.frames_generated,
             frames_skipped=c.frames_skipped,
+            frames_late=c.frames_late,
             frames_silent=c.frames_silent,
             queue_depth=len(self._faces),
             queue_capacity=FACE_BUFFER,

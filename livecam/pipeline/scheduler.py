@@ -5,6 +5,12 @@ call, with the engine at `tier`. The scheduler keeps a moving estimate of each c
 and the predicted utilisation of a mode is cost / (time the batch covers on the camera). It
 steps down the quality ladder quickly when the generator falls behind and back up slowly
 when there is headroom (hysteresis), and derives the playout delay from the active mode.
+
+The delay covers the p95 of the recent calls, except for a remote engine's calls that a lost
+packet held up: over TCP a lost packet holds up every reply behind it until it is resent (a
+round trip or more), at 1 % loss one call in seven or eight. Covering those would add that
+round trip to every frame's latency; instead their frames come late and the camera shows the
+mouth before them (counted on the dashboard), as a jitter buffer conceals a lost packet.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ LATENCY_CEILING_S = 0.2  # prefer a coarser stride to a batch that delays more t
 RECALIBRATE_AFTER = 10  # calls in a mode before its measured p95 may raise the playout delay
 LOWER_AFTER_S = 5.0  # a delay the calls no longer need comes down at most this often
 LOWER_BELOW = 0.8  # ... when a full window of calls needs less than this share of it
+HELD_UP_SPREADS = 3.5  # a round trip this many robust spreads over the median: a loss held it
+ROUND_TRIPS = 300  # round trips that tell what is usual (10 s of calls at 30 a second)
+SLOWER_AFTER_S = 2.0  # held up this long without a break: the network got slower, not lossy
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,10 @@ class Scheduler:
         self.level = 0
         self._cost: dict[tuple[str, int], float] = {(tiers[0], batch_sizes[0]): initial_cost_s}
         self._recent: collections.deque[float] = collections.deque(maxlen=30)
+        # a remote engine's round trips, over a longer window: its usual ones
+        self._round_trips: collections.deque[float] = collections.deque(maxlen=ROUND_TRIPS)
+        self._held_since: float | None = None  # since when every round trip was held up
+        self._slower = False  # ... for SLOWER_AFTER_S or more
         self._calm_since: float | None = None
         self.mode = Mode(tiers[0], 1, batch_sizes[0])
         self.changes = 0  # mode or delay changes so far (what observe reported True for)
@@ -77,11 +90,44 @@ class Scheduler:
         return cost * self.fps / (mode.batch * mode.stride)
 
     def _generation_allowance(self) -> float:
-        """p95 of the mode's recent calls, or its estimated cost before there are any."""
+        """p95 of the mode's recent calls and 10 %, or its estimated cost before there are
+        any. Of round trips, 10 % of what exceeds the fastest: the path's own delay is the
+        same for every call and needs no margin."""
         estimate = self.cost(self.mode.tier, self.mode.batch)
         if len(self._recent) < RECALIBRATE_AFTER:
             return estimate * 1.3
-        return float(np.percentile(list(self._recent), 95)) * 1.1
+        covered = self._covered()
+        if 2 * len(covered) <= len(self._recent):  # most held up, not for SLOWER_AFTER_S yet
+            return self._allowance  # (the few others tell nothing: it stays as it is)
+        p95 = float(np.percentile(covered, 95))
+        floor = float(covered.min()) if self._round_trips else 0.0
+        return floor + (p95 - floor) * 1.1
+
+    def _covered(self) -> np.ndarray:
+        """The recent calls the delay covers: all of them, but of round trips those that no
+        lost packet held up, unless every call has been held up for SLOWER_AFTER_S (a loss
+        is over sooner: the network itself got slower)."""
+        values = np.array(self._recent)
+        if not self._round_trips or self._slower:
+            return values
+        return values[values <= self._held_up_above()]
+
+    def _held_up_above(self) -> float:
+        """Held up: later than the usual round trip (the median of the longer window) by
+        more than HELD_UP_SPREADS robust spreads (MAD) and more than a frame (less is
+        jitter, whatever the spread)."""
+        usual = np.array(self._round_trips)
+        median = np.median(usual)
+        spread = 1.4826 * np.median(np.abs(usual - median))  # sigma, were it normal
+        return float(median + max(HELD_UP_SPREADS * spread, 1 / self.fps))
+
+    def _note_round_trip(self, latency: float, now: float) -> None:
+        self._round_trips.append(latency)
+        if latency <= self._held_up_above():
+            self._held_since = None
+        elif self._held_since is None:
+            self._held_since = now
+        self._slower = self._held_since is not None and now - self._held_since >= SLOWER_AFTER_S
 
     def _batch_wait(self, mode: Mode) -> float:
         """How long the audio of a batch's last frame arrives after its first frame's."""
@@ -128,6 +174,8 @@ class Scheduler:
         self._cost[key] = old + EWMA * (seconds - old)
         self._recent.append(seconds if latency is None else latency)
         now = time.monotonic() if now is None else now
+        if latency is not None:
+            self._note_round_trip(latency, now)
         if (
             len(self._recent) == RECALIBRATE_AFTER
             or (

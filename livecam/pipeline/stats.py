@@ -75,6 +75,7 @@ class Snapshot:
     frames_repeated: int  # the due face was not ready in time
     frames_generated: int
     frames_skipped: int
+    frames_late: int  # generated, but after their tick: the camera showed the mouth before
     frames_silent: int
     queue_depth: int
     queue_capacity: int
@@ -116,6 +117,7 @@ class Counters:
     frames_repeated: int = 0
     frames_generated: int = 0
     frames_skipped: int = 0
+    frames_late: int = 0
     frames_silent: int = 0
     queue_drops: int = 0
     late_ticks: int = 0

@@ -70,6 +70,7 @@ def _stream_row(pipeline: Pipeline, elapsed: float) -> dict:
         "generated_fps": round(snap.frames_generated / elapsed, 2),
         "skip_ratio": round(snap.skip_ratio, 4),
         "frames_repeated_late": snap.frames_repeated,
+        "frames_after_their_tick": snap.frames_late,  # remote replies a lost packet held up
         # shown frames: stream time at the tick minus the frame's own time (sink adds ~0)
         "latency_ms": {"p50": round(p50, 1), "p95": round(p95, 1)},
         "playout_delay_ms": round(snap.playout_delay_ms, 1),

@@ -10,7 +10,9 @@ background thread reconnects with backoff. Imports neither Ray nor torch.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ipaddress
+import itertools
 import logging
 import math
 import threading
@@ -38,6 +40,8 @@ CONTEXT_S = 2.0  # audio sent before the first frame after (re)connecting
 BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 4.0)
 RTT_WINDOW = 300
 KEPT_REPLIES = 16  # replies that came out of turn, kept until read
+COPIES = 2  # connections each call goes out on over a network (not loopback): first reply wins
+POLL_S = 0.002  # how often the connections are looked at while a reply is awaited on two
 
 
 class RemoteError(Exception):
@@ -82,6 +86,7 @@ class LinkStats:
     local_frames: int = 0
     timeouts: int = 0
     reconnects: int = 0
+    second_first: int = 0  # replies that came first on the second connection
 
 
 @dataclass(frozen=True)
@@ -118,7 +123,6 @@ class _Connection:
         self.ws, self.stream, self.encoding = ws, stream, encoding
         self.sent: int | None = None  # absolute sample index sent up to
         self.avatars: set[str] = set()
-        self.ids = iter(range(1, 1 << 62))
         # replies to calls in flight that came while another answer was awaited (an avatar's)
         self.kept: collections.OrderedDict[int, tuple[dict, bytes]] = collections.OrderedDict()
 
@@ -152,11 +156,11 @@ class _Connection:
         self.avatars.add(sha)
 
     def send_request(
-        self, ring: AudioRing, upto: int, sha: str, frames: list[int], tier: str
-    ) -> int:
+        self, ring: AudioRing, upto: int, sha: str, frames: list[int], tier: str, request_id: int
+    ) -> None:
         """Ask for faces, with the audio up to `upto` the server has not had yet (the last
-        piece rides in the request: one message per call in the common case); the request's
-        id. Replies come in order, later (`reply`): several requests may be in flight."""
+        piece rides in the request: one message per call in the common case). Replies come
+        in order, later (`reply`): several requests may be in flight."""
         start = max(self.sent if self.sent is not None else upto - int(CONTEXT_S * SAMPLE_RATE), 0)
         start = max(start, ring.start)
         while upto - start > wire.MAX_AUDIO_SAMPLES:
@@ -166,11 +170,9 @@ class _Connection:
             start = stop
         audio = ring.read(start, upto).tobytes() if start < upto else b""
         self.sent = max(self.sent or 0, upto)
-        request_id = next(self.ids)
         header = {"type": "frames", "id": request_id, "avatar": sha, "frames": frames,
                   "tier": tier, "audio_start": start}  # fmt: skip
         self.ws.send(wire.pack(header, audio))
-        return request_id
 
     def reply(
         self, request_id: int, sha: str, frames: list[int], timeout: float
@@ -188,9 +190,9 @@ class _Connection:
 
 @dataclass(frozen=True)
 class Pending:
-    """A request sent on a connection, its reply not read yet."""
+    """A request sent on a stream's connections, its reply not read yet."""
 
-    conn: _Connection
+    conns: tuple[_Connection, ...]
     request_id: int
     sha: str
     frames: list[int]
@@ -200,7 +202,12 @@ class Pending:
 class Link:
     """The connection to the server, shared by a stream's engines (one per avatar shown):
     requests go out as their audio arrives, several in flight, and their replies are read in
-    order; it reconnects in the background after a drop."""
+    order; it reconnects in the background after a drop.
+
+    Over a network the stream has a second connection and each request goes out on both
+    (the server generates it once): a lost packet holds up every reply behind it on its
+    TCP connection until it is resent, a round trip or more, and at 1 % loss that is a
+    third of the calls; the same reply on the other connection is rarely held up too."""
 
     def __init__(
         self, url: str, token: str, fps: float, idle: bool, reply_timeout_s: float = REPLY_TIMEOUT_S
@@ -210,15 +217,45 @@ class Link:
         self.token, self.fps, self.idle = token, fps, idle
         self.server: ServerEngine | None = None  # what the server said it runs
         self.encoding = "raw" if _loopback(self.url) else "jpeg"
+        self.copies = 1 if _loopback(self.url) else COPIES
         self.stats = LinkStats()
         self.problem: str | None = None  # why the server is not used right now
         self._conn: _Connection | None = None
+        self._second: _Connection | None = None  # the stream's second connection
+        self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._reconnecting: threading.Thread | None = None
 
     def connect(self) -> None:
-        """Open and authenticate a stream; RemoteError (RemoteRefused) if that fails."""
+        """Open and authenticate a stream (and its second connection over a network);
+        RemoteError (RemoteRefused) if that fails."""
+        ws, header, server = self._open()
+        second = self._join(header) if self.copies > 1 else None
+        with self._lock:
+            self._conn = _Connection(ws, int(header["stream"]), self.encoding)
+            self._second = second
+            self.server, self.problem = server, None
+        log.info("remote generation: stream %d on %s%s", header["stream"], self.url,
+                 " (two connections)" if second else "")  # fmt: skip
+
+    def _join(self, ready: dict) -> _Connection | None:
+        """A second connection to the stream of `ready`; None where the server has none."""
+        stream, key = ready["stream"], ready.get("key")
+        if not isinstance(key, str):
+            return None  # a server that does not join connections
+        try:
+            ws, header, _ = self._open({"join": {"stream": stream, "key": key}})
+        except RemoteError as exc:
+            log.info("one connection only: %s", exc)
+            return None
+        if header["stream"] != stream:
+            ws.close()
+            return None
+        return _Connection(ws, stream, self.encoding)
+
+    def _open(self, extra: dict | None = None) -> tuple[ClientConnection, dict, ServerEngine]:
+        """A connection that said hello (with `extra`) and was answered ready."""
         try:
             # entered by hand: the stream outlives this call (websockets >= 17.1 warns
             # about connect() used outside `with`; __enter__ works on 15 and later)
@@ -242,6 +279,7 @@ class Link:
                         "fps": self.fps,
                         "idle": self.idle,
                         "encoding": self.encoding,
+                        **(extra or {}),
                     }
                 )
             )
@@ -262,10 +300,7 @@ class Link:
             raise RemoteRefused(
                 f"the livecam server at {self.url} is not compatible: {exc}"
             ) from None
-        with self._lock:
-            self._conn = _Connection(ws, int(header["stream"]), self.encoding)
-            self.server, self.problem = server, None
-        log.info("remote generation: stream %d on %s", header["stream"], self.url)
+        return ws, header, server
 
     def upload(self, sha: str, blob: bytes) -> None:
         """Send an avatar now (before the camera runs), not with the first frames."""
@@ -276,6 +311,12 @@ class Link:
                 self._conn.ensure_avatar(sha, blob)
             except (OSError, TimeoutError, ConnectionClosed, wire.ProtocolError) as exc:
                 raise RemoteError(f"cannot send the avatar to {self.url}: {exc}") from None
+            if self._second is not None:
+                try:
+                    self._second.ensure_avatar(sha, blob)
+                except (OSError, TimeoutError, ConnectionClosed, RemoteError,
+                        wire.ProtocolError) as exc:  # fmt: skip
+                    self._lose(self._second, exc)
 
     def start_reconnecting(self, reason: str) -> None:
         self.problem = reason
@@ -308,16 +349,27 @@ class Link:
             conn = self._conn
             if conn is None:
                 return None
+            request_id = next(self._ids)
             try:
                 conn.ensure_avatar(sha, blob)
-                request_id = conn.send_request(ring, upto, sha, frames, tier)
+                conn.send_request(ring, upto, sha, frames, tier, request_id)
             except (TimeoutError, IndexError):  # a late avatar answer; audio overwritten
                 self.stats.timeouts += 1
                 return None
             except (OSError, ConnectionClosed, RemoteError, wire.ProtocolError) as exc:
                 self._lose(conn, exc)
                 return None
-        return Pending(conn, request_id, sha, frames, time.perf_counter())
+            conns = (conn,)
+            second = self._second
+            if second is not None:
+                try:
+                    second.ensure_avatar(sha, blob)
+                    second.send_request(ring, upto, sha, frames, tier, request_id)
+                    conns = (conn, second)
+                except (OSError, TimeoutError, IndexError, ConnectionClosed, RemoteError,
+                        wire.ProtocolError) as exc:  # fmt: skip
+                    self._lose(second, exc)
+        return Pending(conns, request_id, sha, frames, time.perf_counter())
 
     def receive(
         self, pending: Pending, timeout: float, shape: tuple[int, ...]
@@ -326,14 +378,11 @@ class Link:
         `timeout`; (True, None) when it never will be: too late, or the connection was lost
         (then the caller makes local frames)."""
         with self._lock:
-            conn = self._conn
-            if conn is not pending.conn:
+            if self._conn is None or self._conn is not pending.conns[0]:
                 return True, None
             left = pending.sent + self.reply_timeout_s - time.perf_counter()
             try:
-                header, payload = conn.reply(
-                    pending.request_id, pending.sha, pending.frames, max(min(timeout, left), 0.0)
-                )
+                header, payload = self._first_reply(pending, max(min(timeout, left), 0.0))
                 patches = _decode(header, payload, len(pending.frames), shape)
             except TimeoutError:
                 if left > timeout:
@@ -341,7 +390,7 @@ class Link:
                 self.stats.timeouts += 1
                 return True, None
             except (OSError, ConnectionClosed, RemoteError, wire.ProtocolError) as exc:
-                self._lose(conn, exc)
+                self._lose(self._conn, exc)
                 return True, None
         s = self.stats
         s.rtt_s.append(time.perf_counter() - pending.sent)
@@ -350,10 +399,49 @@ class Link:
         s.batch_frames[int(_number(header, "batch_frames"))] += 1
         return True, patches
 
+    def _first_reply(self, pending: Pending, timeout: float) -> tuple[dict, bytes]:
+        """The reply from whichever connection has it first (TimeoutError if none does
+        within `timeout`); the second connection failing leaves the first. Both are read
+        each time, so neither holds the copies that came second."""
+        conn, second = self._conn, self._second
+        if second is None or second not in pending.conns:
+            return conn.reply(pending.request_id, pending.sha, pending.frames, timeout)
+        deadline = time.perf_counter() + timeout
+        while True:
+            found = None
+            with contextlib.suppress(TimeoutError):
+                found = conn.reply(pending.request_id, pending.sha, pending.frames, 0.0)
+            try:
+                copy = second.reply(pending.request_id, pending.sha, pending.frames, 0.0)
+                if found is None:
+                    self.stats.second_first += 1
+                    return copy
+            except TimeoutError:
+                pass
+            except (OSError, ConnectionClosed, RemoteError, wire.ProtocolError) as exc:
+                self._lose(second, exc)
+                if found is None:
+                    return conn.reply(pending.request_id, pending.sha, pending.frames,
+                                      max(deadline - time.perf_counter(), 0.0))  # fmt: skip
+            if found is not None:
+                return found
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                raise TimeoutError
+            time.sleep(min(POLL_S, left))
+
     def _lose(self, conn: _Connection, exc: Exception) -> None:
-        """The connection failed (called under the lock): local frames until it is back."""
-        self._conn = None
+        """A connection failed (called under the lock). The second: the first goes on alone
+        (until the stream reconnects). The first: local frames until it is back."""
         conn.ws.close()
+        if conn is self._second:
+            self._second = None
+            log.info("the second connection to %s failed (%s): one from now on", self.url, exc)
+            return
+        self._conn = None
+        if self._second is not None:
+            self._second.ws.close()
+            self._second = None
         log.warning("remote generation lost (%s): local frames until it is back", exc)
         self.start_reconnecting(f"lost the livecam server at {self.url} ({exc})")
 
@@ -363,17 +451,21 @@ class Link:
             return f"{self.url} · reconnecting · {s.local_frames} local frames"
         rtt = np.percentile(list(s.rtt_s), [50, 95]) * 1e3 if s.rtt_s else (0.0, 0.0)
         batch = s.batch_streams.most_common(1)[0][0] if s.batch_streams else 0
+        second = f" · two connections, {s.second_first} replies first on the second" * bool(
+            self._second
+        )
         return (
             f"{self.url} · rtt {rtt[0]:.0f}/{rtt[1]:.0f} ms p50/p95 · remote queue "
-            f"{s.queue} · batches of {batch} streams · {s.local_frames} local frames"
+            f"{s.queue} · batches of {batch} streams · {s.local_frames} local frames{second}"
         )
 
     def close(self) -> None:
         self._closed.set()
         with self._lock:
-            if self._conn is not None:
-                self._conn.ws.close()
-                self._conn = None
+            for conn in (self._conn, self._second):
+                if conn is not None:
+                    conn.ws.close()
+            self._conn = self._second = None
 
 
 def _number(header: dict, key: str) -> float:

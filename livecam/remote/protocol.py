@@ -5,7 +5,7 @@ Every WebSocket message is binary: a 4-byte big-endian header length, a UTF-8 JS
 
 client -> server                               server -> client
   hello  {version, token, fps, idle,            ready  {stream, engine, tiers, batch_sizes,
-          encoding}                                      response_s, needed}
+          encoding, [join {stream, key}]}                response_s, needed, key}
   avatar {sha256} [+ npz payload]                avatar {sha256, known}
   audio  {start} + float32 LE samples            faces  {id, stream, avatar, frames, patches,
   frames {id, avatar, frames, tier,                      encoding, ...} + patch bytes
@@ -13,6 +13,9 @@ client -> server                               server -> client
                                                  error  {code, message}
 
 The hello must come first and carry the token; nothing else is read before it is accepted.
+A hello with "join" (the stream and the key its ready message gave) opens a second
+connection of that stream: a client over a lossy network sends each request on both (same
+id) and the server generates it once, answering on both.
 Audio carries its absolute sample index; faces are keyed by the request id, the stream id
 and the frame indices, so a reply can never be taken for another stream's or request's.
 Faces travel as the image regions the engine changes (the client holds the avatar and pastes

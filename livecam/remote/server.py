@@ -16,11 +16,12 @@ import hmac
 import itertools
 import logging
 import os
+import secrets
 import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ MAX_ERRORS = 16  # protocol errors on one connection before it is closed
 UPLOADED_AVATARS = 32  # per ingress replica
 CLOSE_AUTH, CLOSE_PROTOCOL = 4401, 4400
 MAX_STREAMS = 256  # WebSocket connections per ingress replica (each is one ongoing request)
+KEPT_CALLS = 64  # a stream's latest requests, for their copies on its other connection
 QUIET = {"log_level": "WARNING", "enable_access_log": False}
 
 api = FastAPI()
@@ -67,6 +69,19 @@ async def _refuse(ws: WebSocket, code: str, message: str) -> None:
 def _quiet() -> contextlib.AbstractContextManager:
     """Ignore failures while closing a connection that may already be gone."""
     return contextlib.suppress(Exception)
+
+
+@dataclass
+class Stream:
+    """A stream and what its connections share: a client over a lossy network sends each
+    request on two (a lost packet holds up only one), and each request is generated once."""
+
+    state: StreamState
+    key: str = field(default_factory=lambda: secrets.token_hex(16))  # to join it
+    calls: collections.OrderedDict[int, tuple[tuple[int, ...], asyncio.Future]] = field(
+        default_factory=collections.OrderedDict
+    )
+    connections: int = 1
 
 
 @serve.deployment(
@@ -108,25 +123,27 @@ class Ingress:
         self.engines: dict[float, tuple[EngineInfo, dict]] = {}  # per frame rate
         self.avatars: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self.streams = itertools.count(1)
+        self.joinable: dict[int, Stream] = {}  # by stream id
         self.in_flight = 0  # generator calls waiting, over all streams: the remote queue
 
     @api.websocket(wire.PATH)
     async def stream(self, ws: WebSocket) -> None:
         await ws.accept()
+        stream = None
         try:
-            state = await self._hello(ws)
+            stream = await self._hello(ws)
             errors = 0
-            while state is not None and errors < MAX_ERRORS:
+            while stream is not None and errors < MAX_ERRORS:
                 message = await ws.receive()
                 if message["type"] == "websocket.disconnect":
                     return
                 try:
                     header, payload = wire.unpack(message.get("bytes") or message.get("text"))
-                    await self._handle(ws, state, header, payload)
+                    await self._handle(ws, stream, header, payload)
                 except wire.ProtocolError as exc:
                     errors += 1
                     await _send(ws, {"type": "error", "code": "bad_request", "message": str(exc)})
-            if state is not None:
+            if stream is not None:
                 await ws.close(CLOSE_PROTOCOL, "too many malformed messages")
         except WebSocketDisconnect:
             return
@@ -135,9 +152,16 @@ class Ingress:
             with _quiet():
                 await _send(ws, {"type": "error", "code": "internal", "message": "server error"})
                 await ws.close(1011)
+        finally:
+            if stream is not None:
+                stream.connections -= 1
+                if not stream.connections:
+                    self.joinable.pop(stream.state.stream, None)
 
-    async def _hello(self, ws: WebSocket) -> StreamState | None:
-        """The first message must be a hello with the right token: nothing else is read."""
+    async def _hello(self, ws: WebSocket) -> Stream | None:
+        """The first message must be a hello with the right token: nothing else is read.
+        With "join": {stream, key} (the key its ready message gave) it is a second
+        connection of that stream."""
         try:
             message = await asyncio.wait_for(ws.receive(), HELLO_TIMEOUT_S)
             header, _ = wire.unpack(message.get("bytes") or message.get("text") or b"")
@@ -156,22 +180,44 @@ class Ingress:
             if wire.field(header, "encoding", str) not in wire.ENCODINGS:
                 raise wire.ProtocolError(f"encoding must be one of {wire.ENCODINGS}")
             wire.field(header, "idle", bool)
+            joined = self._joined(header.get("join"))
         except (wire.ProtocolError, LimitError) as exc:
             return await _refuse(ws, "bad_request", str(exc))
+        if joined is not None:
+            joined.connections += 1
+            await _send(ws, self._ready(joined))
+            return joined
         if fps not in self.engines:
             self.engines[fps] = await self.generator.describe.remote(fps)
         info, needed = self.engines[fps]
         state = StreamState(next(self.streams), fps, header["encoding"], header["idle"],
                             info.name, info.tiers, wire.needed_from_table(needed))  # fmt: skip
-        ready = {"type": "ready", "version": wire.VERSION, "stream": state.stream,
-                 "engine": info.name, "tiers": list(info.tiers),
-                 "batch_sizes": list(info.batch_sizes), "response_s": info.response_s,
-                 "needed": needed}  # fmt: skip
-        await _send(ws, ready)
-        return state
+        stream = self.joinable[state.stream] = Stream(state)
+        await _send(ws, self._ready(stream))
+        return stream
 
-    async def _handle(self, ws: WebSocket, state: StreamState, header: dict, payload: bytes):
-        kind = header["type"]
+    def _joined(self, join: object) -> Stream | None:
+        """The stream a hello's "join" names, if its key is right; None without one."""
+        if join is None:
+            return None
+        if not isinstance(join, dict):
+            raise wire.ProtocolError('"join" must be an object')
+        stream = self.joinable.get(wire.field(join, "stream", int))
+        key = wire.field(join, "key", str)
+        if stream is None or not hmac.compare_digest(key.encode(), stream.key.encode()):
+            raise wire.ProtocolError("no such stream to join (it ended, or the key is wrong)")
+        return stream
+
+    def _ready(self, stream: Stream) -> dict:
+        state = stream.state
+        info, needed = self.engines[state.fps]
+        return {"type": "ready", "version": wire.VERSION, "stream": state.stream,
+                "engine": info.name, "tiers": list(info.tiers),
+                "batch_sizes": list(info.batch_sizes), "response_s": info.response_s,
+                "needed": needed, "key": stream.key}  # fmt: skip
+
+    async def _handle(self, ws: WebSocket, stream: Stream, header: dict, payload: bytes):
+        state, kind = stream.state, header["type"]
         if kind == "audio":
             state.add_audio(wire.field(header, "start", int), payload)
         elif kind == "avatar":
@@ -179,7 +225,7 @@ class Ingress:
         elif kind == "frames":
             if payload:  # the audio these frames need, sent along
                 state.add_audio(wire.field(header, "audio_start", int), payload)
-            await self._frames(ws, state, header)
+            await self._frames(ws, stream, header)
         else:
             raise wire.ProtocolError(f"unknown message type {kind!r}")
 
@@ -194,8 +240,8 @@ class Ingress:
             self.avatars.move_to_end(sha)
         await _send(ws, {"type": "avatar", "sha256": sha, "known": known})
 
-    async def _frames(self, ws: WebSocket, state: StreamState, header: dict) -> None:
-        t0 = time.perf_counter()
+    async def _frames(self, ws: WebSocket, stream: Stream, header: dict) -> None:
+        t0, state = time.perf_counter(), stream.state
         request_id = wire.field(header, "id", int)
         frames = wire.frame_list(header)
         tier = wire.field(header, "tier", str)
@@ -204,12 +250,22 @@ class Ingress:
         avatar = wire.field(header, "avatar", str)
         if avatar not in self.avatars:
             raise wire.ProtocolError("send the avatar before asking for its frames")
-        conditions = tuple(state.conditions(frames))
-        start, audio = state.window(frames)
-        request = RenderRequest(state.stream, avatar, tuple(frames), conditions, tier, state.fps,
-                                state.idle, start, audio)  # fmt: skip
-        result = await self._generate(request, self.avatars[avatar])
-        if result.stream != state.stream or result.frames != request.frames:
+        key = (tuple(frames), avatar, tier)
+        if request_id in stream.calls:  # the copy from the stream's other connection
+            asked, call = stream.calls[request_id]
+            if asked != key:
+                raise wire.ProtocolError(f"request {request_id} asked for other frames before")
+        else:
+            conditions = tuple(state.conditions(frames))
+            start, audio = state.window(frames)
+            request = RenderRequest(state.stream, avatar, tuple(frames), conditions, tier,
+                                    state.fps, state.idle, start, audio)  # fmt: skip
+            call = asyncio.ensure_future(self._generate(request, self.avatars[avatar]))
+            stream.calls[request_id] = (key, call)
+            while len(stream.calls) > KEPT_CALLS:
+                stream.calls.popitem(last=False)
+        result = await asyncio.shield(call)
+        if result.stream != state.stream or result.frames != tuple(frames):
             raise RuntimeError("a generator answered another request")  # never sent on
         reply = {
             "type": "faces",

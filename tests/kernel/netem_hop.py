@@ -63,8 +63,9 @@ def relay(listen: int, target: int) -> None:
 
 def control(port: int, nic: str) -> None:
     """One JSON request per line: {"netem": "delay 50ms ..."} (or "" to remove it),
-    {"qdisc": true} (tc's statistics), {"quit": true}; a connection that closes without
-    "quit" (a probe while the guest was starting) leaves the port open for the next."""
+    {"qdisc": true} (tc's statistics), {"nstat": true} (the TCP counters), {"quit": true};
+    a connection that closes without "quit" (a probe while the guest was starting) leaves the
+    port open for the next."""
     with socket.create_server(("0.0.0.0", port)) as server:
         while True:
             conn, _ = server.accept()
@@ -87,6 +88,8 @@ def serve(io, nic: str) -> bool:
                 reply = sh("tc", "qdisc", "del", "dev", nic, "root")
         elif "qdisc" in request:
             reply = sh("tc", "-s", "qdisc", "show", "dev", nic)
+        elif "nstat" in request:  # retransmissions by kind among them
+            reply = sh("nstat", "-az")
         else:
             return True
         io.write(json.dumps(reply).encode() + b"\n")
