@@ -548,6 +548,7 @@ def test_a_bundled_avatar_without_a_description_has_an_empty_one(
     prepare_avatar("bob", bundled / "bob" / "bob.png")
     manifest = json.loads((cache / "avatars" / "bob" / "manifest.json").read_text())
     assert (manifest["kind"], manifest["description"]) == ("bundled", "")
+    assert [(a.kind, a.description) for a in list_avatars()] == [("bundled", "")]
 
 
 def test_a_damaged_prepared_avatar_says_how_to_make_it_again(
@@ -793,9 +794,19 @@ def _a_clip(monkeypatch: pytest.MonkeyPatch, read=None, track=None):
     aligned = np.stack([np.roll(photo.image, 2 * i, axis=1) for i in range(3)])
     points = np.stack([photo.landmarks.astype(np.float64) + np.array([2 * i, 0]) for i in range(3)])
     motion = np.tile(np.eye(2, 3, dtype=np.float32), (3, 1, 1))
-    monkeypatch.setattr(store.video, "read_clip", read or (lambda path: (list(aligned), 24.0)))
-    monkeypatch.setattr(store.video, "track_landmarks", track or (lambda frames: "tracks"))
-    monkeypatch.setattr(store.video, "stabilize", lambda frames, tracks: (aligned, motion, points))
+    decoded = [np.roll(frame, 1, axis=0) for frame in aligned]  # before alignment
+
+    def tracked(frames):
+        assert frames is decoded
+        return "tracks"
+
+    def stabilized(frames, tracks):
+        assert frames is decoded and tracks == "tracks"
+        return aligned, motion, points
+
+    monkeypatch.setattr(store.video, "read_clip", read or (lambda path: (decoded, 24.0)))
+    monkeypatch.setattr(store.video, "track_landmarks", track or tracked)
+    monkeypatch.setattr(store.video, "stabilize", stabilized)
     return aligned, points, motion
 
 
@@ -811,6 +822,9 @@ def test_a_clip_avatar_is_built_on_its_first_aligned_frame(
     assert np.array_equal(av.landmarks, points[0].astype(np.float32))
     assert av.frames is aligned and av.motion is motion and av.clip_rate == 24.0
     assert caplog.messages == [f"avatar 'me': 3 frames of {source}"]
+    photo = load_avatar("astronaut")  # frame 0 is its photo: the banks are the photo's
+    for got, want in ((av.mouth, photo.mouth), (av.eyes, photo.eyes)):
+        assert (got.x, got.y) == (want.x, want.y) and np.array_equal(got.patches, want.patches)
 
 
 def test_a_clip_that_cannot_become_an_avatar_is_one_clear_error(
@@ -835,3 +849,88 @@ def test_a_clip_that_cannot_become_an_avatar_is_one_clear_error(
         f"no face found in the first frame of {source}: start the clip on one clearly "
         "visible, frontal face"
     )
+
+
+def test_the_cache_and_bundled_folders_by_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    monkeypatch.delenv("LIVECAM_CACHE_DIR", raising=False)
+    monkeypatch.delenv("LIVECAM_AVATARS_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert store.cache_root() == tmp_path / "livecam"
+    shipped = Path(store.__file__).resolve().parent.parent / "avatars"  # livecam/avatars
+    assert store.bundled_root() == shipped and (shipped / "astronaut" / "avatar.toml").is_file()
+
+
+def test_a_bundled_avatars_cache_outlives_its_bundle(
+    cache: Path, face_crop: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundled = tmp_path / "bundled"
+    (bundled / "bob").mkdir(parents=True)
+    shutil.copy(face_crop, bundled / "bob" / "bob.png")
+    (bundled / "bob" / "avatar.toml").write_text('source = "bob.png"\ndescription = "Bob"\n')
+    monkeypatch.setenv("LIVECAM_AVATARS_DIR", str(bundled))
+    first = load_avatar("bob")
+    monkeypatch.setenv("LIVECAM_AVATARS_DIR", str(tmp_path / "elsewhere"))  # bundle gone
+    source = (bundled / "bob" / "bob.png").resolve()
+    assert [(a.name, a.kind, a.status, a.source, a.description) for a in list_avatars()] == [
+        ("bob", "prepared", "ready", source, "Bob")
+    ]
+    builds = _count_builds(monkeypatch)
+    assert np.array_equal(load_avatar("bob").image, first.image) and builds == []
+
+
+@pytest.mark.parametrize(
+    ("toml", "problem"),
+    [
+        (b'source = "p.jpg"\n[x', "cannot read {path}: "),
+        (b'description = "no source"', "{path} is damaged: it needs source (a file name), and "
+         "description and detector_faces, where given, as a string and a whole number"),
+        (b'source = "p.jpg"\ndetector_faces = "2"', "{path} is damaged: it needs source"),
+    ],
+)  # fmt: skip
+def test_a_bundled_avatar_toml_that_cannot_be_used_is_named(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, toml: bytes, problem: str
+) -> None:
+    path = tmp_path / "bundled" / "bad" / "avatar.toml"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(toml)
+    monkeypatch.setenv("LIVECAM_AVATARS_DIR", str(tmp_path / "bundled"))
+    with pytest.raises(AvatarError) as err:
+        load_avatar("bad")
+    assert str(err.value).startswith(problem.format(path=path))
+
+
+def test_a_bundled_avatar_without_its_photo_says_so(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "bundled" / "bob").mkdir(parents=True)
+    (tmp_path / "bundled" / "bob" / "avatar.toml").write_text('source = "bob.png"\n')
+    monkeypatch.setenv("LIVECAM_AVATARS_DIR", str(tmp_path / "bundled"))
+    with pytest.raises(AvatarError) as err:
+        load_avatar("bob")
+    assert str(err.value) == (
+        f"avatar 'bob' must be rebuilt (not prepared yet) but its source "
+        f"{tmp_path / 'bundled' / 'bob' / 'bob.png'} is gone: run "
+        "`livecam avatars prepare bob --from PHOTO_OR_CLIP`"
+    )
+
+
+def test_a_cache_folder_gone_before_its_arrays_are_read(cache: Path, face_crop: Path) -> None:
+    prepare_avatar("me", face_crop)
+    manifest = store._read_manifest("me")
+    remove_avatar("me")  # by another process, between the manifest and the arrays
+    with pytest.raises(ValueError, match=r"^the cache folder is gone$"):
+        store._load_cache("me", manifest)
+
+
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [(store, "MAX_HEIGHT"), (store.video, "MAX_SECONDS"), (store.video, "FRAME_RATE"),
+     (store.video, "MAX_HEIGHT")],
+)  # fmt: skip
+def test_each_build_parameter_is_in_the_cache_key(
+    cache: Path, face_crop: Path, monkeypatch: pytest.MonkeyPatch, module, name: str
+) -> None:
+    """A cache built with other limits (another livecam version) is rebuilt."""
+    prepare_avatar("me", face_crop)
+    monkeypatch.setattr(module, name, getattr(module, name) + 1)
+    assert [a.status for a in list_avatars() if a.name == "me"] == ["stale"]

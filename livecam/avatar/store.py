@@ -327,19 +327,20 @@ def _load_cache(name: str, manifest: dict[str, Any]) -> Avatar:
     folder = cachedir.live_dir(avatars_root(), name)
     if folder is None:
         raise ValueError("the cache folder is gone")
-    arrays = cachefile.load_arrays(folder / ARRAYS, manifest.get("arrays", {}))
-    return _from_arrays(name, arrays, list(manifest.get("warnings", [])))
+    arrays = cachefile.load_arrays(folder / ARRAYS, manifest["arrays"])
+    return _from_arrays(name, arrays, list(manifest["warnings"]))
 
 
 def _source_of(name: str, manifest: dict[str, Any] | None) -> tuple[Path, str, str]:
-    """(source path, kind, description) for a known avatar, else AvatarError."""
-    if manifest is not None and manifest.get("kind") == "prepared":
-        return Path(manifest["source"]), "prepared", str(manifest.get("description", ""))
+    """(source path, kind, description) for a known avatar (`manifest`: its valid one, or
+    None), else AvatarError."""
+    if manifest is not None and manifest["kind"] == "prepared":
+        return Path(manifest["source"]), "prepared", manifest["description"]
     meta = _bundled(name)
     if meta is not None:
         return Path(meta["source"]), "bundled", str(meta.get("description", ""))
-    if manifest is not None and "source" in manifest:
-        return Path(manifest["source"]), "prepared", str(manifest.get("description", ""))
+    if manifest is not None:  # a bundled avatar's cache, its bundle gone: now it is yours
+        return Path(manifest["source"]), "prepared", manifest["description"]
     if _damaged(name):
         raise AvatarError(
             f"the cache of avatar {name!r} in {avatars_root()} is damaged: make it again with "
@@ -361,8 +362,8 @@ def prepare_avatar(name: str, source: Path, *, force: bool = False) -> Avatar:
     is_bundled = meta is not None and Path(meta["source"]).resolve() == source.resolve()
     kind = "bundled" if is_bundled else "prepared"
     description = str(meta.get("description", "")) if is_bundled and meta else ""
-    if not force and manifest is not None and manifest.get("kind") == kind:
-        same_source = Path(manifest.get("source", "")) == source.resolve()
+    if not force and manifest is not None and manifest["kind"] == kind:
+        same_source = Path(manifest["source"]) == source.resolve()
         if same_source and _stale_reason(manifest, source) is None:
             try:
                 return _load_cache(name, manifest)
