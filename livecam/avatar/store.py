@@ -128,8 +128,7 @@ def _known_faces(name: str, source: Path) -> int:
 
 
 def _bundled_names() -> list[str]:
-    root = bundled_root()
-    return sorted(p.parent.name for p in root.glob("*/avatar.toml")) if root.is_dir() else []
+    return sorted(p.parent.name for p in bundled_root().glob("*/avatar.toml"))  # none: []
 
 
 def _cached_names() -> list[str]:
