@@ -266,12 +266,13 @@ def streaming_features(
 
 
 def streaming_deviation(
-    whisper: WhisperAudio, audio: np.ndarray, fps: float, batch: int = 4, **options: float
+    whisper: WhisperAudio, audio: np.ndarray, fps: float, *, batch: int, **options: float
 ) -> dict[str, Any]:
-    """How far the live (streaming) features are from MuseTalk's offline ones on a clip:
-    relative L2 over all frames, and per hidden state (0 = embedding output, 4 = last)."""
-    n = math.floor(len(audio) / SAMPLE_RATE * fps)
-    offline = offline_features(whisper, audio, fps, n).cpu().numpy()
+    """How far the live (streaming) features are from MuseTalk's offline ones on a clip,
+    computed `batch` frames a call: relative L2 over all frames, and per hidden state
+    (0 = embedding output, 4 = last)."""
+    offline = offline_features(whisper, audio, fps).cpu().numpy()
+    n = len(offline)
     live = streaming_features(whisper, audio, fps, n, batch, **options)
     shape = (n, WINDOW_STEPS, N_STATES, whisper.dim)  # frames are flattened time-major
 
