@@ -493,18 +493,26 @@ def test_remove_waits_for_a_writer_of_the_same_name(cache: Path, face_crop: Path
     assert not (root / "me").exists()
 
 
+def _bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, toml: str,
+            photo: Path | None = None) -> Path:  # fmt: skip
+    """A bundled avatar "bob" (its avatar.toml, and `photo` as bob.png) in a folder that
+    LIVECAM_AVATARS_DIR now names; bob's folder."""
+    bob = tmp_path / "bundled" / "bob"
+    bob.mkdir(parents=True)
+    if photo is not None:
+        shutil.copy(photo, bob / "bob.png")
+    (bob / "avatar.toml").write_text(toml)
+    monkeypatch.setenv("LIVECAM_AVATARS_DIR", str(bob.parent))
+    return bob
+
+
 def test_preparing_a_bundled_avatar_from_its_own_photo_keeps_it_bundled(
     cache: Path, face_crop: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    bundled = tmp_path / "bundled"
-    (bundled / "bob").mkdir(parents=True)
-    shutil.copy(face_crop, bundled / "bob" / "bob.png")
-    (bundled / "bob" / "avatar.toml").write_text(
-        'name = "bob"\nsource = "bob.png"\ndescription = "test face"\n'
-    )
-    monkeypatch.setenv("LIVECAM_AVATARS_DIR", str(bundled))
+    toml = 'name = "bob"\nsource = "bob.png"\ndescription = "test face"\n'
+    bob = _bundle(tmp_path, monkeypatch, toml, face_crop)
     manifest_path = cache / "avatars" / "bob" / "manifest.json"
-    prepare_avatar("bob", bundled / "bob" / "bob.png")
+    prepare_avatar("bob", bob / "bob.png")
     manifest = json.loads(manifest_path.read_text())
     assert (manifest["kind"], manifest["description"]) == ("bundled", "test face")
     info = [(a.kind, a.status, a.description) for a in list_avatars() if a.name == "bob"]
@@ -540,12 +548,8 @@ def test_a_clip_avatars_frames_and_motion_round_trip_through_the_cache(
 def test_a_bundled_avatar_without_a_description_has_an_empty_one(
     cache: Path, face_crop: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    bundled = tmp_path / "bundled"
-    (bundled / "bob").mkdir(parents=True)
-    shutil.copy(face_crop, bundled / "bob" / "bob.png")
-    (bundled / "bob" / "avatar.toml").write_text('name = "bob"\nsource = "bob.png"\n')
-    monkeypatch.setenv("LIVECAM_AVATARS_DIR", str(bundled))
-    prepare_avatar("bob", bundled / "bob" / "bob.png")
+    bob = _bundle(tmp_path, monkeypatch, 'name = "bob"\nsource = "bob.png"\n', face_crop)
+    prepare_avatar("bob", bob / "bob.png")
     manifest = json.loads((cache / "avatars" / "bob" / "manifest.json").read_text())
     assert (manifest["kind"], manifest["description"]) == ("bundled", "")
     assert [(a.kind, a.description) for a in list_avatars()] == [("bundled", "")]
@@ -586,11 +590,7 @@ def test_a_bundled_avatars_first_use_is_quiet_and_a_damaged_cache_warns(
     cache: Path, face_crop: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
-    bundled = tmp_path / "bundled"
-    (bundled / "bob").mkdir(parents=True)
-    shutil.copy(face_crop, bundled / "bob" / "bob.png")
-    (bundled / "bob" / "avatar.toml").write_text('name = "bob"\nsource = "bob.png"\n')
-    monkeypatch.setenv("LIVECAM_AVATARS_DIR", str(bundled))
+    bob = _bundle(tmp_path, monkeypatch, 'name = "bob"\nsource = "bob.png"\n', face_crop)
     with caplog.at_level(logging.WARNING, logger="livecam.avatar.store"):
         load_avatar("bob")
     assert caplog.records == []
@@ -598,7 +598,7 @@ def test_a_bundled_avatars_first_use_is_quiet_and_a_damaged_cache_warns(
     with caplog.at_level(logging.WARNING, logger="livecam.avatar.store"):
         load_avatar("bob")
     assert [r.getMessage() for r in caplog.records] == [
-        f"avatar 'bob': cache damaged; rebuilding from {bundled / 'bob' / 'bob.png'}"
+        f"avatar 'bob': cache damaged; rebuilding from {bob / 'bob.png'}"
     ]
 
 
@@ -863,14 +863,10 @@ def test_the_cache_and_bundled_folders_by_default(monkeypatch: pytest.MonkeyPatc
 def test_a_bundled_avatars_cache_outlives_its_bundle(
     cache: Path, face_crop: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    bundled = tmp_path / "bundled"
-    (bundled / "bob").mkdir(parents=True)
-    shutil.copy(face_crop, bundled / "bob" / "bob.png")
-    (bundled / "bob" / "avatar.toml").write_text('source = "bob.png"\ndescription = "Bob"\n')
-    monkeypatch.setenv("LIVECAM_AVATARS_DIR", str(bundled))
+    bob = _bundle(tmp_path, monkeypatch, 'source = "bob.png"\ndescription = "Bob"\n', face_crop)
     first = load_avatar("bob")
     monkeypatch.setenv("LIVECAM_AVATARS_DIR", str(tmp_path / "elsewhere"))  # bundle gone
-    source = (bundled / "bob" / "bob.png").resolve()
+    source = (bob / "bob.png").resolve()
     assert [(a.name, a.kind, a.status, a.source, a.description) for a in list_avatars()] == [
         ("bob", "prepared", "ready", source, "Bob")
     ]
@@ -902,14 +898,12 @@ def test_a_bundled_avatar_toml_that_cannot_be_used_is_named(
 def test_a_bundled_avatar_without_its_photo_says_so(
     cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (tmp_path / "bundled" / "bob").mkdir(parents=True)
-    (tmp_path / "bundled" / "bob" / "avatar.toml").write_text('source = "bob.png"\n')
-    monkeypatch.setenv("LIVECAM_AVATARS_DIR", str(tmp_path / "bundled"))
+    bob = _bundle(tmp_path, monkeypatch, 'source = "bob.png"\n')  # and no photo
     with pytest.raises(AvatarError) as err:
         load_avatar("bob")
     assert str(err.value) == (
         f"avatar 'bob' must be rebuilt (not prepared yet) but its source "
-        f"{tmp_path / 'bundled' / 'bob' / 'bob.png'} is gone: run "
+        f"{bob / 'bob.png'} is gone: run "
         "`livecam avatars prepare bob --from PHOTO_OR_CLIP`"
     )
 
