@@ -14,6 +14,7 @@ import logging
 import os
 import struct
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from livecam.avatar.store import cache_root
 from livecam.cachefile import replace_file
-from livecam.engines.musetalk.architecture import config_problem
+from livecam.engines.musetalk.architecture import REFERENCE_FEATURES, config_problem
 from livecam.engines.musetalk.manifest import component
 from livecam.hashing import sha256_file
 
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 LOCAL_HEADER = 30  # bytes of a zip entry's local header before its name and extra field
 PEEK = 24  # bytes of a file's start shown when it is not a checkpoint
+STALE_TEMPORARY_S = 3600.0  # a conversion's temporary this old was left by a killed process
 
 
 class WeightsError(Exception):
@@ -170,9 +172,15 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _convert(state: dict[str, torch.Tensor], cached: Path) -> None:
-    """Write the safetensors copy through a temporary file; on failure nothing is left."""
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=f".{cached.name}.", suffix=".tmp")
+    """Write the safetensors copy through a temporary file; on failure nothing is left. What a
+    conversion killed outright left behind (gigabytes) is removed by the next one."""
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(cached)
+        fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=f".{cached.name}.", suffix=".tmp")
+    except OSError as exc:  # an unwritable cache: the weights are still usable now
+        log.warning("could not cache %s: %s", cached, exc)
+        return
     os.close(fd)
     try:
         save_file(_unshared(state), tmp)
@@ -184,6 +192,15 @@ def _convert(state: dict[str, torch.Tensor], cached: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
     log.info("converted weights to %s", cached)
+
+
+def _remove_stale_temporaries(cached: Path) -> None:
+    """Temporaries of `cached` older than any conversion takes (another process may be
+    writing a fresh one)."""
+    for tmp in cached.parent.glob(f".{cached.name}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            if time.time() - tmp.stat().st_mtime > STALE_TEMPORARY_S:
+                tmp.unlink()
 
 
 def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -331,14 +348,9 @@ def load_whisper_encoder(models_dir: Path) -> torch.nn.Module:
 
 
 def load_feature_extractor(models_dir: Path) -> Any:
+    """whisper's log-mel front end. Its config is checked against the release, which fixes
+    every value the extractor uses, so it is built from those; nothing else in the file is."""
     from transformers import WhisperFeatureExtractor
 
-    folder = _folder(models_dir, "whisper")
-    path = folder / "preprocessor_config.json"
-    cfg = read_json(path, "features")
-    cfg.pop("feature_extractor_type", None)
-    cfg.pop("processor_class", None)
-    try:
-        return WhisperFeatureExtractor(**cfg)
-    except (TypeError, ValueError) as exc:
-        raise WeightsError(f"{path}: not a whisper feature extractor config ({exc})") from None
+    read_json(_folder(models_dir, "whisper") / "preprocessor_config.json", "features")
+    return WhisperFeatureExtractor(**REFERENCE_FEATURES)
