@@ -4,6 +4,7 @@ and the four loaders (their names in messages, frozen models)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -374,3 +375,123 @@ def test_a_config_the_library_cannot_build_is_named(models, loader):
         loader(models)
     assert str(err.value).startswith(f"{config} does not describe the model (")
     assert str(err.value).endswith("; run `livecam models download` to replace it")
+
+
+def _linear() -> torch.nn.Module:
+    with torch.device("meta"):
+        return torch.nn.Linear(2, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_weights_in_a_dtype_the_models_compute_in_are_taken(dtype):
+    model = _linear()
+    weights._load_into(
+        model, {"weight": torch.ones(2, 2, dtype=dtype), "bias": torch.zeros(2)}, "w"
+    )
+    assert model.weight.dtype == dtype and not model.weight.is_meta
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float8_e4m3fn, torch.int8, torch.bool])
+def test_weights_in_another_dtype_are_refused(dtype):
+    state = {"bias": torch.zeros(2), "weight": torch.ones(2, 2).to(dtype)}
+    with pytest.raises(weights.WeightsError) as err:
+        weights._load_into(_linear(), state, "w")
+    assert str(err.value) == f"w: weight is {dtype}; the release stores float32 or float16 weights"
+
+
+@pytest.mark.parametrize(
+    ("state", "detail"),
+    [({"weight": torch.ones(2, 2), "bias": torch.zeros(2), "stray": torch.zeros(1)},
+      'Unexpected key(s) in state_dict: "stray".'),
+     ({"weight": torch.ones(2, 2)}, 'Missing key(s) in state_dict: "bias".'),
+     ({"weight": torch.ones(3, 2), "bias": torch.zeros(2)},
+      "size mismatch for weight: copying a param with shape torch.Size([3, 2]) from checkpoint, "
+      "the shape in current model is torch.Size([2, 2]).")],
+)  # fmt: skip
+def test_weights_that_do_not_fit_say_which(state, detail):
+    """torch's first line names only the model; what does not fit is on the next one."""
+    with pytest.raises(weights.WeightsError) as err:
+        weights._load_into(_linear(), state, "w")
+    assert str(err.value) == f"w: weights do not fit the config ({detail})"
+
+
+def test_a_missing_file_says_what_to_run(tmp_path, models):
+    missing = tmp_path / "unet.pth"
+    with pytest.raises(weights.WeightsError) as err:
+        weights.load_state_dict(missing, lambda _: None)
+    assert str(err.value) == f"missing {missing}: run `livecam models download`"
+    config = models / "sd-vae" / "config.json"
+    config.unlink()
+    with pytest.raises(weights.WeightsError) as err:
+        weights.load_vae(models)
+    assert str(err.value) == f"missing {config}: run `livecam models download`"
+    encoder = models / "whisper" / "pytorch_model.bin"
+    encoder.unlink()
+    with pytest.raises(weights.WeightsError) as err:
+        weights.load_whisper_encoder(models)
+    assert str(err.value) == f"missing {encoder}: run `livecam models download`"
+
+
+def test_an_unusable_cached_copy_is_converted_again_and_said(tmp_path, caplog):
+    path = _save(TENSORS, tmp_path / "w.pth")
+    weights.load_state_dict(path, lambda _: None)
+    cached = _cached(path)
+    cached.write_bytes(b"garbage")
+    with pytest.raises(Exception) as library:  # whatever safetensors raises
+        load_file(cached)
+    used: list[dict] = []
+    weights.load_state_dict(path, used.append)
+    assert torch.equal(used[0]["a"], TENSORS["a"])
+    assert _warnings(caplog) == [f"cached {cached} unusable ({library.value}); converting again"]
+
+
+def test_a_vanished_leftover_is_no_error(tmp_path):
+    """A leftover removed by another process between listing and looking at it."""
+    path = _save(TENSORS, tmp_path / "w.pth")
+    cached = _cached(path)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    (cached.parent / f".{cached.name}.g0ne.tmp").symlink_to(tmp_path / "nothing")
+    weights.load_state_dict(path, lambda _: None)
+    assert cached.is_file()
+
+
+def test_a_files_hash_is_computed_once_while_it_is_unchanged(tmp_path, monkeypatch):
+    path = _save(TENSORS, tmp_path / "w.pth")
+    hashed: list[Path] = []
+    monkeypatch.setattr(weights, "sha256_file", lambda p: hashed.append(p) or sha256(p))
+    assert weights.cached_sha256(path) == weights.cached_sha256(path) == sha256(path)
+    assert hashed == [path]
+    os.utime(path, ns=(1, 1))  # touched: hashed again
+    assert weights.cached_sha256(path) == sha256(path) and hashed == [path, path]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+HEX = "0123456789abcdef" * 4
+
+
+@pytest.mark.parametrize(
+    ("remembered", "trusted"),
+    [(HEX, True), (HEX[:-1], False), (HEX + "0", False), (HEX.upper(), False),
+     ("g" + HEX[1:], False), (5, False)],
+)  # fmt: skip
+def test_only_a_well_formed_remembered_hash_is_trusted(tmp_path, remembered, trusted):
+    """The memo is a cache file like any other: a value that is no sha256 is hashed again."""
+    path = _save(TENSORS, tmp_path / "w.pth")
+    st = path.stat()
+    memo = weights.weights_cache_dir() / "hashes.json"
+    memo.parent.mkdir(parents=True)
+    memo.write_text(json.dumps({f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}": remembered}))
+    assert weights.cached_sha256(path) == (remembered if trusted else sha256(path))
+
+
+def test_a_hash_that_cannot_be_remembered_says_where(tmp_path, caplog):
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "weights").write_text("a file where the folder should be")
+    path = _save(TENSORS, tmp_path / "w.pth")
+    assert weights.cached_sha256(path) == sha256(path)
+    memo = tmp_path / "cache" / "weights" / "hashes.json"
+    [warning] = _warnings(caplog)
+    assert warning.startswith(f"could not remember the hash of {path} in {memo}: [Errno 17] ")

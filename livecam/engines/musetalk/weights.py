@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 LOCAL_HEADER = 30  # bytes of a zip entry's local header before its name and extra field
 PEEK = 24  # bytes of a file's start shown when it is not a checkpoint
+# what the models compute in (bfloat16: a conversion the release might ship; no float8 kernels)
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 STALE_TEMPORARY_S = 3600.0  # a conversion's temporary this old was left by a killed process
 
 
@@ -68,7 +70,7 @@ def cached_sha256(path: Path) -> str:
     key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
     if key not in memo:
         memo[key] = sha256_file(path)
-        data = json.dumps(memo, indent=1).encode()
+        data = json.dumps(memo).encode()
         try:
             memo_path.parent.mkdir(parents=True, exist_ok=True)
             replace_file(memo_path, lambda fh: fh.write(data))
@@ -217,19 +219,15 @@ def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_json(path: Path, model: str | None = None) -> dict[str, Any]:
-    """A JSON object from a config file; a `model`'s config is checked against the release
-    architecture before any use."""
+def read_json(path: Path, model: str) -> dict[str, Any]:
+    """A `model`'s config file, checked against the release architecture before any use."""
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError:
         raise WeightsError(f"missing {path}: run `livecam models download`") from None
     except (OSError, ValueError) as exc:
         raise WeightsError(f"{path} is not valid JSON ({exc})") from None
-    if model is not None:
-        problem = config_problem(config, model)
-    else:
-        problem = None if isinstance(config, dict) else "expected a JSON object"
+    problem = config_problem(config, model)
     if problem:
         raise WeightsError(f"{path}: {problem}; run `livecam models download` to replace it")
     return config
@@ -263,18 +261,15 @@ def _loader(model: torch.nn.Module, what: str, rename: Callable[[str], str | Non
 
 def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     for name, tensor in state.items():
-        if not tensor.is_floating_point() or tensor.element_size() > 4:
+        if tensor.dtype not in WEIGHT_DTYPES:
             raise WeightsError(
                 f"{what}: {name} is {tensor.dtype}; the release stores float32 or float16 weights"
             )
-    try:
+    try:  # strict: every parameter and buffer gets a tensor, so none is left on meta
         model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
-        head = str(exc).splitlines()[0]
-        raise WeightsError(f"{what}: weights do not fit the config ({head})") from None
-    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if meta:
-        raise WeightsError(f"{what}: no weights for {meta[0]}")
+    except RuntimeError as exc:  # "Error(s) in loading state_dict for X:", then what
+        detail = _first_line(RuntimeError(str(exc).partition("\n")[2]))
+        raise WeightsError(f"{what}: weights do not fit the config ({detail})") from None
 
 
 def _vae_key(key: str) -> str:
