@@ -267,8 +267,9 @@ def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str
             )
     try:  # strict: every parameter and buffer gets a tensor, so none is left on meta
         model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:  # "Error(s) in loading state_dict for X:", then what
-        detail = _first_line(RuntimeError(str(exc).partition("\n")[2]))
+    except RuntimeError as exc:  # "Error(s) in loading state_dict for X:", then a line each
+        what_is_wrong = (line.strip().rstrip(".") for line in str(exc).splitlines()[1:])
+        detail = _first_line(RuntimeError("; ".join(what_is_wrong)))
         raise WeightsError(f"{what}: weights do not fit the config ({detail})") from None
 
 
