@@ -130,7 +130,7 @@ def _check_archive(path: Path) -> bool:
                 header = fh.read(LOCAL_HEADER)
                 if len(header) < LOCAL_HEADER or header[:4] != b"PK\x03\x04":
                     raise zipfile.BadZipFile(f"no local header for {info.filename}")
-                name_len, extra_len = struct.unpack("<HH", header[26:30])
+                name_len, extra_len = struct.unpack("<26xHH", header)  # the last 4 of 30 bytes
                 end = info.header_offset + LOCAL_HEADER + name_len + extra_len + info.file_size
                 if info.file_size != info.compress_size or end > size:
                     raise zipfile.BadZipFile(f"{info.filename} reaches past the end of the file")
