@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -132,13 +135,15 @@ def publish_tiny_hashes(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
         monkeypatch.setattr(module, "COMPONENTS", comps)
 
 
-_WRITTEN: dict[Path, Path] = {}  # by the test session's temporary folder
+_WRITTEN: list[Path] = []
 
 
-def tiny_models_dir(factory) -> Path:
-    """Written once per test session (shared by every musetalk test module); a process that
-    runs several sessions (mutmut) gets them anew in each, since pytest removes old folders."""
-    base = factory.getbasetemp()
-    if base not in _WRITTEN:
-        _WRITTEN[base] = write_tiny_models(factory.mktemp("musetalk-models"))
-    return _WRITTEN[base]
+def tiny_models_dir() -> Path:
+    """Written once per process, to a folder removed when the process ends, and shared by every
+    musetalk test (tests that damage files copy it first). mutmut runs each mutant's tests in a
+    fork of one process: written once, not once per mutant (2-3 s)."""
+    if not _WRITTEN:
+        folder = Path(tempfile.mkdtemp(prefix="livecam-tiny-models-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        _WRITTEN.append(write_tiny_models(folder))
+    return _WRITTEN[0]

@@ -28,8 +28,8 @@ from tests.musetalk_tiny import publish_tiny_hashes, tiny_models_dir
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_models_dir(tmp_path_factory)
+def tiny() -> Path:
+    return tiny_models_dir()
 
 
 @pytest.fixture(scope="module")

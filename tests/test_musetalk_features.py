@@ -31,8 +31,8 @@ from tests.whisper_reference import reference_features, rel_l2
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_models_dir(tmp_path_factory)
+def tiny() -> Path:
+    return tiny_models_dir()
 
 
 def test_frame_window_matches_musetalk_at_25fps() -> None:

@@ -20,9 +20,9 @@ from tests.musetalk_tiny import TINY_UNET, tiny_models_dir
 
 
 @pytest.fixture
-def models(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> Path:
+def models(tmp_path: Path) -> Path:
     """A private copy of the tiny models (tests damage it)."""
-    return Path(shutil.copytree(tiny_models_dir(tmp_path_factory), tmp_path / "models"))
+    return Path(shutil.copytree(tiny_models_dir(), tmp_path / "models"))
 
 
 @pytest.fixture(autouse=True)

@@ -119,12 +119,12 @@ def test_the_head_moves_and_the_mouth_follows_speech(avatar: Avatar) -> None:
     assert np.abs(canvases[10].astype(int) - canvases[0].astype(int)).mean() > 2
 
 
-def test_musetalk_on_a_clip(avatar: Avatar, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_musetalk_on_a_clip(avatar: Avatar) -> None:
     from livecam.engines.musetalk.engine import MuseTalkOptions
     from tests.musetalk_tiny import tiny_models_dir
 
     engine = build_engine("musetalk", avatar, RATE, options=MuseTalkOptions(
-        tiny_models_dir(tmp_path_factory), warmup=False))  # fmt: skip
+        tiny_models_dir(), warmup=False))  # fmt: skip
     audio = read_audio(JFK)
     ring = AudioRing(len(audio))
     ring.write(audio)

@@ -94,8 +94,8 @@ def _cache_files() -> set[str]:
 
 
 @pytest.fixture
-def models(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(tiny_models_dir(tmp_path_factory), tmp_path / "models"))
+def models(tmp_path: Path) -> Path:
+    return Path(shutil.copytree(tiny_models_dir(), tmp_path / "models"))
 
 
 def test_the_sparse_checkpoint_is_a_real_one(tmp_path):

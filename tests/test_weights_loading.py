@@ -340,8 +340,8 @@ LOADERS = {  # loader: (weight file, what messages call it, its config)
 
 
 @pytest.fixture
-def models(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(tiny_models_dir(tmp_path_factory), tmp_path / "models"))
+def models(tmp_path: Path) -> Path:
+    return Path(shutil.copytree(tiny_models_dir(), tmp_path / "models"))
 
 
 @pytest.mark.parametrize("loader", LOADERS, ids=lambda f: f.__name__)

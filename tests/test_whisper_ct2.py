@@ -72,13 +72,13 @@ def test_imported_encoder_matches_ctranslate2(imported: Path) -> None:
 
 
 def test_engine_loads_an_imported_whisper_and_says_it_is_not_the_release(
-    imported: Path, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+    imported: Path, tmp_path: Path
 ) -> None:
     from livecam.engines.musetalk.download import verify
     from livecam.engines.musetalk.models import load_models
 
     root = tmp_path / "models"
-    shutil.copytree(tiny_models_dir(tmp_path_factory), root)
+    shutil.copytree(tiny_models_dir(), root)
     result = invoke(real_model_dir() / "model.bin", root)
     assert result.exit_code == 1 and "--force" in result.output  # never replaced silently
     assert (root / "whisper" / "pytorch_model.bin").is_file()
