@@ -76,3 +76,34 @@ def test_no_seam_where_the_head_meets_the_canvas_edge() -> None:
         (slice(7, 10), slice(0, 12)),
         (slice(0, 7), slice(0, 3)),
     ]
+
+
+def _reused(comp: compositor.Compositor, image: np.ndarray, k: int) -> np.ndarray:
+    """compose() into an earlier frame whose head region holds something else entirely."""
+    out = comp.compose(image, k + 1)
+    head = comp._head
+    noise = np.random.default_rng(k).integers(0, 256, out.shape, np.uint8)
+    out[head.y0 : head.y1, head.x0 : head.x1] = noise[head.y0 : head.y1, head.x0 : head.x1]
+    got = comp.compose(image, k, out)
+    assert got is out
+    return got
+
+
+@pytest.mark.parametrize("name", ["astronaut", "portrait"])
+def test_a_reused_canvas_is_drawn_exactly_like_a_new_one(name: str) -> None:
+    avatar = load_avatar(name)
+    comp = build_compositor(avatar, 1280, 720, 30)
+    for k in (0, 40, 170):
+        assert np.array_equal(_reused(comp, avatar.image, k), comp.compose(avatar.image, k))
+    noise = np.random.default_rng(3).integers(0, 256, (720, 1280, 3), np.uint8)
+    want = comp.compose_whole(avatar.image, 9)  # the whole-photo path (video avatars)
+    assert np.array_equal(comp.compose_whole(avatar.image, 9, noise), want)
+
+
+def test_a_reused_canvas_is_redrawn_where_the_head_reaches_past_the_photo() -> None:
+    image = np.random.default_rng(1).integers(0, 256, (200, 160, 3), np.uint8)
+    framing = compositor.Framing((-40.0, 0.0, 240.0, 200.0), (80.0, 190.0), 120.0)
+    comp = compositor.Compositor(image, framing, 320, 240, 30, head_box=(10, 20, 150, 180))
+    head = comp._head
+    assert head is not None and not head._inside(comp.transform(3), image.shape)
+    assert np.array_equal(_reused(comp, image, 3), comp.compose(image, 3))

@@ -91,15 +91,24 @@ class Compositor:
         sway[1, 2] += dy * self.framing.face_height
         return (self._fit @ np.vstack([sway, [0, 0, 1]]))[:2]
 
-    def compose(self, image: np.ndarray, frame_index: int) -> np.ndarray:
-        """A new canvas (height, width, 3) uint8 BGR with the avatar image placed."""
+    def compose(
+        self, image: np.ndarray, frame_index: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The canvas (height, width, 3) uint8 BGR with the avatar image placed: a new array,
+        or `out` drawn again: a canvas this compositor returned before, unchanged since (a
+        still photo's frame is then redrawn only where the head moves)."""
         if self._head is not None:
-            return self._head.compose(image, self.transform(frame_index))
-        return self.compose_whole(image, frame_index)
+            return self._head.compose(image, self.transform(frame_index), out)
+        return self.compose_whole(image, frame_index, out)
 
-    def compose_whole(self, image: np.ndarray, frame_index: int) -> np.ndarray:
+    def compose_whole(
+        self, image: np.ndarray, frame_index: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
         """compose() by warping the whole photo (video avatars; the reference for the head)."""
-        out = self.backdrop.copy()
+        if out is None:
+            out = self.backdrop.copy()
+        else:
+            np.copyto(out, self.backdrop)
         self._warp(image, self.transform(frame_index), out)
         return out
 
@@ -169,22 +178,34 @@ class _HeadRegion:
         alpha = np.clip(edge / feather, 0.0, 1.0).astype(np.float32)
         return cls(x0, y0, x1, y1, still, alpha, _seams(alpha, int(np.ceil(feather)), fades))
 
-    def compose(self, image: np.ndarray, m: np.ndarray) -> np.ndarray:
-        out = self.still.copy()
+    def compose(self, image: np.ndarray, m: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+        """The frame, drawn into `out` (an earlier frame: only its head region is redrawn)."""
+        rows, cols = slice(self.y0, self.y1), slice(self.x0, self.x1)
+        still = self.still[rows, cols]
+        if out is None:
+            out = self.still.copy()
+        elif not self._inside(m, image.shape):  # else the warp overwrites all of the head
+            out[rows, cols] = still  # (outside the head it is the still picture already)
+        region = out[rows, cols]
         m = m.copy()
         m[0, 2] -= self.x0
         m[1, 2] -= self.y0
-        region = out[self.y0 : self.y1, self.x0 : self.x1]
         # where the photo does not reach, the still canvas stays
         cv2.warpAffine(
             image, m, (self.x1 - self.x0, self.y1 - self.y0), dst=region,
             flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_TRANSPARENT,
         )  # fmt: skip
-        still = self.still[self.y0 : self.y1, self.x0 : self.x1]
         for s in self.seams:
             head = region[s.rows, s.cols]
-            head[...] = cv2.blendLinear(head, still[s.rows, s.cols], s.alpha, s.beta)
+            cv2.blendLinear(head, still[s.rows, s.cols], s.alpha, s.beta, dst=head)
         return out
+
+    def _inside(self, m: np.ndarray, shape: tuple[int, ...]) -> bool:
+        """Whether every head pixel comes from inside the photo (a pixel away from its edge)."""
+        corners = np.array([[self.x0, self.y0], [self.x1, self.y1], [self.x0, self.y1],
+                            [self.x1, self.y0]], np.float64)  # fmt: skip
+        src = cv2.transform(corners[None], cv2.invertAffineTransform(m))[0]
+        return bool(src.min() >= 1 and np.all(src.max(axis=0) <= (shape[1] - 3, shape[0] - 3)))
 
 
 def _seams(alpha: np.ndarray, depth: int, fades: tuple[bool, bool, bool, bool]) -> list[_Seam]:
