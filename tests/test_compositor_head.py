@@ -105,5 +105,5 @@ def test_a_reused_canvas_is_redrawn_where_the_head_reaches_past_the_photo() -> N
     framing = compositor.Framing((-40.0, 0.0, 240.0, 200.0), (80.0, 190.0), 120.0)
     comp = compositor.Compositor(image, framing, 320, 240, 30, head_box=(10, 20, 150, 180))
     head = comp._head
-    assert head is not None and not head._inside(comp.transform(3), image.shape)
+    assert head is not None and head._window(comp.transform(3), image.shape) is None
     assert np.array_equal(_reused(comp, image, 3), comp.compose(image, 3))

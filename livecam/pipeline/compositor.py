@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 
 from livecam.avatar import idle
+from livecam.pipeline.quadwarp import QuadWarp, Window
 
 FACE_SHARE = 0.33  # brow-to-chin height as a share of the frame height: webcam framing
 EYES_AT = 0.42  # eye line this far down the frame
@@ -156,6 +157,7 @@ class _HeadRegion:
     still: np.ndarray  # (H, W, 3) the canvas with the photo placed, no sway
     alpha: np.ndarray  # (h, w) float32: 1 inside, fading to 0 at the rectangle's edge
     seams: list[_Seam]  # where alpha < 1
+    quad: QuadWarp = field(default_factory=QuadWarp)
 
     @classmethod
     def around(
@@ -182,30 +184,35 @@ class _HeadRegion:
         """The frame, drawn into `out` (an earlier frame: only its head region is redrawn)."""
         rows, cols = slice(self.y0, self.y1), slice(self.x0, self.x1)
         still = self.still[rows, cols]
-        if out is None:
-            out = self.still.copy()
-        elif not self._inside(m, image.shape):  # else the warp overwrites all of the head
-            out[rows, cols] = still  # (outside the head it is the still picture already)
+        out = self.still.copy() if out is None else out
         region = out[rows, cols]
+        window = self._window(m, image.shape)
         m = m.copy()
         m[0, 2] -= self.x0
         m[1, 2] -= self.y0
-        # where the photo does not reach, the still canvas stays
-        cv2.warpAffine(
-            image, m, (self.x1 - self.x0, self.y1 - self.y0), dst=region,
-            flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_TRANSPARENT,
-        )  # fmt: skip
+        if window is not None:  # the photo covers all of the head: every pixel is redrawn
+            self.quad.warp(image, m, window, region)
+        else:  # where the photo does not reach, the still picture stays
+            region[...] = still  # (outside the head the canvas is the still picture already)
+            cv2.warpAffine(
+                image, m, (self.x1 - self.x0, self.y1 - self.y0), dst=region,
+                flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_TRANSPARENT,
+            )  # fmt: skip
         for s in self.seams:
             head = region[s.rows, s.cols]
             cv2.blendLinear(head, still[s.rows, s.cols], s.alpha, s.beta, dst=head)
         return out
 
-    def _inside(self, m: np.ndarray, shape: tuple[int, ...]) -> bool:
-        """Whether every head pixel comes from inside the photo (a pixel away from its edge)."""
+    def _window(self, m: np.ndarray, shape: tuple[int, ...]) -> Window | None:
+        """The part of the photo the head comes from, bilinear neighbours included; None
+        where the head reaches past the photo or within a pixel of its edge."""
         corners = np.array([[self.x0, self.y0], [self.x1, self.y1], [self.x0, self.y1],
                             [self.x1, self.y0]], np.float64)  # fmt: skip
         src = cv2.transform(corners[None], cv2.invertAffineTransform(m))[0]
-        return bool(src.min() >= 1 and np.all(src.max(axis=0) <= (shape[1] - 3, shape[0] - 3)))
+        (x0, y0), (x1, y1) = np.floor(src.min(axis=0)), np.ceil(src.max(axis=0))
+        if min(x0, y0) < 1 or x1 > shape[1] - 3 or y1 > shape[0] - 3:
+            return None
+        return slice(int(y0) - 1, int(y1) + 3), slice(int(x0) - 1, int(x1) + 3)
 
 
 def _seams(alpha: np.ndarray, depth: int, fades: tuple[bool, bool, bool, bool]) -> list[_Seam]:
