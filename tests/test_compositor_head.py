@@ -107,3 +107,19 @@ def test_a_reused_canvas_is_redrawn_where_the_head_reaches_past_the_photo() -> N
     head = comp._head
     assert head is not None and head._window(comp.transform(3), image.shape) is None
     assert np.array_equal(_reused(comp, image, 3), comp.compose(image, 3))
+
+
+@pytest.mark.parametrize("name", ["astronaut", "portrait"])
+def test_the_bgra_warp_gives_the_bgr_warps_pixels(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    avatar = load_avatar(name)
+    comp = build_compositor(avatar, 1280, 720, 30)
+    image = avatar.image.copy()
+    image[::7] = 255 - image[::7]  # sharp detail, where rounding would show
+    ks = range(0, 600, 37)
+    assert all(comp._head._window(comp.transform(k), image.shape) for k in ks)  # BGRA path
+    fast = [comp.compose(image, k) for k in ks]
+    monkeypatch.setattr(compositor._HeadRegion, "_window", lambda *_: None)  # the BGR warp
+    for k, got in zip(ks, fast, strict=True):
+        assert np.array_equal(got, comp.compose(image, k)), k
