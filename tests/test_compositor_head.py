@@ -3,6 +3,7 @@ full-frame warp's, outside it the picture is drawn once, and the seam is feather
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -59,7 +60,8 @@ def test_only_the_fading_edge_is_blended(name: str) -> None:
     for seam in head.seams:
         assert not covered[seam.rows, seam.cols].any()  # no pixel blended twice
         covered[seam.rows, seam.cols] = True
-        assert np.array_equal(seam.alpha, head.alpha[seam.rows, seam.cols])
+        alpha = head.alpha[seam.rows, seam.cols]
+        assert np.array_equal(seam.alpha.reshape(*alpha.shape, 3), np.dstack([alpha] * 3))
         assert np.array_equal(seam.beta, 1.0 - seam.alpha)
     assert np.all(head.alpha[~covered] == 1.0)  # elsewhere the warped head is the frame
     assert covered.mean() < 0.3  # a 29 px ring around a ~500 px square
@@ -123,3 +125,16 @@ def test_the_bgra_warp_gives_the_bgr_warps_pixels(
     monkeypatch.setattr(compositor._HeadRegion, "_window", lambda *_: None)  # the BGR warp
     for k, got in zip(ks, fast, strict=True):
         assert np.array_equal(got, comp.compose(image, k)), k
+
+
+def test_the_seams_blend_the_head_into_the_still_picture_by_alpha() -> None:
+    avatar = load_avatar("portrait")
+    comp = build_compositor(avatar, 1280, 720, 30)
+    head = comp._head
+    rows, cols = slice(head.y0, head.y1), slice(head.x0, head.x1)
+    still = head.still[rows, cols]
+    for k in (11, 200):
+        m = comp.transform(k) - [[0, 0, head.x0], [0, 0, head.y0]]
+        warped = cv2.warpAffine(avatar.image, m, still.shape[1::-1], flags=cv2.INTER_LINEAR)
+        want = cv2.blendLinear(warped, still, head.alpha, 1.0 - head.alpha)  # the whole region
+        assert np.array_equal(comp.compose(avatar.image, k)[rows, cols], want), k

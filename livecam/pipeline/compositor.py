@@ -136,8 +136,21 @@ class _Seam:
 
     rows: slice
     cols: slice
-    alpha: np.ndarray  # (rows, cols) float32 weights of the swayed head
+    alpha: np.ndarray  # (rows, 3 * cols) float32 weights of the swayed head, per channel
     beta: np.ndarray  # 1 - alpha
+
+    @classmethod
+    def of(cls, alpha: np.ndarray, rows: slice, cols: slice) -> _Seam:
+        weights = np.repeat(alpha[rows, cols], 3, axis=1)  # B, G and R get their pixel's
+        return cls(rows, cols, weights, 1.0 - weights)
+
+    def blend(self, head: np.ndarray, still: np.ndarray) -> None:
+        """head = alpha * head + beta * still in the strip, in place. As one channel of
+        3 * cols values: OpenCV blends that a fifth faster than 3 channels, same values."""
+        strip = head[self.rows, self.cols]
+        values = strip.reshape(strip.shape[0], -1)  # a view: each row's pixels are contiguous
+        back = still[self.rows, self.cols].reshape(values.shape)
+        cv2.blendLinear(values, back, self.alpha, self.beta, dst=values)
 
 
 @dataclass
@@ -198,9 +211,8 @@ class _HeadRegion:
                 image, m, (self.x1 - self.x0, self.y1 - self.y0), dst=region,
                 flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_TRANSPARENT,
             )  # fmt: skip
-        for s in self.seams:
-            head = region[s.rows, s.cols]
-            cv2.blendLinear(head, still[s.rows, s.cols], s.alpha, s.beta, dst=head)
+        for seam in self.seams:
+            seam.blend(region, still)
         return out
 
     def _window(self, m: np.ndarray, shape: tuple[int, ...]) -> Window | None:
@@ -228,9 +240,7 @@ def _seams(alpha: np.ndarray, depth: int, fades: tuple[bool, bool, bool, bool]) 
         (middle, slice(0, left)),
         (middle, slice(right, w)),
     ]
-    return [
-        _Seam(r, c, alpha[r, c].copy(), 1.0 - alpha[r, c]) for r, c in strips if alpha[r, c].size
-    ]
+    return [_Seam.of(alpha, r, c) for r, c in strips if alpha[r, c].size]
 
 
 def _backdrop(image: np.ndarray, fit: np.ndarray, width: int, height: int) -> np.ndarray:
