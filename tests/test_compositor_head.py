@@ -111,30 +111,29 @@ def test_a_reused_canvas_is_redrawn_where_the_head_reaches_past_the_photo() -> N
     assert np.array_equal(_reused(comp, image, 3), comp.compose(image, 3))
 
 
+def _bgr_warp(comp: compositor.Compositor, image: np.ndarray, k: int, x0: int, y0: int,
+              out: np.ndarray) -> np.ndarray:  # fmt: skip
+    """OpenCV's own warp of the BGR image into `out` (canvas offset x0, y0), as it was."""
+    m = comp.transform(k) - [[0, 0, x0], [0, 0, y0]]
+    return cv2.warpAffine(image, m, out.shape[1::-1], dst=out, flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_TRANSPARENT)  # fmt: skip
+
+
 @pytest.mark.parametrize("name", ["astronaut", "portrait"])
-def test_the_bgra_warp_gives_the_bgr_warps_pixels(
-    name: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_pixels_are_opencvs_bgr_warp_blended_by_alpha(name: str) -> None:
     avatar = load_avatar(name)
     comp = build_compositor(avatar, 1280, 720, 30)
-    image = avatar.image.copy()
-    image[::7] = 255 - image[::7]  # sharp detail, where rounding would show
-    ks = range(0, 600, 37)
-    assert all(comp._head._window(comp.transform(k), image.shape) for k in ks)  # BGRA path
-    fast = [comp.compose(image, k) for k in ks]
-    monkeypatch.setattr(compositor._HeadRegion, "_window", lambda *_: None)  # the BGR warp
-    for k, got in zip(ks, fast, strict=True):
-        assert np.array_equal(got, comp.compose(image, k)), k
-
-
-def test_the_seams_blend_the_head_into_the_still_picture_by_alpha() -> None:
-    avatar = load_avatar("portrait")
-    comp = build_compositor(avatar, 1280, 720, 30)
     head = comp._head
+    image = avatar.image.copy()
+    image[::7] = 255 - image[::7]  # sharp detail, where any rounding would show
     rows, cols = slice(head.y0, head.y1), slice(head.x0, head.x1)
     still = head.still[rows, cols]
-    for k in (11, 200):
-        m = comp.transform(k) - [[0, 0, head.x0], [0, 0, head.y0]]
-        warped = cv2.warpAffine(avatar.image, m, still.shape[1::-1], flags=cv2.INTER_LINEAR)
-        want = cv2.blendLinear(warped, still, head.alpha, 1.0 - head.alpha)  # the whole region
-        assert np.array_equal(comp.compose(avatar.image, k)[rows, cols], want), k
+    for k in range(0, 600, 37):
+        assert head._window(comp.transform(k), image.shape)  # the head is inside the photo
+        warped = _bgr_warp(comp, image, k, head.x0, head.y0, still.copy())
+        want = cv2.blendLinear(warped, still, head.alpha, 1.0 - head.alpha)  # all the region
+        assert np.array_equal(comp.compose(image, k)[rows, cols], want), k
+    whole = comp.backdrop.copy()  # and the whole-photo path (video avatars)
+    x0, x1 = comp._x0, comp._x1
+    _bgr_warp(comp, image, 5, x0, 0, whole[:, x0:x1])
+    assert np.array_equal(comp.compose_whole(image, 5), whole)

@@ -73,6 +73,7 @@ class Compositor:
         left, right = -x * scale, (avatar_image.shape[1] - x) * scale
         self._x0 = int(min(max(0, left - margin), width - 2))
         self._x1 = int(max(min(width, right + margin), self._x0 + 2))
+        self._quad = QuadWarp()
         self._head: _HeadRegion | None = None
         if head_motion is None and head_box is not None:
             # a still photo: only the head moves (mouth, eyes, sway); the rest is drawn once
@@ -116,14 +117,7 @@ class Compositor:
     def _warp(self, image: np.ndarray, m: np.ndarray, out: np.ndarray) -> None:
         m = m.copy()
         m[0, 2] -= self._x0
-        cv2.warpAffine(
-            image,
-            m,
-            (self._x1 - self._x0, self.height),
-            dst=out[:, self._x0 : self._x1],
-            flags=cv2.INTER_LINEAR,
-            borderMode=cv2.BORDER_TRANSPARENT,
-        )
+        self._quad.warp(image, m, out[:, self._x0 : self._x1])
 
 
 HEAD_MARGIN = 0.55  # around the landmarks (brow to chin), in face heights: hair, ears, neck
@@ -203,14 +197,9 @@ class _HeadRegion:
         m = m.copy()
         m[0, 2] -= self.x0
         m[1, 2] -= self.y0
-        if window is not None:  # the photo covers all of the head: every pixel is redrawn
-            self.quad.warp(image, m, window, region)
-        else:  # where the photo does not reach, the still picture stays
+        if window is None:  # where the photo does not reach, the still picture stays
             region[...] = still  # (outside the head the canvas is the still picture already)
-            cv2.warpAffine(
-                image, m, (self.x1 - self.x0, self.y1 - self.y0), dst=region,
-                flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_TRANSPARENT,
-            )  # fmt: skip
+        self.quad.warp(image, m, region, window)
         for seam in self.seams:
             seam.blend(region, still)
         return out
