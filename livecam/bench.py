@@ -11,11 +11,13 @@ import numpy as np
 
 from livecam.audio.files import read_audio
 from livecam.avatar.store import load_avatar
+from livecam.constants import SAMPLE_RATE
 from livecam.session import build_compositor, build_engine, render_audio
 from livecam.sinks import SinkSettings, open_sink
 from livecam.sinks.memory import MemorySink
 
 SAMPLE_AUDIO = Path(__file__).parent / "samples" / "jfk.wav"
+WARM_UP_S = 1.0  # audio rendered untimed before the per-frame figures
 
 
 def _percentiles(values_ms: list[float]) -> dict[str, float]:
@@ -85,6 +87,9 @@ def run_bench(
             build_compositor(avatar, width, height, fps),
         )
 
+    # 0. untimed: a fresh process pays once for the memory it first touches (page faults
+    # while the allocator's heap grows; the first ~16 frames); the figures are per frame
+    render_audio(audio[: round(WARM_UP_S * SAMPLE_RATE)], *fresh(), MemorySink(width, height, fps))
     # 1. engine + compositing per frame, no encoding (memory sink)
     engine, compositor = fresh()
     memory = render_audio(audio, engine, compositor, MemorySink(width, height, fps))

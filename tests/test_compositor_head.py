@@ -3,6 +3,7 @@ full-frame warp's, outside it the picture is drawn once, and the seam is feather
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -59,7 +60,8 @@ def test_only_the_fading_edge_is_blended(name: str) -> None:
     for seam in head.seams:
         assert not covered[seam.rows, seam.cols].any()  # no pixel blended twice
         covered[seam.rows, seam.cols] = True
-        assert np.array_equal(seam.alpha, head.alpha[seam.rows, seam.cols])
+        alpha = head.alpha[seam.rows, seam.cols]
+        assert np.array_equal(seam.alpha.reshape(*alpha.shape, 3), np.dstack([alpha] * 3))
         assert np.array_equal(seam.beta, 1.0 - seam.alpha)
     assert np.all(head.alpha[~covered] == 1.0)  # elsewhere the warped head is the frame
     assert covered.mean() < 0.3  # a 29 px ring around a ~500 px square
@@ -76,3 +78,62 @@ def test_no_seam_where_the_head_meets_the_canvas_edge() -> None:
         (slice(7, 10), slice(0, 12)),
         (slice(0, 7), slice(0, 3)),
     ]
+
+
+def _reused(comp: compositor.Compositor, image: np.ndarray, k: int) -> np.ndarray:
+    """compose() into an earlier frame whose head region holds something else entirely."""
+    out = comp.compose(image, k + 1)
+    head = comp._head
+    noise = np.random.default_rng(k).integers(0, 256, out.shape, np.uint8)
+    out[head.y0 : head.y1, head.x0 : head.x1] = noise[head.y0 : head.y1, head.x0 : head.x1]
+    got = comp.compose(image, k, out)
+    assert got is out
+    return got
+
+
+@pytest.mark.parametrize("name", ["astronaut", "portrait"])
+def test_a_reused_canvas_is_drawn_exactly_like_a_new_one(name: str) -> None:
+    avatar = load_avatar(name)
+    comp = build_compositor(avatar, 1280, 720, 30)
+    for k in (0, 40, 170):
+        assert np.array_equal(_reused(comp, avatar.image, k), comp.compose(avatar.image, k))
+    noise = np.random.default_rng(3).integers(0, 256, (720, 1280, 3), np.uint8)
+    want = comp.compose_whole(avatar.image, 9)  # the whole-photo path (video avatars)
+    assert np.array_equal(comp.compose_whole(avatar.image, 9, noise), want)
+
+
+def test_a_reused_canvas_is_redrawn_where_the_head_reaches_past_the_photo() -> None:
+    image = np.random.default_rng(1).integers(0, 256, (200, 160, 3), np.uint8)
+    framing = compositor.Framing((-40.0, 0.0, 240.0, 200.0), (80.0, 190.0), 120.0)
+    comp = compositor.Compositor(image, framing, 320, 240, 30, head_box=(10, 20, 150, 180))
+    head = comp._head
+    assert head is not None and head._window(comp.transform(3), image.shape) is None
+    assert np.array_equal(_reused(comp, image, 3), comp.compose(image, 3))
+
+
+def _bgr_warp(comp: compositor.Compositor, image: np.ndarray, k: int, x0: int, y0: int,
+              out: np.ndarray) -> np.ndarray:  # fmt: skip
+    """OpenCV's own warp of the BGR image into `out` (canvas offset x0, y0), as it was."""
+    m = comp.transform(k) - [[0, 0, x0], [0, 0, y0]]
+    return cv2.warpAffine(image, m, out.shape[1::-1], dst=out, flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_TRANSPARENT)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["astronaut", "portrait"])
+def test_the_pixels_are_opencvs_bgr_warp_blended_by_alpha(name: str) -> None:
+    avatar = load_avatar(name)
+    comp = build_compositor(avatar, 1280, 720, 30)
+    head = comp._head
+    image = avatar.image.copy()
+    image[::7] = 255 - image[::7]  # sharp detail, where any rounding would show
+    rows, cols = slice(head.y0, head.y1), slice(head.x0, head.x1)
+    still = head.still[rows, cols]
+    for k in range(0, 600, 37):
+        assert head._window(comp.transform(k), image.shape)  # the head is inside the photo
+        warped = _bgr_warp(comp, image, k, head.x0, head.y0, still.copy())
+        want = cv2.blendLinear(warped, still, head.alpha, 1.0 - head.alpha)  # all the region
+        assert np.array_equal(comp.compose(image, k)[rows, cols], want), k
+    whole = comp.backdrop.copy()  # and the whole-photo path (video avatars)
+    x0, x1 = comp._x0, comp._x1
+    _bgr_warp(comp, image, 5, x0, 0, whole[:, x0:x1])
+    assert np.array_equal(comp.compose_whole(image, 5), whole)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from livecam.audio.ring import AudioRing
 from livecam.avatar.store import load_avatar
 from livecam.session import build_compositor, build_engine, render_audio
 from livecam.sinks.memory import MemorySink
@@ -29,8 +30,8 @@ def _parts():
     comp = build_compositor(avatar, 160, 120, 25)
     compose = comp.compose
 
-    def stamped(face: np.ndarray, k: int) -> np.ndarray:
-        canvas = compose(face, k)
+    def stamped(face: np.ndarray, k: int, out: np.ndarray | None = None) -> np.ndarray:
+        canvas = compose(face, k, out)
         canvas[0, 0, :2] = (k % 256, k // 256)
         return canvas
 
@@ -61,3 +62,27 @@ def test_a_failing_sink_or_engine_ends_the_render() -> None:
     engine.generate = broken
     with pytest.raises(RuntimeError, match="engine broke"):
         render_audio(audio, engine, comp, _RecordingSink(), batch=4)
+
+
+def test_canvases_are_reused_only_once_the_sink_is_done_with_them() -> None:
+    avatar = load_avatar("portrait")
+    audio = np.random.default_rng(2).normal(0, 0.1, 16_000 * 2).astype(np.float32)
+    comp = build_compositor(avatar, 320, 240, 25)
+    canvases: list[np.ndarray] = []  # every canvas sent (so no id is reused)
+
+    class Keeping(MemorySink):  # keeps a copy of every frame, as it arrives
+        def send(self, frame: np.ndarray, audio: np.ndarray) -> None:
+            canvases.append(frame)
+            super().send(frame, audio)
+
+    sink = Keeping(320, 240, 25, keep=100)
+    render_audio(audio, build_engine("lite", avatar, 25), comp, sink, batch=4)
+    engine = build_engine("lite", avatar, 25)
+    ring = AudioRing(len(audio) + 16_000)
+    ring.write(np.concatenate([audio, np.zeros(16_000, np.float32)]))
+    faces = engine.generate(ring, range(50))
+    want = [build_compositor(avatar, 320, 240, 25).compose(f, k) for k, f in enumerate(faces)]
+    assert len(sink.frames) == 50
+    for k, (got, expected) in enumerate(zip(sink.frames, want, strict=True)):
+        assert np.array_equal(got, expected), k  # no frame overwritten before it was sent
+    assert len({id(c) for c in canvases}) <= 2 * 4 + 2  # drawn into again, not one a frame

@@ -16,7 +16,8 @@ class Sink(Protocol):
 
     `send` gets a (height, width, 3) uint8 BGR frame of exactly the opened size and the
     float32 mono 16 kHz audio of that frame's time span (may be empty). It must never block
-    for long. `close` is idempotent.
+    for long, nor change the frame or hold on to it once it returns (it copies what it keeps):
+    the caller draws a later frame into the same array. `close` is idempotent.
     """
 
     name: str  # shown on the dashboard
