@@ -222,6 +222,8 @@ class ControlServer:
         self._stopping.set()
         sock, self._sock = self._sock, None
         if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() waiting in _serve now
             sock.close()
             self._thread.join(timeout=2)
             self._remove_own_socket()

@@ -60,13 +60,15 @@ def prepare(name: str, common: dict, module: dict) -> Path:
     return where
 
 
-def run(where: Path) -> None:
+def run(where: Path, max_children: int | None) -> None:
     # OMP_NUM_THREADS=1: mutmut forks each mutant's run from a process that already ran torch,
     # and a forked child's first multi-threaded torch op waits forever on the parent's OpenMP
     # team (a false "timeout")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("PYTHONPATH", None)  # the mutated copy in mutants/ must be the one imported
     command = [sys.executable, "-m", "mutmut", "run"]
+    if max_children:  # more mutants at once than cores, for tests that mostly wait
+        command += ["--max-children", str(max_children)]
     proc = subprocess.Popen(command, cwd=where, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
     assert proc.stdout is not None
@@ -102,7 +104,7 @@ def main(names: list[str]) -> None:
         print(f"== {name} ({modules[name]['file']})", flush=True)
         where = prepare(name, config["mutmut"], modules[name])
         started = time.monotonic()
-        run(where)
+        run(where, modules[name].get("max_children"))
         rows.append((name, counts(where), time.monotonic() - started))
     print(f"\n{'module':10} {'mutants':>7} {'killed':>7} {'survived':>8} {'timeout':>7} "
           f"{'other':>5} {'killed %':>8} {'minutes':>7}")  # fmt: skip
