@@ -1,3 +1,5 @@
+import pytest
+
 from livecam.audio.clock import AudioClock
 from livecam.constants import SAMPLE_RATE
 
@@ -43,3 +45,15 @@ def test_defaults_to_the_monotonic_clock_and_says_when_it_has_no_audio():
     after = time.monotonic()
     assert before - 0.1 <= clock.origin() <= after - 0.1
     assert 0.1 <= clock.stream_time() <= 0.1 + (time.monotonic() - before)
+
+
+def test_an_early_block_is_forgotten_after_the_200_that_follow_it():
+    """The default window: a block's offset counts for 200 blocks (2 s of 10 ms blocks), long
+    enough to ride out delivery jitter, short enough to follow drift."""
+    clock = AudioClock()
+    clock.on_block(160, arrival=0.0)  # early: an offset of -0.01 s
+    for n in range(2, 201):
+        clock.on_block(160 * n, arrival=n * 0.01 + 0.005)  # each 5 ms late
+    assert clock.stream_time(10.0) == pytest.approx(10.0 + 0.01)  # 200 blocks in: kept
+    clock.on_block(160 * 201, arrival=2.01 + 0.005)
+    assert clock.stream_time(10.0) == pytest.approx(10.0 - 0.005)  # the 201st pushed it out

@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".mutation"
-COPIED = ("livecam", "tests", "avatars")
+COPIED = ("livecam", "tests", "avatars", "tools")
 SPINNER = tuple("⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏🎉")
 
 
@@ -66,7 +66,9 @@ def run(where: Path, max_children: int | None) -> None:
     # team (a false "timeout")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("PYTHONPATH", None)  # the mutated copy in mutants/ must be the one imported
-    command = [sys.executable, "-m", "mutmut", "run"]
+    # mutmut imported as mutmut.__main__ (not run as __main__ by -m): tools/mutation_order.py
+    # reads the durations it measured from there
+    command = [sys.executable, "-c", "from mutmut.__main__ import cli; cli()", "run"]
     if max_children:  # more mutants at once than cores, for tests that mostly wait
         command += ["--max-children", str(max_children)]
     proc = subprocess.Popen(command, cwd=where, env=env, stdout=subprocess.PIPE,
