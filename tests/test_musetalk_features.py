@@ -3,8 +3,11 @@ streaming deviation, and the `livecam features` command (tiny random whisper).""
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,6 +21,7 @@ from livecam.engines.musetalk.models import compute_features, whisper_from_dir
 from livecam.features.whisper import (
     OfflineFeatures,
     StreamingFeatures,
+    WhisperAudio,
     frame_steps,
     offline_features,
     pad_steps,
@@ -230,3 +234,50 @@ def test_offline_features_encode_once_per_length_of_the_ring(
     ring.write(np.zeros(1_000, np.float32))
     source.features(ring, [5])
     assert encodes == [32_000, 33_000]
+
+
+def _no_whisper() -> Any:
+    """What StreamingFeatures' constructor reads of a whisper: its width and device."""
+    return SimpleNamespace(dim=4, device=torch.device("cpu"))
+
+
+def test_the_stream_keeps_8_s_of_context_and_20_s_of_steps_by_default() -> None:
+    stream = StreamingFeatures(_no_whisper(), 25)
+    assert (stream.window, stream.min_left, stream.capacity) == (400, 200, 1000)  # steps
+    assert stream.samples_needed(10) == 26 * 320  # frame 10's steps end at 26: no look-ahead
+    ahead = StreamingFeatures(_no_whisper(), 25, lookahead_s=0.16)
+    assert ahead.samples_needed(10) == (26 + 8) * 320
+    # never less than two frames' steps; at most whisper's 30 s, all of it kept
+    assert StreamingFeatures(_no_whisper(), 25, context_s=0.1).window == 20
+    longest = StreamingFeatures(_no_whisper(), 25, context_s=30.0)
+    assert (longest.window, longest.capacity) == (1500, 1500)
+    with pytest.raises(ValueError) as err:
+        StreamingFeatures(_no_whisper(), 25, context_s=30.02)
+    assert str(err.value) == "the streaming window must fit in whisper's 30 s"
+
+
+def test_the_log_mel_is_whispers_before_its_normalisation(tiny: Path) -> None:
+    whisper = whisper_from_dir(tiny, "cpu")
+    audio = read_audio(JFK)[: 3 * 16_000]
+    length = 4 * 16_000  # a second of zero padding after the audio, as whisper pads
+    log_mel = whisper.log_mel(audio.astype(np.float64), length)
+    assert log_mel.dtype == torch.float32 and log_mel.shape == (80, length // 160)
+    normalised = (torch.maximum(log_mel, log_mel.max() - 8.0) + 4.0) / 4.0
+    theirs = whisper.extractor(
+        audio, sampling_rate=16_000, return_tensors="np", padding="max_length", max_length=length
+    ).input_features[0]
+    assert float(np.abs(normalised.numpy() - theirs).max()) < 1e-4
+
+
+def test_an_encoder_in_double_precision_gets_its_input_in_its_dtype(tiny: Path) -> None:
+    whisper = whisper_from_dir(tiny, "cpu")
+    double = WhisperAudio(
+        copy.deepcopy(whisper.encoder).double(), whisper.extractor, whisper.device
+    )
+    audio = read_audio(JFK)[: 2 * 16_000]
+    log_mel = whisper.log_mel(audio, len(audio))
+    peak = float(log_mel.max())
+    ours, theirs = (w.steps_from_mel(log_mel, peak, 0) for w in (whisper, double))
+    assert theirs.dtype == torch.float32 and torch.allclose(ours, theirs, atol=1e-4)
+    ours, theirs = (w.steps(audio, len(audio)) for w in (whisper, double))
+    assert theirs.dtype == torch.float32 and torch.allclose(ours, theirs, atol=1e-4)

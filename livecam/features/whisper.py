@@ -40,6 +40,7 @@ SEGMENT_SAMPLES = 30 * SAMPLE_RATE  # whisper's 30 s input
 SEGMENT_STEPS = exact_div(SEGMENT_SAMPLES, STEP_SAMPLES)  # 1500
 WINDOW_STEPS = 10  # steps per frame: 2 * (2 left + 2 right + 1)
 N_STATES = 5  # embedding output + 4 encoder layers
+CACHED_STEPS = 20 * STEPS_PER_SECOND  # streamed steps kept for frames asked for again
 
 
 def pad_steps(fps: float) -> tuple[int, int]:
@@ -105,7 +106,7 @@ class WhisperAudio:
         float32, before whisper's normalisation (which `normalised` applies)."""
         ex = self.extractor
         wave = torch.zeros(length)
-        wave[: len(audio)] = torch.from_numpy(np.asarray(audio[:length], dtype=np.float32))
+        wave[: len(audio)] = torch.as_tensor(audio[:length])  # cast to float32 as it is copied
         stft = torch.stft(wave, ex.n_fft, ex.hop_length, window=torch.hann_window(ex.n_fft),
                           return_complex=True)  # fmt: skip
         power = (stft[..., :-1].abs() ** 2).contiguous()
@@ -161,18 +162,15 @@ class StreamingFeatures:
         whisper: WhisperAudio,
         fps: float,
         context_s: float = 8.0,
-        right_pad_s: float = 0.0,
-        capacity_s: float = 20.0,
         lookahead_s: float = 0.0,
     ) -> None:
         self.whisper = whisper
         self.fps = fps
         self.window = max(2 * WINDOW_STEPS, round(context_s * STEPS_PER_SECOND))  # steps
-        self.right_pad = round(right_pad_s * STEPS_PER_SECOND)
-        if self.window + self.right_pad > SEGMENT_STEPS:
+        if self.window > SEGMENT_STEPS:
             raise ValueError("the streaming window must fit in whisper's 30 s")
         self.min_left = self.window // 2  # every cached step has at least this much context
-        self.capacity = max(round(capacity_s * STEPS_PER_SECOND), self.window)
+        self.capacity = max(CACHED_STEPS, self.window)
         self.lookahead = round(lookahead_s * STEPS_PER_SECOND)  # heard past a frame: latency
         self._cache = torch.zeros((self.capacity, N_STATES, whisper.dim), device=whisper.device)
         self._lo = self._hi = 0  # cached absolute steps [lo, hi)
@@ -190,7 +188,7 @@ class StreamingFeatures:
         audio = np.zeros((end - start) * STEP_SAMPLES, dtype=np.float32)
         if a < end * STEP_SAMPLES:
             audio[a - start * STEP_SAMPLES :] = ring.read(a, end * STEP_SAMPLES)
-        steps_in = min(self.window + self.right_pad, segment + SEGMENT_STEPS - start)
+        steps_in = min(self.window, segment + SEGMENT_STEPS - start)
         log_mel = self.whisper.log_mel(audio, steps_in * STEP_SAMPLES)
         peak = float(log_mel[:, : 2 * (end - start)].max())
         if self._peak[0] == segment:  # whisper clamps at the segment's max - 8; a running max
@@ -247,7 +245,7 @@ class OfflineFeatures:
 
 
 def streaming_features(
-    whisper: WhisperAudio, audio: np.ndarray, fps: float, n_frames: int, batch: int = 1,
+    whisper: WhisperAudio, audio: np.ndarray, fps: float, n_frames: int, *, batch: int,
     **options: float,
 ) -> np.ndarray:  # fmt: skip
     """Live-path features: the ring holds only what has 'arrived' for each batch of frames
@@ -260,7 +258,7 @@ def streaming_features(
         need = stream.samples_needed(frames[-1])
         if need > ring.end:
             chunk = audio[ring.end : need]
-            ring.write(np.concatenate([chunk, np.zeros(need - ring.end - len(chunk), np.float32)]))
+            ring.write(np.pad(chunk, (0, need - ring.end - len(chunk))))  # silence past the end
         out[first : first + len(frames)] = stream.features(ring, frames).cpu().numpy()
     return out
 
@@ -273,7 +271,7 @@ def streaming_deviation(
     (0 = embedding output, 4 = last)."""
     offline = offline_features(whisper, audio, fps).cpu().numpy()
     n = len(offline)
-    live = streaming_features(whisper, audio, fps, n, batch, **options)
+    live = streaming_features(whisper, audio, fps, n, batch=batch, **options)
     shape = (n, WINDOW_STEPS, N_STATES, whisper.dim)  # frames are flattened time-major
 
     def rel(a: np.ndarray, b: np.ndarray) -> float:

@@ -164,4 +164,4 @@ def compute_features(
     n_frames = math.floor(len(audio) / SAMPLE_RATE * fps)
     if not streaming:
         return offline_features(whisper, audio, fps, n_frames).cpu().numpy()
-    return streaming_features(whisper, audio, fps, n_frames)
+    return streaming_features(whisper, audio, fps, n_frames, batch=1)
