@@ -179,11 +179,15 @@ def test_streaming_restarts_the_positions_at_the_30_s_segment_edge(tiny: Path) -
     segments, and streaming must give each step its place in its own segment."""
     whisper = _positions_only(tiny)
     audio = np.tile(read_audio(JFK), 3)[: 32 * 16_000]
-    fps, frames = 25.0, list(range(748, 754))  # 29.92 s .. 30.16 s: across the edge
-    stream = StreamingFeatures(whisper, fps)
-    got = stream.features(_ring_until(audio, stream.samples_needed(frames[-1])), frames)
-    want = offline_features(whisper, audio, fps)[frames[0] : frames[-1] + 1]
-    assert torch.allclose(_state0(got), _state0(want), atol=1e-5)
+    # 25 fps: six frames in one call, 29.92 s .. 30.16 s; 30 fps: a frame a call, and frame
+    # 897's steps end at 1501, one past the edge (a window of the second segment's first step)
+    for fps, frames, per_call in ((25.0, range(748, 754), 6), (30.0, range(894, 900), 1)):
+        stream = StreamingFeatures(whisper, fps)
+        ring = _ring_until(audio, stream.samples_needed(frames[-1]))
+        calls = [list(frames[i : i + per_call]) for i in range(0, len(frames), per_call)]
+        got = torch.cat([stream.features(ring, call) for call in calls])
+        want = offline_features(whisper, audio, fps)[frames[0] : frames[-1] + 1]
+        assert torch.allclose(_state0(got), _state0(want), atol=1e-5), fps
 
 
 def test_asking_again_for_earlier_frames_recomputes_them(tiny: Path) -> None:
