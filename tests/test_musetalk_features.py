@@ -180,8 +180,12 @@ def test_streaming_restarts_the_positions_at_the_30_s_segment_edge(tiny: Path) -
     whisper = _positions_only(tiny)
     audio = np.tile(read_audio(JFK), 3)[: 32 * 16_000]
     # 25 fps: six frames in one call, 29.92 s .. 30.16 s; 30 fps: a frame a call, and frame
-    # 897's steps end at 1501, one past the edge (a window of the second segment's first step)
-    for fps, frames, per_call in ((25.0, range(748, 754), 6), (30.0, range(894, 900), 1)):
+    # 897's steps end at 1501, one past the edge (a window of the second segment's first step);
+    # and the first frames, where step 0 is the first computed: at 50/9 fps frame 0 is all
+    # padding and frame 1's steps end at step 1
+    cases = ((25.0, range(748, 754), 6), (30.0, range(894, 900), 1), (25.0, range(6), 1),
+             (50 / 9, range(3), 1))  # fmt: skip
+    for fps, frames, per_call in cases:
         stream = StreamingFeatures(whisper, fps)
         ring = _ring_until(audio, stream.samples_needed(frames[-1]))
         calls = [list(frames[i : i + per_call]) for i in range(0, len(frames), per_call)]
@@ -285,3 +289,40 @@ def test_an_encoder_in_double_precision_gets_its_input_in_its_dtype(tiny: Path) 
     assert theirs.dtype == torch.float32 and torch.allclose(ours, theirs, atol=1e-4)
     ours, theirs = (w.steps(audio, len(audio)) for w in (whisper, double))
     assert theirs.dtype == torch.float32 and torch.allclose(ours, theirs, atol=1e-4)
+
+
+def test_the_encoder_runs_once_a_call_and_not_for_steps_it_has(tiny: Path) -> None:
+    whisper = whisper_from_dir(tiny, "cpu")
+    ring = _ring_until(read_audio(JFK), 5 * 16_000)
+    stream = StreamingFeatures(whisper, 25.0)
+    for first in range(0, 50, 5):
+        stream.features(ring, list(range(first, first + 5)))
+    assert stream.encoder_runs == 10
+    stream.features(ring, list(range(0, 50)))  # all cached, from step 0 to the newest
+    assert stream.encoder_runs == 10
+
+
+def test_a_look_ahead_computes_a_frame_as_the_frames_that_much_later_would(tiny: Path) -> None:
+    whisper = whisper_from_dir(tiny, "cpu")
+    ring = _ring_until(read_audio(JFK), 6 * 16_000)
+    ahead = StreamingFeatures(whisper, 25.0, lookahead_s=0.16)  # 8 steps: 4 frames at 25 fps
+    got = ahead.features(ring, [100])
+    plain = StreamingFeatures(whisper, 25.0).features(ring, list(range(100, 105)))
+    assert torch.equal(got[0], plain[0])
+    assert not torch.equal(got[0], StreamingFeatures(whisper, 25.0).features(ring, [100])[0])
+
+
+def test_the_loudness_peak_counts_only_mel_frames_centred_on_heard_audio(tiny: Path) -> None:
+    """whisper clamps the log-mel at its maximum - 8. In a segment's first 8 s the stream's
+    window is shorter than its log-mel, which whisper pads with silence: the mel frame centred
+    on the newest sample is half that silence, which the future will fill, so it does not count
+    (a click at the very end must not lower everything heard before it)."""
+    whisper = whisper_from_dir(tiny, "cpu")
+    for frame, segment_start in ((19, 0), (760, 30 * 16_000)):  # 0.76 s, 30.4 s
+        stream = StreamingFeatures(whisper, 25.0)
+        heard = np.zeros(stream.samples_needed(frame), np.float32)
+        heard[-1] = 1.0  # a click at the newest sample, silence before it
+        stream.features(_ring_until(heard, len(heard)), [frame])
+        window = heard[segment_start:]
+        with_the_centred_frame = float(whisper.log_mel(window, 8 * 16_000).max())
+        assert math.log10(1e-10) < stream._peak[1] < with_the_centred_frame, frame
