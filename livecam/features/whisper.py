@@ -188,8 +188,8 @@ class StreamingFeatures:
         audio = np.zeros((end - start) * STEP_SAMPLES, dtype=np.float32)
         if a < end * STEP_SAMPLES:
             audio[a - start * STEP_SAMPLES :] = ring.read(a, end * STEP_SAMPLES)
-        steps_in = min(self.window, segment + SEGMENT_STEPS - start)
-        log_mel = self.whisper.log_mel(audio, steps_in * STEP_SAMPLES)
+        # the window's length: a window never reaches past the end of its segment
+        log_mel = self.whisper.log_mel(audio, self.window * STEP_SAMPLES)
         peak = float(log_mel[:, : 2 * (end - start)].max())
         if self._peak[0] == segment:  # whisper clamps at the segment's max - 8; a running max
             peak = max(peak, self._peak[1])  # is the closest a stream knows
