@@ -24,6 +24,7 @@ from livecam.features.whisper import (
     WhisperAudio,
     frame_steps,
     offline_features,
+    offline_steps,
     pad_steps,
     streaming_deviation,
     streaming_features,
@@ -326,3 +327,9 @@ def test_the_loudness_peak_counts_only_mel_frames_centred_on_heard_audio(tiny: P
         window = heard[segment_start:]
         with_the_centred_frame = float(whisper.log_mel(window, 8 * 16_000).max())
         assert math.log10(1e-10) < stream._peak[1] < with_the_centred_frame, frame
+
+
+def test_no_audio_gives_no_steps_and_no_frames(tiny: Path) -> None:
+    whisper = whisper_from_dir(tiny, "cpu")
+    assert offline_steps(whisper, np.zeros(0, np.float32)).shape == (0, 5, 384)
+    assert offline_features(whisper, np.zeros(100, np.float32), 25).shape == (0, 50, 384)
