@@ -458,3 +458,55 @@ def test_the_margin_on_round_trips_is_on_their_jitter_not_on_the_path():
     s = Scheduler(FPS, ("full",), (1,), base_delay_s=0.08)
     _drive_round_trips(s, [0.1 + 0.02 * (k % 2) for k in range(60)])
     assert s.playout_delay == pytest.approx(0.08 + 0.1 + 1.1 * 0.02)
+
+
+def _remote(fps: int = 32) -> Scheduler:
+    return Scheduler(fps, ("full",), (1,), base_delay_s=0.0625)
+
+
+def _trip(s: Scheduler, latency: float, now: float) -> None:
+    s.observe(s.mode, 0.005, now=now, latency=latency)
+
+
+def test_a_round_trip_a_frame_over_the_usual_is_jitter_and_one_later_is_held_up():
+    """The edges, in exact binary fractions (32 fps): over the median by exactly a frame is
+    covered; by a frame and a half, held up (the spread of identical round trips is 0)."""
+    s = _remote()
+    for k in range(20):
+        _trip(s, 0.125, k / 32)
+    _trip(s, 0.125 + 1 / 32, 20 / 32)
+    assert s._held_since is None and max(s._covered()) == 0.125 + 1 / 32
+    _trip(s, 0.125 + 1.5 / 32, 21 / 32)
+    assert s._held_since == 21 / 32 and max(s._covered()) == 0.125 + 1 / 32
+
+
+def test_the_network_counts_as_slower_exactly_slower_after_s_into_a_hold_up():
+    s = _remote()
+    for k in range(20):
+        _trip(s, 0.125, k / 32)
+    _trip(s, 0.5, 1.0)
+    _trip(s, 0.5, 1.0 + SLOWER_AFTER_S - 1 / 32)
+    assert not s._slower
+    _trip(s, 0.5, 1.0 + SLOWER_AFTER_S)
+    assert s._slower
+
+
+def test_with_half_the_recent_calls_held_up_the_allowance_stays_as_it_is():
+    """Held-up calls are left out of the allowance; while fewer than half are, it follows the
+    others; from half on, the few others tell nothing and it stays as it is."""
+    s = _remote()
+    for k in range(300):
+        _trip(s, 0.125, k / 32)
+    for k in range(300, 314):  # 14 of the last 30 held up, for under SLOWER_AFTER_S
+        _trip(s, 0.5, k / 32)
+    s._allowance = kept = 0.0625
+    assert s._generation_allowance() == pytest.approx(0.125)
+    _trip(s, 0.5, 314 / 32)  # 15 of 30
+    assert s._generation_allowance() == kept
+
+
+def test_the_round_trips_that_tell_what_is_usual_are_the_last_300():
+    s = _remote()
+    for k in range(400):
+        _trip(s, 0.125 if k < 100 else 0.25, k / 32)
+    assert list(s._round_trips) == [0.25] * 300
