@@ -101,7 +101,7 @@ def request(message: dict[str, Any], path: Path | None = None, timeout: float = 
         raise ControlError(f"livecam is not running (no daemon at {path}); "
                            "start it with `livecam start`")  # fmt: skip
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        with socket.socket(socket.AF_UNIX) as conn:  # a stream socket
             conn.settimeout(timeout)
             _connect(conn, path, time.monotonic() + timeout)
             conn.sendall(json.dumps(message).encode() + b"\n")
@@ -133,6 +133,8 @@ class ControlServer:
         self._lock_fd: int | None = None
         self._inode: tuple[int, int] | None = None  # (dev, ino) of the socket we bound
         self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        self._answering = 0  # requests read and not yet answered (under _answered)
+        self._answered = threading.Condition()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
 
@@ -149,7 +151,7 @@ class ControlServer:
         self._thread.start()
 
     def _bind(self) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_UNIX)  # a stream socket
         old_umask = os.umask(0o177)  # the socket file is created 0600
         try:
             sock.bind(str(self.path))
@@ -160,8 +162,7 @@ class ControlServer:
             os.umask(old_umask)
         st = self.path.stat()
         self._inode = (st.st_dev, st.st_ino)
-        sock.listen(BACKLOG)
-        sock.settimeout(0.5)
+        sock.listen(BACKLOG)  # accept() blocks until a client comes or stop() shuts it down
         return sock
 
     def _serve(self) -> None:
@@ -169,8 +170,6 @@ class ControlServer:
         while not self._stopping.is_set() and self._sock is not None:
             try:
                 conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
             except OSError as exc:
                 if self._stopping.is_set():
                     return
@@ -195,10 +194,17 @@ class ControlServer:
                 line = _read_line(conn, time.monotonic() + REQUEST_DEADLINE_S)
                 if line is None:
                     return
-                if len(line) >= MAX_REQUEST:
-                    _reply(conn, {"error": f"request longer than {MAX_REQUEST - 1} bytes"})
-                else:
-                    _reply(conn, self._answer(line))
+                with self._answered:
+                    self._answering += 1
+                try:
+                    if len(line) >= MAX_REQUEST:
+                        _reply(conn, {"error": f"request longer than {MAX_REQUEST - 1} bytes"})
+                    else:
+                        _reply(conn, self._answer(line))
+                finally:
+                    with self._answered:
+                        self._answering -= 1
+                        self._answered.notify_all()
         except Exception:  # never let one connection take anything else down
             log.exception("control connection failed")
         finally:
@@ -223,10 +229,12 @@ class ControlServer:
         sock, self._sock = self._sock, None
         if sock is not None:
             with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() waiting in _serve now
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() waiting in _serve
             sock.close()
             self._thread.join(timeout=2)
             self._remove_own_socket()
+            with self._answered:  # `stop` itself is answered before the daemon exits
+                self._answered.wait_for(lambda: not self._answering, REQUEST_DEADLINE_S)
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the lock
             self._lock_fd = None

@@ -421,18 +421,18 @@ def test_failing_accepts_are_logged_sparingly_and_retried(run_dir, monkeypatch, 
     server = ControlServer({"status": lambda _: {"ok": True}}, run_dir / "livecam.sock")
     client, served = socket.socketpair()
     emfile = OSError(errno.EMFILE, "Too many open files")
-    script = [TimeoutError(), *[emfile] * 50, TimeoutError(), (served, None), emfile]
+    script = [*[emfile] * 50, (served, None), emfile]
 
     class Flaky:
         calls = 0
 
         def accept(self):
-            if self.calls == len(script):
+            if self.calls == len(script):  # as stop() makes it
                 server._stopping.set()
-                raise TimeoutError
+                raise OSError(errno.EINVAL, "Invalid argument")
             step = script[self.calls]
             self.calls += 1
-            if isinstance(step, OSError):  # TimeoutError too: nobody connected meanwhile
+            if isinstance(step, OSError):
                 raise step
             return step
 
@@ -556,3 +556,29 @@ def test_a_connection_that_fails_is_logged_and_frees_its_slot(run_dir, caplog) -
     assert caplog.records[-1].getMessage() == "control connection failed"
     for _ in range(control.MAX_CLIENTS):  # the slot was given back
         assert server._slots.acquire(timeout=0)
+
+
+def test_stop_waits_for_an_answer_in_progress(run_dir) -> None:
+    """`livecam stop` is answered by the daemon it stops: the answer goes out before the
+    server (and the process) is gone."""
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(_: dict) -> dict:
+        entered.set()
+        release.wait(10)
+        return {"ok": True}
+
+    server = ControlServer({"slow": slow}, run_dir / "livecam.sock")
+    server.start()
+    answers: list[dict] = []
+    client = threading.Thread(target=lambda: answers.append(request({"cmd": "slow"}, server.path)))
+    client.start()
+    assert entered.wait(10)
+    stopper = threading.Thread(target=server.stop)
+    stopper.start()
+    stopper.join(0.2)
+    assert stopper.is_alive()  # waiting for the answer
+    release.set()
+    stopper.join(10)
+    client.join(10)
+    assert answers == [{"ok": True}] and not stopper.is_alive()
