@@ -333,3 +333,16 @@ def test_no_audio_gives_no_steps_and_no_frames(tiny: Path) -> None:
     whisper = whisper_from_dir(tiny, "cpu")
     assert offline_steps(whisper, np.zeros(0, np.float32)).shape == (0, 5, 384)
     assert offline_features(whisper, np.zeros(100, np.float32), 25).shape == (0, 50, 384)
+
+
+def test_streaming_features_are_the_streams_a_batch_a_call(tiny: Path) -> None:
+    """What the bench and `livecam features --streaming` report: each batch of frames asked for
+    once, as soon as its audio has arrived."""
+    whisper = whisper_from_dir(tiny, "cpu")
+    audio = read_audio(JFK)[:16_000]
+    got = streaming_features(whisper, audio, 25, 24, batch=4)
+    stream = StreamingFeatures(whisper, 25)
+    for first in range(0, 24, 4):
+        frames = list(range(first, first + 4))
+        ring = _ring_until(audio, stream.samples_needed(frames[-1]))  # what has arrived
+        assert np.array_equal(got[first : first + 4], stream.features(ring, frames).numpy())
