@@ -86,20 +86,14 @@ class WhisperAudio:
         self.dtype = next(encoder.parameters()).dtype
         self.dim = int(encoder.embed_positions.weight.shape[1])
 
-    def steps(
-        self, audio: np.ndarray, length: int = SEGMENT_SAMPLES, position: int = 0
-    ) -> torch.Tensor:
-        """Audio (<= length samples, zero-padded to length) -> (length / 320, 5, D) float32."""
+    def steps(self, audio: np.ndarray) -> torch.Tensor:
+        """Up to 30 s of audio -> (1500, 5, D) float32: whisper's input, the extractor's log-mel
+        of the audio padded with silence (or cut) to 30 s."""
         mel = self.extractor(
-            np.asarray(audio, dtype=np.float32),
-            sampling_rate=SAMPLE_RATE,
-            return_tensors="np",
-            padding="max_length",
-            max_length=length,
-            truncation=True,
-        ).input_features  # (1, 80, length / 160)
+            np.asarray(audio, dtype=np.float32), sampling_rate=SAMPLE_RATE, return_tensors="np"
+        ).input_features  # (1, 80, 3000)
         mel_t = torch.from_numpy(mel).to(self.device, self.dtype)
-        return encoder_states(self.encoder, mel_t, position)[0].float()
+        return encoder_states(self.encoder, mel_t)[0].float()
 
     def log_mel(self, audio: np.ndarray, length: int) -> torch.Tensor:
         """(80, length / 160) log10 mel power of audio zero-padded to length, on the CPU in
