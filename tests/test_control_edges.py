@@ -558,27 +558,52 @@ def test_a_connection_that_fails_is_logged_and_frees_its_slot(run_dir, caplog) -
         assert server._slots.acquire(timeout=0)
 
 
-def test_stop_waits_for_an_answer_in_progress(run_dir) -> None:
-    """`livecam stop` is answered by the daemon it stops: the answer goes out before the
-    server (and the process) is gone."""
-    entered, release = threading.Event(), threading.Event()
+def _slow_server(run_dir: Path, n: int):
+    """A server whose `slow` requests each wait for their own release."""
+    entered = [threading.Event() for _ in range(n)]
+    release = [threading.Event() for _ in range(n)]
 
-    def slow(_: dict) -> dict:
-        entered.set()
-        release.wait(10)
-        return {"ok": True}
+    def slow(message: dict) -> dict:
+        entered[message["n"]].set()
+        release[message["n"]].wait(10)
+        return {"ok": message["n"]}
 
     server = ControlServer({"slow": slow}, run_dir / "livecam.sock")
     server.start()
     answers: list[dict] = []
-    client = threading.Thread(target=lambda: answers.append(request({"cmd": "slow"}, server.path)))
-    client.start()
-    assert entered.wait(10)
+    clients = [threading.Thread(target=lambda k=k: answers.append(request(
+        {"cmd": "slow", "n": k}, server.path, timeout=15))) for k in range(n)]  # fmt: skip
+    for client, came in zip(clients, entered, strict=True):
+        client.start()
+        assert came.wait(10)
+    return server, release, clients, answers
+
+
+def test_stop_waits_for_the_answers_in_progress(run_dir) -> None:
+    """`livecam stop` is answered by the daemon it stops: answers go out before the server (and
+    the process) is gone."""
+    server, release, clients, answers = _slow_server(run_dir, 2)
     stopper = threading.Thread(target=server.stop)
     stopper.start()
+    release[0].set()
+    clients[0].join(10)
+    assert answers == [{"ok": 0}]
     stopper.join(0.2)
-    assert stopper.is_alive()  # waiting for the answer
-    release.set()
+    assert stopper.is_alive()  # the second answer is still being made
+    release[1].set()
     stopper.join(10)
-    client.join(10)
-    assert answers == [{"ok": True}] and not stopper.is_alive()
+    clients[1].join(10)
+    assert answers == [{"ok": 0}, {"ok": 1}] and not stopper.is_alive()
+
+
+def test_stop_waits_for_a_stuck_handler_no_longer_than_the_request_deadline(
+    run_dir, monkeypatch
+) -> None:
+    monkeypatch.setattr(control, "REQUEST_DEADLINE_S", 0.1)
+    server, release, clients, _ = _slow_server(run_dir, 1)
+    stopper = threading.Thread(target=server.stop)
+    stopper.start()
+    stopper.join(10)
+    assert not stopper.is_alive()  # while the handler still waits
+    release[0].set()
+    clients[0].join(10)
