@@ -15,6 +15,16 @@ import soundfile as sf
 from livecam.constants import SAMPLE_RATE
 
 
+class TouchingPickle:
+    """A pickle payload that creates `marker` when unpickled: proof that a loader ran code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
 def write_clip(path: Path, audio: np.ndarray) -> Path:
     sf.write(str(path), audio, SAMPLE_RATE)
     return path

@@ -20,6 +20,7 @@ from livecam.engines.musetalk import download, weights
 from livecam.engines.musetalk.manifest import COMPONENTS, missing_files
 from livecam.engines.musetalk.models import MissingWeights, load_models
 from livecam.session import EngineError, build_engine
+from tests.helpers import TouchingPickle
 from tests.musetalk_tiny import publish_tiny_hashes, tiny_models_dir, tiny_vae, write_legacy_vae
 
 
@@ -28,19 +29,11 @@ def tiny() -> Path:
     return tiny_models_dir()
 
 
-class _Evil:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 @pytest.mark.parametrize("legacy", [False, True])
 def test_tampered_pickle_is_refused_and_never_executed(tmp_path: Path, legacy: bool) -> None:
     marker = tmp_path / "pwned"
     path = tmp_path / "unet.pth"
-    payload = {"w": torch.zeros(2), "x": _Evil(marker)}
+    payload = {"w": torch.zeros(2), "x": TouchingPickle(marker)}
     if legacy:
         with path.open("wb") as fh:
             pickle.dump(payload, fh)

@@ -22,6 +22,7 @@ import torch.serialization
 from safetensors.torch import load_file, save_file
 
 from livecam.engines.musetalk import weights
+from tests.helpers import TouchingPickle
 from tests.musetalk_tiny import tiny_models_dir
 
 DOWNLOAD = "delete it and run `livecam models download`"
@@ -32,14 +33,6 @@ TENSORS = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(1, dtype=torch.
 def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test its own weights cache: the same tensors saved twice have the same sha256."""
     monkeypatch.setenv("LIVECAM_CACHE_DIR", str(tmp_path / "cache"))
-
-
-class _Evil:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
 
 
 def _save(obj: object, path: Path, zipped: bool = True) -> Path:
@@ -96,9 +89,9 @@ def test_a_tampered_pickle_is_refused_even_where_torchs_default_is_flipped(
     marker = tmp_path / "pwned"
     path = tmp_path / "unet.pth"
     if zipped:
-        _save({"w": torch.zeros(2), "x": _Evil(marker)}, path)
+        _save({"w": torch.zeros(2), "x": TouchingPickle(marker)}, path)
     else:
-        path.write_bytes(pickle.dumps({"x": _Evil(marker)}, protocol=2))
+        path.write_bytes(pickle.dumps({"x": TouchingPickle(marker)}, protocol=2))
     with pytest.raises(weights.WeightsError) as err:
         weights.safe_torch_load(path)
     assert not marker.exists(), "the pickle payload ran"
@@ -315,7 +308,7 @@ def test_a_cache_that_cannot_be_created_leaves_the_weights_usable(tmp_path, monk
     used: list[dict] = []
     weights.load_state_dict(path, used.append)
     assert torch.equal(used[0]["a"], TENSORS["a"])
-    cached = weights.weights_cache_dir() / f"{weights.sha256_file(path)}.safetensors"
+    cached = _cached(path)
     [warning] = [w for w in _warnings(caplog) if w.startswith("could not cache")]
     assert warning.startswith(f"could not cache {cached}: [Errno 17] File exists")
 
