@@ -56,6 +56,12 @@ def test_offline_matches_independent_reference(tiny: Path, fps: float) -> None:
     assert float(np.abs(ours - ref).max()) <= 1e-5
 
 
+def _per_state(live: np.ndarray, offline: np.ndarray) -> list[float]:
+    n = len(offline)
+    return [rel_l2(a, b) for a, b in zip(*(f.reshape(n, 10, 5, 384).transpose(2, 0, 1, 3)
+                                           for f in (live, offline)), strict=True)]  # fmt: skip
+
+
 def test_streaming_stays_close_to_offline(tiny: Path) -> None:
     jfk = read_audio(JFK)
     audio = np.concatenate([jfk, jfk])  # 22 s: longer than the 8 s window, which must slide
@@ -66,11 +72,6 @@ def test_streaming_stays_close_to_offline(tiny: Path) -> None:
     assert live.shape == offline.shape
     # the padding steps before the clip are exact zeros in both
     assert np.array_equal(live[0, :20], offline[0, :20])
-    report = streaming_deviation(whisper, audio, 25, batch=8)
-    states = [rel_l2(a, b) for a, b in zip(*(f.reshape(n, 10, 5, 384).transpose(2, 0, 1, 3)
-                                               for f in (live, offline)), strict=True)]  # fmt: skip
-    assert report == {"relative_l2": round(rel_l2(live, offline), 4), "frames": n, "batch": 8,
-                      "per_state_relative_l2": [round(x, 4) for x in states]}  # fmt: skip
     # frame 0 is computed too: past its 4 padding steps it is the clip's first steps
     assert np.abs(live[0, 20:]).max() > 0
     # The embedding output (state 0) is the conv of the log-mel plus the position embedding:
@@ -82,9 +83,21 @@ def test_streaming_stays_close_to_offline(tiny: Path) -> None:
     steps, ref = (f.reshape(n, 10, 5, 384)[inside, :8, 0] for f in (live, offline))
     assert np.abs(steps - ref).max() < 1e-4
     # more past context brings the layers closer to offline than a 0.4 s window does
-    short = streaming_deviation(whisper, audio, 25, batch=8, context_s=0.4)
-    pairs = zip(report["per_state_relative_l2"], short["per_state_relative_l2"], strict=True)
+    short = streaming_features(whisper, audio, 25, n, batch=8, context_s=0.4)
+    pairs = zip(_per_state(live, offline), _per_state(short, offline), strict=True)
     assert all(ours < cut for ours, cut in list(pairs)[1:])
+
+
+def test_the_streaming_deviation_is_the_streams_distance_from_offline(tiny: Path) -> None:
+    audio = read_audio(JFK)[: 4 * 16_000]
+    whisper = whisper_from_dir(tiny, "cpu")
+    report = streaming_deviation(whisper, audio, 25, batch=4, context_s=2.0)
+    offline = offline_features(whisper, audio, 25).numpy()
+    live = streaming_features(whisper, audio, 25, 100, batch=4, context_s=2.0)
+    assert report == {"relative_l2": round(rel_l2(live, offline), 4),
+                      "per_state_relative_l2": [round(x, 4) for x in _per_state(live, offline)],
+                      "frames": 100, "batch": 4, "context_s": 2.0}  # fmt: skip
+    assert 0 < report["relative_l2"] < 1
 
 
 def test_features_cli_writes_npy(tiny: Path, tmp_path: Path) -> None:

@@ -60,11 +60,12 @@ def prepare(name: str, common: dict, module: dict) -> Path:
     return where
 
 
-def run(where: Path, max_children: int | None) -> None:
+def run(where: Path, max_children: int | None, memoized: list[str]) -> None:
     # OMP_NUM_THREADS=1: mutmut forks each mutant's run from a process that already ran torch,
     # and a forked child's first multi-threaded torch op waits forever on the parent's OpenMP
     # team (a false "timeout")
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["LIVECAM_MUTATION_MEMOIZED"] = ",".join(memoized)  # read by tools/mutation_memo.py
     env.pop("PYTHONPATH", None)  # the mutated copy in mutants/ must be the one imported
     # mutmut imported as mutmut.__main__ (not run as __main__ by -m): tools/mutation_order.py
     # reads the durations it measured from there
@@ -106,7 +107,7 @@ def main(names: list[str]) -> None:
         print(f"== {name} ({modules[name]['file']})", flush=True)
         where = prepare(name, config["mutmut"], modules[name])
         started = time.monotonic()
-        run(where, modules[name].get("max_children"))
+        run(where, modules[name].get("max_children"), config.get("memoized", []))
         rows.append((name, counts(where), time.monotonic() - started))
     print(f"\n{'module':10} {'mutants':>7} {'killed':>7} {'survived':>8} {'timeout':>7} "
           f"{'other':>5} {'killed %':>8} {'minutes':>7}")  # fmt: skip

@@ -97,7 +97,7 @@ class WhisperAudio:
 
     def log_mel(self, audio: np.ndarray, length: int) -> torch.Tensor:
         """(80, length / 160) log10 mel power of audio zero-padded to length, on the CPU in
-        float32, before whisper's normalisation (which `normalised` applies)."""
+        float32, before whisper's normalisation (which `steps_from_mel` applies)."""
         ex = self.extractor
         wave = torch.zeros(length)
         wave[: len(audio)] = torch.as_tensor(audio[:length])  # cast to float32 as it is copied
