@@ -89,6 +89,21 @@ def _in_range(
     return check
 
 
+REMOTE_CONNECTIONS = ("auto", "1", "2")
+
+
+def _check_connections(value: str) -> str:
+    value = value.strip().lower()
+    if value not in REMOTE_CONNECTIONS:
+        raise typer.BadParameter(f"{value!r} is not one of auto, 1, 2")
+    return value
+
+
+def _connections(value: str) -> int | None:
+    """--remote-connections as open_remote takes it (None: auto)."""
+    return None if value == "auto" else int(value)
+
+
 @app.callback()
 def main(
     ctx: typer.Context,
@@ -152,6 +167,17 @@ _LOAD = _in_range(0, MAX_LOAD_FACTOR)
 TokenFileOpt = Annotated[
     Path | None, typer.Option(help="With --remote: the server's token file (a copy of it).")
 ]
+RemoteConnectionsOpt = Annotated[
+    str,
+    typer.Option(
+        metavar="auto|1|2",
+        callback=_check_connections,
+        help="With --remote: connections each call goes out on. 2 hides lost packets on a lossy "
+        "network at twice the traffic; 1 for a metered or slow uplink; auto: 2 over a network, "
+        "1 on loopback (2 helps through a forwarder with a TCP connection per connection, "
+        "e.g. socat; not through an SSH tunnel).",
+    ),
+]
 
 
 @app.command()
@@ -189,6 +215,7 @@ def start(
     remote_only: Annotated[
         bool, typer.Option(help="With --remote: exit if the server is unreachable at start.")
     ] = False,
+    remote_connections: RemoteConnectionsOpt = "auto",
 ) -> None:
     """Run the live camera: microphone in, talking avatar out."""
     from livecam.live import LiveOptions, run
@@ -218,6 +245,7 @@ def start(
         remote=remote,
         token_file=token_file,
         remote_only=remote_only,
+        remote_connections=_connections(remote_connections),
     )
     run_action(lambda: run(opts, console))
 
@@ -239,6 +267,7 @@ def render(
     ] = None,
     remote: RemoteOpt = None,
     token_file: TokenFileOpt = None,
+    remote_connections: RemoteConnectionsOpt = "auto",
 ) -> None:
     """Render an audio file to an mp4 offline, as fast as the machine allows."""
     from livecam.audio.files import read_audio
@@ -254,9 +283,9 @@ def render(
         face = load_avatar(avatar)
         if remote:
             # offline: wait for the server (30 s a call) rather than fall back to local frames
-            eng = build_remote(
-                remote, token_file, face, fps, idle, remote_only=True, reply_timeout_s=30.0
-            )
+            eng = build_remote(remote, token_file, face, fps, idle, remote_only=True,
+                               reply_timeout_s=30.0,
+                               connections=_connections(remote_connections))  # fmt: skip
         else:
             eng = build_engine(
                 engine, face, fps, idle, models_dir=models_dir, device=torch_device, streaming=False
@@ -346,6 +375,7 @@ def bench(
     ] = None,
     remote: RemoteOpt = None,
     token_file: TokenFileOpt = None,
+    remote_connections: RemoteConnectionsOpt = "auto",
 ) -> None:
     """Measure engine, compositing and render speed (or live latency, or a long run)."""
     from livecam.bench import SAMPLE_AUDIO, run_bench
@@ -364,6 +394,7 @@ def bench(
             opts = LiveOptions(
                 avatar=avatar, engine=engine, width=width, height=height, fps=fps, audio_file=audio,
                 dashboard=False, remote=remote, token_file=token_file, simulate_load=simulate_load,
+                remote_connections=_connections(remote_connections),
             )  # fmt: skip
             report = streams_report(opts, streams or 1, soak or 10.0)
         elif gpu_suite:

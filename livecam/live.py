@@ -62,6 +62,7 @@ class LiveOptions:
     remote: str | None = None  # ws://HOST:PORT of `livecam serve`: generate there
     token_file: Path | None = None  # its token
     remote_only: bool = False  # exit instead of local lite frames if it is unreachable
+    remote_connections: int | None = None  # 1 or 2 per call; None: 2 over a network, else 1
 
 
 def build_pipeline(opts: LiveOptions) -> Pipeline:
@@ -69,7 +70,8 @@ def build_pipeline(opts: LiveOptions) -> Pipeline:
     avatar = load_avatar(opts.avatar)
     if opts.remote:
         engine = build_remote(opts.remote, opts.token_file, avatar, opts.fps, opts.idle_motion,
-                              remote_only=opts.remote_only)  # fmt: skip
+                              remote_only=opts.remote_only,
+                              connections=opts.remote_connections)  # fmt: skip
     else:
         engine = build_engine(
             opts.engine,

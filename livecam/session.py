@@ -102,9 +102,11 @@ def build_remote(
     *,
     remote_only: bool = False,
     reply_timeout_s: float | None = None,
+    connections: int | None = None,
 ) -> Engine:
     """The remote engine on `livecam serve` at `url` (local lite frames while unreachable,
-    unless remote_only; and for replies later than `reply_timeout_s`, default live: 1 s).
+    unless remote_only; and for replies later than `reply_timeout_s`, default live: 1 s),
+    each call on `connections` connections (None: two over a network, one on loopback).
     Raises EngineError for a bad address, token or refusal."""
     from livecam.engines.lite import LiteEngine
     from livecam.remote.client import REPLY_TIMEOUT_S, RemoteError, open_remote
@@ -116,9 +118,8 @@ def build_remote(
         token = read_token(token_file)
         fallback = LiteEngine(avatar, fps, idle_motion=idle_motion)
         timeout = reply_timeout_s or REPLY_TIMEOUT_S
-        return open_remote(
-            url, token, avatar, fallback, remote_only=remote_only, reply_timeout_s=timeout
-        )
+        return open_remote(url, token, avatar, fallback, remote_only=remote_only,
+                           reply_timeout_s=timeout, connections=connections)  # fmt: skip
     except (RemoteError, TokenError, ValueError) as exc:
         raise EngineError(str(exc)) from None
 

@@ -264,6 +264,38 @@ def test_start_remote_only_exits_when_the_server_is_unreachable(tmp_path):
     assert "cannot reach the livecam server" in result.output
 
 
+@pytest.mark.parametrize("command", ["start", "render", "bench"])
+def test_a_bad_remote_connections_value_is_refused(command, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from livecam.cli import app
+
+    extra = {"render": ["--audio", str(JFK), "--out", str(tmp_path / "a.mp4")]}.get(command, [])
+    args = [command, *extra, "--remote", "ws://127.0.0.1:9", "--remote-connections", "3"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert "'3' is not one of auto, 1, 2" in result.output and "Traceback" not in result.output
+    config = tmp_path / "config.toml"  # the same check for the config file's key
+    config.write_text(f"[{command}]\nremote-connections = true\n")
+    monkeypatch.setenv("LIVECAM_CONFIG", str(config))
+    result = CliRunner().invoke(app, ["status"])
+    assert result.exit_code == 2
+    assert f"[{command}] remote-connections = True: 'true' is not one of" in result.output
+    assert str(config) in result.output
+
+
+def test_remote_connections_auto_is_two_over_a_network_and_one_on_loopback():
+    from livecam.remote.client import Link, auto_connections
+
+    assert auto_connections("ws://127.0.0.1:8765") == auto_connections("ws://localhost:1") == 1
+    assert auto_connections("ws://[::1]:8765/") == 1
+    assert auto_connections("ws://192.168.1.20:8765") == auto_connections("wss://gpu.example") == 2
+    with pytest.raises(RemoteError, match="is not a ws://HOST:PORT"):
+        auto_connections("http://gpu.example")
+    with pytest.raises(ValueError, match="connections must be 1 or 2"):
+        Link("ws://127.0.0.1:9", "t", 30.0, True, connections=3)
+
+
 def test_a_garbled_reply_is_refused_not_pasted():
     from livecam.remote.client import _decode
 

@@ -25,7 +25,8 @@ from livecam.audio.ring import AudioRing  # noqa: E402
 from livecam.avatar.store import load_avatar  # noqa: E402
 from livecam.engines.lite import LiteEngine  # noqa: E402
 from livecam.remote import protocol as wire  # noqa: E402
-from livecam.remote.client import RemoteRefused, open_remote, stream_url  # noqa: E402
+from livecam.remote.client import RemoteRefused, _decode, open_remote, stream_url  # noqa: E402
+from livecam.remote.generator import paste  # noqa: E402
 from tests.conftest import JFK, REPO  # noqa: E402
 from tests.remote_server import FPS, TOKEN, free_port  # noqa: E402
 
@@ -264,6 +265,111 @@ def test_a_client_over_a_network_sends_each_call_on_two_connections(server, avat
         assert link.stats.remote_frames == 10 and link.stats.local_frames == 0
     finally:
         engine.close()
+
+
+@pytest.fixture
+def opened(monkeypatch) -> list[str]:
+    """The URLs the client opens WebSocket connections to, in order."""
+    urls: list[str] = []
+
+    def counting(url: str, **kwargs):
+        urls.append(url)
+        return connect(url, **kwargs)
+
+    monkeypatch.setattr("livecam.remote.client.connect", counting)
+    return urls
+
+
+def test_two_connections_forced_on_loopback_join_the_stream_and_both_answer(
+    server, avatars, ring, opened
+):
+    """--remote-connections 2 where the URL is loopback (a forwarder to a network): the second
+    connection joins the stream, the server answers each call on it too, and a reconnect
+    opens both again."""
+    avatar, local = avatars[1], LiteEngine(avatars[1], FPS)
+    engine = open_remote(server, TOKEN, avatar, LiteEngine(avatar, FPS), remote_only=True,
+                         connections=2)  # fmt: skip
+    try:
+        link = engine.link
+        assert len(opened) == 2 and link._second is not None
+        assert link._second.stream == link._conn.stream and "two connections" in link.status_line()
+        calls = [engine.submit(ring, [k]) for k in range(4)]
+        assert all(len(call.pending.conns) == 2 for call in calls)
+        for k, call in enumerate(calls):  # read off the second connection first: its copies
+            header, payload = link._second.reply(call.pending.request_id, engine.sha, [k], 5.0)
+            (patches,) = _decode(header, payload, 1, engine._base.shape)
+            expected = local.generate(ring, [k])[0]
+            assert np.array_equal(paste(engine._base, patches), expected), k
+            while (faces := call.wait(1.0)) is None:  # and the first's
+                pass
+            assert np.array_equal(faces[0], expected), k
+        assert link.stats.remote_frames == 4 and link.stats.local_frames == 0
+        link._conn.ws.close()  # the stream drops: it comes back on two connections
+        engine.generate(ring, [10])
+        deadline = time.monotonic() + 10
+        while link._conn is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert link.stats.reconnects == 1 and len(opened) == 4 and link._second is not None
+    finally:
+        engine.close()
+
+
+def test_one_connection_over_a_network_when_asked(server, avatars, ring, monkeypatch, opened):
+    """--remote-connections 1 on a URL classed as a network (JPEG faces): one connection,
+    each call on it alone."""
+    monkeypatch.setattr("livecam.remote.client._loopback", lambda url: False)
+    avatar, local = avatars[3], LiteEngine(avatars[3], FPS)
+    engine = open_remote(server, TOKEN, avatar, LiteEngine(avatar, FPS), remote_only=True,
+                         connections=1)  # fmt: skip
+    try:
+        link = engine.link
+        assert link.encoding == "jpeg" and link._second is None and len(opened) == 1
+        calls = [engine.submit(ring, [k]) for k in range(4)]
+        assert all(len(call.pending.conns) == 1 for call in calls)
+        for k, call in enumerate(calls):
+            while (faces := call.wait(1.0)) is None:
+                pass
+            expected = local.generate(ring, [k])[0]  # (JPEG: close, not exact)
+            assert np.abs(faces[0].astype(int) - expected).mean() < 2, k
+        assert link.stats.remote_frames == 4 and "two connections" not in link.status_line()
+        assert len(opened) == 1
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize(
+    ("command", "connections"),
+    [("start", "2"), ("render", "2"), ("bench", "2"), ("start", "1")],
+)
+def test_remote_connections_option_reaches_the_link(
+    server, tmp_path, monkeypatch, caplog, opened, command, connections
+):
+    """Each command that takes --remote passes --remote-connections on: 2 on loopback (where
+    auto means 1), 1 on a URL classed as a network (where auto means 2)."""
+    from typer.testing import CliRunner
+
+    from livecam.cli import app
+    from tests.helpers import write_clip
+
+    if connections == "1":
+        monkeypatch.setattr("livecam.remote.client._loopback", lambda url: False)
+    caplog.set_level("INFO", logger="livecam.remote.client")
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    clip = write_clip(tmp_path / "a.wav", read_audio(JFK)[:16000])
+    args = {
+        "start": ["--audio", str(clip), "--sink", "memory", "--no-dashboard", "--duration", "1"],
+        "render": ["--audio", str(clip), "--out", str(tmp_path / "r.mp4")],
+        "bench": ["--streams", "1", "--soak", "1", "--json"],
+    }[command]
+    remote = ["--remote", server, "--token-file", str(token_file)]
+    result = CliRunner().invoke(app, [command, *args, "--size", "320x240", *remote,
+                                      "--remote-connections", connections])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert len(opened) == int(connections), opened
+    joined = [r for r in caplog.records if "remote generation: stream" in r.getMessage()]
+    assert len(joined) == 1
+    assert ("(two connections)" in joined[0].getMessage()) == (connections == "2")
 
 
 def _generator_replicas() -> list:

@@ -40,7 +40,7 @@ CONTEXT_S = 2.0  # audio sent before the first frame after (re)connecting
 BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 4.0)
 RTT_WINDOW = 300
 KEPT_REPLIES = 16  # replies that came out of turn, kept until read
-COPIES = 2  # connections each call goes out on over a network (not loopback): first reply wins
+CONNECTIONS = (1, 2)  # how many connections of the stream each call may go out on
 POLL_S = 0.002  # how often the connections are looked at while a reply is awaited on two
 
 
@@ -61,6 +61,12 @@ def stream_url(url: str) -> str:
     if parts is None or parts.scheme not in ("ws", "wss") or not parts.hostname:
         raise RemoteError(f"--remote {url!r} is not a ws://HOST:PORT (or wss://) address")
     return url if parts.path.endswith(wire.PATH) else url.rstrip("/") + wire.PATH
+
+
+def auto_connections(url: str) -> int:
+    """Connections each call goes out on when the user did not say: two over a network (the
+    first reply wins), one on loopback (no lost packets to hide; an SSH tunnel looks alike)."""
+    return 1 if _loopback(stream_url(url)) else 2
 
 
 def _loopback(url: str) -> bool:
@@ -204,20 +210,30 @@ class Link:
     requests go out as their audio arrives, several in flight, and their replies are read in
     order; it reconnects in the background after a drop.
 
-    Over a network the stream has a second connection and each request goes out on both
+    With two connections (the default over a network) each request goes out on both
     (the server generates it once): a lost packet holds up every reply behind it on its
     TCP connection until it is resent, a round trip or more, and at 1 % loss that is a
     third of the calls; the same reply on the other connection is rarely held up too."""
 
     def __init__(
-        self, url: str, token: str, fps: float, idle: bool, reply_timeout_s: float = REPLY_TIMEOUT_S
+        self,
+        url: str,
+        token: str,
+        fps: float,
+        idle: bool,
+        *,
+        connections: int,
+        reply_timeout_s: float = REPLY_TIMEOUT_S,
     ) -> None:
+        """`connections`: 1, or 2 (each call on both, the first reply wins)."""
+        if connections not in CONNECTIONS:
+            raise ValueError(f"connections must be 1 or 2, not {connections!r}")
         self.url = stream_url(url)
         self.reply_timeout_s = reply_timeout_s
         self.token, self.fps, self.idle = token, fps, idle
         self.server: ServerEngine | None = None  # what the server said it runs
         self.encoding = "raw" if _loopback(self.url) else "jpeg"
-        self.copies = 1 if _loopback(self.url) else COPIES
+        self.connections = connections
         self.stats = LinkStats()
         self.problem: str | None = None  # why the server is not used right now
         self._conn: _Connection | None = None
@@ -228,10 +244,10 @@ class Link:
         self._reconnecting: threading.Thread | None = None
 
     def connect(self) -> None:
-        """Open and authenticate a stream (and its second connection over a network);
-        RemoteError (RemoteRefused) if that fails."""
+        """Open and authenticate a stream (and its second connection where two are asked
+        for); RemoteError (RemoteRefused) if that fails."""
         ws, header, server = self._open()
-        second = self._join(header) if self.copies > 1 else None
+        second = self._join(header) if self.connections > 1 else None
         with self._lock:
             self._conn = _Connection(ws, int(header["stream"]), self.encoding)
             self._second = second
@@ -608,9 +624,13 @@ def open_remote(
     *,
     remote_only: bool = False,
     reply_timeout_s: float = REPLY_TIMEOUT_S,
+    connections: int | None = None,
 ) -> RemoteEngine:
-    """Connect, or (unless remote_only) start with local frames and keep trying."""
-    link = Link(url, token, fallback.fps, fallback.idle_motion, reply_timeout_s)
+    """Connect, or (unless remote_only) start with local frames and keep trying.
+    `connections`: 1 or 2 per call; None: auto_connections(url)."""
+    count = auto_connections(url) if connections is None else connections
+    link = Link(url, token, fallback.fps, fallback.idle_motion, connections=count,
+                reply_timeout_s=reply_timeout_s)  # fmt: skip
     try:
         link.connect()
     except RemoteRefused:
