@@ -84,9 +84,11 @@ def _responses(probe: MouthProbe, onset_times: list[float], sink_latency: float)
     the sound's onset, plus the sink's latency."""
     times = np.array([t for t, _ in probe.samples])
     motion = np.array([m for _, m in probe.samples])
-    threshold = 0.25 * np.median(
-        [motion[(times >= t - EARLY_S) & (times < t + 0.6)].max() for t in onset_times]
-    )
+    near_onsets = [motion[(times >= t - EARLY_S) & (times < t + 0.6)] for t in onset_times]
+    peaks = [m.max() for m in near_onsets if len(m)]  # a burst with no frames: undetected
+    if not peaks:
+        return []
+    threshold = 0.25 * np.median(peaks)
     opened = np.nonzero((motion[1:] > threshold) & (motion[:-1] <= threshold))[0] + 1
     latencies = []
     for t in onset_times:

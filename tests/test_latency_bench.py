@@ -8,7 +8,7 @@ import types
 import numpy as np
 import pytest
 
-from livecam.bench_live import _heard_onsets, burst_train
+from livecam.bench_live import _heard_onsets, _responses, burst_train
 from livecam.constants import SAMPLE_RATE
 
 
@@ -32,3 +32,12 @@ def test_heard_onsets_are_where_the_bursts_start_not_where_they_get_loud():
     found = np.array(_heard_onsets(heard, player))
     # the detector looks at 1 ms of energy at a time: each onset within that of the truth
     assert np.abs(found - (np.array(onsets) + shift)).max() <= SAMPLE_RATE // 1000, found
+
+
+def test_a_burst_with_no_frames_near_it_is_undetected_not_a_crash():
+    # 4 s of frames at 30 fps; the mouth opens at 1.1 s for a burst at 1.0 s
+    times = np.arange(120) / 30.0
+    probe = types.SimpleNamespace(samples=[(t, 5.0 if 1.1 <= t < 1.4 else 0.0) for t in times])
+    found = _responses(probe, [1.0, 60.0], 0.02)  # no frame within a second of 60 s
+    assert found == [pytest.approx(times[33] - 1.0 + 0.02)]
+    assert _responses(probe, [60.0], 0.02) == []

@@ -18,7 +18,11 @@ def serve_command(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 8765,
     models_dir: Annotated[
-        Path | None, typer.Option(help="musetalk weights (not served yet).")
+        Path | None,
+        typer.Option(
+            help="With --engine musetalk: its weights (default: $LIVECAM_MODELS_DIR, "
+            "else ~/.local/share/livecam/models, as `livecam models`)."
+        ),
     ] = None,
     address: Annotated[
         str | None, typer.Option(help="Join this Ray cluster (default: start a local one).")
