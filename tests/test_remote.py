@@ -316,3 +316,28 @@ def test_a_garbled_reply_is_refused_not_pasted():
     for index in bad_indices:
         with pytest.raises(wire.ProtocolError):
             _decode({"patches": index, "encoding": "raw"}, patch.tobytes(), 1, shape)
+
+
+def test_auto_encoding_is_raw_only_for_the_servers_own_host() -> None:
+    here = "a" * 32
+    assert wire.resolve_encoding("auto", here, here) == "raw"
+    assert wire.resolve_encoding("auto", "b" * 32, here) == "jpeg"
+    assert wire.resolve_encoding("auto", None, here) == "jpeg"
+    assert wire.resolve_encoding("auto", "", "") == "jpeg"  # neither knows its machine
+    assert wire.resolve_encoding("raw", "b" * 32, here) == "raw"  # asked for: as asked
+    assert wire.resolve_encoding("jpeg", here, here) == "jpeg"
+
+
+def test_the_host_id_is_the_machine_and_its_boot(tmp_path, monkeypatch) -> None:
+    machine, boot = tmp_path / "machine-id", tmp_path / "boot_id"
+    machine.write_text("0123456789abcdef0123456789abcdef\n")
+    boot.write_text("5b1e0c6e-0000-4000-8000-000000000001\n")
+    monkeypatch.setattr(wire, "HOST_FILES", (str(machine), str(boot)))
+    first = wire.host_id()
+    assert first == wire.host_id() and len(first) == 32
+    boot.write_text("5b1e0c6e-0000-4000-8000-000000000002\n")  # a clone, booted apart
+    assert wire.host_id() not in ("", first)
+    machine.unlink()
+    assert wire.host_id() not in ("", first)  # the boot id alone still tells machines apart
+    boot.unlink()
+    assert wire.host_id() == ""

@@ -337,6 +337,36 @@ def test_one_connection_over_a_network_when_asked(server, avatars, ring, monkeyp
         engine.close()
 
 
+def test_a_loopback_client_gets_raw_faces_only_from_a_server_on_its_own_machine(
+    server, avatars, ring, monkeypatch
+):
+    """A loopback address may be an SSH tunnel to another machine: there raw faces would be
+    10x the traffic of JPEG. The server sends raw only to a client whose host is its own."""
+    with connect(stream_url(server), proxy=None) as ws:
+        assert _hello(ws, encoding="auto", host=wire.host_id())["encoding"] == "raw"
+    for other in ("0" * 32, None, 7):  # another machine, or no usable host
+        with connect(stream_url(server), proxy=None) as ws:
+            assert _hello(ws, encoding="auto", host=other)["encoding"] == "jpeg"
+    with connect(stream_url(server), proxy=None) as ws:  # asked for: as asked
+        assert _hello(ws, encoding="raw", host="0" * 32)["encoding"] == "raw"
+    with connect(stream_url(server), proxy=None) as ws:
+        assert _hello(ws, encoding="png")["code"] == "bad_request"
+
+    avatar, local = avatars[2], LiteEngine(avatars[2], FPS)
+    for host, exact in ((wire.host_id(), True), ("another machine", False)):
+        monkeypatch.setattr(wire, "host_id", lambda host=host: host)  # this client's
+        engine = open_remote(server, TOKEN, avatar, LiteEngine(avatar, FPS), remote_only=True)
+        try:
+            assert engine.link.encoding == wire.AUTO
+            while (faces := engine.submit(ring, [3]).wait(1.0)) is None:
+                pass
+            expected = local.generate(ring, [3])[0]
+            assert np.array_equal(faces[0], expected) == exact  # JPEG: close, not exact
+            assert np.abs(faces[0].astype(int) - expected).mean() < 2
+        finally:
+            engine.close()
+
+
 @pytest.mark.parametrize(
     ("command", "connections"),
     [("start", "2"), ("render", "2"), ("bench", "2"), ("start", "1")],

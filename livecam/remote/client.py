@@ -125,8 +125,8 @@ def _newer(header: dict, request_id: int) -> bool:
 class _Connection:
     """One authenticated stream on the server: audio sent so far, avatars it knows."""
 
-    def __init__(self, ws: ClientConnection, stream: int, encoding: str) -> None:
-        self.ws, self.stream, self.encoding = ws, stream, encoding
+    def __init__(self, ws: ClientConnection, stream: int) -> None:
+        self.ws, self.stream = ws, stream
         self.sent: int | None = None  # absolute sample index sent up to
         self.avatars: set[str] = set()
         # replies to calls in flight that came while another answer was awaited (an avatar's)
@@ -232,7 +232,8 @@ class Link:
         self.reply_timeout_s = reply_timeout_s
         self.token, self.fps, self.idle = token, fps, idle
         self.server: ServerEngine | None = None  # what the server said it runs
-        self.encoding = "raw" if _loopback(self.url) else "jpeg"
+        # on loopback the server sends raw faces if it runs here (not at an SSH tunnel's end)
+        self.encoding = wire.AUTO if _loopback(self.url) else "jpeg"
         self.connections = connections
         self.stats = LinkStats()
         self.problem: str | None = None  # why the server is not used right now
@@ -249,11 +250,11 @@ class Link:
         ws, header, server = self._open()
         second = self._join(header) if self.connections > 1 else None
         with self._lock:
-            self._conn = _Connection(ws, int(header["stream"]), self.encoding)
+            self._conn = _Connection(ws, int(header["stream"]))
             self._second = second
             self.server, self.problem = server, None
-        log.info("remote generation: stream %d on %s%s", header["stream"], self.url,
-                 " (two connections)" if second else "")  # fmt: skip
+        log.info("remote generation: stream %d on %s, %s faces%s", header["stream"], self.url,
+                 header.get("encoding"), " (two connections)" if second else "")  # fmt: skip
 
     def _join(self, ready: dict) -> _Connection | None:
         """A second connection to the stream of `ready`; None where the server has none."""
@@ -268,7 +269,7 @@ class Link:
         if header["stream"] != stream:
             ws.close()
             return None
-        return _Connection(ws, stream, self.encoding)
+        return _Connection(ws, stream)
 
     def _open(self, extra: dict | None = None) -> tuple[ClientConnection, dict, ServerEngine]:
         """A connection that said hello (with `extra`) and was answered ready."""
@@ -295,6 +296,7 @@ class Link:
                         "fps": self.fps,
                         "idle": self.idle,
                         "encoding": self.encoding,
+                        "host": wire.host_id(),
                         **(extra or {}),
                     }
                 )

@@ -5,7 +5,8 @@ Every WebSocket message is binary: a 4-byte big-endian header length, a UTF-8 JS
 
 client -> server                               server -> client
   hello  {version, token, fps, idle,            ready  {stream, engine, tiers, batch_sizes,
-          encoding, [join {stream, key}]}                response_s, needed, key}
+          encoding, [host], [join {stream,               response_s, needed, key, encoding}
+          key}]}
   avatar {sha256} [+ npz payload]                avatar {sha256, known}
   audio  {start} + float32 LE samples            faces  {id, stream, avatar, frames, patches,
   frames {id, avatar, frames, tier,                      encoding, ...} + patch bytes
@@ -19,11 +20,14 @@ id) and the server generates it once, answering on both.
 Audio carries its absolute sample index; faces are keyed by the request id, the stream id
 and the frame indices, so a reply can never be taken for another stream's or request's.
 Faces travel as the image regions the engine changes (the client holds the avatar and pastes
-them into its base image): raw uint8 (exact, for loopback) or JPEG (about 10x smaller).
+them into its base image): raw uint8 (exact) or JPEG (about 10x smaller). A hello's encoding
+"auto" (a client of a loopback address) is raw where its "host" is the server's own machine,
+JPEG otherwise: a loopback address may be an SSH tunnel to another machine.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import json
@@ -31,6 +35,7 @@ import math
 import struct
 from collections.abc import Callable
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -50,6 +55,7 @@ MAX_AVATAR_BYTES = 12 * 1024 * 1024  # under the Serve proxy's 16 MiB WebSocket 
 MAX_MESSAGE = MAX_AVATAR_BYTES + MAX_HEADER + 4
 MAX_FRAME_INDEX = 1 << 40  # ~1000 years at 30 fps: anything above is malformed
 ENCODINGS = ("raw", "jpeg")
+AUTO = "auto"  # a hello's encoding: raw on the server's own machine, else JPEG
 JPEG_QUALITY = 90
 AVATAR_KEYS = {
     "image",
@@ -245,6 +251,32 @@ def _checked_avatar(a: dict[str, np.ndarray], name: str) -> Avatar:
 
 # -- faces ----------------------------------------------------------------------------------------
 Patch = tuple[int, int, np.ndarray]  # (x, y, uint8 (h, w, 3)) pasted into the avatar's base
+
+
+HOST_FILES = ("/etc/machine-id", "/proc/sys/kernel/random/boot_id")
+
+
+def host_id() -> str:
+    """This machine as a hello's "host" (compared by the server): a digest of the systemd
+    machine id and the kernel's boot id, the same for every process here (a cloned VM keeps
+    the machine id, not the boot id); "" where neither can be read."""
+    parts = []
+    for source in HOST_FILES:
+        try:
+            parts.append(Path(source).read_text().strip())
+        except OSError:
+            parts.append("")
+    if not any(parts):
+        return ""  # unknown: never the server's
+    return hashlib.sha256("livecam host\n".join(parts).encode()).hexdigest()[:32]
+
+
+def resolve_encoding(asked: str, client_host: object, server_host: str) -> str:
+    """The faces' encoding for a hello's `asked` (raw, jpeg or auto) and host."""
+    if asked != AUTO:
+        return asked
+    same = isinstance(client_host, str) and bool(server_host) and client_host == server_host
+    return "raw" if same else "jpeg"
 
 
 def encode_patch(patch: np.ndarray, encoding: str) -> bytes:

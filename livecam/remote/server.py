@@ -125,6 +125,7 @@ class Ingress:
         self.streams = itertools.count(1)
         self.joinable: dict[int, Stream] = {}  # by stream id
         self.in_flight = 0  # generator calls waiting, over all streams: the remote queue
+        self.host = wire.host_id()  # a loopback client here gets raw faces, others JPEG
 
     @api.websocket(wire.PATH)
     async def stream(self, ws: WebSocket) -> None:
@@ -177,8 +178,9 @@ class Ingress:
                     f"protocol version {header['version']} is not {wire.VERSION}: update livecam"
                 )
             fps = check_fps(float(wire.field(header, "fps", (int, float))))
-            if wire.field(header, "encoding", str) not in wire.ENCODINGS:
-                raise wire.ProtocolError(f"encoding must be one of {wire.ENCODINGS}")
+            asked = wire.field(header, "encoding", str)
+            if asked not in (*wire.ENCODINGS, wire.AUTO):
+                raise wire.ProtocolError(f"encoding must be one of {(*wire.ENCODINGS, wire.AUTO)}")
             wire.field(header, "idle", bool)
             joined = self._joined(header.get("join"))
         except (wire.ProtocolError, LimitError) as exc:
@@ -190,7 +192,8 @@ class Ingress:
         if fps not in self.engines:
             self.engines[fps] = await self.generator.describe.remote(fps)
         info, needed = self.engines[fps]
-        state = StreamState(next(self.streams), fps, header["encoding"], header["idle"],
+        encoding = wire.resolve_encoding(asked, header.get("host"), self.host)
+        state = StreamState(next(self.streams), fps, encoding, header["idle"],
                             info.name, info.tiers, wire.needed_from_table(needed))  # fmt: skip
         stream = self.joinable[state.stream] = Stream(state)
         await _send(ws, self._ready(stream))
@@ -214,7 +217,7 @@ class Ingress:
         return {"type": "ready", "version": wire.VERSION, "stream": state.stream,
                 "engine": info.name, "tiers": list(info.tiers),
                 "batch_sizes": list(info.batch_sizes), "response_s": info.response_s,
-                "needed": needed, "key": stream.key}  # fmt: skip
+                "needed": needed, "key": stream.key, "encoding": state.encoding}  # fmt: skip
 
     async def _handle(self, ws: WebSocket, stream: Stream, header: dict, payload: bytes):
         state, kind = stream.state, header["type"]
