@@ -95,7 +95,7 @@ REMOTE_CONNECTIONS = ("auto", "1", "2")
 def _check_connections(value: str) -> str:
     value = value.strip().lower()
     if value not in REMOTE_CONNECTIONS:
-        raise typer.BadParameter(f"{value!r} is not one of auto, 1, 2")
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(REMOTE_CONNECTIONS)}")
     return value
 
 

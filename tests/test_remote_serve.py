@@ -109,10 +109,8 @@ def test_calls_in_flight_are_answered_in_order_with_their_own_faces(server, avat
         time.sleep(0.5)
         engine.link.upload(*wire.avatar_blob(avatars[2]))
         for frames, call in calls:
-            while (faces := call.wait(1.0)) is None:
-                pass
             expected = local.generate(ring, frames)
-            for k, a, b in zip(frames, faces, expected, strict=True):
+            for k, a, b in zip(frames, _faces(call), expected, strict=True):
                 assert np.array_equal(a, b), f"frame {k} differs"
         stats = engine.link.stats
         assert stats.local_frames == 0 and stats.timeouts == 0
@@ -142,6 +140,20 @@ def test_a_wrong_token_is_refused_before_any_work(server, avatars):
         ws.send(wire.pack({"type": "avatar", "sha256": "0" * 64}))
         header, _ = wire.unpack(ws.recv(timeout=10))
         assert header["code"] == "auth"
+
+
+def _faces(call) -> list:
+    """A remote call's faces, once its reply is in."""
+    while (faces := call.wait(1.0)) is None:
+        pass
+    return faces
+
+
+def _close_to_local(calls, local: LiteEngine, ring) -> None:
+    """Call k's face is the local engine's frame k, up to JPEG (close, not exact)."""
+    for k, call in enumerate(calls):
+        expected = local.generate(ring, [k])[0]
+        assert np.abs(_faces(call)[0].astype(int) - expected).mean() < 2, k
 
 
 def _hello(ws, **extra) -> dict:
@@ -253,14 +265,10 @@ def test_a_client_over_a_network_sends_each_call_on_two_connections(server, avat
         assert link._second is not None and link._second.stream == link._conn.stream
         calls = [engine.submit(ring, [k]) for k in range(8)]
         assert all(len(call.pending.conns) == 2 for call in calls)
-        for k, call in enumerate(calls):
-            while (faces := call.wait(1.0)) is None:
-                pass
-            expected = local.generate(ring, [k])[0]  # (JPEG: close, not exact)
-            assert np.abs(faces[0].astype(int) - expected).mean() < 2, k
+        _close_to_local(calls, local, ring)
         assert "two connections" in link.status_line()
         link._second.ws.close()  # the second connection fails: the first goes on
-        faces = engine.generate(ring, [20, 21])
+        engine.generate(ring, [20, 21])
         assert link._second is None and link._conn is not None
         assert link.stats.remote_frames == 10 and link.stats.local_frames == 0
     finally:
@@ -300,9 +308,7 @@ def test_two_connections_forced_on_loopback_join_the_stream_and_both_answer(
             (patches,) = _decode(header, payload, 1, engine._base.shape)
             expected = local.generate(ring, [k])[0]
             assert np.array_equal(paste(engine._base, patches), expected), k
-            while (faces := call.wait(1.0)) is None:  # and the first's
-                pass
-            assert np.array_equal(faces[0], expected), k
+            assert np.array_equal(_faces(call)[0], expected), k  # and the first's
         assert link.stats.remote_frames == 4 and link.stats.local_frames == 0
         link._conn.ws.close()  # the stream drops: it comes back on two connections
         engine.generate(ring, [10])
@@ -326,11 +332,7 @@ def test_one_connection_over_a_network_when_asked(server, avatars, ring, monkeyp
         assert link.encoding == "jpeg" and link._second is None and len(opened) == 1
         calls = [engine.submit(ring, [k]) for k in range(4)]
         assert all(len(call.pending.conns) == 1 for call in calls)
-        for k, call in enumerate(calls):
-            while (faces := call.wait(1.0)) is None:
-                pass
-            expected = local.generate(ring, [k])[0]  # (JPEG: close, not exact)
-            assert np.abs(faces[0].astype(int) - expected).mean() < 2, k
+        _close_to_local(calls, local, ring)
         assert link.stats.remote_frames == 4 and "two connections" not in link.status_line()
         assert len(opened) == 1
     finally:
@@ -358,8 +360,7 @@ def test_a_loopback_client_gets_raw_faces_only_from_a_server_on_its_own_machine(
         engine = open_remote(server, TOKEN, avatar, LiteEngine(avatar, FPS), remote_only=True)
         try:
             assert engine.link.encoding == wire.AUTO
-            while (faces := engine.submit(ring, [3]).wait(1.0)) is None:
-                pass
+            faces = _faces(engine.submit(ring, [3]))
             expected = local.generate(ring, [3])[0]
             assert np.array_equal(faces[0], expected) == exact  # JPEG: close, not exact
             assert np.abs(faces[0].astype(int) - expected).mean() < 2

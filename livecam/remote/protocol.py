@@ -56,6 +56,7 @@ MAX_MESSAGE = MAX_AVATAR_BYTES + MAX_HEADER + 4
 MAX_FRAME_INDEX = 1 << 40  # ~1000 years at 30 fps: anything above is malformed
 ENCODINGS = ("raw", "jpeg")
 AUTO = "auto"  # a hello's encoding: raw on the server's own machine, else JPEG
+HELLO_ENCODINGS = (*ENCODINGS, AUTO)
 JPEG_QUALITY = 90
 AVATAR_KEYS = {
     "image",

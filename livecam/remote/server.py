@@ -179,8 +179,8 @@ class Ingress:
                 )
             fps = check_fps(float(wire.field(header, "fps", (int, float))))
             asked = wire.field(header, "encoding", str)
-            if asked not in (*wire.ENCODINGS, wire.AUTO):
-                raise wire.ProtocolError(f"encoding must be one of {(*wire.ENCODINGS, wire.AUTO)}")
+            if asked not in wire.HELLO_ENCODINGS:
+                raise wire.ProtocolError(f"encoding must be one of {wire.HELLO_ENCODINGS}")
             wire.field(header, "idle", bool)
             joined = self._joined(header.get("join"))
         except (wire.ProtocolError, LimitError) as exc:
