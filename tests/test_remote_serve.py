@@ -133,6 +133,44 @@ def test_the_generator_merges_streams_into_one_call(server, avatars):
     assert max(r.batch_streams for r in results) >= 2
 
 
+def test_a_call_by_value_is_answered_none_until_its_replica_has_the_avatar(server, avatars):
+    """The ingress asks by value without the avatar (the fast path) and again by reference
+    with it where the replica has not prepared it: the first never fails, the second always
+    answers, and later calls by value get the same faces from a replica that has it."""
+    from livecam.remote.generator import RenderRequest
+
+    handle = serve.get_deployment_handle("Generator", app_name="livecam")
+    by_value = handle.options(_by_reference=False)
+    sha, blob = wire.avatar_blob(avatars[1])
+    # a frame rate no other test uses: no replica has this engine prepared yet
+    request = RenderRequest(1, sha, (3, 4), ((0.9, 0.1), (0.2, 0.0)), "full", 25.0, False)
+    assert by_value.render.remote((request, [])).result(timeout_s=60) is None
+    made = handle.render.remote((request, [ray.put(blob)])).result(timeout_s=60)
+    assert made.stream == 1 and made.frames == (3, 4) and len(made.patches) == 2
+    again = [by_value.render.remote((request, [])).result(timeout_s=60) for _ in range(12)]
+    answered = [r for r in again if r is not None]
+    assert answered, "no call by value reached the replica that prepared the avatar"
+    for result in answered:
+        for mine, theirs in zip(result.patches, made.patches, strict=True):
+            for (x, y, a), (u, v, b) in zip(mine, theirs, strict=True):
+                assert (x, y) == (u, v) and np.array_equal(a, b)
+
+
+def test_a_call_by_value_larger_than_grpcs_default_limit_gets_through(server, avatars):
+    """Generator calls by value cross the replicas' gRPC channel, 4 MiB by default: a
+    musetalk request carries 8.5 s of audio and its reply up to 16 faces, so the limit is
+    raised there (GRPC_ENV); 5 MB of audio reaches the replica."""
+    from livecam.remote.generator import RenderRequest
+
+    by_value = serve.get_deployment_handle("Generator", app_name="livecam").options(
+        _by_reference=False
+    )
+    sha, _ = wire.avatar_blob(avatars[3])
+    audio = np.zeros(1_250_000, np.float32)  # 5 MB
+    request = RenderRequest(1, sha, (0,), ((0.0, 0.0),), "full", 24.0, False, 0, audio)
+    assert by_value.render.remote((request, [])).result(timeout_s=60) is None
+
+
 def test_a_wrong_token_is_refused_before_any_work(server, avatars):
     with pytest.raises(RemoteRefused, match="refused the token"):
         open_remote(server, "wrong-" + "y" * 30, avatars[0], LiteEngine(avatars[0], FPS))

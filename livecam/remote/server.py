@@ -50,6 +50,18 @@ CLOSE_AUTH, CLOSE_PROTOCOL = 4401, 4400
 MAX_STREAMS = 256  # WebSocket connections per ingress replica (each is one ongoing request)
 KEPT_CALLS = 64  # a stream's latest requests, for their copies on its other connection
 QUIET = {"log_level": "WARNING", "enable_access_log": False}
+# Generator calls go by value over the replicas' gRPC channel (not through Ray's object store).
+# Its 4 MiB message limit would refuse a musetalk reply of 16 large faces; what crosses it is
+# bounded by the checks at the WebSocket, so both ends allow more.
+GRPC_ENV = {"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(1 << 30)}
+# and the ingress runs two of Ray Serve's low-latency settings (from its documented
+# RAY_SERVE_THROUGHPUT_OPTIMIZED mode, whose direct ingress would replace --port): its code and
+# its handle's router on the replica's own event loop, not behind a hop to another thread.
+INGRESS_ENV = {
+    **GRPC_ENV,
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+}
 
 api = FastAPI()
 # serve.ingress copies the class when decorating: module names it uses must exist before it
@@ -104,21 +116,30 @@ class Generator:
         return self.impl.info, wire.needed_table(self.impl.samples_needed(fps), fps)
 
     @serve.batch(max_batch_size=MAX_BATCH_STREAMS, batch_wait_timeout_s=BATCH_WAIT_S)
-    async def render(self, calls: list[tuple[RenderRequest, list]]) -> list[RenderResult]:
+    async def render(self, calls: list[tuple[RenderRequest, list]]) -> list[RenderResult | None]:
+        """Each call's faces; None for a call whose avatar is not prepared here and that
+        came without it (the ingress sends it again with the avatar's ObjectRef)."""
         for request, ref in calls:
-            if not self.impl.has(request):  # ref: [ObjectRef] of the uploaded npz
+            if not self.impl.has(request) and ref:  # ref: [ObjectRef] of the uploaded npz
                 data = await ref[0]
                 self.impl.prepare(request, wire.avatar_from_blob(data, request.avatar))
-        return self.impl.render([request for request, _ in calls])
+        # (checked after all are prepared: preparing one may have dropped another)
+        ready = [request for request, _ in calls if self.impl.has(request)]
+        results = dict(zip(map(id, ready), self.impl.render(ready) if ready else (), strict=True))
+        return [results.get(id(request)) for request, _ in calls]
 
 
 @serve.deployment(
-    ray_actor_options={"num_cpus": 0}, max_ongoing_requests=MAX_STREAMS, logging_config=QUIET
+    ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": INGRESS_ENV}},
+    max_ongoing_requests=MAX_STREAMS,
+    logging_config=QUIET,
 )
 @serve.ingress(api)
 class Ingress:
     def __init__(self, generator: Any, token_sha256: str) -> None:
         self.generator = generator
+        # by value (GRPC_ENV): 1-3 ms less a call; an avatar's ObjectRef goes by reference
+        self.by_value = generator.options(_by_reference=False)
         self.token_sha256 = token_sha256
         self.engines: dict[float, tuple[EngineInfo, dict]] = {}  # per frame rate
         self.avatars: collections.OrderedDict[str, Any] = collections.OrderedDict()
@@ -293,13 +314,18 @@ class Ingress:
         await ws.send_bytes(wire.pack(reply, b"".join(blobs)))
 
     async def _generate(self, request: RenderRequest, avatar_ref: Any) -> RenderResult:
-        """One generator call; retried on another replica if its replica died."""
+        """One generator call; retried on another replica if its replica died. It goes by
+        value without the avatar, and again by reference with it where the replica had
+        not prepared that avatar (its first call there)."""
         deadline = time.monotonic() + RETRY_FOR_S
         self.in_flight += 1
         try:
             while True:
                 try:
-                    return await self.generator.render.remote((request, [avatar_ref]))
+                    result = await self.by_value.render.remote((request, []))
+                    if result is None:
+                        result = await self.generator.render.remote((request, [avatar_ref]))
+                    return result
                 except Exception as exc:
                     if time.monotonic() > deadline:
                         raise
@@ -333,9 +359,10 @@ def build_app(engine: str, replicas: int, token: str, models_dir: Path | None = 
     check_engine(engine)
     resources = ray.cluster_resources()
     if resources.get("GPU", 0) >= 1:
-        actor = {"num_gpus": 1, "num_cpus": 1}
+        actor: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1}
     else:  # share the CPUs: replicas above the CPU count must still be placed
         actor = {"num_cpus": min(1.0, resources.get("CPU", 1) / replicas)}
+    actor["runtime_env"] = {"env_vars": GRPC_ENV}
     generator = Generator.options(num_replicas=replicas, ray_actor_options=actor)
     return Ingress.bind(
         generator.bind(engine, models_dir), hashlib.sha256(token.encode()).hexdigest()
