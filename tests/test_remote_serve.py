@@ -4,6 +4,7 @@ faults. A slow, lossy network: tests/kernel/test_remote_netem.py."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import signal
 import socket
@@ -154,6 +155,35 @@ def test_a_call_by_value_is_answered_none_until_its_replica_has_the_avatar(serve
         for mine, theirs in zip(result.patches, made.patches, strict=True):
             for (x, y, a), (u, v, b) in zip(mine, theirs, strict=True):
                 assert (x, y) == (u, v) and np.array_equal(a, b)
+
+
+def test_a_batch_answers_none_for_calls_whose_avatar_is_not_prepared(avatars):
+    """A call without the avatar where it is not prepared, or whose avatar preparing the
+    others dropped again (the replica's LRU), gets None (the ingress sends it again by
+    reference); the rest of the batch gets its faces."""
+    from livecam.remote.generator import RenderRequest
+    from livecam.remote.server import Generator
+
+    generator = Generator.func_or_class("lite", None)
+    generator.impl.capacity = 1  # one prepared avatar: preparing the second drops the first
+    blobs = [wire.avatar_blob(av) for av in avatars[:2]]
+
+    async def upload(blob: bytes) -> bytes:  # what awaiting an ObjectRef gives
+        return blob
+
+    def call(stream: int, with_avatar: bool) -> tuple:
+        sha, blob = blobs[stream]
+        request = RenderRequest(stream, sha, (5,), ((0.7, 0.1),), "full", FPS, True)
+        return request, [upload(blob)] if with_avatar else []
+
+    async def run(calls: list) -> list:
+        return await generator._render_batch(calls)
+
+    assert asyncio.run(run([call(0, False)])) == [None]
+    first, second = asyncio.run(run([call(0, True), call(1, True)]))
+    assert first is None and second.stream == 1 and second.frames == (5,)
+    (again,) = asyncio.run(run([call(1, False)]))
+    assert again.stream == 1 and len(again.patches) == 1
 
 
 def test_a_call_by_value_larger_than_grpcs_default_limit_gets_through(server, avatars):

@@ -31,7 +31,13 @@ from ray import serve
 
 from livecam.limits import LimitError, check_fps
 from livecam.remote import protocol as wire
-from livecam.remote.generator import EngineInfo, LiteGenerator, RenderRequest, RenderResult
+from livecam.remote.generator import (
+    EngineInfo,
+    LiteGenerator,
+    MissingAvatar,
+    RenderRequest,
+    RenderResult,
+)
 from livecam.remote.stream import StreamState
 from livecam.remote.tokens import read_token
 from livecam.session import EngineError
@@ -117,6 +123,11 @@ class Generator:
 
     @serve.batch(max_batch_size=MAX_BATCH_STREAMS, batch_wait_timeout_s=BATCH_WAIT_S)
     async def render(self, calls: list[tuple[RenderRequest, list]]) -> list[RenderResult | None]:
+        return await self._render_batch(calls)
+
+    async def _render_batch(
+        self, calls: list[tuple[RenderRequest, list]]
+    ) -> list[RenderResult | None]:
         """Each call's faces; None for a call whose avatar is not prepared here and that
         came without it (the ingress sends it again with the avatar's ObjectRef)."""
         for request, ref in calls:
@@ -325,6 +336,8 @@ class Ingress:
                     result = await self.by_value.render.remote((request, []))
                     if result is None:
                         result = await self.generator.render.remote((request, [avatar_ref]))
+                    if result is None:  # preparing the others in its batch dropped it again
+                        raise MissingAvatar(request.avatar)
                     return result
                 except Exception as exc:
                     if time.monotonic() > deadline:
