@@ -3,7 +3,9 @@
 Two deployments: the WebSocket ingress (FastAPI) pins each stream to its connection and keeps
 the stream's audio and mouth analysis there; the generator (one replica per GPU, or per CPU
 share) is stateless per call, merges several streams' requests into one call with
-`@serve.batch`, and keeps prepared avatars in an LRU by content hash. Imports Ray: only the
+`@serve.batch`, and keeps prepared avatars in an LRU by content hash (the ingress calls it by
+value, without the avatar, and again by reference with it where a replica has not prepared
+that avatar yet). Imports Ray: only the
 server side loads this module. (No `from __future__ import annotations`: FastAPI reads the
 WebSocket parameter's annotation at run time.)
 """
