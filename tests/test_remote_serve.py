@@ -176,13 +176,10 @@ def test_a_batch_answers_none_for_calls_whose_avatar_is_not_prepared(avatars):
         request = RenderRequest(stream, sha, (5,), ((0.7, 0.1),), "full", FPS, True)
         return request, [upload(blob)] if with_avatar else []
 
-    async def run(calls: list) -> list:
-        return await generator._render_batch(calls)
-
-    assert asyncio.run(run([call(0, False)])) == [None]
-    first, second = asyncio.run(run([call(0, True), call(1, True)]))
+    assert asyncio.run(generator._render_batch([call(0, False)])) == [None]
+    first, second = asyncio.run(generator._render_batch([call(0, True), call(1, True)]))
     assert first is None and second.stream == 1 and second.frames == (5,)
-    (again,) = asyncio.run(run([call(1, False)]))
+    (again,) = asyncio.run(generator._render_batch([call(1, False)]))
     assert again.stream == 1 and len(again.patches) == 1
 
 

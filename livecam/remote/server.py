@@ -5,9 +5,8 @@ the stream's audio and mouth analysis there; the generator (one replica per GPU,
 share) is stateless per call, merges several streams' requests into one call with
 `@serve.batch`, and keeps prepared avatars in an LRU by content hash (the ingress calls it by
 value, without the avatar, and again by reference with it where a replica has not prepared
-that avatar yet). Imports Ray: only the
-server side loads this module. (No `from __future__ import annotations`: FastAPI reads the
-WebSocket parameter's annotation at run time.)
+that avatar yet). Imports Ray: only the server side loads this module. (No `from __future__
+import annotations`: FastAPI reads the WebSocket parameter's annotation at run time.)
 """
 
 import asyncio
