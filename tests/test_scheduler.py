@@ -492,17 +492,55 @@ def test_the_network_counts_as_slower_exactly_slower_after_s_into_a_hold_up():
 
 
 def test_with_half_the_recent_calls_held_up_the_allowance_stays_as_it_is():
-    """Held-up calls are left out of the allowance; while fewer than half are, it follows the
-    others; from half on, the few others tell nothing and it stays as it is."""
+    """Held-up calls are left out of the allowance; while fewer than half of the mode's calls
+    are, it follows the others; from half on (a mode just switched to: its window is short,
+    while the usual round trip is known from before), the few others tell nothing and it
+    stays as it is."""
     s = _remote()
     for k in range(300):
         _trip(s, 0.125, k / 32)
-    for k in range(300, 314):  # 14 of the last 30 held up, for under SLOWER_AFTER_S
+    s._switch(1, Mode("full", 2, 1))
+    for k in range(300, 316):
+        _trip(s, 0.125, k / 32)
+    for k in range(316, 331):  # 15 of the mode's 31 calls held up, for under SLOWER_AFTER_S
         _trip(s, 0.5, k / 32)
     s._allowance = kept = 0.0625
     assert s._generation_allowance() == pytest.approx(0.125)
-    _trip(s, 0.5, 314 / 32)  # 15 of 30
+    _trip(s, 0.5, 331 / 32)  # 16 of 32
     assert s._generation_allowance() == kept
+
+
+def test_the_delay_covers_the_p95_of_10_s_of_round_trips_not_of_the_last_second():
+    """Round trips of 10 ms, three of every 100 in a row 25 ms (jitter: under a frame later).
+    In 300 of them (10 s) those are 3 %: the delay stays on the 10 ms. In the last 30 (a
+    local engine's window) they would be its p95 whenever they were among them, and the
+    delay would rise for each. A network that got slower (20 ms from then on) is covered
+    within a second."""
+    s = _remote()
+    trips = [0.025 if k % 100 >= 97 else 0.010 for k in range(600)]
+    for k, trip in enumerate(trips):
+        _trip(s, trip, k / 32)
+        if k >= 9:  # calibrated on the first 10
+            assert s.playout_delay == pytest.approx(0.0625 + 0.010)
+    for k in range(600, 632):
+        _trip(s, 0.020, k / 32)
+    assert s.playout_delay >= 0.0625 + 0.020
+
+
+def test_a_delay_set_by_slow_first_round_trips_comes_down_before_300_are_in():
+    """A new connection's first calls are slow (cold caches): the delay they set comes down
+    LOWER_AFTER_S after it was derived, as a local engine's does, not only once 10 s of round
+    trips are in (3 of the 170 by then: their p95 no longer needs it)."""
+    s = _remote()
+    for k in range(10):  # derived at the 10th call, 9/32 s
+        _trip(s, 0.030 if k < 3 else 0.010, k / 32)
+    high = s.playout_delay
+    assert high == pytest.approx(0.0625 + 0.010 + 1.1 * 0.020)  # the fastest and 110 % more
+    for k in range(10, 169):
+        _trip(s, 0.010, k / 32)
+    assert s.playout_delay == high
+    _trip(s, 0.010, 169 / 32)  # LOWER_AFTER_S after 9/32 s
+    assert s.playout_delay == pytest.approx(0.0625 + 0.010)
 
 
 def test_the_round_trips_that_tell_what_is_usual_are_the_last_300():

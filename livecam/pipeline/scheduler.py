@@ -6,11 +6,14 @@ and the predicted utilisation of a mode is cost / (time the batch covers on the 
 steps down the quality ladder quickly when the generator falls behind and back up slowly
 when there is headroom (hysteresis), and derives the playout delay from the active mode.
 
-The delay covers the p95 of the recent calls, except for a remote engine's calls that a lost
-packet held up: over TCP a lost packet holds up every reply behind it until it is resent (a
-round trip or more), at 1 % loss one call in seven or eight. Covering those would add that
-round trip to every frame's latency; instead their frames come late and the camera shows the
-mouth before them (counted on the dashboard), as a jitter buffer conceals a lost packet.
+The delay covers the p95 of the recent calls: a local engine's last 30, a remote engine's
+last 300 round trips (10 s at 30 calls a second: the p95 of one second's 30 is their second
+slowest, and a delay that chased each second's worst would ride well above what the calls
+need). It leaves out a remote engine's calls that a lost packet held up: over TCP a lost
+packet holds up every reply behind it until it is resent (a round trip or more), at 1 % loss
+one call in seven or eight. Covering those would add that round trip to every frame's
+latency; instead their frames come late and the camera shows the mouth before them (counted
+on the dashboard), as a jitter buffer conceals a lost packet.
 """
 
 from __future__ import annotations
@@ -28,13 +31,14 @@ STEP_UP_BELOW = 0.45  # below this for STEP_UP_AFTER_S: try the next better mode
 STEP_UP_AFTER_S = 3.0
 EWMA = 0.2  # weight of the newest cost measurement
 TIER_PRIOR = 0.7  # an unmeasured tier is assumed this much cheaper than the one above it
+RECENT_CALLS = 30  # a local engine's calls the delay covers (a second at 30 calls a second)
 BATCH_OVERHEAD_PRIOR = 0.5  # an unmeasured batch size: assume this share of a call is fixed
 LATENCY_CEILING_S = 0.2  # prefer a coarser stride to a batch that delays more than this
 RECALIBRATE_AFTER = 10  # calls in a mode before its measured p95 may raise the playout delay
 LOWER_AFTER_S = 5.0  # a delay the calls no longer need comes down at most this often
 LOWER_BELOW = 0.8  # ... when a full window of calls needs less than this share of it
 HELD_UP_SPREADS = 3.5  # a round trip this many robust spreads over the median: a loss held it
-ROUND_TRIPS = 300  # round trips that tell what is usual (10 s of calls at 30 a second)
+ROUND_TRIPS = 300  # round trips the delay covers, and that tell what is usual (10 s at 30/s)
 SLOWER_AFTER_S = 2.0  # held up this long without a break: the network got slower, not lossy
 
 
@@ -61,7 +65,7 @@ class Scheduler:
         self.ladder = [(tier, stride) for stride in STRIDES for tier in tiers]
         self.level = 0
         self._cost: dict[tuple[str, int], float] = {(tiers[0], batch_sizes[0]): initial_cost_s}
-        self._recent: collections.deque[float] = collections.deque(maxlen=30)
+        self._recent: collections.deque[float] = collections.deque(maxlen=RECENT_CALLS)
         # a remote engine's round trips, over a longer window: its usual ones
         self._round_trips: collections.deque[float] = collections.deque(maxlen=ROUND_TRIPS)
         self._held_since: float | None = None  # since when every round trip was held up
@@ -139,10 +143,11 @@ class Scheduler:
         self.playout_delay = self.base_delay_s + self._batch_wait(self.mode) + self._allowance
 
     def _needs_less(self, now: float) -> bool:
-        """A whole window of calls fits well inside the allowance, and the last re-derivation
-        is long enough ago: the first calls (a new connection, cold caches) often set it."""
+        """A window's worth of calls (a local engine's whole window) fits well inside the
+        allowance, and the last re-derivation is long enough ago: the first calls (a new
+        connection, cold caches) often set it."""
         return (
-            len(self._recent) == self._recent.maxlen
+            len(self._recent) >= RECENT_CALLS
             and self._derived_at is not None
             and now - self._derived_at >= LOWER_AFTER_S
             and self._generation_allowance() < LOWER_BELOW * self._allowance
@@ -172,10 +177,12 @@ class Scheduler:
         key = (mode.tier, mode.batch)
         old = self._cost.get(key, seconds)
         self._cost[key] = old + EWMA * (seconds - old)
-        self._recent.append(seconds if latency is None else latency)
         now = time.monotonic() if now is None else now
         if latency is not None:
+            if self._recent.maxlen != ROUND_TRIPS:  # the first round trip: a remote engine
+                self._recent = collections.deque(maxlen=ROUND_TRIPS)
             self._note_round_trip(latency, now)
+        self._recent.append(seconds if latency is None else latency)
         if (
             len(self._recent) == RECALIBRATE_AFTER
             or (
