@@ -62,8 +62,9 @@ QUIET = {"log_level": "WARNING", "enable_access_log": False}
 # bounded by the checks at the WebSocket, so both ends allow more.
 GRPC_ENV = {"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(1 << 30)}
 # and the ingress runs two of Ray Serve's low-latency settings (from its documented
-# RAY_SERVE_THROUGHPUT_OPTIMIZED mode, whose direct ingress would replace --port): its code and
-# its handle's router on the replica's own event loop, not behind a hop to another thread.
+# RAY_SERVE_THROUGHPUT_OPTIMIZED mode, whose direct ingress, a cluster-wide flag, would serve
+# the WebSocket from a port of its own range beside --port): its code and its handle's router
+# on the replica's own event loop, not behind a hop to another thread.
 INGRESS_ENV = {
     **GRPC_ENV,
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
