@@ -10,6 +10,7 @@ time), so the capture side's own latency figure is checked, never assumed.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 import threading
@@ -25,7 +26,7 @@ import soundfile as sf
 from livecam.audio import portaudio, pulse
 from livecam.audio.timing import StreamTiming, host_delay
 from livecam.audio.virtual_mic import VirtualMic
-from livecam.constants import SAMPLE_RATE
+from livecam.constants import HOPS_PER_SECOND, SAMPLE_RATE
 from livecam.live import LiveOptions, build_pipeline
 from livecam.pipeline.runner import Pipeline
 
@@ -33,23 +34,36 @@ LEAD_S = 1.5  # silence first, so the noise floor settles
 EARLY_S = 0.4  # a mouth opening this long before a sound still counts as its response
 
 
+def response_cycle(fps: float) -> float:
+    """Seconds after which the frame grid and the engines' 20 ms feature hops line up again
+    (100 ms at 30 fps: 3 frames, 5 hops); one frame where they do not repeat together."""
+    if float(fps).is_integer():
+        return 1.0 / math.gcd(int(fps), HOPS_PER_SECOND)
+    return 1.0 / fps
+
+
 def burst_train(
     count: int, fps: float, period_s: float = 1.2, burst_s: float = 0.25, seed: int = 0
 ) -> tuple[np.ndarray, list[int]]:
     """Vowel-like bursts (140 Hz harmonics shaped like an "ah") over faint noise.
 
-    A mouth can only move at a frame, so a sound's latency depends on where in the frame
-    period it starts (a sawtooth one period wide). Each burst starts 1/count of a frame later
-    in the frame grid than the one before, so the bursts sample every phase evenly and their
-    median is the latency of speech, whose onsets fall anywhere in the grid."""
+    A mouth can only move at a frame, and its features step in 20 ms hops, so a sound's
+    latency depends on where it starts against both grids: a pattern that repeats every
+    `response_cycle` (at 30 fps the three frames of a 100 ms cycle meet the hops differently,
+    and where in the cycle the bursts land moved a run's p50 by 10 ms). Each burst starts
+    1/count of that cycle later than the one before, so the bursts sample every position
+    evenly and their median is the latency of speech, whose onsets fall anywhere."""
+    cycle = response_cycle(fps)
+    period_s = math.ceil(period_s / cycle - 1e-9) * cycle  # whole cycles between bursts
     rng = np.random.default_rng(seed)
-    total = int((LEAD_S + count * period_s + 1 / fps) * SAMPLE_RATE)
+    total = int((LEAD_S + count * period_s + cycle) * SAMPLE_RATE)
     audio = (0.001 * rng.standard_normal(total)).astype(np.float32)
     t = np.arange(int(burst_s * SAMPLE_RATE)) / SAMPLE_RATE
     harmonics = [(h * 140.0, 1.0 / (1 + abs(h * 140.0 - 800) / 300)) for h in range(1, 25)]
     burst = sum(a * np.sin(2 * np.pi * f * t) for f, a in harmonics)
     burst = (0.3 * burst / np.abs(burst).max() * np.hanning(len(t)) ** 0.2).astype(np.float32)
-    onsets = [int((LEAD_S + i * period_s + i / count / fps) * SAMPLE_RATE) for i in range(count)]
+    starts = [LEAD_S + i * period_s + i / count * cycle for i in range(count)]
+    onsets = [round(start * SAMPLE_RATE) for start in starts]
     for onset in onsets:
         audio[onset : onset + len(burst)] += burst
     return audio, onsets
@@ -112,6 +126,7 @@ def _summary(latencies: list[float], expected: int, pipeline: Pipeline) -> dict:
         else None,
         "estimated_ms": round(pipeline.latency_s() * 1e3, 1),
         "playout_delay_ms": round(pipeline.playout_delay * 1e3, 1),
+        "send_lag_ms": round(pipeline.send_lag_s * 1e3, 1),  # frames to the sink after due
     }
 
 

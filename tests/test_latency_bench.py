@@ -1,4 +1,4 @@
-"""The latency bench's own measuring: bursts at every phase of the frame grid, and onsets
+"""The latency bench's own measuring: bursts at every phase of the frames and hops, and onsets
 found where the bursts really start after a trip through a sound server."""
 
 from __future__ import annotations
@@ -8,18 +8,27 @@ import types
 import numpy as np
 import pytest
 
-from livecam.bench_live import _heard_onsets, _responses, burst_train
-from livecam.constants import SAMPLE_RATE
+from livecam.bench_live import _heard_onsets, _responses, burst_train, response_cycle
+from livecam.constants import HOPS_PER_SECOND, SAMPLE_RATE
 
 
-@pytest.mark.parametrize(("count", "fps"), [(15, 30.0), (8, 25.0), (5, 30.0)])
-def test_bursts_sample_every_phase_of_the_frame_grid_evenly(count, fps):
+@pytest.mark.parametrize(("count", "fps"), [(15, 30.0), (8, 25.0), (5, 30.0), (6, 24.0)])
+def test_bursts_sample_every_position_of_the_frame_and_hop_cycle_evenly(count, fps):
     audio, onsets = burst_train(count, fps)
     assert onsets[-1] + 0.25 * SAMPLE_RATE <= len(audio)  # the last burst fits whole
-    phases = sorted((n * fps / SAMPLE_RATE) % 1.0 for n in onsets)
-    # one burst in each 1/count of the frame period (a sample of rounding at most)
-    steps = np.diff([*phases, phases[0] + 1.0])
-    assert np.allclose(steps, 1.0 / count, atol=2 * fps / SAMPLE_RATE), phases
+    cycle = response_cycle(fps)
+    assert (cycle * fps) % 1 == pytest.approx(0) and (cycle * HOPS_PER_SECOND) % 1 == 0
+    positions = sorted((n / SAMPLE_RATE / cycle) % 1.0 for n in onsets)
+    # one burst in each 1/count of the cycle (a sample of rounding at most)
+    steps = np.diff([*positions, positions[0] + 1.0])
+    assert np.allclose(steps, 1.0 / count, atol=2 / SAMPLE_RATE / cycle), positions
+
+
+def test_the_cycle_is_where_frames_and_hops_line_up_again():
+    assert response_cycle(30.0) == pytest.approx(0.1)  # 3 frames, 5 hops
+    assert response_cycle(25.0) == pytest.approx(0.04)  # 1 frame, 2 hops
+    assert response_cycle(24.0) == pytest.approx(0.5)  # 12 frames, 25 hops
+    assert response_cycle(29.97) == pytest.approx(1 / 29.97)  # never: a frame at least
 
 
 def test_heard_onsets_are_where_the_bursts_start_not_where_they_get_loud():

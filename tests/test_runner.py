@@ -253,6 +253,27 @@ def test_ticks_lock_to_due_times_and_a_stall_resyncs_without_a_burst(pipeline) -
     assert pipeline.snapshot().shown_fps == pytest.approx(rate)
 
 
+def test_how_late_frames_reach_the_sink_is_measured_and_joins_the_delays(pipeline) -> None:
+    fake, compose = pipeline.fake, pipeline.compositor.compose
+    base = pipeline.audio_delay_s() - pipeline.send_lag_s
+    assert pipeline.send_lag_s == runner.TICK_LAG  # assumed until frames have gone out
+
+    def slow_compose(face, index):
+        fake.t += 0.004  # compositing takes 4 ms on this machine
+        return compose(face, index)
+
+    def stall(count: int) -> None:
+        if count % 10 == 0:
+            fake.t += 0.5 * PERIOD  # a rare late tick does not move the median
+
+    pipeline.compositor.compose = slow_compose
+    _run_output(pipeline, runner.SEND_LAGS + 30, stall)
+    assert pipeline.send_lag_s == pytest.approx(runner.TICK_LAG + 0.004)
+    assert pipeline.audio_delay_s() == pytest.approx(base + runner.TICK_LAG + 0.004)
+    assert pipeline.latency_s() == pytest.approx(pipeline.source.latency_s + base + 0.006)
+    assert len(pipeline._send_lags) == runner.SEND_LAGS  # bounded
+
+
 @pytest.mark.parametrize("jump", [-150, 150])
 def test_a_clock_that_re_anchors_between_two_readings_neither_stalls_nor_bursts(
     pipeline, jump: int
@@ -737,7 +758,7 @@ def _set_everything(p) -> dict:
     p.look.engine.status_line = lambda: "remote gpu: 12 ms"
     p.muted = True
     p.scheduler.mode = Mode("nearest", 2, 4)
-    p.playout_delay = 0.15
+    p.playout_delay, p.send_lag_s = 0.15, 0.003
     p._push([5], [_face(p, 0)], p.look)
     p._started_at = now - 12.5
     return dict(
@@ -745,7 +766,7 @@ def _set_everything(p) -> dict:
         source=p.source.name, target_fps=FPS, shown_fps=2.0, generated_fps=4.0,
         **{name: getattr(c, name) for name in names}, queue_depth=1,
         queue_capacity=FACE_BUFFER, audio_overruns=3, level_db=-20.5,
-        latency_ms=(0.025 + 0.15 + 0.04 + 0.007) * 1e3, playout_delay_ms=150.0,
+        latency_ms=(0.025 + 0.15 + 0.003 + 0.04 + 0.007) * 1e3, playout_delay_ms=150.0,
         stages_ms={"generate": (4.0, 4.0)},
         warnings=(*p.warnings, "the microphone is gone: showing idle frames",
                   "the camera is held by another program",

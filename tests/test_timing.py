@@ -13,7 +13,7 @@ from livecam.audio import sources, timing
 from livecam.audio.clock import AudioClock
 from livecam.audio.ring import AudioRing
 from livecam.audio.sources import MicSource
-from livecam.audio.timing import MIN_BLOCKS, StreamTiming, host_delay
+from livecam.audio.timing import MIN_BLOCKS, CaptureTiming, StreamTiming, host_delay
 from livecam.constants import BLOCK, SAMPLE_RATE
 
 
@@ -49,6 +49,41 @@ def test_the_median_of_noisy_stamps_finds_when_sample_zero_was_taken():
     for k in range(MIN_BLOCKS):
         playback.on_block(k * BLOCK, BLOCK, 50.0 + k * BLOCK / SAMPLE_RATE, 0.03)
     assert playback.origin() == pytest.approx(50.03)
+
+
+def _sawtooth(stream: StreamTiming, seconds: int, depth: float, period_s: float) -> None:
+    """PulseAudio-like capture stamps of a stream whose sample 0 was taken at 100.0: exact
+    right after a timing update, then the reported delay sinks by `depth` over `period_s`
+    (the stamps say each sample was taken later than it was), and snaps back."""
+    rng = np.random.default_rng(4)
+    for first, arrival, delay in _blocks(seconds * SAMPLE_RATE // BLOCK, rng):
+        since_update = (first / SAMPLE_RATE) % period_s
+        stream.on_block(first, BLOCK, arrival, delay - depth * since_update / period_s)
+
+
+@pytest.mark.parametrize("seconds", [17, 22, 26])
+def test_a_capture_stream_is_read_at_the_top_of_its_stamps_sawtooth(seconds: int):
+    running, capture = StreamTiming(), CaptureTiming()
+    _sawtooth(running, seconds, 0.008, 9.0)
+    _sawtooth(capture, seconds, 0.008, 9.0)
+    # the running median lags by where in the sawtooth the stream stopped (2.7-6.2 ms here);
+    # ten one-second spans hold one just after a timing update
+    sunk = 0.008 * (seconds % 9 - 1) / 9  # the last 2 s's median: a second back
+    assert running.origin() == pytest.approx(100.0 + sunk, abs=0.001)
+    assert capture.origin() == pytest.approx(100.0, abs=0.0015)
+
+
+def test_a_capture_stream_with_steady_stamps_reads_as_their_median():
+    rng = np.random.default_rng(5)
+    capture = CaptureTiming()
+    for i, (first, arrival, delay) in enumerate(_blocks(1500, rng)):
+        capture.on_block(first, BLOCK, arrival, delay)
+        if i == MIN_BLOCKS - 2:
+            assert capture.origin() is None  # too few blocks yet, as the running median
+        if i == MIN_BLOCKS - 1:  # no span complete yet: the running median alone
+            assert capture.origin() == pytest.approx(100.0, abs=0.002)
+    assert capture.origin() == pytest.approx(100.0, abs=0.001)  # +-4 ms per block
+    assert len(capture._spans) == timing.SPANS  # bounded: only the last ten seconds
 
 
 def test_without_stamps_only_the_arrival_jitter_is_known():

@@ -16,7 +16,7 @@ from livecam.audio import portaudio
 from livecam.audio.clock import AudioClock
 from livecam.audio.files import read_audio
 from livecam.audio.ring import AudioRing
-from livecam.audio.timing import StreamTiming, host_delay
+from livecam.audio.timing import CaptureTiming, host_delay
 from livecam.constants import BLOCK, SAMPLE_RATE
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ class MicSource:
         self.stats = SourceStats(requested_latency_s=REQUESTED_LATENCY_S)
         self.finished = False  # a microphone never runs out
         self._stream = None
-        self._timing = StreamTiming()
+        self._timing = CaptureTiming()
         self._last_block = time.monotonic()
         self._next_retry = 0.0
 
@@ -183,7 +183,7 @@ class MicSource:
                 self._callback, playback=False, device=self.device_index,
                 latency=REQUESTED_LATENCY_S,
             )  # fmt: skip
-            self._timing = StreamTiming()  # a reopened device starts afresh
+            self._timing = CaptureTiming()  # a reopened device starts afresh
             self._stream.start()
         except sd.PortAudioError as exc:
             self._stream = None

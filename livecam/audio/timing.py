@@ -6,6 +6,12 @@ PulseAudio's or PipeWire's ALSA plugin these come from the server's latency figu
 second of a new stream can be hundreds of milliseconds off (start-up backlog) and single blocks
 jitter by +-5 ms, so one block means little while the median of the last few hundred holds to a
 millisecond or two. A host that gives no timing (zeros) leaves only the arrival times.
+
+PulseAudio's capture stamps also wander: their one-second medians sink by up to 10 ms and come
+back over 10-20 s. Against the played sound (`livecam bench --latency`) the truth is the top of
+that wander. In five runs the longest latency among the last ten one-second medians was -0.5
+to +1.2 ms off it, the running median -2.8 to 0 ms, so the former is a capture stream's
+estimate. PipeWire's stamps settle over a stream's first 10 s or so, then hold to about 1 ms.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import statistics
 from livecam.constants import SAMPLE_RATE
 
 WINDOW = 200  # blocks in the running medians: 2 s of 10 ms blocks
+SPAN_BLOCKS = 100  # blocks in one of a capture stream's one-second medians
+SPANS = 10  # one-second medians kept: longer than PulseAudio's sawtooth is deep
 MIN_BLOCKS = 50  # fewer valid blocks than this: no estimate yet
 PLAUSIBLE_S = 0.5  # a host timestamp further off is start-up backlog or garbage
 
@@ -59,3 +67,28 @@ class StreamTiming:
         if len(arrived) < MIN_BLOCKS:
             return None
         return statistics.median(arrived) - min(arrived)
+
+
+class CaptureTiming(StreamTiming):
+    """A capture stream's timing: the running median, or the earliest sample-0 time (the
+    longest capture latency) among the medians of its last SPANS one-second spans, so that
+    a host whose stamps sink between timing updates is read at the top of its sawtooth."""
+
+    def __init__(self, window: int = WINDOW) -> None:
+        super().__init__(playback=False, window=window)
+        self._spans: collections.deque[float] = collections.deque(maxlen=SPANS)
+        self._span: list[float] = []
+
+    def on_block(self, first: int, frames: int, arrival: float, delay: float | None) -> None:
+        super().on_block(first, frames, arrival, delay)
+        if delay is not None:
+            self._span.append(self._stamped[-1])
+            if len(self._span) == SPAN_BLOCKS:
+                self._spans.append(statistics.median(self._span))
+                self._span = []
+
+    def origin(self) -> float | None:
+        running = super().origin()
+        if running is None:
+            return None
+        return min((running, *self._spans))

@@ -16,7 +16,7 @@ class Engine(Protocol):
     tier: str  # the active quality tier, shown on the dashboard
     tiers: tuple[str, ...]  # quality tiers, best first: the scheduler steps down this list
     batch_sizes: tuple[int, ...]  # frames per generate call the engine is warmed up for
-    response_s: float  # a sound's onset shows this long after its frame is due
+    response_s: float  # a sound shows this long after its time + playout delay + send lag
     warnings: tuple[str, ...]  # shown on the dashboard (e.g. unpublished weights)
 
     def set_tier(self, tier: str) -> None:

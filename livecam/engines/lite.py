@@ -53,12 +53,13 @@ class LiteEngine:
     name = "lite"
     tiers = ("full", "nearest")  # nearest: snap to the closest bank shape instead of blending
     batch_sizes = (1, 2, 4)
-    # A sound's onset shows as a visibly opening mouth this long after its frame is due, as
-    # a median over where in the frame period the sound starts (`livecam bench --latency`,
-    # file source, bursts spread over the phase: -0.4 to +0.5 ms beyond the playout delay,
-    # which already holds the analysis look-ahead); any one sound lands within half a frame
-    # of it, by its phase. The virtual microphone adds it to its delay, the estimate to its sum.
-    response_s = 0.0
+    # A sound's onset shows as a visibly opening mouth this long after the sound's own time
+    # plus the playout delay and the measured lag of frames to the sink: a median over where
+    # the sound starts against the frames and hops (`livecam bench --latency`, file source:
+    # -6.4 to -7.0 ms, both bundled avatars). Negative, as the playout delay holds the frame's
+    # own length and the analysis look-ahead while a frame shows the mouth for its whole
+    # period. The virtual microphone adds it to its delay, the estimate to its sum.
+    response_s = -0.007
     warnings: tuple[str, ...] = ()
 
     def __init__(self, avatar: Avatar, fps: float, idle_motion: bool = True) -> None:

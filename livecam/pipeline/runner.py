@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +40,7 @@ TICK_LAG = 0.002  # s a tick falls after its frame is due (timer wake-up jitter)
 MIN_INTERVAL = 0.9  # periods: shorter only to follow the audio clock's small corrections
 STALL_GRACE_S = 0.25  # the capture stream this far behind the clock: the source stalled
 MARGIN_S = 0.005  # scheduling jitter of the worker thread
+SEND_LAGS = 90  # frames in the median of how late frames reach the sink (3 s at 30 fps)
 MAX_IN_FLIGHT = 32  # calls of a pipelined engine at once: a second of them (the reply timeout)
 
 
@@ -101,6 +103,10 @@ class Pipeline:
         self._threads: list[threading.Thread] = []
         self._shown: Face | None = None
         self._audio_sent: int | None = None  # stream sample handed to the sink so far
+        # how long after its due time a frame reaches the sink (timer wake-up, compositing):
+        # measured, as it depends on the machine and its load; TICK_LAG until measured
+        self._send_lags: collections.deque[float] = collections.deque(maxlen=SEND_LAGS)
+        self.send_lag_s = TICK_LAG
         self._started_at = 0.0
         self.on_tick: Callable[[int, float], None] | None = None  # (due frame, now) hook
         self.on_frame: Callable[[np.ndarray], None] | None = None  # each frame as it goes out
@@ -339,6 +345,7 @@ class Pipeline:
         t1 = time.perf_counter()
         if self.on_frame is not None:
             self.on_frame(frame)
+        self._note_send_lag(due)
         self.sink.send(frame, self._audio_until(due))
         c.time_stage("compose", t1 - t0)
         c.time_stage("sink", time.perf_counter() - t1)
@@ -347,6 +354,11 @@ class Pipeline:
         c.shown_rate.tick(now)
         if self.on_tick is not None:
             self.on_tick(index, now)
+
+    def _note_send_lag(self, due: int) -> None:
+        due_at = due / self.cfg.fps + self.playout_delay
+        self._send_lags.append(self.clock.stream_time(time.monotonic()) - due_at)
+        self.send_lag_s = max(0.0, statistics.median(self._send_lags))
 
     def _audio_until(self, due: int) -> np.ndarray:
         """The captured audio up to the end of the due frame, for sinks that record it."""
@@ -362,7 +374,7 @@ class Pipeline:
     # -- status ------------------------------------------------------------------------------
     def audio_delay_s(self) -> float:
         """How far to delay the microphone so that it sounds in step with the camera."""
-        return self.playout_delay + self.sink.latency_s + self.engine.response_s
+        return self.playout_delay + self.send_lag_s + self.sink.latency_s + self.engine.response_s
 
     def latency_s(self) -> float:
         """Estimated mic-to-camera latency: capture (measured) + the delay in step with it."""
