@@ -9,9 +9,11 @@ millisecond or two. A host that gives no timing (zeros) leaves only the arrival 
 
 PulseAudio's capture stamps also wander: their one-second medians sink by up to 10 ms and come
 back over 10-20 s. Against the played sound (`livecam bench --latency`) the truth is the top of
-that wander. In five runs the longest latency among the last ten one-second medians was -0.5
-to +1.2 ms off it, the running median -2.8 to 0 ms, so the former is a capture stream's
-estimate. PipeWire's stamps settle over a stream's first 10 s or so, then hold to about 1 ms.
+that wander, so a capture stream's estimate is the longest latency among its last ten
+one-second medians, leaving out a new stream's first two (its start-up backlog). Over 14
+PulseAudio runs that was -5.3 to +1.2 ms off the truth, the running median -9.7 to 0 ms.
+PipeWire's stamps settle over a stream's first 10-15 s, then hold to about 1 ms, so a longer
+window would hold on to settling values: twenty seconds were 5 ms over the truth there.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from livecam.constants import SAMPLE_RATE
 
 WINDOW = 200  # blocks in the running medians: 2 s of 10 ms blocks
 SPAN_BLOCKS = 100  # blocks in one of a capture stream's one-second medians
-SPANS = 10  # one-second medians kept: longer than PulseAudio's sawtooth is deep
+SPANS = 10  # one-second medians kept: 10 s, most of a period of PulseAudio's wander
+SETTLE_SPANS = 2  # a new stream's first one-second medians, left out: start-up backlog
 MIN_BLOCKS = 50  # fewer valid blocks than this: no estimate yet
 PLAUSIBLE_S = 0.5  # a host timestamp further off is start-up backlog or garbage
 
@@ -71,20 +74,24 @@ class StreamTiming:
 
 class CaptureTiming(StreamTiming):
     """A capture stream's timing: the running median, or the earliest sample-0 time (the
-    longest capture latency) among the medians of its last SPANS one-second spans, so that
-    a host whose stamps sink between timing updates is read at the top of its sawtooth."""
+    longest capture latency) among the medians of its last SPANS one-second spans after the
+    first SETTLE_SPANS, so that a host whose stamps sink between timing updates is read at
+    the top of its wander."""
 
     def __init__(self, window: int = WINDOW) -> None:
         super().__init__(playback=False, window=window)
         self._spans: collections.deque[float] = collections.deque(maxlen=SPANS)
         self._span: list[float] = []
+        self._spans_done = 0
 
     def on_block(self, first: int, frames: int, arrival: float, delay: float | None) -> None:
         super().on_block(first, frames, arrival, delay)
         if delay is not None:
             self._span.append(self._stamped[-1])
             if len(self._span) == SPAN_BLOCKS:
-                self._spans.append(statistics.median(self._span))
+                self._spans_done += 1
+                if self._spans_done > SETTLE_SPANS:
+                    self._spans.append(statistics.median(self._span))
                 self._span = []
 
     def origin(self) -> float | None:
