@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # What .ci/run installs (apt) for these tests; named in every "missing" message.
-APT_PACKAGES = ("linux-image-amd64", "v4l2loopback-dkms", "qemu-system-x86", "v4l-utils",
-                "ffmpeg", "gstreamer1.0-tools", "gstreamer1.0-plugins-good",
+APT_PACKAGES = ("linux-image-amd64", "v4l2loopback-dkms", "qemu-system-x86", "busybox-static",
+                "v4l-utils", "ffmpeg", "gstreamer1.0-tools", "gstreamer1.0-plugins-good",
                 "gstreamer1.0-plugins-base-apps", "chromium", "iproute2")  # fmt: skip
 VIRTME_NG = "virtme-ng==1.42"
 CAMERA_CLIENTS = ("ffmpeg", "v4l2-ctl", "gst-launch-1.0", "gst-device-monitor-1.0", "chromium")
@@ -54,6 +54,9 @@ def unavailable(module: str = "v4l2loopback",
                 f"{' '.join(APT_PACKAGES)} linux-headers-amd64")  # fmt: skip
     if _tool("vng") is None:
         return f"virtme-ng is not installed: pip install {VIRTME_NG}"
+    if not any(shutil.which(name) for name in ("busybox-static", "busybox.static", "busybox")):
+        # virtme-ng builds the guest's initramfs around it ("no busybox was found")
+        return f"busybox is not installed: apt-get install {' '.join(APT_PACKAGES)}"
     for tool in tools:
         if shutil.which(tool) is None:
             return f"{tool} is not installed: apt-get install {' '.join(APT_PACKAGES)}"
