@@ -19,6 +19,7 @@ window would hold on to settling values: twenty seconds were 5 ms over the truth
 from __future__ import annotations
 
 import collections
+import itertools
 import statistics
 
 from livecam.constants import SAMPLE_RATE
@@ -78,21 +79,20 @@ class CaptureTiming(StreamTiming):
     first SETTLE_SPANS, so that a host whose stamps sink between timing updates is read at
     the top of its wander."""
 
-    def __init__(self, window: int = WINDOW) -> None:
-        super().__init__(playback=False, window=window)
+    def __init__(self) -> None:
+        super().__init__(playback=False)  # WINDOW holds a whole span
         self._spans: collections.deque[float] = collections.deque(maxlen=SPANS)
-        self._span: list[float] = []
-        self._spans_done = 0
+        self._stamped_blocks = 0
 
     def on_block(self, first: int, frames: int, arrival: float, delay: float | None) -> None:
         super().on_block(first, frames, arrival, delay)
-        if delay is not None:
-            self._span.append(self._stamped[-1])
-            if len(self._span) == SPAN_BLOCKS:
-                self._spans_done += 1
-                if self._spans_done > SETTLE_SPANS:
-                    self._spans.append(statistics.median(self._span))
-                self._span = []
+        if delay is None:
+            return
+        self._stamped_blocks += 1
+        done, partial = divmod(self._stamped_blocks, SPAN_BLOCKS)
+        if partial == 0 and done > SETTLE_SPANS:
+            span = itertools.islice(reversed(self._stamped), SPAN_BLOCKS)
+            self._spans.append(statistics.median(span))
 
     def origin(self) -> float | None:
         running = super().origin()
