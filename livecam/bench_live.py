@@ -24,13 +24,18 @@ import numpy as np
 import soundfile as sf
 
 from livecam.audio import portaudio, pulse
-from livecam.audio.timing import StreamTiming, host_delay
+from livecam.audio.timing import host_delay
 from livecam.audio.virtual_mic import VirtualMic
 from livecam.constants import HOPS_PER_SECOND, SAMPLE_RATE
+from livecam.limits import DEFAULT_BURSTS
 from livecam.live import LiveOptions, build_pipeline
 from livecam.pipeline.runner import Pipeline
 
 LEAD_S = 1.5  # silence first, so the noise floor settles
+PERIOD_S = 0.6  # a burst and its mouth are over well before the next one
+# through a sound server the bursts start once the capture stream has settled and its estimate
+# reads the one-second spans (timing.SETTLE_SPANS), as in a call past its first seconds
+WARM_UP_S = 20.0
 EARLY_S = 0.4  # a mouth opening this long before a sound still counts as its response
 
 
@@ -43,7 +48,7 @@ def response_cycle(fps: float) -> float:
 
 
 def burst_train(
-    count: int, fps: float, period_s: float = 1.2, burst_s: float = 0.25, seed: int = 0
+    count: int, fps: float, period_s: float = PERIOD_S, burst_s: float = 0.25, seed: int = 0
 ) -> tuple[np.ndarray, list[int]]:
     """Vowel-like bursts (140 Hz harmonics shaped like an "ah") over faint noise.
 
@@ -52,7 +57,9 @@ def burst_train(
     `response_cycle` (at 30 fps the three frames of a 100 ms cycle meet the hops differently,
     and where in the cycle the bursts land moved a run's p50 by 10 ms). Each burst starts
     1/count of that cycle later than the one before, so the bursts sample every position
-    evenly and their median is the latency of speech, whose onsets fall anywhere."""
+    evenly and their median is the latency of speech, whose onsets fall anywhere. Between
+    two positions the p50 still steps with where the frame grid falls, which a microphone
+    leaves to chance: 5 ms from end to end with 15 bursts, 2.8 ms with 30."""
     cycle = response_cycle(fps)
     period_s = math.ceil(period_s / cycle - 1e-9) * cycle  # whole cycles between bursts
     rng = np.random.default_rng(seed)
@@ -112,7 +119,43 @@ def _responses(probe: MouthProbe, onset_times: list[float], sink_latency: float)
     return latencies
 
 
-def _summary(latencies: list[float], expected: int, pipeline: Pipeline) -> dict:
+class EstimateLog:
+    """The pipeline's latency estimate, read every 0.1 s while a measurement runs, so that
+    each burst is compared with what the dashboard showed when it was played (a stream's
+    capture latency can step mid-run, and the estimate follows it)."""
+
+    INTERVAL_S = 0.1
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.samples: list[tuple[float, float]] = []  # (monotonic time, estimate in s)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="estimate-log", daemon=True)
+
+    def __enter__(self) -> EstimateLog:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.INTERVAL_S):
+            self.samples.append((time.monotonic(), self.pipeline.latency_s()))
+
+    def at(self, times: list[float]) -> float | None:
+        """Median over `times` of the last estimate read before each; None before any."""
+        stamps = np.array([t for t, _ in self.samples])
+        read = [self.samples[i - 1][1] for i in np.searchsorted(stamps, times) if i > 0]
+        return float(np.median(read)) if read else None
+
+
+def _summary(
+    latencies: list[float], expected: int, pipeline: Pipeline, estimated: float | None
+) -> dict:
+    """`estimated` is the dashboard's estimate while the bursts played (`EstimateLog.at`);
+    without one, its value at the end."""
     ms = np.array(latencies) * 1e3
     return {
         "bursts": expected,
@@ -124,7 +167,7 @@ def _summary(latencies: list[float], expected: int, pipeline: Pipeline) -> dict:
         }
         if len(ms)
         else None,
-        "estimated_ms": round(pipeline.latency_s() * 1e3, 1),
+        "estimated_ms": round((pipeline.latency_s() if estimated is None else estimated) * 1e3, 1),
         "playout_delay_ms": round(pipeline.playout_delay * 1e3, 1),
         "send_lag_ms": round(pipeline.send_lag_s * 1e3, 1),  # frames to the sink after due
     }
@@ -141,17 +184,19 @@ def _run_until_done(pipeline: Pipeline, seconds: float) -> None:
         pipeline.stop()
 
 
-def latency_from_file(opts: LiveOptions, bursts: int = 15) -> dict:
+def latency_from_file(opts: LiveOptions, bursts: int = DEFAULT_BURSTS) -> dict:
     audio, onsets = burst_train(bursts, opts.fps)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bursts.wav"
         sf.write(str(path), audio, SAMPLE_RATE)
         pipeline = build_pipeline(replace(opts, audio_file=path, sink="memory", idle_motion=False))
         probe = attach_probe(pipeline)
-        _run_until_done(pipeline, len(audio) / SAMPLE_RATE + 5)
+        with EstimateLog(pipeline) as estimates:
+            _run_until_done(pipeline, len(audio) / SAMPLE_RATE + 5)
     origin = pipeline.clock.origin()
     onset_times = [origin + n / SAMPLE_RATE for n in onsets]
-    return _summary(_responses(probe, onset_times, 0.0), len(onsets), pipeline)
+    latencies = _responses(probe, onset_times, 0.0)
+    return _summary(latencies, len(onsets), pipeline, estimates.at(onset_times))
 
 
 @contextlib.contextmanager
@@ -177,20 +222,24 @@ Block = tuple[int, int, float, float | None]  # first sample, frames, arrival, h
 
 
 def _times_of(blocks: list[Block], samples: list[int], latency: float, playback: bool):
-    """The monotonic time at which each sample met the sound card: the median of the host's
-    timestamps over the blocks within a second of it (so an underrun or drift elsewhere does
-    not count), or with no host timing the earliest arrival moved by the stream's latency."""
+    """The monotonic time at which each sample met the sound card: the stream's callback clock
+    within a quarter second of it, which keeps time to 0.6 ms and follows an underrun (one
+    further off does not count), moved by the host delay the stream reports over its second
+    half. PipeWire's delay figures wander by up to 15 ms over a new stream's first 10 s, so
+    the early samples' own stamps would be that far off; PulseAudio's playback stamps hold
+    steady either way. With no host timing: the earliest arrival moved by the latency."""
+    delays = [delay for *_, delay in blocks[len(blocks) // 2 :] if delay is not None]
+    sign = 1.0 if playback else -1.0
     found = []
     for sample in samples:
-        timing = StreamTiming(playback, window=len(blocks) or 1)
-        near = [b for b in blocks if abs(b[0] - sample) <= SAMPLE_RATE]
-        for block in near:
-            timing.on_block(*block)
-        origin = timing.origin()
-        if origin is None:  # no host timing: the earliest arrival and the reported latency
+        near = [b for b in blocks if abs(b[0] - sample) <= SAMPLE_RATE // 4]
+        if delays:
+            clock = np.median([arrival - first / SAMPLE_RATE for first, _, arrival, _ in near])
+            origin = float(clock) + sign * float(np.median(delays))
+        else:
             earliest = min(arrival - (first + frames) / SAMPLE_RATE
                            for first, frames, arrival, _ in near)  # fmt: skip
-            origin = earliest + (latency if playback else -latency)
+            origin = earliest + sign * latency
         found.append(origin + sample / SAMPLE_RATE)
     return found
 
@@ -219,7 +268,7 @@ class _Player:
             self._done.set()
 
     def play(self) -> None:
-        time.sleep(3.0)  # let the capture start delivering
+        time.sleep(WARM_UP_S)
         with self.stream:
             self._done.wait(timeout=len(self.audio) / SAMPLE_RATE + 30)
             time.sleep(1.5)  # the last burst's frames
@@ -228,18 +277,19 @@ class _Player:
         return _times_of(self.blocks, self.onsets, float(self.stream.latency), playback=True)
 
 
-def latency_from_pulse(opts: LiveOptions, bursts: int = 15) -> dict:
+def latency_from_pulse(opts: LiveOptions, bursts: int = DEFAULT_BURSTS) -> dict:
     """Bursts played into a PulseAudio/PipeWire sink and captured through the real input
     device; each onset's time is when the sink played it (the player's DAC time)."""
     with _pulse_pipeline(opts, bursts) as (pipeline, probe, player):
         pipeline.start()
         try:
             first = pipeline.ring.end
-            player.play()
+            with EstimateLog(pipeline) as estimates:
+                player.play()
         finally:
             pipeline.stop()
     played = player.onset_times()
-    summary = _summary(_responses(probe, played, 0.0), bursts, pipeline)
+    summary = _summary(_responses(probe, played, 0.0), bursts, pipeline, estimates.at(played))
     # the capture on its own: where the pipeline's clock put each onset, minus when it played
     start = max(first, pipeline.ring.start)
     found = _heard_onsets(pipeline.ring.read(start, pipeline.ring.end), player)
@@ -276,11 +326,11 @@ class _Recorder:
         return np.concatenate(self.chunks)
 
     def times(self, samples: list[int]) -> list[float]:
-        """When each sample was at the source (its ADC time), as an app would take it."""
+        """When each sample was at the source (its ADC time)."""
         return _times_of(self.blocks, samples, float(self.stream.latency), playback=False)
 
 
-def virtual_mic_offset(opts: LiveOptions, bursts: int = 15) -> dict:
+def virtual_mic_offset(opts: LiveOptions, bursts: int = DEFAULT_BURSTS) -> dict:
     """Mouth onset in the frames minus speech onset on the LiveCam Microphone, per burst."""
     with _pulse_pipeline(opts, bursts) as (pipeline, probe, player):
         mic = VirtualMic(pipeline.ring, pipeline.clock, pipeline.audio_delay_s)
@@ -399,7 +449,7 @@ def _minute_summary(latencies: list[float], seconds: float) -> dict:
 
 
 def live_report(
-    opts: LiveOptions, latency: bool, soak_seconds: float | None, bursts: int = 15
+    opts: LiveOptions, latency: bool, soak_seconds: float | None, bursts: int = DEFAULT_BURSTS
 ) -> dict:
     report: dict = {
         "engine": opts.engine,

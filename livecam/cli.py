@@ -16,6 +16,7 @@ from rich.table import Table
 
 from livecam.constants import DEFAULT_AVATAR, DEFAULT_FPS, DEFAULT_HEIGHT, DEFAULT_WIDTH
 from livecam.limits import (
+    DEFAULT_BURSTS,
     MAX_BURSTS,
     MAX_LOAD_FACTOR,
     MAX_RUN_SECONDS,
@@ -345,7 +346,7 @@ def bench(
     ] = False,
     bursts: Annotated[
         int, typer.Option(help="With --latency: how many sound bursts.", min=1, max=MAX_BURSTS)
-    ] = 15,
+    ] = DEFAULT_BURSTS,
     soak: Annotated[
         float | None,
         typer.Option(

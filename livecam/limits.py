@@ -15,7 +15,8 @@ MAX_WIDTH, MAX_HEIGHT = 3840, 2160  # 4K UHD: 25 MB a frame
 MIN_SIDE = 64
 MAX_RUN_SECONDS = 7 * 86_400.0  # --duration, --soak: a week
 MAX_LOAD_FACTOR = 100.0  # --simulate-load: a frame costing 100 frame budgets
-MAX_BURSTS = 1000  # bench --latency: 1.2 s each, 20 minutes
+MAX_BURSTS = 1000  # bench --latency: 0.6 s each, 10 minutes
+DEFAULT_BURSTS = 30
 MAX_STREAMS = 64  # bench --streams: live pipelines in one process
 MAX_OUTPUT_BYTES = 1 << 30  # an array written whole (livecam features): 1 GiB
 

@@ -10,10 +10,11 @@ millisecond or two. A host that gives no timing (zeros) leaves only the arrival 
 PulseAudio's capture stamps also wander: their one-second medians sink by up to 10 ms and come
 back over 10-20 s. Against the played sound (`livecam bench --latency`) the truth is the top of
 that wander, so a capture stream's estimate is the longest latency among its last ten
-one-second medians, leaving out a new stream's first two (its start-up backlog). Over 14
-PulseAudio runs that was -5.3 to +1.2 ms off the truth, the running median -9.7 to 0 ms.
-PipeWire's stamps settle over a stream's first 10-15 s, then hold to about 1 ms, so a longer
-window would hold on to settling values: twenty seconds were 5 ms over the truth there.
+one-second medians. PipeWire's stamps over-read by up to 7 ms while a new stream settles, over
+its first 10-15 s, then hold to about 1 ms; so the one-second medians count from 15 s on, and
+until then the estimate is the running median. In seven bench runs on each server that was
+-2.8 to -0.7 ms off the truth through PulseAudio (the 2 s running median: up to 8 ms low) and
+-1.8 to +0.8 ms through PipeWire.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from livecam.constants import SAMPLE_RATE
 WINDOW = 200  # blocks in the running medians: 2 s of 10 ms blocks
 SPAN_BLOCKS = 100  # blocks in one of a capture stream's one-second medians
 SPANS = 10  # one-second medians kept: 10 s, most of a period of PulseAudio's wander
-SETTLE_SPANS = 2  # a new stream's first one-second medians, left out: start-up backlog
+SETTLE_SPANS = 15  # a new stream's first seconds: a start-up backlog, PipeWire settling
 MIN_BLOCKS = 50  # fewer valid blocks than this: no estimate yet
 PLAUSIBLE_S = 0.5  # a host timestamp further off is start-up backlog or garbage
 
