@@ -64,7 +64,7 @@ def test_a_burst_with_no_frames_near_it_is_undetected_not_a_crash():
 
 @pytest.mark.parametrize("playback", [True, False])
 def test_stream_times_follow_the_settled_stamps_not_a_new_streams_wander(playback):
-    # 20 s of 10 ms blocks whose callbacks run 20 ms before their sound plays (or 15 ms after
+    # 20 s of 10 ms blocks whose callbacks run 20 ms before their sound plays (or 20 ms after
     # it was captured), with 2 ms of callback jitter; the reported delay is up to 12 ms off in
     # the first 8 s (PipeWire settling), and an underrun at 13.5 s moves all after it 30 ms
     rng = np.random.default_rng(3)

@@ -120,9 +120,9 @@ def _mic(monkeypatch: pytest.MonkeyPatch) -> MicSource:
     return mic
 
 
-def _feed(mic: MicSource, monkeypatch: pytest.MonkeyPatch, stamps: bool) -> None:
+def _feed(mic: MicSource, monkeypatch: pytest.MonkeyPatch, stamps: bool, blocks=300) -> None:
     rng = np.random.default_rng(3)
-    for _, arrival, delay in _blocks(300, rng):
+    for _, arrival, delay in _blocks(blocks, rng):
         monkeypatch.setattr(sources, "time", types.SimpleNamespace(monotonic=lambda t=arrival: t))
         info = types.SimpleNamespace(currentTime=0.0, inputBufferAdcTime=0.0)
         if stamps:
@@ -137,9 +137,17 @@ def test_microphone_latency_is_measured_from_its_stream(monkeypatch: pytest.Monk
     _feed(mic, monkeypatch, stamps=True)
     latency, basis = mic.measured_latency()
     # the clock's origin is the earliest arrival: 3 ms (+ a little jitter) after the truth
-    assert basis == "timestamps"
+    assert basis == "timestamps, settling"  # 3 s in: the running median, said so
     assert latency == pytest.approx(mic.clock.origin() - 100.0, abs=0.001)
     assert 0.002 < latency < 0.005 and mic.latency_s == latency
+
+
+def test_microphone_latency_is_settled_once_its_seconds_count(monkeypatch: pytest.MonkeyPatch):
+    mic = _mic(monkeypatch)
+    _feed(mic, monkeypatch, stamps=True, blocks=(timing.SETTLE_SPANS + 1) * timing.SPAN_BLOCKS)
+    latency, basis = mic.measured_latency()
+    assert basis == "timestamps"
+    assert latency == pytest.approx(mic.clock.origin() - 100.0, abs=0.001)
 
 
 def test_microphone_without_host_timing_falls_back_to_arrival_jitter(

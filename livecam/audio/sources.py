@@ -150,10 +150,12 @@ class MicSource:
         self._next_retry = 0.0
 
     def measured_latency(self) -> tuple[float, str]:
-        """(seconds, how they were found): "timestamps", "arrival jitter" or "reported"."""
+        """(seconds, how they were found): "timestamps" ("timestamps, settling" in a stream's
+        first SETTLE_SPANS seconds), "arrival jitter" or "reported"."""
         origin = self._timing.origin() if self.clock.started else None
         if origin is not None:
-            return max(0.0, self.clock.origin() - origin), "timestamps"
+            basis = "timestamps, settling" if self._timing.settling else "timestamps"
+            return max(0.0, self.clock.origin() - origin), basis
         jitter = self._timing.jitter()
         if jitter is not None:
             return jitter, "arrival jitter"

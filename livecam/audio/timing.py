@@ -95,6 +95,11 @@ class CaptureTiming(StreamTiming):
             span = itertools.islice(reversed(self._stamped), SPAN_BLOCKS)
             self._spans.append(statistics.median(span))
 
+    @property
+    def settling(self) -> bool:
+        """True until the first span counts: the origin is the running median till then."""
+        return not self._spans
+
     def origin(self) -> float | None:
         running = super().origin()
         if running is None:
