@@ -24,6 +24,10 @@ def test_host_delay_rejects_missing_backwards_and_implausible_stamps():
     assert host_delay(10.0, 10.0) is None
     assert host_delay(10.0, 10.02) is None  # a capture stamp in the future
     assert host_delay(10.0, 10.0 - 2 * timing.PLAUSIBLE_S) is None  # start-up backlog
+    assert host_delay(10.5, 10.0) is None  # half a second is already too far
+    assert host_delay(0.3, 0.0) is None  # one side missing: no timing, however close
+    assert host_delay(0.0, 0.3, playback=True) is None
+    assert host_delay(0.5, 0.49) == pytest.approx(0.01)  # a clock that starts near zero
 
 
 def _blocks(count: int, rng: np.random.Generator, start: float = 100.0):
@@ -88,6 +92,31 @@ def test_a_capture_stream_with_steady_stamps_reads_as_their_median():
     assert len(capture._spans) == timing.SPANS  # bounded: only the last ten seconds
 
 
+def test_a_capture_stream_is_read_at_the_top_of_one_second_of_longer_latency():
+    # the stamps say 6 ms more latency for one second (21-22 s) only: that span's median
+    rng = np.random.default_rng(7)
+    capture = CaptureTiming()
+    for first, arrival, delay in _blocks(2400, rng):
+        capture.on_block(
+            first, BLOCK, arrival, delay + (0.006 if 2100 <= first / BLOCK < 2200 else 0)
+        )
+    assert capture.origin() == pytest.approx(100.0 - 0.006, abs=0.0015)
+    assert not capture.settling
+
+
+def test_a_capture_stream_leaves_out_exactly_its_first_seconds():
+    # the stamps over-read by 5 ms until SETTLE_SPANS seconds in, then are exact
+    rng = np.random.default_rng(8)
+    capture = CaptureTiming()
+    settle = timing.SETTLE_SPANS * timing.SPAN_BLOCKS
+    for first, arrival, delay in _blocks(settle + 5 * timing.SPAN_BLOCKS, rng):
+        capture.on_block(first, BLOCK, arrival, delay + (0.005 if first / BLOCK < settle else 0))
+        if first / BLOCK == settle + timing.SPAN_BLOCKS - 2:
+            assert capture.settling  # no span counts yet
+    assert not capture.settling
+    assert capture.origin() == pytest.approx(100.0, abs=0.001)
+
+
 @pytest.mark.parametrize("seconds", [20, 30])
 def test_a_capture_stream_leaves_out_a_new_streams_settling(seconds: int):
     # PipeWire-like: the stamps over-read by up to 8 ms (at 5 s) while the stream settles,
@@ -111,6 +140,21 @@ def test_without_stamps_only_the_arrival_jitter_is_known():
         stream.on_block(first, BLOCK, arrival, None)
     assert stream.origin() is None
     assert stream.jitter() == pytest.approx(0.003, abs=0.001)  # median of 0-6 ms minus 0
+
+
+def test_arrival_jitter_counts_the_window_only_and_blocks_of_any_size():
+    stream = StreamTiming()
+    end = 0
+    for k in range(MIN_BLOCKS):  # blocks of 10 and 30 ms, each arriving as it ends
+        frames = BLOCK * (1 + 2 * (k % 2))
+        stream.on_block(end, frames, 50.0 + (end + frames) / SAMPLE_RATE, None)
+        end += frames
+    assert stream.jitter() == pytest.approx(0.0, abs=1e-9)  # MIN_BLOCKS are enough
+    early = StreamTiming()
+    early.on_block(0, BLOCK, 50.0 - 0.05, None)  # one block 50 ms early, long ago
+    for k in range(1, timing.WINDOW + 1):
+        early.on_block(k * BLOCK, BLOCK, 50.0 + (k + 1) * BLOCK / SAMPLE_RATE, None)
+    assert early.jitter() == pytest.approx(0.0, abs=1e-9)  # out of the window: forgotten
 
 
 def _mic(monkeypatch: pytest.MonkeyPatch) -> MicSource:
