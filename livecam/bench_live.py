@@ -229,13 +229,14 @@ def _times_of(blocks: list[Block], samples: list[int], latency: float, playback:
     the early samples' own stamps would be that far off; PulseAudio's playback stamps hold
     steady either way. With no host timing: the earliest arrival moved by the latency."""
     delays = [delay for *_, delay in blocks[len(blocks) // 2 :] if delay is not None]
+    settled = float(np.median(delays)) if delays else None
     sign = 1.0 if playback else -1.0
     found = []
     for sample in samples:
         near = [b for b in blocks if abs(b[0] - sample) <= SAMPLE_RATE // 4]
-        if delays:
+        if settled is not None:
             clock = np.median([arrival - first / SAMPLE_RATE for first, _, arrival, _ in near])
-            origin = float(clock) + sign * float(np.median(delays))
+            origin = float(clock) + sign * settled
         else:
             earliest = min(arrival - (first + frames) / SAMPLE_RATE
                            for first, frames, arrival, _ in near)  # fmt: skip
