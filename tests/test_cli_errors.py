@@ -128,3 +128,16 @@ def test_doctor_names_the_fix_for_each_problem():
     if "no v4l2loopback device" in out:  # no camera on this machine: says how to make one
         assert "modprobe v4l2loopback" in out
     assert "livecam models download" in out or "present in" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--random-weights"], "--random-weights and --tiny go with --engine musetalk"),
+        (["--engine", "musetalk", "--tiny"], "--tiny goes with --random-weights"),
+    ],
+)
+def test_serve_random_weights_options_are_checked_before_ray_starts(tmp_path, args, message):
+    result = livecam("serve", "--token-file", str(tmp_path / "token"), *args)
+    assert_clean_failure(result, message)
+    assert not (tmp_path / "token").exists()

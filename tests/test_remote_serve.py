@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import signal
 import socket
 import subprocess
@@ -183,6 +184,48 @@ def test_a_batch_answers_none_for_calls_whose_avatar_is_not_prepared(avatars):
     assert again.stream == 1 and len(again.patches) == 1
 
 
+def test_a_batch_answers_late_for_calls_queued_past_their_clients_wait(avatars):
+    """An overloaded pool does not make what its clients gave up on: a call older than its
+    wait is answered late without faces, the rest of the batch is made, and a call without
+    a wait (an old client) is made however long it queued."""
+    from livecam.remote.generator import RenderRequest
+    from livecam.remote.server import Generator
+
+    generator = Generator.func_or_class("lite", None)
+    made: list[int] = []
+    render = generator.impl.render
+    generator.impl.render = lambda requests: (
+        made.extend(r.stream for r in requests) or render(requests)
+    )
+    sha, blob = wire.avatar_blob(avatars[0])
+
+    async def upload() -> bytes:
+        return blob
+
+    def call(stream: int, queued_s: float, wait_s: float | None, ref: list) -> tuple:
+        request = RenderRequest(stream, sha, (5, 6), ((0.7, 0.1), (0.2, 0.0)), "full", FPS, True,
+                                0, None, time.time() - queued_s, wait_s)  # fmt: skip
+        return request, ref
+
+    # the avatar comes with the first fresh call; the others find it prepared
+    calls = [call(0, 1.5, 1.0, []), call(1, 0.0, 1.0, [upload()]), call(2, 3600.0, None, []),
+             call(3, 0.9, 1.0, [])]  # fmt: skip
+    late, fresh, unlimited, within = asyncio.run(generator._render_batch(calls))
+    assert late.late and late.patches == () and (late.stream, late.frames) == (0, (5, 6))
+    for result in (fresh, unlimited, within):
+        assert not result.late and len(result.patches) == 2
+    assert made == [1, 2, 3]
+    # a batch takes about as long as the last: one that would finish past the wait is late
+    generator.last_call_s = 0.5
+    calls = [call(4, 0.6, 1.0, []), call(5, 0.2, 1.0, [])]
+    assert [r.late for r in asyncio.run(generator._render_batch(calls))] == [True, False]
+    # ... but never a whole batch by that estimate alone: its newest call re-times it
+    generator.last_call_s = 5.0
+    calls = [call(6, 0.5, 1.0, []), call(7, 0.1, 1.0, []), call(8, 0.3, 1.0, [])]
+    assert [r.late for r in asyncio.run(generator._render_batch(calls))] == [True, False, True]
+    assert made[-2:] == [5, 7] and generator.last_call_s < 5.0
+
+
 def test_a_call_by_value_larger_than_grpcs_default_limit_gets_through(server, avatars):
     """Generator calls by value cross the replicas' gRPC channel, 4 MiB by default: a
     musetalk request carries 8.5 s of audio and its reply up to 16 faces, so the limit is
@@ -255,6 +298,17 @@ def test_malformed_and_oversized_messages_get_error_replies(server, avatars, rin
         )
         header, _ = wire.unpack(ws.recv(timeout=10))
         assert header["type"] == "faces" and header["id"] == 7 and header["frames"] == [0, 1]
+        assert header["late"] is False and len(header["patches"]) >= 2
+        ask = {"type": "frames", "avatar": sha, "frames": [2], "tier": "full"}
+        for i, wait in enumerate([True, -5, 0, "100", wire.MAX_WAIT_MS + 1, None]):
+            ws.send(wire.pack({**ask, "id": 20 + i, "wait_ms": wait}))
+            header, _ = wire.unpack(ws.recv(timeout=10))
+            assert header["type"] == "error" and "wait_ms" in header["message"], wait
+        # a microsecond: queued past it before any replica sees it, so answered late, unmade
+        ws.send(wire.pack({**ask, "id": 30, "wait_ms": 0.001}))
+        header, payload = wire.unpack(ws.recv(timeout=10))
+        assert header["type"] == "faces" and header["id"] == 30 and header["late"] is True
+        assert header["patches"] == [] and payload == b""
 
 
 def test_a_dropped_connection_gives_local_frames_then_reconnects(server, avatars, ring):
@@ -275,6 +329,39 @@ def test_a_dropped_connection_gives_local_frames_then_reconnects(server, avatars
         before = engine.link.stats.remote_frames
         engine.generate(ring, [40, 41])
         assert engine.link.stats.remote_frames == before + 2
+    finally:
+        engine.close()
+
+
+def test_a_call_answered_late_or_not_at_all_gives_local_frames_and_costs_its_wait(
+    server, avatars, ring
+):
+    """The stream's scheduler must see an overloaded server: a call it gave up on, or that
+    the server answered late (queued past the wait), costs the whole wait, not the local
+    frames made instead (those are cheap, and a stream counting only them would go on
+    asking at full rate)."""
+    engine = open_remote(server, TOKEN, avatars[2], LiteEngine(avatars[2], FPS), remote_only=True)
+    try:
+        engine.generate(ring, [0])
+        local = LiteEngine(avatars[2], FPS)
+        engine.link.reply_timeout_s = 1e-6  # the request asks the server for a microsecond
+        before = time.perf_counter()
+        call = engine.submit(ring, [1, 2])
+        engine.link.reply_timeout_s = 10.0  # ... and the client waits for the late answer
+        time.sleep(0.1)  # (the late answer is here by now: 0.1 s is the least it waited)
+        while (faces := call.wait(1.0)) is None:
+            pass
+        assert engine.link.stats.late == 1 and engine.link.stats.local_frames == 2
+        assert all(np.array_equal(a, b) for a, b in zip(faces, local.generate(ring, [1, 2]),
+                                                        strict=True))  # fmt: skip
+        assert time.perf_counter() - before >= call.busy_s >= 0.1
+        engine.link.reply_timeout_s = 0.2
+        engine.link._conn.send_request = lambda *args: None  # lost: it is never answered
+        call = engine.submit(ring, [3])
+        while call.wait(1.0) is None:
+            pass
+        assert engine.link.stats.timeouts == 1 and engine.link.stats.local_frames == 3
+        assert call.busy_s >= 0.2
     finally:
         engine.close()
 
@@ -530,6 +617,42 @@ def test_livecam_serve_prints_its_url_and_stops_on_sigint(tmp_path):
             proc.wait()
 
 
+def test_serve_on_random_musetalk_weights_feeds_a_live_stream(tmp_path):
+    """What the GPU run (tools/gpu/serve.sh) does: `livecam serve --random-weights` (toy
+    size here) and a live stream through `livecam bench --remote`, its faces from the pool."""
+    token_file, port = tmp_path / "token", free_port()
+    serve_cmd = ["serve", "--engine", "musetalk", "--random-weights", "--tiny",
+                 "--token-file", str(token_file), "--port", str(port)]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "livecam", *serve_cmd],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if f"ws://127.0.0.1:{port}" in line:
+                break
+        assert "musetalk (tiny-size random weights)" in "".join(lines), "".join(lines)
+        bench = subprocess.run(
+            [sys.executable, "-m", "livecam", "bench", "--remote", f"ws://127.0.0.1:{port}",
+             "--token-file", str(token_file), "--streams", "1", "--soak", "10", "--fps", "25",
+             "--size", "640x360", "--json"],
+            cwd=REPO, capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        assert bench.returncode == 0, bench.stderr[-2000:]
+        (row,) = json.loads(bench.stdout)["per_stream"]
+        assert row["remote_frames"] >= 10 and row["shown_fps"] >= 22, row
+        assert row["local_frames"] <= row["remote_frames"], row
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def test_render_remote_writes_the_same_frames_as_local(server, tmp_path):
     from typer.testing import CliRunner
 
@@ -613,8 +736,6 @@ def test_musetalk_clients_get_their_own_avatars_faces(musetalk_server, avatars, 
 
 
 def test_bench_streams_remote_reports_each_stream_and_the_server_batches(server, tmp_path):
-    import json
-
     from typer.testing import CliRunner
 
     from livecam.cli import app
@@ -630,6 +751,7 @@ def test_bench_streams_remote_reports_each_stream_and_the_server_batches(server,
     for row in report["per_stream"]:
         assert row["remote_frames"] > 0 and row["rtt_ms"]["p95"] is not None
         assert row["latency_ms"]["p95"] >= row["latency_ms"]["p50"] > 0
+        assert row["timeouts"] >= 0 and row["late_replies"] >= 0
     assert sum(report["server_batch_streams"].values()) > 0
     assert report["generated_fps_total"] > 0
 

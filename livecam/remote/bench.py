@@ -86,4 +86,6 @@ def _stream_row(pipeline: Pipeline, elapsed: float) -> dict:
         }
         row["local_frames"] = link.stats.local_frames
         row["remote_frames"] = link.stats.remote_frames
+        # requests not answered in time: by the client's wait, or the server's (queued)
+        row["timeouts"], row["late_replies"] = link.stats.timeouts, link.stats.late
     return row

@@ -27,6 +27,13 @@ def serve_command(
     address: Annotated[
         str | None, typer.Option(help="Join this Ray cluster (default: start a local one).")
     ] = None,
+    random_weights: Annotated[
+        bool,
+        typer.Option(help="With --engine musetalk: full-size random weights (benchmarks)."),
+    ] = False,
+    tiny: Annotated[
+        bool, typer.Option(help="With --random-weights: toy-size models (a dry run).")
+    ] = False,
 ) -> None:
     """Generate faces for remote `livecam start --remote` clients on a Ray Serve pool."""
     from livecam.terminal import console, run_action
@@ -38,9 +45,14 @@ def serve_command(
             raise EngineError("livecam serve needs Ray Serve: pip install 'livecam[serve]'")
         if engine == "musetalk" and importlib.util.find_spec("torch") is None:
             raise EngineError("--engine musetalk needs: pip install 'livecam[serve,musetalk]'")
+        if (random_weights or tiny) and engine != "musetalk":
+            raise EngineError("--random-weights and --tiny go with --engine musetalk")
+        if tiny and not random_weights:
+            raise EngineError("--tiny goes with --random-weights")
         from livecam.remote.server import ServeOptions, run_server
 
-        opts = ServeOptions(token_file, engine, replicas, host, port, models_dir, address)
+        size = ("tiny" if tiny else "full") if random_weights else None
+        opts = ServeOptions(token_file, engine, replicas, host, port, models_dir, address, size)
         return run_server(opts, say=console.print)
 
     run_action(action)

@@ -91,6 +91,7 @@ class LinkStats:
     remote_frames: int = 0
     local_frames: int = 0
     timeouts: int = 0
+    late: int = 0  # requests the server answered without faces: they queued past the wait
     reconnects: int = 0
     second_first: int = 0  # replies that came first on the second connection
 
@@ -162,7 +163,14 @@ class _Connection:
         self.avatars.add(sha)
 
     def send_request(
-        self, ring: AudioRing, upto: int, sha: str, frames: list[int], tier: str, request_id: int
+        self,
+        ring: AudioRing,
+        upto: int,
+        sha: str,
+        frames: list[int],
+        tier: str,
+        request_id: int,
+        wait_s: float,
     ) -> None:
         """Ask for faces, with the audio up to `upto` the server has not had yet (the last
         piece rides in the request: one message per call in the common case). Replies come
@@ -177,7 +185,7 @@ class _Connection:
         audio = ring.read(start, upto).tobytes() if start < upto else b""
         self.sent = max(self.sent or 0, upto)
         header = {"type": "frames", "id": request_id, "avatar": sha, "frames": frames,
-                  "tier": tier, "audio_start": start}  # fmt: skip
+                  "tier": tier, "audio_start": start, "wait_ms": wait_s * 1e3}  # fmt: skip
         self.ws.send(wire.pack(header, audio))
 
     def reply(
@@ -370,7 +378,7 @@ class Link:
             request_id = next(self._ids)
             try:
                 conn.ensure_avatar(sha, blob)
-                conn.send_request(ring, upto, sha, frames, tier, request_id)
+                conn.send_request(ring, upto, sha, frames, tier, request_id, self.reply_timeout_s)
             except (TimeoutError, IndexError):  # a late avatar answer; audio overwritten
                 self.stats.timeouts += 1
                 return None
@@ -382,7 +390,8 @@ class Link:
             if second is not None:
                 try:
                     second.ensure_avatar(sha, blob)
-                    second.send_request(ring, upto, sha, frames, tier, request_id)
+                    second.send_request(ring, upto, sha, frames, tier, request_id,
+                                        self.reply_timeout_s)  # fmt: skip
                     conns = (conn, second)
                 except (OSError, TimeoutError, IndexError, ConnectionClosed, RemoteError,
                         wire.ProtocolError) as exc:  # fmt: skip
@@ -401,6 +410,9 @@ class Link:
             left = pending.sent + self.reply_timeout_s - time.perf_counter()
             try:
                 header, payload = self._first_reply(pending, max(min(timeout, left), 0.0))
+                if header.get("late") is True:  # the server had too much to make it in time
+                    self.stats.late += 1
+                    return True, None
                 patches = _decode(header, payload, len(pending.frames), shape)
             except TimeoutError:
                 if left > timeout:
@@ -469,12 +481,13 @@ class Link:
             return f"{self.url} · reconnecting · {s.local_frames} local frames"
         rtt = np.percentile(list(s.rtt_s), [50, 95]) * 1e3 if s.rtt_s else (0.0, 0.0)
         batch = s.batch_streams.most_common(1)[0][0] if s.batch_streams else 0
+        late = f" ({s.timeouts + s.late} replies too late)" * bool(s.timeouts + s.late)
         second = f" · two connections, {s.second_first} replies first on the second" * bool(
             self._second
         )
         return (
             f"{self.url} · rtt {rtt[0]:.0f}/{rtt[1]:.0f} ms p50/p95 · remote queue "
-            f"{s.queue} · batches of {batch} streams · {s.local_frames} local frames{second}"
+            f"{s.queue} · batches of {batch} streams · {s.local_frames} local frames{late}{second}"
         )
 
     def close(self) -> None:
@@ -609,6 +622,8 @@ class RemoteCall:
                 return None
         t0 = time.perf_counter()  # (the wait for the reply is not this machine's work)
         if patches is None:
+            if self.pending is not None:  # unanswered: the server had it all this while
+                self.busy_s += t0 - self.pending.sent  # (an overloaded one: the stream backs off)
             faces = self.engine.local_faces(self.ring, self.frames)
         else:
             link.stats.remote_frames += len(self.frames)

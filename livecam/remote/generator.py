@@ -35,6 +35,13 @@ class RenderRequest:
     idle: bool
     audio_start: int = 0  # musetalk: the window its features are encoded from
     audio: np.ndarray | None = None
+    asked_at: float = 0.0  # wall clock at the ingress (replicas may run on other hosts)
+    wait_s: float | None = None  # how long its client waits for the faces; None: no limit
+
+    def stale(self, now: float, making_s: float = 0.0) -> bool:
+        """Its faces, made in `making_s` from `now`, would come after its client's wait (it
+        queued too long): the client shows its own frames by then."""
+        return self.wait_s is not None and now + making_s - self.asked_at > self.wait_s
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ class RenderResult:
     batch_streams: int  # requests merged into the call that made these
     batch_frames: int
     seconds: float  # the merged call's time
+    late: bool = False  # not generated: it queued past its client's wait
 
 
 class MissingAvatar(KeyError):

@@ -23,7 +23,7 @@ from livecam.engines.musetalk.blend import faces_to_host
 from livecam.engines.musetalk.engine import BATCH_SIZES, MuseTalkEngine, MuseTalkOptions
 from livecam.engines.musetalk.forward import FastPaths, Forward
 from livecam.engines.musetalk.manifest import default_models_dir
-from livecam.engines.musetalk.models import load_models
+from livecam.engines.musetalk.models import load_models, random_models
 from livecam.features.voice import VoiceGate
 from livecam.features.whisper import StreamingFeatures
 from livecam.remote.generator import EngineInfo, PreparedEngines, RenderRequest, RenderResult
@@ -33,8 +33,14 @@ FORWARD_SIZES = (1, 2, 4, 8, 16, 32)  # merged batches are padded to these shape
 
 
 class MuseTalkGenerator:
-    def __init__(self, models_dir: Path | None, device: str | None = None) -> None:
-        self.models = load_models(models_dir or default_models_dir(), device)
+    def __init__(
+        self, models_dir: Path | None, device: str | None = None, random_weights: str | None = None
+    ) -> None:
+        if random_weights:  # "full" | "tiny"; a whisper in an explicit models_dir is used
+            tiny = random_weights == "tiny"
+            self.models = random_models(device, tiny=tiny, whisper_dir=models_dir)
+        else:
+            self.models = load_models(models_dir or default_models_dir(), device)
         # the host blend: only the face box leaves the replica, composed on the CPU
         paths = replace(FastPaths.configured(), gpu_blend=False, pinned=False)
         self.forward = Forward(self.models, paths)

@@ -9,14 +9,17 @@ client -> server                               server -> client
           key}]}
   avatar {sha256} [+ npz payload]                avatar {sha256, known}
   audio  {start} + float32 LE samples            faces  {id, stream, avatar, frames, patches,
-  frames {id, avatar, frames, tier,                      encoding, ...} + patch bytes
-          audio_start} [+ float32 samples]
+  frames {id, avatar, frames, tier,                      encoding, late, ...} + patch bytes
+          audio_start, [wait_ms]}
+          [+ float32 samples]
                                                  error  {code, message}
 
 The hello must come first and carry the token; nothing else is read before it is accepted.
 A hello with "join" (the stream and the key its ready message gave) opens a second
 connection of that stream: a client over a lossy network sends each request on both (same
 id) and the server generates it once, answering on both.
+A request's "wait_ms" is how long its client waits for the faces: one that queued longer
+(an overloaded pool) is answered "late" with no faces, not made, so the queue drains.
 Audio carries its absolute sample index; faces are keyed by the request id, the stream id
 and the frame indices, so a reply can never be taken for another stream's or request's.
 Faces travel as the image regions the engine changes (the client holds the avatar and pastes
@@ -53,6 +56,7 @@ MAX_AUDIO_SAMPLES = 2 * SAMPLE_RATE  # per audio message
 MAX_FRAMES = 16  # per frames request
 MAX_AVATAR_BYTES = 12 * 1024 * 1024  # under the Serve proxy's 16 MiB WebSocket message limit
 MAX_MESSAGE = MAX_AVATAR_BYTES + MAX_HEADER + 4
+MAX_WAIT_MS = 3_600_000  # a request's "wait_ms": up to an hour (an offline render waits)
 MAX_FRAME_INDEX = 1 << 40  # ~1000 years at 30 fps: anything above is malformed
 ENCODINGS = ("raw", "jpeg")
 AUTO = "auto"  # a hello's encoding: raw on the server's own machine, else JPEG
@@ -107,6 +111,20 @@ def field(header: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> A
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ProtocolError(f'"{name}" is missing or not {getattr(kind, "__name__", kind)}')
     return value
+
+
+def wait_seconds(header: dict[str, Any]) -> float | None:
+    """A request's optional "wait_ms": how long its client waits for the faces."""
+    if "wait_ms" not in header:
+        return None
+    value = header["wait_ms"]
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not 0 < value <= MAX_WAIT_MS
+    ):
+        raise ProtocolError(f'"wait_ms" must be a number of milliseconds, 0 to {MAX_WAIT_MS}')
+    return value / 1e3
 
 
 def frame_list(header: dict[str, Any]) -> list[int]:

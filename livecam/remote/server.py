@@ -111,13 +111,16 @@ class Stream:
     logging_config=QUIET,
 )
 class Generator:
-    def __init__(self, engine: str, models_dir: Path | None) -> None:
+    def __init__(
+        self, engine: str, models_dir: Path | None, random_weights: str | None = None
+    ) -> None:
         if engine == "musetalk":
             from livecam.remote.musetalk_generator import MuseTalkGenerator
 
-            self.impl: Any = MuseTalkGenerator(models_dir)
+            self.impl: Any = MuseTalkGenerator(models_dir, random_weights=random_weights)
         else:
             self.impl = LiteGenerator()
+        self.last_call_s = 0.0  # the last batch's time: about what the next one takes
 
     def describe(self, fps: float) -> tuple[EngineInfo, dict]:
         """The engine's tiers, batch sizes, response and look-ahead table at this frame rate."""
@@ -131,14 +134,31 @@ class Generator:
         self, calls: list[tuple[RenderRequest, list]]
     ) -> list[RenderResult | None]:
         """Each call's faces; None for a call whose avatar is not prepared here and that
-        came without it (the ingress sends it again with the avatar's ObjectRef)."""
-        for request, ref in calls:
+        came without it (the ingress sends it again with the avatar's ObjectRef). Calls that
+        would come after their client's wait (they queued too long) are answered late, not
+        made: an overloaded pool works on what can still be shown, and its queue drains."""
+        now = time.time()
+        late = {id(request) for request, _ in calls if request.stale(now, self.last_call_s)}
+        if len(late) == len(calls):  # by the estimate alone: keep the newest, which re-times it
+            alive = [request for request, _ in calls if not request.stale(now)]
+            if alive:
+                late.discard(id(max(alive, key=lambda request: request.asked_at)))
+        fresh = [(request, ref) for request, ref in calls if id(request) not in late]
+        for request, ref in fresh:
             if not self.impl.has(request) and ref:  # ref: [ObjectRef] of the uploaded npz
                 data = await ref[0]
                 self.impl.prepare(request, wire.avatar_from_blob(data, request.avatar))
         # (checked after all are prepared: preparing one may have dropped another)
-        ready = [request for request, _ in calls if self.impl.has(request)]
-        results = dict(zip(map(id, ready), self.impl.render(ready) if ready else (), strict=True))
+        ready = [request for request, _ in fresh if self.impl.has(request)]
+        results: dict[int, RenderResult] = {}
+        if ready:
+            t0 = time.perf_counter()
+            results = dict(zip(map(id, ready), self.impl.render(ready), strict=True))
+            self.last_call_s = time.perf_counter() - t0
+        for request, _ in calls:
+            if id(request) in late:
+                results[id(request)] = RenderResult(request.stream, request.frames, (), 0, 0, 0.0,
+                                                    late=True)  # fmt: skip
         return [results.get(id(request)) for request, _ in calls]
 
 
@@ -296,7 +316,8 @@ class Ingress:
             conditions = tuple(state.conditions(frames))
             start, audio = state.window(frames)
             request = RenderRequest(state.stream, avatar, tuple(frames), conditions, tier,
-                                    state.fps, state.idle, start, audio)  # fmt: skip
+                                    state.fps, state.idle, start, audio, time.time(),
+                                    wire.wait_seconds(header))  # fmt: skip
             call = asyncio.ensure_future(self._generate(request, self.avatars[avatar]))
             stream.calls[request_id] = (key, call)
             while len(stream.calls) > KEPT_CALLS:
@@ -316,6 +337,7 @@ class Ingress:
             "batch_streams": result.batch_streams,
             "batch_frames": result.batch_frames,
             "generate_ms": result.seconds * 1e3,
+            "late": result.late,  # no faces: it queued past the client's wait
         }
         index, blobs = [], []
         for i, patches in enumerate(result.patches):
@@ -360,6 +382,7 @@ class ServeOptions:
     port: int = 8765
     models_dir: Path | None = None
     address: str | None = None
+    random_weights: str | None = None  # "full" | "tiny": musetalk benchmarks, no weight files
 
 
 def check_engine(engine: str) -> None:
@@ -369,7 +392,13 @@ def check_engine(engine: str) -> None:
         )
 
 
-def build_app(engine: str, replicas: int, token: str, models_dir: Path | None = None) -> Any:
+def build_app(
+    engine: str,
+    replicas: int,
+    token: str,
+    models_dir: Path | None = None,
+    random_weights: str | None = None,
+) -> Any:
     """The Serve application: ingress bound to a generator pool of `replicas`."""
     check_engine(engine)
     resources = ray.cluster_resources()
@@ -380,7 +409,8 @@ def build_app(engine: str, replicas: int, token: str, models_dir: Path | None = 
     actor["runtime_env"] = {"env_vars": GRPC_ENV}
     generator = Generator.options(num_replicas=replicas, ray_actor_options=actor)
     return Ingress.bind(
-        generator.bind(engine, models_dir), hashlib.sha256(token.encode()).hexdigest()
+        generator.bind(engine, models_dir, random_weights),
+        hashlib.sha256(token.encode()).hexdigest(),
     )
 
 
@@ -393,13 +423,15 @@ def start_app(
     models_dir: Path | None = None,
     name: str = APP_NAME,
     route: str = "/",
+    random_weights: str | None = None,
 ) -> str:
     """Deploy on the connected Ray cluster; returns the stream URL."""
     serve.start(
         http_options={"host": host, "port": port},
         logging_config=QUIET,
     )
-    serve.run(build_app(engine, replicas, token, models_dir), name=name, route_prefix=route)
+    app = build_app(engine, replicas, token, models_dir, random_weights)
+    serve.run(app, name=name, route_prefix=route)
     shown = f"[{host}]" if ":" in host else host
     return f"ws://{shown}:{port}{route.rstrip('/')}"
 
@@ -419,9 +451,11 @@ def run_server(opts: ServeOptions, say: Any = print) -> int:
     # after ray.init, which installs its own SIGTERM handler
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        url = start_app(opts.engine, opts.replicas, token, opts.host, opts.port, opts.models_dir)
+        url = start_app(opts.engine, opts.replicas, token, opts.host, opts.port, opts.models_dir,
+                        random_weights=opts.random_weights)  # fmt: skip
+        weights = f" ({opts.random_weights}-size random weights)" if opts.random_weights else ""
         say(
-            f"livecam serve: {opts.engine} x{opts.replicas} at {url} "
+            f"livecam serve: {opts.engine}{weights} x{opts.replicas} at {url} "
             f"(clients: livecam start --remote {url} --token-file FILE)"
         )
         while not stop.wait(0.5):  # signal handlers run between waits
