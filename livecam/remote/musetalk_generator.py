@@ -25,7 +25,7 @@ from livecam.engines.musetalk.forward import FastPaths, Forward
 from livecam.engines.musetalk.manifest import default_models_dir
 from livecam.engines.musetalk.models import load_models, random_models
 from livecam.features.voice import VoiceGate
-from livecam.features.whisper import StreamingFeatures
+from livecam.features.whisper import WINDOW_STEPS, StreamingFeatures
 from livecam.remote.generator import EngineInfo, PreparedEngines, RenderRequest, RenderResult
 
 PREPARED_AVATARS = 16  # per replica: latents, mask and a lite renderer each
@@ -48,6 +48,21 @@ class MuseTalkGenerator:
         tiers = ("full", "tiny") if self.models.taesd is not None else ("full",)
         self.info = EngineInfo("musetalk", tiers, BATCH_SIZES, MuseTalkEngine.response_s)
         self._engines: PreparedEngines[MuseTalkEngine] = PreparedEngines(PREPARED_AVATARS)
+        if self.models.device.type == "cuda":
+            self.warm_up()
+
+    def warm_up(self) -> None:
+        """Runs (on CUDA: captures) every merged batch shape of every tier before the first
+        stream comes, so no stream's call waits for a capture."""
+        m = self.models
+        for tier in self.info.tiers:
+            for size in FORWARD_SIZES:
+                latents = torch.zeros((size, 8, 32, 32), dtype=m.dtype, device=m.device)
+                cond = torch.zeros((size, WINDOW_STEPS * 5, m.whisper.dim), dtype=m.dtype,
+                                   device=m.device)  # fmt: skip
+                self.forward(latents, cond, tier)
+        if m.device.type == "cuda":
+            torch.cuda.synchronize(m.device)
 
     def samples_needed(self, fps: float) -> Callable[[int], int]:
         features = StreamingFeatures(self.models.whisper, fps, context_s=self.options.context_s)
