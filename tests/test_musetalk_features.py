@@ -22,6 +22,7 @@ from livecam.features.whisper import (
     OfflineFeatures,
     StreamingFeatures,
     WhisperAudio,
+    features_together,
     frame_steps,
     offline_features,
     offline_steps,
@@ -339,7 +340,7 @@ def test_the_loudness_peak_counts_only_mel_frames_centred_on_heard_audio(tiny: P
         stream.features(_ring_until(heard, len(heard)), [frame])
         window = heard[segment_start:]
         with_the_centred_frame = float(whisper.log_mel(window, 8 * 16_000).max())
-        assert math.log10(1e-10) < stream._peak[1] < with_the_centred_frame, frame
+        assert math.log10(1e-10) < stream._peak_heard[1] < with_the_centred_frame, frame
 
 
 def test_no_audio_gives_no_steps_and_no_frames(tiny: Path) -> None:
@@ -359,3 +360,30 @@ def test_streaming_features_are_the_streams_a_batch_a_call(tiny: Path) -> None:
         frames = list(range(first, first + 4))
         ring = _ring_until(audio, stream.samples_needed(frames[-1]))  # what has arrived
         assert np.array_equal(got[first : first + 4], stream.features(ring, frames).numpy())
+
+
+def test_streams_encoded_together_get_what_each_gets_alone(tiny: Path) -> None:
+    """A pool's merged call encodes every stream's windows in one batch: each stream's
+    features are what its own source gives, wherever it stands (its start, deep in a 30 s
+    segment, across a segment edge: two windows, the second clamped by the first's peak),
+    and the sources' caches and peaks end up the same."""
+    whisper = whisper_from_dir(tiny, "cpu")
+    jfk = read_audio(JFK)
+    audio = np.concatenate([jfk] * 4)  # 44 s: past the first 30 s segment
+    ring = AudioRing(len(audio))
+    ring.write(audio)
+    asks = [[0, 1, 2], [100, 101, 102, 103], [745, 746, 747, 748, 749, 750, 751, 752], [400]]
+    alone, together = [], []
+    for frames in asks:
+        source = StreamingFeatures(whisper, 25.0)
+        alone.append((source, source.features(ring, frames)))
+    jobs = [(StreamingFeatures(whisper, 25.0), ring, frames) for frames in asks]
+    together = features_together(jobs)
+    assert [s.encoder_runs for s, _, _ in jobs] == [s.encoder_runs for s, _ in alone] == [
+        1, 1, 2, 1
+    ]  # fmt: skip
+    for (source, mine), (joined, _, _), theirs in zip(alone, jobs, together, strict=True):
+        assert theirs.shape == mine.shape
+        assert torch.allclose(theirs, mine, atol=1e-5, rtol=1e-4)
+        assert joined._peak_heard == source._peak_heard
+        assert (joined._lo, joined._hi) == (source._lo, source._hi)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -57,16 +58,24 @@ def frame_steps(frame: int, fps: float) -> tuple[int, int]:
 
 
 @torch.inference_mode()
-def encoder_states(encoder: torch.nn.Module, mel: torch.Tensor, position: int = 0) -> torch.Tensor:
+def encoder_states(
+    encoder: torch.nn.Module, mel: torch.Tensor, position: int | Sequence[int] = 0
+) -> torch.Tensor:
     """(B, 80, N) log-mel -> (B, N // 2, 5, D): the 5 hidden states of a WhisperEncoder.
 
     Same arithmetic as the encoder's own forward with output_hidden_states, but any even N
     up to 3000 is accepted: the positional embedding is sliced from `position` (the
-    window's step offset inside its 30 s segment), for the streaming window.
+    window's step offset inside its 30 s segment; one per row for a batch of windows), for
+    the streaming window.
     """
     x = torch.nn.functional.gelu(encoder.conv1(mel))
     x = torch.nn.functional.gelu(encoder.conv2(x)).permute(0, 2, 1)  # (B, N/2, D)
-    x = x + encoder.embed_positions.weight[position : position + x.shape[1]]
+    table = encoder.embed_positions.weight
+    if isinstance(position, int):
+        x = x + table[position : position + x.shape[1]]
+    else:
+        steps = torch.arange(x.shape[1], device=table.device)
+        x = x + table[torch.as_tensor(position, device=table.device)[:, None] + steps]
     states = [x]
     for layer in encoder.layers:
         out = layer(x, None)
@@ -98,20 +107,37 @@ class WhisperAudio:
     def log_mel(self, audio: np.ndarray, length: int) -> torch.Tensor:
         """(80, length / 160) log10 mel power of audio zero-padded to length, on the CPU in
         float32, before whisper's normalisation (which `steps_from_mel` applies)."""
-        ex = self.extractor
-        wave = torch.zeros(length)
-        wave[: len(audio)] = torch.as_tensor(audio[:length])  # cast to float32 as it is copied
-        stft = torch.stft(wave, ex.n_fft, ex.hop_length, window=torch.hann_window(ex.n_fft),
-                          return_complex=True)  # fmt: skip
+        return self.log_mels([audio], length, torch.device("cpu"))[0]
+
+    def log_mels(
+        self, audios: Sequence[np.ndarray], length: int, device: torch.device | None = None
+    ) -> torch.Tensor:
+        """(B, 80, length / 160): `log_mel` of several clips at once, in float32 on `device`
+        (default: the encoder's; a pool's merged call makes them all on its GPU)."""
+        ex, device = self.extractor, device or self.device
+        waves = np.zeros((len(audios), length), np.float32)
+        for row, audio in enumerate(audios):
+            clip = np.asarray(audio[:length])
+            waves[row, : len(clip)] = clip  # cast to float32 as it is copied
+        window = torch.hann_window(ex.n_fft, device=device)
+        stft = torch.stft(torch.from_numpy(waves).to(device), ex.n_fft, ex.hop_length,
+                          window=window, return_complex=True)  # fmt: skip
         power = (stft[..., :-1].abs() ** 2).contiguous()
-        mel = torch.from_numpy(ex.mel_filters).float().T @ power
-        return torch.clamp(mel, min=1e-10).log10()
+        filters = torch.from_numpy(ex.mel_filters).float().T.to(device)
+        return torch.clamp(filters @ power, min=1e-10).log10()
 
     def steps_from_mel(self, log_mel: torch.Tensor, peak: float, position: int) -> torch.Tensor:
         """(N / 2, 5, D) float32 steps of a log_mel whose clamp uses `peak` as its maximum."""
-        norm = (torch.maximum(log_mel, torch.tensor(peak - 8.0)) + 4.0) / 4.0
-        mel_t = norm[None].to(self.device, self.dtype)
-        return encoder_states(self.encoder, mel_t, position)[0].float()
+        return self.steps_from_mels(log_mel[None], [peak], [position])[0]
+
+    def steps_from_mels(
+        self, log_mels: torch.Tensor, peaks: Sequence[float], positions: Sequence[int]
+    ) -> torch.Tensor:
+        """(B, N / 2, 5, D) float32: `steps_from_mel` of a batch of windows in one run."""
+        floors = torch.tensor([peak - 8.0 for peak in peaks], device=log_mels.device)
+        norm = (torch.maximum(log_mels, floors[:, None, None]) + 4.0) / 4.0
+        mel_t = norm.to(self.device, self.dtype)
+        return encoder_states(self.encoder, mel_t, list(positions)).float()
 
 
 def offline_steps(whisper: WhisperAudio, audio: np.ndarray) -> torch.Tensor:
@@ -168,55 +194,121 @@ class StreamingFeatures:
         self.lookahead = round(lookahead_s * STEPS_PER_SECOND)  # heard past a frame: latency
         self._cache = torch.zeros((self.capacity, N_STATES, whisper.dim), device=whisper.device)
         self._lo = self._hi = 0  # cached absolute steps [lo, hi)
-        self._peak = (-1, -math.inf)  # (segment, loudest log-mel value heard in it so far)
+        self._peak_heard = (-1, -math.inf)  # (segment, loudest log-mel value in it so far)
         self.encoder_runs = 0
 
     def samples_needed(self, frame: int) -> int:
         return (frame_steps(frame, self.fps)[1] + self.lookahead) * STEP_SAMPLES
 
-    def _run_window(self, ring: AudioRing, end: int, write_from: int) -> None:
-        """Encode a window ending at step `end` (zeros after it near a segment start)."""
+    def _window(self, ring: AudioRing, end: int, write_from: int) -> _Window:
+        """The audio of a window ending at step `end` (zeros after it near a segment start)."""
         segment = (end - 1) // SEGMENT_STEPS * SEGMENT_STEPS
         start = max(segment, end - self.window)
         a = max(start * STEP_SAMPLES, ring.start)  # overwritten audio reads as silence
         audio = np.zeros((end - start) * STEP_SAMPLES, dtype=np.float32)
         if a < end * STEP_SAMPLES:
             audio[a - start * STEP_SAMPLES :] = ring.read(a, end * STEP_SAMPLES)
-        # the window's length: a window never reaches past the end of its segment
-        log_mel = self.whisper.log_mel(audio, self.window * STEP_SAMPLES)
-        peak = float(log_mel[:, : 2 * (end - start)].max())
-        if self._peak[0] == segment:  # whisper clamps at the segment's max - 8; a running max
-            peak = max(peak, self._peak[1])  # is the closest a stream knows
-        self._peak = (segment, peak)
-        steps = self.whisper.steps_from_mel(log_mel, peak, start - segment)
-        self.encoder_runs += 1
-        contiguous = self._lo <= write_from <= self._hi
-        idx = torch.arange(write_from, end, device=self._cache.device)
-        self._cache[idx % self.capacity] = steps[write_from - start : end - start]
-        self._lo = self._lo if contiguous else write_from
-        self._hi = end
-        self._lo = max(self._lo, end - self.capacity)
+        return _Window(audio, segment, start, end, write_from)
 
-    def update(self, ring: AudioRing, lo: int, hi: int) -> None:
-        """Make steps [lo, hi) available (negative steps are padding, never computed)."""
+    def _peak(self, window: _Window, heard: float) -> float:
+        """The clamp's maximum: whisper's is the segment's max (- 8); the closest a stream
+        knows is the loudest it heard in the segment so far (`heard`: in this window)."""
+        peak = heard
+        if self._peak_heard[0] == window.segment:
+            peak = max(peak, self._peak_heard[1])
+        self._peak_heard = (window.segment, peak)
+        return peak
+
+    def _store(self, window: _Window, steps: torch.Tensor) -> None:
+        """Cache the window's steps from its `write_from` on."""
+        self.encoder_runs += 1
+        contiguous = self._lo <= window.write_from <= self._hi
+        idx = torch.arange(window.write_from, window.end, device=self._cache.device)
+        first = window.write_from - window.start
+        self._cache[idx % self.capacity] = steps[first : window.end - window.start]
+        self._lo = self._lo if contiguous else window.write_from
+        self._hi = window.end
+        self._lo = max(self._lo, window.end - self.capacity)
+
+    def _runs(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """(end, write_from) of the windows that make steps [lo, hi) available (negative
+        steps are padding, never computed): one, unless they span a segment edge or a long
+        stretch."""
         lo = max(lo, 0)
         if hi <= 0 or (self._lo <= lo and hi <= self._hi):
-            return
+            return []
         if hi < self._hi:  # went back in time: forget the cache
             self._lo = self._hi = 0
-        span = self.window - self.min_left
-        while lo < hi:  # one run, unless the steps span a segment edge or a long stretch
+        span, runs = self.window - self.min_left, []
+        while lo < hi:
             end = min(hi, (lo // SEGMENT_STEPS + 1) * SEGMENT_STEPS, lo + span)
-            self._run_window(ring, end, lo)
+            runs.append((end, lo))
             lo = end
+        return runs
 
-    def features(self, ring: AudioRing, frames: Sequence[int]) -> torch.Tensor:
-        """(n, 50, D) features for increasing frames."""
+    def _wanted(self, frames: Sequence[int]) -> tuple[int, int]:
+        lo, hi = frame_steps(frames[0], self.fps)[0], frame_steps(frames[-1], self.fps)[1]
+        return lo, hi + self.lookahead
+
+    def _gather(self, frames: Sequence[int]) -> torch.Tensor:
         want_lo, want_hi = frame_steps(frames[0], self.fps)[0], frame_steps(frames[-1], self.fps)[1]
-        self.update(ring, want_lo, want_hi + self.lookahead)
         lo, hi = max(self._lo, want_lo, 0), min(self._hi, want_hi)  # gather only these steps
         idx = torch.arange(lo, max(lo, hi), device=self._cache.device) % self.capacity
         return frames_from_steps(self._cache[idx], frames, self.fps, first_step=lo)
+
+    def update(self, ring: AudioRing, lo: int, hi: int) -> None:
+        """Make steps [lo, hi) available."""
+        _encode([(self, self._window(ring, end, start)) for end, start in self._runs(lo, hi)])
+
+    def features(self, ring: AudioRing, frames: Sequence[int]) -> torch.Tensor:
+        """(n, 50, D) features for increasing frames."""
+        return features_together([(self, ring, frames)])[0]
+
+
+@dataclass(frozen=True)
+class _Window:
+    audio: np.ndarray  # (end - start) steps of audio
+    segment: int  # the 30 s segment's first step
+    start: int  # absolute steps [start, end)
+    end: int
+    write_from: int  # the steps it caches: [write_from, end)
+
+
+def _encode(windows: Sequence[tuple[StreamingFeatures, _Window]]) -> None:
+    """Encode windows of one or more streams, of one window length, in one batch; each
+    stream's in its order (its running peak goes from one to the next)."""
+    if not windows:
+        return
+    whisper, length = windows[0][0].whisper, windows[0][0].window
+    if any(source.window != length for source, _ in windows):
+        raise ValueError("windows encoded together must have one length")
+    mels = whisper.log_mels([w.audio for _, w in windows], length * STEP_SAMPLES)
+    steps = torch.arange(mels.shape[-1], device=mels.device)
+    valid = steps[None, :] < torch.tensor([2 * (w.end - w.start) for _, w in windows],
+                                          device=mels.device)[:, None]  # fmt: skip
+    heard = mels.amax(dim=1).masked_fill(~valid, -math.inf).amax(dim=1).tolist()
+    peaks = [source._peak(w, loud) for (source, w), loud in zip(windows, heard, strict=True)]
+    states = whisper.steps_from_mels(mels, peaks, [w.start - w.segment for _, w in windows])
+    for (source, window), row in zip(windows, states, strict=True):
+        source._store(window, row)
+
+
+def features_together(
+    jobs: Sequence[tuple[StreamingFeatures, AudioRing, Sequence[int]]],
+) -> list[torch.Tensor]:
+    """(n, 50, D) features of several streams' frames (each: its source, ring and frames),
+    their windows encoded in one batch: what each source's `features` gives, in one run of
+    the log-mel and the encoder for a pool's merged call rather than one per stream."""
+    windows = []
+    for source, ring, frames in jobs:
+        runs = source._runs(*source._wanted(frames))
+        windows += [(source, source._window(ring, end, start)) for end, start in runs]
+    by_length: dict[int, list[tuple[StreamingFeatures, _Window]]] = {}
+    for source, window in windows:
+        by_length.setdefault(source.window, []).append((source, window))
+    for group in by_length.values():
+        _encode(group)
+    return [source._gather(frames) for source, _, frames in jobs]
 
 
 class OfflineFeatures:

@@ -1,10 +1,11 @@
 """Stateless musetalk generation for the server: several streams' frames in one forward pass.
 
 Each request brings its audio window (the stream's recent audio, absolute start index) and
-its frames' voice weights; the whisper features are encoded from that window per call, so no
-per-stream state lives on a replica. Unlike a local engine, the log-mel clamp uses the window's
-own peak (a local stream keeps a running peak over whisper's 30 s segment): features can differ
-slightly from a local run. Imports torch: server side only.
+its frames' voice weights; the whisper features are encoded from that window per call (the
+windows of all merged requests in one batch), so no per-stream state lives on a replica.
+Unlike a local engine, the log-mel clamp uses the window's own peak (a local stream keeps a
+running peak over whisper's 30 s segment): features can differ slightly from a local run.
+Imports torch: server side only.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from livecam.engines.musetalk.forward import FastPaths, Forward
 from livecam.engines.musetalk.manifest import default_models_dir
 from livecam.engines.musetalk.models import load_models, random_models
 from livecam.features.voice import VoiceGate
-from livecam.features.whisper import WINDOW_STEPS, StreamingFeatures
+from livecam.features.whisper import WINDOW_STEPS, StreamingFeatures, features_together
 from livecam.remote.generator import EngineInfo, PreparedEngines, RenderRequest, RenderResult
 
 PREPARED_AVATARS = 16  # per replica: latents, mask and a lite renderer each
@@ -77,14 +78,15 @@ class MuseTalkGenerator:
                                 forward=self.forward)  # fmt: skip
         self._engines.add(request, engine)
 
-    def _features(self, request: RenderRequest, frames: list[int]) -> torch.Tensor:
+    def _feature_job(self, request: RenderRequest, frames: list[int]) -> tuple:
+        """What `features_together` needs for one request: a source, its audio, its frames."""
         audio = request.audio if request.audio is not None else np.zeros(0, np.float32)
         ring = AudioRing(max(len(audio), 1))
         ring.write_silence(request.audio_start)
         ring.write(audio)
         source = StreamingFeatures(self.models.whisper, request.fps,
                                    context_s=self.options.context_s)  # fmt: skip
-        return source.features(ring, frames)
+        return source, ring, frames
 
     @torch.inference_mode()
     def render(self, requests: list[RenderRequest]) -> list[RenderResult]:
@@ -118,12 +120,16 @@ class MuseTalkGenerator:
         """256x256 faces of every speaking frame, per request: one forward pass per tier."""
         by_tier: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
         faces: dict[int, list[np.ndarray]] = {id(r): [] for r in requests}
+        speaking = []  # every request's windows go through the encoder together
         for request, engine in zip(requests, engines, strict=True):
-            speaking = [k for k, c in zip(request.frames, request.conditions, strict=True)
-                        if c[0] > 0.0]  # fmt: skip
-            if speaking:
-                latents, cond = engine.model_inputs(self._features(request, speaking))
-                by_tier.setdefault(request.tier, []).append((id(request), latents, cond))
+            frames = [k for k, c in zip(request.frames, request.conditions, strict=True)
+                      if c[0] > 0.0]  # fmt: skip
+            if frames:
+                speaking.append((request, engine, self._feature_job(request, frames)))
+        features = features_together([job for _, _, job in speaking])
+        for (request, engine, _), feats in zip(speaking, features, strict=True):
+            latents, cond = engine.model_inputs(feats)
+            by_tier.setdefault(request.tier, []).append((id(request), latents, cond))
         for tier, rows in by_tier.items():
             latents = torch.cat([lat for _, lat, _ in rows])
             cond = torch.cat([c for _, _, c in rows])
