@@ -123,7 +123,7 @@ def wait_seconds(header: dict[str, Any]) -> float | None:
         or isinstance(value, bool)
         or not 0 < value <= MAX_WAIT_MS
     ):
-        raise ProtocolError(f'"wait_ms" must be a number of milliseconds, 0 to {MAX_WAIT_MS}')
+        raise ProtocolError(f'"wait_ms" must be milliseconds, over 0 and at most {MAX_WAIT_MS}')
     return value / 1e3
 
 
