@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Issue 10's GPU figure in one device call, after tools/gpu/prepare.sh here:
-#   run(command="bash tools/gpu/serve.sh", carry=[".whl"], timeout_s=420)
+#   run(command="bash tools/gpu/serve.sh", carry=[".whl", ".ref"], timeout_s=420)
+# (right after run.sh's call, within the 30 s the machine stays warm, to save a start).
 # `livecam serve --engine musetalk --random-weights` (full-size random weights, fp16, one
 # replica on the GPU, every batch shape captured before the first stream), then for each N in
-# STREAMS (default 4 8 12 16) N live 25-fps streams of `livecam bench --remote`, 4 to a client
-# process, SOAK seconds (default 20) each: how many streams the GPU holds, every frame made
-# there. Reports: $OUT/streams.json (summary), $OUT/streams-N.json, $OUT/serve.log. A dry run
+# STREAMS (default 4 6 8 10 12) N live 25-fps streams of `livecam bench --remote`, 4 to a
+# client process, SOAK seconds (default 20) each: how many streams the GPU holds, every frame
+# made there. Reports: $OUT/streams.json (summary), $OUT/streams-N.json, $OUT/serve.log. A dry run
 # here, in a venv with only the image's packages and a set made with PY_VERSION=3.11:
 #   PYTHON=VENV/bin/python WHEELS=DIR OUT=/tmp/gpu TINY=1 STREAMS="1 2" SOAK=8 bash tools/gpu/serve.sh
 set -uo pipefail
@@ -36,7 +37,7 @@ done
 grep -q "at ws://" "$out/serve.log" || { echo "the server did not start"; exit 1; }
 echo "server up after ${SECONDS}s"
 
-for n in ${STREAMS:-4 8 12 16}; do
+for n in ${STREAMS:-4 6 8 10 12}; do
   pids=()
   for ((first = 0; first < n; first += 4)); do
     k=$((n - first < 4 ? n - first : 4))
