@@ -366,6 +366,34 @@ def test_a_call_answered_late_or_not_at_all_gives_local_frames_and_costs_its_wai
         engine.close()
 
 
+def test_closing_waits_for_the_replies_in_flight_but_not_for_long(server, avatars, ring):
+    """A stream that ends with calls in flight reads their replies before it closes: the
+    server otherwise makes faces for a closed connection, and Ray's proxy logs a traceback
+    for each. A reply that never comes holds the close up CLOSE_DRAIN_S at most."""
+    from livecam.remote.client import CLOSE_DRAIN_S
+
+    engine = open_remote(server, TOKEN, avatars[1], LiteEngine(avatars[1], FPS), remote_only=True)
+    conn = engine.link._conn
+    engine.generate(ring, [0])
+    for k in range(1, 8):
+        engine.submit(ring, [k])
+    engine.close()
+    assert conn.last_asked == conn.last_answered == 8
+
+    engine = open_remote(server, TOKEN, avatars[1], LiteEngine(avatars[1], FPS), remote_only=True)
+    conn = engine.link._conn
+
+    def lost(*args) -> None:  # sent, as far as the stream knows, but never arrives
+        conn.last_asked = args[5]
+
+    conn.send_request = lost
+    engine.submit(ring, [0])
+    t0 = time.monotonic()
+    engine.close()
+    assert CLOSE_DRAIN_S <= time.monotonic() - t0 < CLOSE_DRAIN_S + 1.0
+    assert conn.last_answered < conn.last_asked
+
+
 def test_a_second_connection_joins_the_stream_and_each_request_is_generated_once(
     server, avatars, ring
 ):

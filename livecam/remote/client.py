@@ -40,6 +40,7 @@ CONTEXT_S = 2.0  # audio sent before the first frame after (re)connecting
 BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 4.0)
 RTT_WINDOW = 300
 KEPT_REPLIES = 16  # replies that came out of turn, kept until read
+CLOSE_DRAIN_S = 0.5  # closing waits this long at most for the replies still to come
 CONNECTIONS = (1, 2)  # how many connections of the stream each call may go out on
 POLL_S = 0.002  # how often the connections are looked at while a reply is awaited on two
 
@@ -132,6 +133,8 @@ class _Connection:
         self.avatars: set[str] = set()
         # replies to calls in flight that came while another answer was awaited (an avatar's)
         self.kept: collections.OrderedDict[int, tuple[dict, bytes]] = collections.OrderedDict()
+        self.last_asked = 0  # the newest request's id
+        self.last_answered = 0  # the newest reply's (replies come in order)
 
     def recv(self, kind: str, timeout: float, request_id: int | None = None) -> tuple[dict, bytes]:
         """The next message of `kind` (and id). Replies to older requests (given up on) are
@@ -141,6 +144,7 @@ class _Connection:
         deadline = time.monotonic() + timeout
         while True:
             header, payload = wire.unpack(self.ws.recv(max(deadline - time.monotonic(), 0.0)))
+            self._answered(header)
             if header["type"] == "error":
                 raise RemoteError(f"the server says: {header.get('message')}")
             if header["type"] == kind and (request_id is None or header.get("id") == request_id):
@@ -187,6 +191,23 @@ class _Connection:
         header = {"type": "frames", "id": request_id, "avatar": sha, "frames": frames,
                   "tier": tier, "audio_start": start, "wait_ms": wait_s * 1e3}  # fmt: skip
         self.ws.send(wire.pack(header, audio))
+        self.last_asked = request_id
+
+    def drain(self, timeout: float) -> bool:
+        """Read until the newest request is answered (True) or `timeout` passes: a server
+        still making faces for a connection that closed logs errors in Ray's proxy."""
+        deadline = time.monotonic() + timeout
+        while self.last_answered < self.last_asked:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._answered(wire.unpack(self.ws.recv(left))[0])
+        return True
+
+    def _answered(self, header: dict) -> None:
+        found = header.get("id")
+        if header.get("type") == "faces" and isinstance(found, int):
+            self.last_answered = max(self.last_answered, found)
 
     def reply(
         self, request_id: int, sha: str, frames: list[int], timeout: float
@@ -491,10 +512,15 @@ class Link:
         )
 
     def close(self) -> None:
+        """Closes the connections once the requests in flight are answered (at most
+        CLOSE_DRAIN_S): the server is not left making faces for nobody."""
         self._closed.set()
         with self._lock:
             for conn in (self._conn, self._second):
                 if conn is not None:
+                    with contextlib.suppress(TimeoutError, OSError, ConnectionClosed,
+                                             wire.ProtocolError):  # fmt: skip
+                        conn.drain(CLOSE_DRAIN_S)
                     conn.ws.close()
             self._conn = self._second = None
 
