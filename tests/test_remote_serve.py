@@ -619,21 +619,28 @@ def test_a_port_in_use_is_refused_clearly():
             check_port("127.0.0.1", port)
 
 
-def test_livecam_serve_prints_its_url_and_stops_on_sigint(tmp_path):
-    token_file = tmp_path / "token"
-    port = free_port()
-    command = ["serve", "--token-file", str(token_file), "--port", str(port)]
+def _start_serve(token_file: Path, port: int, *options: str) -> tuple[subprocess.Popen, str]:
+    """`livecam serve` in a process of its own, and its output up to the line with its URL
+    (all of it, if it ended first)."""
+    command = ["serve", "--token-file", str(token_file), "--port", str(port), *options]
     proc = subprocess.Popen(
         [sys.executable, "-m", "livecam", *command],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if f"ws://127.0.0.1:{port}" in line:
+            break
+    return proc, "".join(lines)
+
+
+def test_livecam_serve_prints_its_url_and_stops_on_sigint(tmp_path):
+    token_file = tmp_path / "token"
+    port = free_port()
+    proc, shown = _start_serve(token_file, port)
     try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if f"ws://127.0.0.1:{port}" in line:
-                break
-        assert any(f"ws://127.0.0.1:{port}" in line for line in lines), "".join(lines)
+        assert f"ws://127.0.0.1:{port}" in shown, shown
         assert len(token_file.read_text().strip()) >= 32
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
@@ -649,19 +656,10 @@ def test_serve_on_random_musetalk_weights_feeds_a_live_stream(tmp_path):
     """What the GPU run (tools/gpu/serve.sh) does: `livecam serve --random-weights` (toy
     size here) and a live stream through `livecam bench --remote`, its faces from the pool."""
     token_file, port = tmp_path / "token", free_port()
-    serve_cmd = ["serve", "--engine", "musetalk", "--random-weights", "--tiny",
-                 "--token-file", str(token_file), "--port", str(port)]  # fmt: skip
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "livecam", *serve_cmd],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    proc, shown = _start_serve(token_file, port, "--engine", "musetalk", "--random-weights",
+                               "--tiny")  # fmt: skip
     try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if f"ws://127.0.0.1:{port}" in line:
-                break
-        assert "musetalk (tiny-size random weights)" in "".join(lines), "".join(lines)
+        assert "musetalk (tiny-size random weights)" in shown, shown
         bench = subprocess.run(
             [sys.executable, "-m", "livecam", "bench", "--remote", f"ws://127.0.0.1:{port}",
              "--token-file", str(token_file), "--streams", "1", "--soak", "10", "--fps", "25",

@@ -246,19 +246,15 @@ class StreamingFeatures:
             lo = end
         return runs
 
-    def _wanted(self, frames: Sequence[int]) -> tuple[int, int]:
-        lo, hi = frame_steps(frames[0], self.fps)[0], frame_steps(frames[-1], self.fps)[1]
-        return lo, hi + self.lookahead
+    def _steps(self, frames: Sequence[int]) -> tuple[int, int]:
+        """[lo, hi): the steps increasing frames use."""
+        return frame_steps(frames[0], self.fps)[0], frame_steps(frames[-1], self.fps)[1]
 
     def _gather(self, frames: Sequence[int]) -> torch.Tensor:
-        want_lo, want_hi = frame_steps(frames[0], self.fps)[0], frame_steps(frames[-1], self.fps)[1]
+        want_lo, want_hi = self._steps(frames)
         lo, hi = max(self._lo, want_lo, 0), min(self._hi, want_hi)  # gather only these steps
         idx = torch.arange(lo, max(lo, hi), device=self._cache.device) % self.capacity
         return frames_from_steps(self._cache[idx], frames, self.fps, first_step=lo)
-
-    def update(self, ring: AudioRing, lo: int, hi: int) -> None:
-        """Make steps [lo, hi) available."""
-        _encode([(self, self._window(ring, end, start)) for end, start in self._runs(lo, hi)])
 
     def features(self, ring: AudioRing, frames: Sequence[int]) -> torch.Tensor:
         """(n, 50, D) features for increasing frames."""
@@ -301,7 +297,8 @@ def features_together(
     the log-mel and the encoder for a pool's merged call rather than one per stream."""
     windows = []
     for source, ring, frames in jobs:
-        runs = source._runs(*source._wanted(frames))
+        lo, hi = source._steps(frames)
+        runs = source._runs(lo, hi + source.lookahead)
         windows += [(source, source._window(ring, end, start)) for end, start in runs]
     by_length: dict[int, list[tuple[StreamingFeatures, _Window]]] = {}
     for source, window in windows:

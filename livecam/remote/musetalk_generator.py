@@ -22,11 +22,11 @@ from livecam.audio.ring import AudioRing
 from livecam.avatar.model import Avatar
 from livecam.engines.musetalk.blend import faces_to_host
 from livecam.engines.musetalk.engine import BATCH_SIZES, MuseTalkEngine, MuseTalkOptions
-from livecam.engines.musetalk.forward import FastPaths, Forward
+from livecam.engines.musetalk.forward import FastPaths, Forward, warm_shapes
 from livecam.engines.musetalk.manifest import default_models_dir
 from livecam.engines.musetalk.models import load_models, random_models
 from livecam.features.voice import VoiceGate
-from livecam.features.whisper import WINDOW_STEPS, StreamingFeatures, features_together
+from livecam.features.whisper import StreamingFeatures, features_together
 from livecam.remote.generator import EngineInfo, PreparedEngines, RenderRequest, RenderResult
 
 PREPARED_AVATARS = 16  # per replica: latents, mask and a lite renderer each
@@ -53,17 +53,9 @@ class MuseTalkGenerator:
             self.warm_up()
 
     def warm_up(self) -> None:
-        """Runs (on CUDA: captures) every merged batch shape of every tier before the first
-        stream comes, so no stream's call waits for a capture."""
-        m = self.models
-        for tier in self.info.tiers:
-            for size in FORWARD_SIZES:
-                latents = torch.zeros((size, 8, 32, 32), dtype=m.dtype, device=m.device)
-                cond = torch.zeros((size, WINDOW_STEPS * 5, m.whisper.dim), dtype=m.dtype,
-                                   device=m.device)  # fmt: skip
-                self.forward(latents, cond, tier)
-        if m.device.type == "cuda":
-            torch.cuda.synchronize(m.device)
+        """Every merged batch shape of every tier, before the first stream comes, so no
+        stream's call waits for a capture."""
+        warm_shapes(self.forward, self.models, self.info.tiers, FORWARD_SIZES)
 
     def samples_needed(self, fps: float) -> Callable[[int], int]:
         features = StreamingFeatures(self.models.whisper, fps, context_s=self.options.context_s)

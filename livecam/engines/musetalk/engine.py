@@ -26,7 +26,7 @@ from livecam.avatar.face import FaceRenderer
 from livecam.avatar.model import Avatar
 from livecam.engines.musetalk.avatar_latents import prepare_latents
 from livecam.engines.musetalk.blend import DeviceBlender, faces_to_host, host_buffer
-from livecam.engines.musetalk.forward import FastPaths, Forward, SharedForward
+from livecam.engines.musetalk.forward import FastPaths, Forward, SharedForward, warm_shapes
 from livecam.engines.musetalk.models import MuseTalkModels
 from livecam.features.voice import VoiceGate
 from livecam.features.whisper import WINDOW_STEPS, OfflineFeatures, StreamingFeatures
@@ -133,12 +133,8 @@ class MuseTalkEngine:
 
     def warm_up(self, sizes: Sequence[int]) -> None:
         """Runs (and on CUDA captures) every batch shape, so none is new while live."""
-        feats = torch.zeros((1, WINDOW_STEPS * 5, self.models.whisper.dim), device=self.device)
-        for tier in self.tiers if self.device.type == "cuda" else (self.tier,):
-            for b in sizes:
-                self.forward(*self.model_inputs(self._pad(feats, b)), tier)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        tiers = self.tiers if self.device.type == "cuda" else (self.tier,)
+        warm_shapes(self.forward, self.models, tiers, sizes)
 
     def samples_needed(self, frame: int) -> int:
         return max(self.source.samples_needed(frame), self.gate.samples_needed(frame))

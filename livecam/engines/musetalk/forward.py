@@ -17,12 +17,13 @@ import logging
 import os
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from livecam.engines.musetalk.models import MuseTalkModels
+from livecam.features.whisper import WINDOW_STEPS
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,25 @@ class Forward:
             graph.cond.copy_(cond)
             graph.graph.replay()
             return graph.out.clone()
+
+
+def warm_shapes(
+    forward: Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor],
+    models: MuseTalkModels,
+    tiers: Sequence[str],
+    sizes: Sequence[int],
+) -> None:
+    """Runs (on CUDA: captures) each tier's batch shapes on zero inputs, so none is new
+    while live."""
+    steps = WINDOW_STEPS * 5
+    for tier in tiers:
+        for size in sizes:
+            latents = torch.zeros((size, 8, 32, 32), dtype=models.dtype, device=models.device)
+            cond = torch.zeros((size, steps, models.whisper.dim), dtype=models.dtype,
+                               device=models.device)  # fmt: skip
+            forward(latents, cond, tier)
+    if models.device.type == "cuda":
+        torch.cuda.synchronize(models.device)
 
 
 @dataclass
