@@ -11,12 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from livecam.audio.files import read_audio
 from livecam.audio.ring import AudioRing
 from livecam.avatar.store import load_avatar
 from livecam.engines.musetalk.engine import MuseTalkEngine, MuseTalkOptions
 from livecam.engines.musetalk.forward import (
+    MERGED_SIZES,
     PLAIN_DECODERS,
     FastPaths,
     Forward,
@@ -82,19 +84,25 @@ def test_channels_last_gives_the_same_faces(models: MuseTalkModels) -> None:
 def test_compiled_decoders_give_the_same_faces(
     models: MuseTalkModels, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """torch.compile's fused decoders (opt-in) at batch 1 and 3, each shape its own kernels."""
+    """torch.compile's fused decoders (opt-in) at batch 1, 3 and 5: batch 1 compiles, and one
+    more compile (a dynamic batch) serves every larger batch."""
     plain = Forward(models, FastPaths.none())
     fused = Forward(models, FastPaths(channels_last=False, compile=True), compile_on_cpu=True)
     on_cpu = Forward(models, FastPaths(channels_last=False, compile=True))
     assert on_cpu._decoders is PLAIN_DECODERS  # CUDA's alone unless asked
     assert fused._decoders == {tier: compiled_decoder(tier) for tier in PLAIN_DECODERS}
-    for batch in (1, 3):
+    assert fused.fixed_shapes and not plain.fixed_shapes  # each compiled shape costs a compile
+    graphs = counters["stats"]["unique_graphs"]
+    for batch in (1, 3, 5):
         latents = torch.randn(batch, 4, 32, 32)
         for tier in ("full", "tiny"):
             want, got = plain.decode(latents, tier), fused.decode(latents, tier)
             assert got.shape == want.shape == (batch, 256, 256, 3)
             diff = (got.int() - want.int()).abs()
             assert diff.max() <= 2 and diff.float().mean() < 0.01  # fusion reorders float math
+        if batch == 3:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs  # batch 5: no compile of its own
     assert fused.compile_error is None
     assert not FastPaths.configured().compile
     monkeypatch.setenv("LIVECAM_TORCH_COMPILE", "1")
@@ -113,6 +121,7 @@ def test_a_failing_compiler_leaves_the_plain_decoder(models: MuseTalkModels) -> 
     assert torch.equal(fused.decode(latents, "full"), want)
     assert fused.compile_error == "RuntimeError: no C compiler"
     assert fused._decoders is PLAIN_DECODERS
+    assert not fused.fixed_shapes
 
 
 def test_engine_fast_and_plain_paths_agree(models: MuseTalkModels) -> None:
@@ -131,6 +140,7 @@ class _HeldForward:
 
     def __init__(self, forward: Forward) -> None:
         self.forward, self.calls, self.device = forward, [], forward.device
+        self.sizes = forward.sizes
         self.entered, self.release = threading.Event(), threading.Event()
 
     def __call__(self, latents: torch.Tensor, cond: torch.Tensor, tier: str) -> torch.Tensor:
@@ -140,10 +150,13 @@ class _HeldForward:
         return self.forward(latents, cond, tier)
 
 
+@pytest.mark.parametrize("fixed", [False, True], ids=["cpu", "captured-shapes"])
 def test_shared_forward_merges_streams_and_keeps_their_faces_apart(
-    models: MuseTalkModels,
+    models: MuseTalkModels, monkeypatch: pytest.MonkeyPatch, fixed: bool
 ) -> None:
-    forward = Forward(models, FastPaths.none())
+    if fixed:  # as where CUDA graphs capture each shape: merged batches are padded
+        monkeypatch.setattr(Forward, "fixed_shapes", property(lambda _self: True))
+    forward = Forward(models, FastPaths.none(), MERGED_SIZES)
     held = _HeldForward(forward)
     shared = SharedForward(held)  # type: ignore[arg-type]
     torch.manual_seed(1)
@@ -162,15 +175,37 @@ def test_shared_forward_merges_streams_and_keeps_their_faces_apart(
         t.start()
     while sum(len(r.latents) for r in shared._pending) < 10:
         threading.Event().wait(0.01)
-    held.release.set()
-    for t in [first, *others]:
-        t.join(60)
-    assert held.calls == [4, 16]  # 4 + 4 + 2 = 10 frames merged, padded to the 16 shape
+    seen: list[int] = []
+    hook = models.unet.register_forward_pre_hook(lambda _m, a: seen.append(a[0].shape[0]))
+    try:
+        held.release.set()
+        for t in [first, *others]:
+            t.join(60)
+    finally:
+        hook.remove()
+    assert held.calls == [4, 10]  # 4 + 4 + 2 = 10 frames merged into one call
     assert list(shared.batches) == [4, 10]
+    assert seen[-1] == (12 if fixed else 10)  # padded to the next step of 4, or not at all
     for i, (x, cond) in enumerate(requests):
         alone = forward(x, cond, "full")
         assert results[i].shape == alone.shape  # each caller gets exactly its own frames
         assert (results[i].int() - alone.int()).abs().max() <= 1
+
+
+def test_a_call_longer_than_the_largest_shape_runs_in_chunks(models: MuseTalkModels) -> None:
+    forward = Forward(models, FastPaths.none(), (1, 2, 4))
+    shared = SharedForward(forward)
+    x, cond = torch.randn(6, 8, 32, 32), torch.randn(6, 50, models.whisper.dim)
+    seen: list[int] = []
+    hook = models.unet.register_forward_pre_hook(lambda _m, a: seen.append(a[0].shape[0]))
+    try:
+        faces = shared(x, cond, "full")
+    finally:
+        hook.remove()
+    assert faces.shape == (6, 256, 256, 3) and seen == [4, 2]
+    for k in (0, 5):
+        alone = forward(x[k : k + 1], cond[k : k + 1], "full")[0]
+        assert (faces[k].int() - alone.int()).abs().max() <= 1
 
 
 def test_shared_forward_hands_errors_to_the_caller(models: MuseTalkModels) -> None:

@@ -764,7 +764,7 @@ def test_musetalk_clients_get_their_own_avatars_faces(musetalk_server, avatars, 
 def test_a_musetalk_replica_warms_every_merged_batch_shape_of_every_tier():
     """On CUDA the replica runs (captures) each shape before its first stream; here the same
     loop on the CPU, each shape through the real forward."""
-    from livecam.remote.musetalk_generator import FORWARD_SIZES, MuseTalkGenerator
+    from livecam.remote.musetalk_generator import POOL_SIZES, MuseTalkGenerator
 
     generator = MuseTalkGenerator(None, device="cpu", random_weights="tiny")
     forward, seen = generator.forward, []
@@ -778,7 +778,7 @@ def test_a_musetalk_replica_warms_every_merged_batch_shape_of_every_tier():
     generator.warm_up()
     assert generator.info.tiers == ("full", "tiny")
     assert seen == [(tier, size, (size, 256, 256, 3)) for tier in ("full", "tiny")
-                    for size in FORWARD_SIZES]  # fmt: skip
+                    for size in POOL_SIZES]  # fmt: skip
 
 
 def test_bench_streams_remote_reports_each_stream_and_the_server_batches(server, tmp_path):

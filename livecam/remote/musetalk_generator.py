@@ -22,7 +22,7 @@ from livecam.audio.ring import AudioRing
 from livecam.avatar.model import Avatar
 from livecam.engines.musetalk.blend import faces_to_host
 from livecam.engines.musetalk.engine import BATCH_SIZES, MuseTalkEngine, MuseTalkOptions
-from livecam.engines.musetalk.forward import FastPaths, Forward, warm_shapes
+from livecam.engines.musetalk.forward import MERGED_SIZES, FastPaths, Forward, warm_shapes
 from livecam.engines.musetalk.manifest import default_models_dir
 from livecam.engines.musetalk.models import load_models, random_models
 from livecam.features.voice import VoiceGate
@@ -30,7 +30,9 @@ from livecam.features.whisper import StreamingFeatures, features_together
 from livecam.remote.generator import EngineInfo, PreparedEngines, RenderRequest, RenderResult
 
 PREPARED_AVATARS = 16  # per replica: latents, mask and a lite renderer each
-FORWARD_SIZES = (1, 2, 4, 8, 16, 32)  # merged batches are padded to these shapes
+# a merged call's forward runs in chunks of at most 32 frames (on an H200 the full VAE takes
+# about 140 ms for 32), each padded to one of these shapes where shapes are captured
+POOL_SIZES = tuple(size for size in MERGED_SIZES if size <= 32)
 
 
 class MuseTalkGenerator:
@@ -44,7 +46,7 @@ class MuseTalkGenerator:
             self.models = load_models(models_dir or default_models_dir(), device)
         # the host blend: only the face box leaves the replica, composed on the CPU
         paths = replace(FastPaths.configured(), gpu_blend=False, pinned=False)
-        self.forward = Forward(self.models, paths)
+        self.forward = Forward(self.models, paths, POOL_SIZES)
         self.options = MuseTalkOptions(warmup=False, fast=paths)
         tiers = ("full", "tiny") if self.models.taesd is not None else ("full",)
         self.info = EngineInfo("musetalk", tiers, BATCH_SIZES, MuseTalkEngine.response_s)
@@ -55,7 +57,7 @@ class MuseTalkGenerator:
     def warm_up(self) -> None:
         """Every merged batch shape of every tier, before the first stream comes, so no
         stream's call waits for a capture."""
-        warm_shapes(self.forward, self.models, self.info.tiers, FORWARD_SIZES)
+        warm_shapes(self.forward, self.models, self.info.tiers, POOL_SIZES)
 
     def samples_needed(self, fps: float) -> Callable[[int], int]:
         features = StreamingFeatures(self.models.whisper, fps, context_s=self.options.context_s)
@@ -83,20 +85,27 @@ class MuseTalkGenerator:
     @torch.inference_mode()
     def render(self, requests: list[RenderRequest]) -> list[RenderResult]:
         t0 = time.perf_counter()
-        engines = []
-        for request in requests:
-            engines.append(self._engines.get(request))
-        faces = self._faces(requests, engines)
+        engines = [self._engines.get(request) for request in requests]
+        launched = self._launch(requests, engines)
+        # the idle frames are drawn on the CPU while the GPU makes the faces
+        images = [engine.generate_silent(request.frames)
+                  for request, engine in zip(requests, engines, strict=True)]  # fmt: skip
+        faces: dict[int, list[np.ndarray]] = {id(request): [] for request in requests}
+        for on_device, rows in launched:
+            host = faces_to_host(on_device)
+            start = 0
+            for key, n in rows:
+                faces[key] += list(host[start : start + n])
+                start += n
         out = []
-        for request, engine in zip(requests, engines, strict=True):
+        for request, engine, frames in zip(requests, engines, images, strict=True):
             box = engine.data.box
             regions = [(box[0], box[1], box[2] - box[0], box[3] - box[1])]
             if not engine.renderer.avatar.is_video:
                 eyes = engine.renderer.avatar.eyes
                 regions.append((eyes.x, eyes.y, *eyes.size))
             patches = []
-            for k, (weight, *_) in zip(request.frames, request.conditions, strict=True):
-                image = engine.generate_silent([k])[0]
+            for image, (weight, *_) in zip(frames, request.conditions, strict=True):
                 if weight > 0.0:
                     engine.paste(image, faces[id(request)].pop(0), weight)
                 patches.append(tuple((x, y, image[y : y + h, x : x + w]) for x, y, w, h in regions))
@@ -106,12 +115,12 @@ class MuseTalkGenerator:
         return [RenderResult(r.stream, r.frames, p, len(requests), n_frames, seconds)
                 for r, p in zip(requests, out, strict=True)]  # fmt: skip
 
-    def _faces(
+    def _launch(
         self, requests: list[RenderRequest], engines: list[MuseTalkEngine]
-    ) -> dict[int, list[np.ndarray]]:
-        """256x256 faces of every speaking frame, per request: one forward pass per tier."""
+    ) -> list[tuple[torch.Tensor, list[tuple[int, int]]]]:
+        """The faces of every speaking frame, one forward per tier, on the device (on CUDA
+        still being made), each with its requests' ids and face counts in order."""
         by_tier: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
-        faces: dict[int, list[np.ndarray]] = {id(r): [] for r in requests}
         speaking = []  # every request's windows go through the encoder together
         for request, engine in zip(requests, engines, strict=True):
             frames = [k for k, c in zip(request.frames, request.conditions, strict=True)
@@ -122,26 +131,9 @@ class MuseTalkGenerator:
         for (request, engine, _), feats in zip(speaking, features, strict=True):
             latents, cond = engine.model_inputs(feats)
             by_tier.setdefault(request.tier, []).append((id(request), latents, cond))
+        launched = []
         for tier, rows in by_tier.items():
             latents = torch.cat([lat for _, lat, _ in rows])
             cond = torch.cat([c for _, _, c in rows])
-            host = self._forward(latents, cond, tier)
-            start = 0
-            for key, lat, _ in rows:
-                faces[key] = list(host[start : start + len(lat)])
-                start += len(lat)
-        return faces
-
-    def _forward(self, latents: torch.Tensor, cond: torch.Tensor, tier: str) -> np.ndarray:
-        """In fixed shapes (the largest chunks it): no shape is new after the first calls."""
-        out = []
-        top = FORWARD_SIZES[-1]
-        for i in range(0, len(latents), top):
-            lat, c = latents[i : i + top], cond[i : i + top]
-            size = next(b for b in FORWARD_SIZES if b >= len(lat))
-            pad = size - len(lat)
-            if pad:
-                lat = torch.cat([lat, lat[-1:].expand(pad, -1, -1, -1)])
-                c = torch.cat([c, c[-1:].expand(pad, -1, -1)])
-            out.append(faces_to_host(self.forward(lat, c, tier))[: size - pad])
-        return np.concatenate(out)
+            launched.append((self.forward(latents, cond, tier), [(k, len(x)) for k, x, _ in rows]))
+        return launched

@@ -6,8 +6,10 @@
 # replica on the GPU, every batch shape captured before the first stream), then for each N in
 # STREAMS (default 4 6 8 10 12) N live 25-fps streams of `livecam bench --remote`, 4 to a
 # client process, SOAK seconds (default 20) each: how many streams the GPU holds, every frame
-# made there. Reports: $OUT/streams.json (summary), $OUT/streams-N.json, $OUT/serve.log. A dry run
-# here, in a venv with only the image's packages and a set made with PY_VERSION=3.11:
+# made there. Reports: $OUT/streams.json (summary), $OUT/streams-N.json, $OUT/serve.log.
+# COMPILE=1: the server compiles its decoders (LIVECAM_TORCH_COMPILE=1, about a minute more at
+# start); its reports are named streams-compiled*.json and serve-compiled.log. A dry run here,
+# in a venv with only the image's packages and a set made with PY_VERSION=3.11:
 #   PYTHON=VENV/bin/python WHEELS=DIR OUT=/tmp/gpu TINY=1 STREAMS="1 2" SOAK=8 bash tools/gpu/serve.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -16,6 +18,8 @@ out=${OUT:-/tmp/livecam-gpu}
 wheels=${WHEELS:-.whl}
 site=/tmp/livecam-site
 port=${PORT:-8765}
+tag=""
+if [ "${COMPILE:-0}" = 1 ]; then tag=-compiled; export LIVECAM_TORCH_COMPILE=1; fi
 mkdir -p "$out" "$site"
 "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target "$site" "$wheels"/*.whl || exit 1
@@ -25,16 +29,16 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.
 
 token=$(mktemp -u /tmp/livecam-token.XXXXXX)
 setsid "$python" -m livecam serve --engine musetalk --random-weights ${TINY:+--tiny} \
-  --token-file "$token" --port "$port" >"$out/serve.log" 2>&1 &
+  --token-file "$token" --port "$port" >"$out/serve$tag.log" 2>&1 &
 server=$!
 stop_server() { kill -INT -- "-$server" 2>/dev/null; wait "$server"; }
 trap stop_server EXIT
 for _ in $(seq 300); do
-  grep -q "at ws://" "$out/serve.log" && break
-  kill -0 "$server" 2>/dev/null || { tail -c 3000 "$out/serve.log"; exit 1; }
+  grep -q "at ws://" "$out/serve$tag.log" && break
+  kill -0 "$server" 2>/dev/null || { tail -c 3000 "$out/serve$tag.log"; exit 1; }
   sleep 1
 done
-grep -q "at ws://" "$out/serve.log" || { echo "the server did not start"; exit 1; }
+grep -q "at ws://" "$out/serve$tag.log" || { echo "the server did not start"; exit 1; }
 echo "server up after ${SECONDS}s"
 
 for n in ${STREAMS:-4 6 8 10 12}; do
@@ -50,6 +54,7 @@ for n in ${STREAMS:-4 6 8 10 12}; do
   for log in /tmp/livecam-bench-"$n"-*.log; do
     [ -s "${log%.log}.json" ] || { echo "== $log"; tail -c 1500 "$log"; }
   done
-  "$python" tools/gpu/merge_streams.py "$n" /tmp/livecam-bench-"$n"-*.json >"$out/streams-$n.json"
+  "$python" tools/gpu/merge_streams.py "$n" /tmp/livecam-bench-"$n"-*.json >"$out/streams$tag-$n.json"
 done
-"$python" tools/gpu/merge_streams.py --summary "$out"/streams-*.json | tee "$out/streams.json"
+"$python" tools/gpu/merge_streams.py --summary "$out"/streams"$tag"-[0-9]*.json |
+  tee "$out/streams$tag.json"

@@ -3,9 +3,9 @@
 Per generate call: the voice gate decides which frames speak (silence keeps the avatar's
 closed-mouth neutral frame: MuseTalk itself keeps moving its mouth in silence); the speaking
 frames' features come from the feature source (streaming or offline); the UNet and decoder run
-in fixed batch shapes (1, 2, 4, 8: a short batch is padded, so no shape is ever new after the
-warm-up); the 256x256 faces are resized into the face box and blended with the feathered
-lower-face mask. No disk I/O and no image encoding happen here.
+in fixed batch shapes where shapes are captured (1, 2, 4, 8: a short batch is padded, so no
+shape is ever new after the warm-up); the 256x256 faces are resized into the face box and
+blended with the feathered lower-face mask. No disk I/O and no image encoding happen here.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class MuseTalkEngine:
         # the avatar's VAE latents on the device: every frame's UNet input starts from them
         self.latents = torch.from_numpy(self.data.latents).to(self.device, self.dtype)
         self._pe = positional_encoding(WINDOW_STEPS * 5, models.whisper.dim).to(self.device)
-        self.forward = forward or Forward(models, opts.fast)
+        self.forward = forward or Forward(models, opts.fast, opts.batch_sizes)
         x1, y1, x2, y2 = self.data.box
         self._rows, self._cols, self._size = slice(y1, y2), slice(x1, x2), (x2 - x1, y2 - y1)
         self._mask3 = np.repeat(self.data.mask, 3, axis=2)  # (h, w, 3) float32
@@ -139,14 +139,6 @@ class MuseTalkEngine:
     def samples_needed(self, frame: int) -> int:
         return max(self.source.samples_needed(frame), self.gate.samples_needed(frame))
 
-    def padded_size(self, n: int) -> int:
-        return next(b for b in self.batch_sizes if b >= n)
-
-    def _pad(self, feats: torch.Tensor, size: int) -> torch.Tensor:
-        if len(feats) == size:
-            return feats
-        return torch.cat([feats, feats[-1:].expand(size - len(feats), -1, -1)])
-
     def model_inputs(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 50, D) float32 features -> the UNet's latents (B, 8, 32, 32) and conditioning."""
         cond = (feats + self._pe).to(self.dtype)
@@ -154,15 +146,9 @@ class MuseTalkEngine:
 
     @torch.inference_mode()
     def faces_on_device(self, feats: torch.Tensor, tier: str | None = None) -> torch.Tensor:
-        """(n, 50, D) features -> (n, 256, 256, 3) uint8 BGR faces on the device, computed in
-        fixed batch shapes (asynchronous on CUDA: nothing waits for the GPU here)."""
-        out = []
-        top = self.batch_sizes[-1]
-        for i in range(0, len(feats), top):
-            chunk = feats[i : i + top]
-            batch = self._pad(chunk, self.padded_size(len(chunk)))
-            out.append(self.forward(*self.model_inputs(batch), tier or self.tier)[: len(chunk)])
-        return torch.cat(out)
+        """(n, 50, D) features -> (n, 256, 256, 3) uint8 BGR faces on the device, in the
+        forward's batch shapes (asynchronous on CUDA: nothing waits for the GPU here)."""
+        return self.forward(*self.model_inputs(feats), tier or self.tier)
 
     def faces(self, feats: torch.Tensor) -> np.ndarray:
         """(n, 50, D) features -> (n, 256, 256, 3) uint8 BGR faces on the host."""

@@ -7,8 +7,10 @@ launch gaps, which is what bounds small live batches (batch 1 is launch-bound, n
 FLOP-bound). channels_last runs the convolutions in NHWC, the tensor cores' layout.
 torch.compile (opt-in) fuses the decoders' elementwise passes: on an H200 at batch 16, the
 full VAE decoder's GroupNorm and SiLU passes took 33 of its 56 ms eagerly, and the compiled
-decoder 24 ms (13.7 s to compile that shape). The UNet is not compiled: compiling it for a
-dynamic batch ran past four minutes there.
+decoder 24 ms (13.7 s to compile that shape). Only the batch dimension is dynamic: one compile
+for batch 1 and one for every larger batch, where a compile per shape made the merged shapes
+cost minutes (here, the toy decoder on a CPU: 25 s a shape; 30 s once, then under 1 s each).
+The UNet is not compiled: compiling it for a dynamic batch ran past four minutes there.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ from livecam.features.whisper import WINDOW_STEPS
 log = logging.getLogger(__name__)
 
 WARMUP_RUNS = 3  # eager runs on a side stream before a capture (cuDNN/cuBLAS pick kernels)
+# Batches merged from several streams (their calls mostly 4 frames each) come in steps of 4
+# frames up to 32, then 8: padding one adds at most 3 (7) frames. Powers of two padded five
+# streams' 20 frames to 32, 60 % more work for the GPU than the frames asked for.
+MERGED_SIZES = (1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64)
 
 
 @dataclass(frozen=True)
@@ -59,8 +65,8 @@ class _Graph:
     out: torch.Tensor  # static output, valid until the next replay
 
 
-# Two decoders, two functions: dynamo keeps one cache per function, at most 8 shapes each,
-# and each tier captures up to 7 batch shapes.
+# Two decoders, two functions: dynamo keeps one cache per function (each holds a batch-1 and
+# a dynamic-batch compile).
 def _decode_full(decoder: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return decoder.decode(x).sample
 
@@ -75,12 +81,12 @@ _compile_lock = threading.Lock()
 
 
 def compiled_decoder(tier: str) -> Callable:
-    """The tier's decode, compiled once per process for fixed shapes (each batch size its own
-    kernels): dynamo keys its code on the module passed in, so every Forward over the same
-    models shares the compilations."""
+    """The tier's decode, compiled once per process (`Forward.decode` marks the batch
+    dimension dynamic): dynamo keys its code on the module passed in, so every Forward over
+    the same models shares the compilations."""
     with _compile_lock:
         if tier not in _compiled:
-            _compiled[tier] = torch.compile(PLAIN_DECODERS[tier], dynamic=False)
+            _compiled[tier] = torch.compile(PLAIN_DECODERS[tier])
         return _compiled[tier]
 
 
@@ -94,11 +100,17 @@ class Forward:
     """UNet + decoder for one model set; shared by every engine (avatar, stream) using it."""
 
     def __init__(
-        self, models: MuseTalkModels, paths: FastPaths, compile_on_cpu: bool = False
+        self,
+        models: MuseTalkModels,
+        paths: FastPaths,
+        sizes: tuple[int, ...] = (1, 2, 4, 8),
+        compile_on_cpu: bool = False,
     ) -> None:
-        """`compile_on_cpu`: compile on a CPU too (tests; a CPU gains little for its minutes
-        of compiling, so the fast path is CUDA's alone otherwise)."""
-        self.models = models
+        """`sizes`: the batch shapes where shapes are fixed (CUDA graphs, compiled decoders);
+        a call runs in chunks of at most the largest. `compile_on_cpu`: compile on a CPU too
+        (tests; a CPU gains little for its minutes of compiling, so the fast path is CUDA's
+        alone otherwise)."""
+        self.models, self.sizes = models, sizes
         self.device, self.dtype = models.device, models.dtype
         self.use_graphs = paths.cuda_graphs and self.device.type == "cuda"
         use_compile = paths.compile and (self.device.type == "cuda" or compile_on_cpu)
@@ -132,6 +144,8 @@ class Forward:
         vae = self._decoder(tier)
         x = latents.contiguous(memory_format=self.format) / float(vae.config.scaling_factor)
         decode = self._decoders[tier]
+        if decode is not PLAIN_DECODERS[tier] and len(x) > 1:
+            torch._dynamo.mark_dynamic(x, 0)  # one compile serves every batch size above 1
         try:
             return to_bgr_uint8(decode(vae, x))
         except Exception as e:
@@ -160,12 +174,29 @@ class Forward:
             out = self._eager(static_x, static_c, tier)
         return _Graph(graph, static_x, static_c, out)
 
+    @property
+    def fixed_shapes(self) -> bool:
+        """Whether each batch shape is captured or compiled: then a call is padded to one of
+        `sizes`. Elsewhere it runs as it is, since padding would be work for nothing."""
+        return self.use_graphs or self._decoders is not PLAIN_DECODERS
+
     @torch.inference_mode()
     def __call__(self, latents: torch.Tensor, cond: torch.Tensor, tier: str) -> torch.Tensor:
-        """(B, 8, 32, 32) latents, (B, 50, D) conditioning in the model dtype -> (B, 256, 256, 3)
-        uint8 BGR on the device (a fresh tensor: graphs reuse their output buffer)."""
+        """(B, 8, 32, 32) latents, (B, 50, D) conditioning in the model dtype, any B ->
+        (B, 256, 256, 3) uint8 BGR on the device (a fresh tensor: graphs reuse their output
+        buffer), in chunks of at most the largest of `sizes`."""
+        top = self.sizes[-1]
+        out = [self._chunk(latents[i : i + top], cond[i : i + top], tier)
+               for i in range(0, len(latents), top)]  # fmt: skip
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    def _chunk(self, latents: torch.Tensor, cond: torch.Tensor, tier: str) -> torch.Tensor:
+        n = len(latents)
+        if self.fixed_shapes:  # the last frame repeated up to a captured or compiled shape
+            size = next(s for s in self.sizes if s >= n)
+            latents, cond = pad_rows(latents, size), pad_rows(cond, size)
         if not self.use_graphs:
-            return self._eager(latents, cond, tier)
+            return self._eager(latents, cond, tier)[:n]
         key = (tier, len(latents))
         with self._lock:
             graph = self._graphs.get(key)
@@ -175,11 +206,18 @@ class Forward:
                 except RuntimeError as e:  # a model op that cannot be captured: stay eager
                     self.use_graphs, self.graph_error = False, f"{type(e).__name__}: {e}"
                     log.warning("CUDA graphs off (capture failed): %s", e)
-                    return self._eager(latents, cond, tier)
+                    return self._eager(latents, cond, tier)[:n]
             graph.latents.copy_(latents)
             graph.cond.copy_(cond)
             graph.graph.replay()
-            return graph.out.clone()
+            return graph.out[:n].clone()
+
+
+def pad_rows(x: torch.Tensor, size: int) -> torch.Tensor:
+    """`x` with its last row repeated up to `size` rows."""
+    if len(x) >= size:
+        return x
+    return torch.cat([x, x[-1:].expand(size - len(x), *x.shape[1:])])
 
 
 def warm_shapes(
@@ -223,8 +261,9 @@ class SharedForward:
     H200: merged batches of 4 frames, never more, for any number of streams).
     """
 
-    def __init__(self, forward: Forward, sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)):
-        self.forward, self.sizes = forward, sizes
+    def __init__(self, forward: Forward):
+        """`forward`'s sizes are the merged batches' shapes; a batch is at most its largest."""
+        self.forward = forward
         self._on_cuda = forward.device.type == "cuda"
         self._pending: list[_Request] = []
         self._wake = threading.Condition()
@@ -253,9 +292,10 @@ class SharedForward:
     def _take(self) -> list[_Request]:
         with self._wake:
             self._wake.wait_for(lambda: bool(self._pending))
-            tier, room, taken = self._pending[0].tier, self.sizes[-1], []
-            for request in list(self._pending):
-                if request.tier == tier and len(request.latents) <= room:
+            first = self._pending[0]
+            tier, room, taken = first.tier, self.forward.sizes[-1], []
+            for request in list(self._pending):  # the first always: a long one is chunked
+                if request.tier == tier and (request is first or len(request.latents) <= room):
                     taken.append(request)
                     self._pending.remove(request)
                     room -= len(request.latents)
@@ -282,13 +322,8 @@ class SharedForward:
     def _run(self, taken: list[_Request]) -> None:
         latents = torch.cat([r.latents for r in taken])
         cond = torch.cat([r.cond for r in taken])
-        n = len(latents)
-        size = next(s for s in self.sizes if s >= n)
-        pad = size - n  # repeat the last frame up to a captured shape
-        latents = torch.cat([latents, latents[-1:].expand(pad, -1, -1, -1)])
-        cond = torch.cat([cond, cond[-1:].expand(pad, -1, -1)])
         out = self.forward(latents, cond, taken[0].tier)
-        self.batches.append(n)
-        parts = out[:n].split([len(r.latents) for r in taken])
+        self.batches.append(len(latents))
+        parts = out.split([len(r.latents) for r in taken])
         for request, part in zip(taken, parts, strict=True):
             request.out = part

@@ -34,7 +34,7 @@ from livecam.audio.ring import AudioRing
 from livecam.avatar.model import Avatar
 from livecam.avatar.store import load_avatar
 from livecam.engines.musetalk.engine import MuseTalkEngine, MuseTalkOptions
-from livecam.engines.musetalk.forward import FastPaths, Forward, SharedForward
+from livecam.engines.musetalk.forward import MERGED_SIZES, FastPaths, Forward, SharedForward
 from livecam.engines.musetalk.models import MuseTalkModels, random_models
 
 log = logging.getLogger(__name__)
@@ -170,11 +170,11 @@ class Suite:
     def streams(self, tier: str, max_streams: int = 64, seconds: float = 3.0) -> dict[str, Any]:
         """The most 25-fps streams generating at once, each at >= 25 fps in calls of 4 frames,
         their model calls merged into shared batches (up to 64 frames)."""
-        shared = SharedForward(Forward(self.models, FastPaths()))
+        shared = SharedForward(Forward(self.models, FastPaths(), MERGED_SIZES))
         base = self.engine(FastPaths(), shared, (STREAM_BATCH,))  # calls of 4, never padded
         base.set_tier(tier)
         feats = torch.zeros((1, 50, self.models.whisper.dim), device=self.device)
-        for size in shared.sizes:  # capture every merged shape before measuring
+        for size in MERGED_SIZES:  # capture every merged shape before measuring
             shared.forward(*base.model_inputs(feats.expand(size, -1, -1)), tier)
         single = self._fps(base, _long_ring(self.audio, 60), STREAM_BATCH, start=50)
         guess = max(1, min(max_streams, int(single // STREAM_FPS)))
