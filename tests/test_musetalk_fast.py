@@ -228,7 +228,12 @@ def test_gpu_suite_dry_run_on_the_cpu() -> None:
     for tier in ("full", "tiny"):
         assert report["fast_vs_plain_faces"][tier]["max_abs_diff"] <= 2
     streams = report["streams_25fps"]
-    assert [s["tier"] for s in streams] == ["full", "tiny"]
+    assert [(s["tier"], s["compiled"]) for s in streams] == [
+        ("full", False),
+        ("tiny", False),
+        ("full", True),
+    ]
+    assert all(s["compile_error"] is None for s in streams)
     assert all(s["trials"] and s["streams_held"] >= 0 for s in streams)
     # a CPU holds no 25-fps stream, so one stream is tried: its calls are 4 frames, unpadded
     assert all(s["trials"][1]["median_merged_batch"] == 4.0 for s in streams)

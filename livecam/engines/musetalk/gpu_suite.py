@@ -3,12 +3,11 @@
 With full-size random weights (fp16 on CUDA): frames per second of the whole engine (streaming
 features, UNet, decoder, blending, the frames back on the host) at batch 1/4/8/16, for the
 full VAE and the tiny decoder, with every fast path on, all off, each one off alone, and the
-opt-in compiled decoders on top;
-how far the fast paths' faces are from the plain path's; peak memory; how many 25-fps
-streams one GPU holds (measured: that many engines generating at once, each with its own
-audio and avatar data, sharing one model set); and, given a checkout of the MuseTalk
-repository, its own real-time loop on the same card and inputs. `--tiny` runs the same
-on toy-size models: a dry run for a CPU.
+opt-in compiled decoders on top; how far the fast paths' faces are from the plain path's;
+peak memory; how many 25-fps streams one GPU holds (measured: that many engines generating at
+once, each with its own audio and avatar data, sharing one model set), per tier and with the
+compiled full VAE; and, given a checkout of the MuseTalk repository, its own real-time loop
+on the same card and inputs. `--tiny` runs the same on toy-size models: a dry run for a CPU.
 """
 
 from __future__ import annotations
@@ -167,14 +166,19 @@ class Suite:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def streams(self, tier: str, max_streams: int = 64, seconds: float = 3.0) -> dict[str, Any]:
+    def streams(
+        self, tier: str, compile: bool = False, max_streams: int = 64, seconds: float = 3.0
+    ) -> dict[str, Any]:
         """The most 25-fps streams generating at once, each at >= 25 fps in calls of 4 frames,
-        their model calls merged into shared batches (up to 64 frames)."""
-        shared = SharedForward(Forward(self.models, FastPaths(), MERGED_SIZES))
+        their model calls merged into shared batches (up to 64 frames); `compile`: with the
+        compiled decoders (CUDA)."""
+        shared = SharedForward(Forward(self.models, replace(FastPaths(), compile=compile),
+                                       MERGED_SIZES))  # fmt: skip
         base = self.engine(FastPaths(), shared, (STREAM_BATCH,))  # calls of 4, never padded
         base.set_tier(tier)
         feats = torch.zeros((1, 50, self.models.whisper.dim), device=self.device)
-        for size in MERGED_SIZES:  # capture every merged shape before measuring
+        sizes = MERGED_SIZES if shared.forward.fixed_shapes else (1,)  # capture them all first
+        for size in sizes:
             shared.forward(*base.model_inputs(feats.expand(size, -1, -1)), tier)
         single = self._fps(base, _long_ring(self.audio, 60), STREAM_BATCH, start=50)
         guess = max(1, min(max_streams, int(single // STREAM_FPS)))
@@ -193,7 +197,8 @@ class Suite:
             if n in tried or n < 1:
                 break
         self._release()
-        return {"tier": tier, "batch": STREAM_BATCH, "single_stream_fps": round(single, 1),
+        return {"tier": tier, "compiled": compile, "compile_error": shared.compile_error,
+                "batch": STREAM_BATCH, "single_stream_fps": round(single, 1),
                 "streams_held": held, "trials": tried}  # fmt: skip
 
     def _concurrent(
@@ -275,6 +280,9 @@ def run_gpu_suite(
         _timed(f"streams_{t}", lambda t=t: suite.streams(t, seconds=stream_seconds), seconds)
         for t in ("full", "tiny")
     ]
+    # the full VAE is the limit, and its compiled decoder the lever (2.3x at batch 16)
+    compiled = lambda: suite.streams("full", compile=True, seconds=stream_seconds)  # noqa: E731
+    streams.append(_timed("streams_full_compiled", compiled, seconds))
     peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
     ref = (
         _timed("reference", lambda: _reference(suite, reference, tiny), seconds)
