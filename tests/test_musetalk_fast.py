@@ -216,6 +216,18 @@ def test_shared_forward_hands_errors_to_the_caller(models: MuseTalkModels) -> No
     assert shared(x, cond, "full").shape == (1, 256, 256, 3)  # still serving
 
 
+def test_a_closed_shared_forward_ends_its_thread_and_refuses_calls(
+    models: MuseTalkModels,
+) -> None:
+    shared = SharedForward(Forward(models, FastPaths.none()))
+    x, cond = torch.randn(2, 8, 32, 32), torch.randn(2, 50, models.whisper.dim)
+    assert shared(x, cond, "full").shape == (2, 256, 256, 3)
+    shared.close()
+    assert not shared._thread.is_alive()  # it held the Forward (and its graphs) for good
+    with pytest.raises(RuntimeError, match="closed"):
+        shared(x, cond, "full")
+
+
 def test_gpu_suite_dry_run_on_the_cpu() -> None:
     from livecam.engines.musetalk.gpu_suite import configurations, run_gpu_suite
 

@@ -268,7 +268,17 @@ class SharedForward:
         self._pending: list[_Request] = []
         self._wake = threading.Condition()
         self.batches: deque[int] = deque(maxlen=1000)  # frames per merged batch (reports)
-        threading.Thread(target=self._serve, name="shared-forward", daemon=True).start()
+        self._closed = False
+        self._thread = threading.Thread(target=self._serve, name="shared-forward", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Ends the serving thread once the pending calls are served, so the Forward and its
+        captured graphs can be freed; later calls are refused."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join()
 
     @property
     def graph_error(self) -> str | None:
@@ -281,6 +291,8 @@ class SharedForward:
     def __call__(self, latents: torch.Tensor, cond: torch.Tensor, tier: str) -> torch.Tensor:
         request = _Request(latents, cond, tier, threading.Event())
         with self._wake:
+            if self._closed:
+                raise RuntimeError("this shared forward is closed")
             self._pending.append(request)
             self._wake.notify()
         request.done.wait()
@@ -291,7 +303,9 @@ class SharedForward:
 
     def _take(self) -> list[_Request]:
         with self._wake:
-            self._wake.wait_for(lambda: bool(self._pending))
+            self._wake.wait_for(lambda: bool(self._pending) or self._closed)
+            if not self._pending:
+                return []  # closed
             first = self._pending[0]
             tier, room, taken = first.tier, self.forward.sizes[-1], []
             for request in list(self._pending):  # the first always: a long one is chunked
@@ -304,8 +318,7 @@ class SharedForward:
     @torch.inference_mode()
     def _serve(self) -> None:
         queued: deque[torch.cuda.Event] = deque()  # batches launched on the GPU, oldest first
-        while True:
-            taken = self._take()
+        while taken := self._take():
             try:
                 self._run(taken)
             except Exception as e:  # handed to the callers: the serving thread stays up

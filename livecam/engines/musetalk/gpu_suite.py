@@ -172,8 +172,23 @@ class Suite:
         """The most 25-fps streams generating at once, each at >= 25 fps in calls of 4 frames,
         their model calls merged into shared batches (up to 64 frames); `compile`: with the
         compiled decoders (CUDA)."""
-        shared = SharedForward(Forward(self.models, replace(FastPaths(), compile=compile),
-                                       MERGED_SIZES))  # fmt: skip
+        forward = Forward(self.models, replace(FastPaths(), compile=compile), MERGED_SIZES)
+        shared = SharedForward(forward)
+        try:
+            single, held, tried = self._most_streams(shared, tier, max_streams, seconds)
+        finally:
+            shared.close()
+        error = forward.compile_error
+        del forward, shared
+        self._release()  # the captured graphs' memory
+        return {"tier": tier, "compiled": compile, "compile_error": error,
+                "batch": STREAM_BATCH, "single_stream_fps": round(single, 1),
+                "streams_held": held, "trials": tried}  # fmt: skip
+
+    def _most_streams(
+        self, shared: SharedForward, tier: str, max_streams: int, seconds: float
+    ) -> tuple[float, int, dict[int, dict[str, Any]]]:
+        """One stream's fps alone, then a bisection: the most streams held, every trial."""
         base = self.engine(FastPaths(), shared, (STREAM_BATCH,))  # calls of 4, never padded
         base.set_tier(tier)
         feats = torch.zeros((1, 50, self.models.whisper.dim), device=self.device)
@@ -181,10 +196,9 @@ class Suite:
         for size in sizes:
             shared.forward(*base.model_inputs(feats.expand(size, -1, -1)), tier)
         single = self._fps(base, _long_ring(self.audio, 60), STREAM_BATCH, start=50)
-        guess = max(1, min(max_streams, int(single // STREAM_FPS)))
         tried: dict[int, dict[str, Any]] = {}
         held, failed = 0, max_streams + 1  # bisect between the most held and the least failed
-        n = guess
+        n = max(1, min(max_streams, int(single // STREAM_FPS)))
         while held + 1 < failed and len(tried) < 6:
             tried[n] = self._concurrent(n, tier, shared, seconds)
             log.info("gpu suite: %s streams (%s): %s", n, tier, json.dumps(tried[n]))
@@ -196,10 +210,7 @@ class Suite:
                 n = (held + n) // 2
             if n in tried or n < 1:
                 break
-        self._release()
-        return {"tier": tier, "compiled": compile, "compile_error": shared.compile_error,
-                "batch": STREAM_BATCH, "single_stream_fps": round(single, 1),
-                "streams_held": held, "trials": tried}  # fmt: skip
+        return single, held, tried
 
     def _concurrent(
         self, n: int, tier: str, forward: SharedForward, seconds: float
