@@ -85,7 +85,7 @@ def test_compiled_decoders_give_the_same_faces(
     models: MuseTalkModels, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """torch.compile's fused decoders (opt-in) at batch 1, 3 and 5: batch 1 compiles, and one
-    more compile (a dynamic batch) serves every larger batch."""
+    more compile (a dynamic batch) serves a range of larger ones (the full VAE's: 2-15)."""
     plain = Forward(models, FastPaths.none())
     fused = Forward(models, FastPaths(channels_last=False, compile=True), compile_on_cpu=True)
     on_cpu = Forward(models, FastPaths(channels_last=False, compile=True))

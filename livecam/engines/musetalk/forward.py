@@ -8,8 +8,9 @@ FLOP-bound). channels_last runs the convolutions in NHWC, the tensor cores' layo
 torch.compile (opt-in) fuses the decoders' elementwise passes: on an H200 at batch 16, the
 full VAE decoder's GroupNorm and SiLU passes took 33 of its 56 ms eagerly, and the compiled
 decoder 24 ms (13.7 s to compile that shape). Only the batch dimension is dynamic: one compile
-for batch 1 and one for every larger batch, where a compile per shape made the merged shapes
-cost minutes (here, the toy decoder on a CPU: 25 s a shape; 30 s once, then under 1 s each).
+for batch 1 and one per range of batches the decoder's code branches on (the full VAE: 2-15,
+16-63, 64 up), where a compile per shape made the merged shapes cost minutes (here, the toy
+decoder on a CPU: 25 s a shape; now 30 s for a range, under 1 s for each shape within it).
 The UNet is not compiled: compiling it for a dynamic batch ran past four minutes there.
 """
 
@@ -65,8 +66,7 @@ class _Graph:
     out: torch.Tensor  # static output, valid until the next replay
 
 
-# Two decoders, two functions: dynamo keeps one cache per function (each holds a batch-1 and
-# a dynamic-batch compile).
+# Two decoders, two functions: dynamo keeps one cache per function (a few compiles each).
 def _decode_full(decoder: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return decoder.decode(x).sample
 
@@ -145,7 +145,7 @@ class Forward:
         x = latents.contiguous(memory_format=self.format) / float(vae.config.scaling_factor)
         decode = self._decoders[tier]
         if decode is not PLAIN_DECODERS[tier] and len(x) > 1:
-            torch._dynamo.mark_dynamic(x, 0)  # one compile serves every batch size above 1
+            torch._dynamo.mark_dynamic(x, 0)  # one compile serves a range of batch sizes
         try:
             return to_bgr_uint8(decode(vae, x))
         except Exception as e:
