@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
 from livecam.pipeline.stats import Snapshot
 from livecam.remote.client import LinkStats
-from tests.conftest import JFK
+from tests.conftest import JFK, REPO
 
 TOKEN = "test-token-" + "x" * 24
 FPS = 30.0
@@ -37,3 +41,34 @@ def run_live(url: str, token_file: Path, seconds: float) -> tuple[Snapshot, Link
         pipeline.stop()
         close_engine(pipeline.engine)
     return snap, pipeline.engine.link.stats
+
+
+def start_serve(
+    token_file: Path, port: int, *options: str, env: dict[str, str] | None = None,
+    timeout: float = 120.0,
+) -> tuple[subprocess.Popen, str]:  # fmt: skip
+    """`livecam serve` in a process of its own, and its output up to the line with its URL
+    (all of it, if it ended first; what came, if `timeout` passed first: then it is killed)."""
+    command = ["serve", "--token-file", str(token_file), "--port", str(port), *options]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "livecam", *command], cwd=REPO, env=env or dict(os.environ),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    shown = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if f"ws://127.0.0.1:{port}" in line:
+                break
+        shown.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    if not shown.wait(timeout):
+        proc.kill()
+        reader.join(10)
+        lines.append(f"[not up after {timeout:.0f} s: killed]\n")
+    return proc, "".join(lines)

@@ -30,7 +30,7 @@ from livecam.remote import protocol as wire  # noqa: E402
 from livecam.remote.client import RemoteRefused, _decode, open_remote, stream_url  # noqa: E402
 from livecam.remote.generator import paste  # noqa: E402
 from tests.conftest import JFK, REPO  # noqa: E402
-from tests.remote_server import FPS, TOKEN, free_port  # noqa: E402
+from tests.remote_server import FPS, TOKEN, free_port, start_serve  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -619,26 +619,10 @@ def test_a_port_in_use_is_refused_clearly():
             check_port("127.0.0.1", port)
 
 
-def _start_serve(token_file: Path, port: int, *options: str) -> tuple[subprocess.Popen, str]:
-    """`livecam serve` in a process of its own, and its output up to the line with its URL
-    (all of it, if it ended first)."""
-    command = ["serve", "--token-file", str(token_file), "--port", str(port), *options]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "livecam", *command],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if f"ws://127.0.0.1:{port}" in line:
-            break
-    return proc, "".join(lines)
-
-
 def test_livecam_serve_prints_its_url_and_stops_on_sigint(tmp_path):
     token_file = tmp_path / "token"
     port = free_port()
-    proc, shown = _start_serve(token_file, port)
+    proc, shown = start_serve(token_file, port)
     try:
         assert f"ws://127.0.0.1:{port}" in shown, shown
         assert len(token_file.read_text().strip()) >= 32
@@ -656,7 +640,7 @@ def test_serve_on_random_musetalk_weights_feeds_a_live_stream(tmp_path):
     """What the GPU run (tools/gpu/serve.sh) does: `livecam serve --random-weights` (toy
     size here) and a live stream through `livecam bench --remote`, its faces from the pool."""
     token_file, port = tmp_path / "token", free_port()
-    proc, shown = _start_serve(token_file, port, "--engine", "musetalk", "--random-weights",
+    proc, shown = start_serve(token_file, port, "--engine", "musetalk", "--random-weights",
                                "--tiny")  # fmt: skip
     try:
         assert "musetalk (tiny-size random weights)" in shown, shown
@@ -817,3 +801,20 @@ def test_an_avatar_switch_uploads_the_new_one_on_the_same_stream(server, avatars
         assert other.link._conn.avatars == {engine.sha, other.sha}
     finally:
         engine.close()
+
+
+def test_replicas_share_the_gpus_evenly_so_that_every_one_is_placed():
+    from livecam.remote.server import replica_resources
+
+    assert replica_resources({"CPU": 2.0}, 2) == {"num_cpus": 1.0}
+    assert replica_resources({"CPU": 2.0}, 4) == {"num_cpus": 0.5}
+    assert replica_resources({"CPU": 16.0, "GPU": 1.0}, 1) == {"num_cpus": 1.0, "num_gpus": 1.0}
+    assert replica_resources({"CPU": 16.0, "GPU": 1.0}, 2)["num_gpus"] == 0.5
+    assert replica_resources({"CPU": 16.0, "GPU": 2.0}, 2)["num_gpus"] == 1.0
+    for gpus in range(1, 5):
+        for replicas in range(1, 10):
+            share = replica_resources({"CPU": 64.0, "GPU": float(gpus)}, replicas)["num_gpus"]
+            per_gpu = round(1 / share)
+            assert per_gpu * share == 1.0  # whole shares: no GPU left with a useless remnant
+            assert per_gpu * gpus >= replicas  # every replica has a place
+            assert (per_gpu - 1) * gpus < replicas  # and no more sharing than needed

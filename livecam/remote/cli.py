@@ -14,7 +14,12 @@ def serve_command(
         Path, typer.Option(help="Clients' shared token; created (mode 0600) if missing.")
     ],
     engine: Annotated[str, typer.Option(help="Engine the pool runs: lite | musetalk.")] = "lite",
-    replicas: Annotated[int, typer.Option(help="Generator replicas (one per GPU).", min=1)] = 1,
+    replicas: Annotated[
+        int,
+        typer.Option(
+            help="Generator replicas: one per GPU; more than the GPUs share them evenly.", min=1
+        ),
+    ] = 1,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 8765,
     models_dir: Annotated[

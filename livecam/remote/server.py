@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import itertools
 import logging
+import math
 import os
 import secrets
 import signal
@@ -50,6 +51,7 @@ ENGINES = ("lite", "musetalk")
 MAX_BATCH_STREAMS = 16  # requests merged into one generator call
 BATCH_WAIT_S = 0.0  # no waiting: requests that queued during the last call form the batch
 HELLO_TIMEOUT_S = 10.0
+JOIN_CHECK_S = 5.0  # --address HOST:PORT must accept a connection within this
 RETRY_FOR_S = 2.0  # a request whose replica died is retried on another for this long
 MAX_ERRORS = 16  # protocol errors on one connection before it is closed
 UPLOADED_AVATARS = 32  # per ingress replica
@@ -392,6 +394,17 @@ def check_engine(engine: str) -> None:
         )
 
 
+def replica_resources(cluster: dict[str, float], replicas: int) -> dict[str, float]:
+    """A generator replica's share of the cluster: a GPU each where there are enough, else an
+    equal share of one (two replicas on one GPU: one's kernels run while the other works on
+    the CPU), and a CPU each, or a share, so that every replica can be placed."""
+    share = {"num_cpus": min(1.0, cluster.get("CPU", 1.0) / replicas)}
+    gpus = int(cluster.get("GPU", 0))
+    if gpus >= 1:
+        share["num_gpus"] = 1.0 / math.ceil(replicas / gpus)  # whole shares of one GPU
+    return share
+
+
 def build_app(
     engine: str,
     replicas: int,
@@ -401,11 +414,7 @@ def build_app(
 ) -> Any:
     """The Serve application: ingress bound to a generator pool of `replicas`."""
     check_engine(engine)
-    resources = ray.cluster_resources()
-    if resources.get("GPU", 0) >= 1:
-        actor: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1}
-    else:  # share the CPUs: replicas above the CPU count must still be placed
-        actor = {"num_cpus": min(1.0, resources.get("CPU", 1) / replicas)}
+    actor: dict[str, Any] = replica_resources(ray.cluster_resources(), replicas)
     actor["runtime_env"] = {"env_vars": GRPC_ENV}
     generator = Generator.options(num_replicas=replicas, ray_actor_options=actor)
     return Ingress.bind(
@@ -430,10 +439,27 @@ def start_app(
         http_options={"host": host, "port": port},
         logging_config=QUIET,
     )
+    listening = serve_address()
+    if listening is not None and listening != (host, port):  # it ran there before: kept its
+        raise EngineError(
+            f"Ray Serve already runs on this cluster, listening on {listening[0]}:{listening[1]}"
+            f" (not {host}:{port}): run with --host {listening[0]} --port {listening[1]}, or "
+            "shut it down there first (`serve shutdown`)"
+        )
     app = build_app(engine, replicas, token, models_dir, random_weights)
     serve.run(app, name=name, route_prefix=route)
     shown = f"[{host}]" if ":" in host else host
     return f"ws://{shown}:{port}{route.rstrip('/')}"
+
+
+def serve_address() -> tuple[str, int] | None:
+    """Where Ray Serve on the connected cluster listens (None: it does not run there)."""
+    from ray.serve.context import _get_global_client  # Serve's own record (no public API)
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return None
+    return client.http_config.host, client.http_config.port
 
 
 def run_server(opts: ServeOptions, say: Any = print) -> int:
@@ -446,13 +472,27 @@ def run_server(opts: ServeOptions, say: Any = print) -> int:
         check_port(opts.host, opts.port)
         ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, logging_level="warning")
     else:
-        ray.init(address=opts.address, logging_level="warning")
-    stop = threading.Event()
+        join_cluster(opts.address)
+    serve_was_there = serve_address() is not None
+    stop, up = threading.Event(), threading.Event()
+
+    def on_signal(*_: object) -> None:
+        first = not stop.is_set()
+        stop.set()
+        if first and not up.is_set():  # deploying: perhaps for resources that never come
+            raise KeyboardInterrupt
+
     # after ray.init, which installs its own SIGTERM handler
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        url = start_app(opts.engine, opts.replicas, token, opts.host, opts.port, opts.models_dir,
-                        random_weights=opts.random_weights)  # fmt: skip
+        try:
+            url = start_app(opts.engine, opts.replicas, token, opts.host, opts.port,
+                            opts.models_dir, random_weights=opts.random_weights)  # fmt: skip
+        except KeyboardInterrupt:
+            say("livecam serve: stopped before the pool was up")
+            remove_app(serve_was_there)
+            return 130
+        up.set()
         weights = f" ({opts.random_weights}-size random weights)" if opts.random_weights else ""
         say(
             f"livecam serve: {opts.engine}{weights} x{opts.replicas} at {url} "
@@ -461,14 +501,52 @@ def run_server(opts: ServeOptions, say: Any = print) -> int:
         while not stop.wait(0.5):  # signal handlers run between waits
             pass
         say("livecam serve: shutting down")
-        serve.delete(APP_NAME)
-        if not opts.address:
-            serve.shutdown()
+        remove_app(serve_was_there)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         ray.shutdown()
     return 0
+
+
+def join_cluster(address: str) -> None:
+    """ray.init on an existing cluster; EngineError, saying what to do, where that fails."""
+    host, _, port = address.rpartition(":")
+    if host and port.isdigit():  # HOST:PORT (not "auto"): Ray would retry for minutes
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), JOIN_CHECK_S).close()
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else "no answer"
+            raise EngineError(
+                f"cannot join the Ray cluster at {address}: {reason} "
+                "(is `ray start --head` running there, and is the address its GCS port?)"
+            ) from None
+    try:
+        ray.init(address=address, logging_level="warning")
+    except Exception as exc:  # Ray raises ConnectionError, RuntimeError, AuthenticationError
+        causes, cause = [], exc
+        while cause is not None and len(causes) < 8:  # Ray wraps the GCS client's error
+            causes.append(f"{type(cause).__name__}: {cause}")
+            cause = cause.__cause__ or cause.__context__
+        if any("InvalidAuthToken" in text or "AuthenticationError" in text for text in causes):
+            raise EngineError(
+                f"the Ray cluster at {address} asks for its token: run with RAY_AUTH_MODE=token "
+                "and the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN "
+                "(`ray get-auth-token` on its head node prints it)"
+            ) from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EngineError(
+            f"cannot join the Ray cluster at {address}: {first} "
+            "(is `ray start --head` running there, and is the address its GCS port?)"
+        ) from None
+
+
+def remove_app(serve_was_there: bool) -> None:
+    """The application off the cluster, and Serve too where this run started it and no other
+    application came meanwhile (a Serve left running keeps its address for the next run)."""
+    serve.delete(APP_NAME)
+    if not serve_was_there and not serve.status().applications:
+        serve.shutdown()
 
 
 def check_port(host: str, port: int) -> None:

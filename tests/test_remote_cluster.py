@@ -1,0 +1,119 @@
+"""`livecam serve --address`: joining a cluster that `ray start --head` runs, with token
+authentication (Ray 2.59 and later turn it on where a token exists); it declares a GPU it lacks,
+so two generator replicas must share it (they run on the CPU). Also the errors a join meets,
+and Serve left on the cluster as it was found. Its own module: no other Ray cluster runs
+beside it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray")
+
+from tests.conftest import REPO
+from tests.remote_server import TOKEN, free_port, start_serve
+
+RAY = Path(sys.executable).with_name("ray")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
+    """The head's address, and an environment whose HOME holds the cluster's token."""
+    home = tmp_path_factory.mktemp("ray-home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["HOME"] = str(home)  # where `ray start` writes the token, and the clients find it
+    subprocess.run([str(RAY), "get-auth-token", "--generate"], env=env, check=True,
+                   capture_output=True, timeout=60)  # fmt: skip
+    port = free_port()
+    head = subprocess.Popen(
+        [str(RAY), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port",
+         str(port), "--num-cpus", "3", "--num-gpus", "1", "--include-dashboard=false",
+         "--disable-usage-stats"],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not _listening(port):
+            assert head.poll() is None and time.monotonic() < deadline, "ray start failed"
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}", env
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), 1).close()
+        return True
+    except OSError:
+        return False
+
+
+def _stop(proc: subprocess.Popen) -> str:
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    return out
+
+
+def test_two_replicas_share_the_clusters_one_gpu_and_serve_leaves_as_it_came(cluster, tmp_path):
+    address, env = cluster
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    joined = {**env, "RAY_AUTH_MODE": "token"}
+    port, other = free_port(), free_port()
+    first, shown = start_serve(token_file, port, "--address", address, "--replicas", "2",
+                               env=joined)  # fmt: skip
+    try:
+        # one GPU a replica: the second could never be placed, and the pool never came up
+        assert f"lite x2 at ws://127.0.0.1:{port}" in shown, shown
+        bench = subprocess.run(
+            [sys.executable, "-m", "livecam", "bench", "--remote", f"ws://127.0.0.1:{port}",
+             "--token-file", str(token_file), "--streams", "2", "--soak", "3", "--json",
+             "--size", "320x240"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert bench.returncode == 0, bench.stderr[-2000:]
+        assert all(row["remote_frames"] > 0 for row in json.loads(bench.stdout)["per_stream"])
+        # Serve runs on the cluster now, at this port: another port would be ignored
+        second, out = start_serve(token_file, other, "--address", address, env=joined)
+        assert second.wait(60) == 1, out
+        assert f"already runs on this cluster, listening on 127.0.0.1:{port}" in out, out
+    finally:
+        out = _stop(first)
+    assert first.returncode == 0 and "shutting down" in out, out
+    # the first run started Serve there, and shut it down: the next one listens where asked
+    third, shown = start_serve(token_file, other, "--address", address, env=joined)
+    out = _stop(third) if third.poll() is None else third.communicate()[0]
+    assert f"at ws://127.0.0.1:{other}" in shown, shown + out
+    assert third.returncode == 0, out
+
+
+def test_a_join_without_the_token_or_to_no_cluster_says_what_to_do(cluster, tmp_path):
+    address, env = cluster
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    proc, out = start_serve(token_file, free_port(), "--address", address, env=env)
+    assert proc.wait(120) == 1, out
+    assert "asks for its token: run with RAY_AUTH_MODE=token" in out, out
+    assert "Traceback" not in out
+    nothing = f"127.0.0.1:{free_port()}"
+    proc, out = start_serve(token_file, free_port(), "--address", nothing, env=env)
+    assert proc.wait(60) == 1, out
+    assert f"cannot join the Ray cluster at {nothing}: Connection refused" in out, out
