@@ -99,7 +99,7 @@ def server() -> Iterator[str]:
     from tests.remote_server import TOKEN, free_port
 
     # 2 CPUs for the lite pool's two replicas, one for test_remote_serve's musetalk app
-    ray.init(num_cpus=3, include_dashboard=False, logging_level="warning")
+    ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="warning")
     try:
         yield start_app("lite", 2, TOKEN, "127.0.0.1", free_port())
     finally:

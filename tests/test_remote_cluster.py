@@ -117,3 +117,18 @@ def test_a_join_without_the_token_or_to_no_cluster_says_what_to_do(cluster, tmp_
     proc, out = start_serve(token_file, free_port(), "--address", nothing, env=env)
     assert proc.wait(60) == 1, out
     assert f"cannot join the Ray cluster at {nothing}: Connection refused" in out, out
+
+
+def test_serve_without_an_address_starts_a_cluster_of_its_own_beside_this_one(
+    cluster, tmp_path
+):
+    """Ray joins the newest `ray start` cluster on the machine unless told otherwise: livecam
+    serve without --address failed on that (num_cpus with an existing cluster)."""
+    _, env = cluster
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    port = free_port()
+    proc, shown = start_serve(token_file, port, env=env)
+    out = _stop(proc) if proc.poll() is None else proc.communicate()[0]
+    assert f"lite x1 at ws://127.0.0.1:{port}" in shown, shown + out
+    assert proc.returncode == 0, out

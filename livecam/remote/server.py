@@ -470,7 +470,9 @@ def run_server(opts: ServeOptions, say: Any = print) -> int:
     token = read_token(opts.token_file, create=True)
     if not opts.address:
         check_port(opts.host, opts.port)
-        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, logging_level="warning")
+        # a cluster of its own, even where `ray start` runs one (--address joins that)
+        ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False,
+                 logging_level="warning")  # fmt: skip
     else:
         join_cluster(opts.address)
     serve_was_there = serve_address() is not None

@@ -8,7 +8,9 @@
 # client process, SOAK seconds (default 20) each: how many streams the GPU holds, every frame
 # made there. Reports: $OUT/streams.json (summary), $OUT/streams-N.json, $OUT/serve.log.
 # COMPILE=1: the server compiles its decoders (LIVECAM_TORCH_COMPILE=1, about a minute more at
-# start); its reports are named streams-compiled*.json and serve-compiled.log. A dry run here,
+# start); REPLICAS=2: two generator replicas share the GPU (one's kernels run while the other
+# is on the CPU). Their reports are named streams-compiled*.json, streams-r2*.json (and
+# serve-compiled.log ...). A dry run here,
 # in a venv with only the image's packages and a set made with PY_VERSION=3.11:
 #   PYTHON=VENV/bin/python WHEELS=DIR OUT=/tmp/gpu TINY=1 STREAMS="1 2" SOAK=8 bash tools/gpu/serve.sh
 set -uo pipefail
@@ -20,6 +22,8 @@ site=/tmp/livecam-site
 port=${PORT:-8765}
 tag=""
 if [ "${COMPILE:-0}" = 1 ]; then tag=-compiled; export LIVECAM_TORCH_COMPILE=1; fi
+replicas=${REPLICAS:-1}
+if [ "$replicas" != 1 ]; then tag="$tag-r$replicas"; fi
 mkdir -p "$out" "$site"
 "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target "$site" "$wheels"/*.whl || exit 1
@@ -29,7 +33,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.
 
 token=$(mktemp -u /tmp/livecam-token.XXXXXX)
 setsid "$python" -m livecam serve --engine musetalk --random-weights ${TINY:+--tiny} \
-  --token-file "$token" --port "$port" >"$out/serve$tag.log" 2>&1 &
+  --replicas "$replicas" --token-file "$token" --port "$port" >"$out/serve$tag.log" 2>&1 &
 server=$!
 stop_server() { kill -INT -- "-$server" 2>/dev/null; wait "$server"; }
 trap stop_server EXIT
