@@ -83,6 +83,16 @@ def test_two_replicas_share_the_clusters_one_gpu_and_serve_leaves_as_it_came(clu
     try:
         # one GPU a replica: the second could never be placed, and the pool never came up
         assert f"lite x2 at ws://127.0.0.1:{port}" in shown, shown
+        # Serve runs on the cluster now, at this port: another port would be ignored
+        second, out = start_serve(token_file, other, "--address", address, env=joined)
+        assert second.wait(60) == 1, out
+        assert f"already runs on this cluster, listening on 127.0.0.1:{port}" in out, out
+        # at the same port, it would have replaced the first one's pool under its clients
+        second, out = start_serve(token_file, port, "--address", address, env=joined)
+        assert second.wait(60) == 1, out
+        assert "another livecam serve runs on this cluster" in out, out
+        assert first.poll() is None
+        # and the first pool serves on
         bench = subprocess.run(
             [sys.executable, "-m", "livecam", "bench", "--remote", f"ws://127.0.0.1:{port}",
              "--token-file", str(token_file), "--streams", "2", "--soak", "3", "--json",
@@ -91,10 +101,6 @@ def test_two_replicas_share_the_clusters_one_gpu_and_serve_leaves_as_it_came(clu
         )  # fmt: skip
         assert bench.returncode == 0, bench.stderr[-2000:]
         assert all(row["remote_frames"] > 0 for row in json.loads(bench.stdout)["per_stream"])
-        # Serve runs on the cluster now, at this port: another port would be ignored
-        second, out = start_serve(token_file, other, "--address", address, env=joined)
-        assert second.wait(60) == 1, out
-        assert f"already runs on this cluster, listening on 127.0.0.1:{port}" in out, out
     finally:
         out = _stop(first)
     assert first.returncode == 0 and "shutting down" in out, out
@@ -119,9 +125,7 @@ def test_a_join_without_the_token_or_to_no_cluster_says_what_to_do(cluster, tmp_
     assert f"cannot join the Ray cluster at {nothing}: Connection refused" in out, out
 
 
-def test_serve_without_an_address_starts_a_cluster_of_its_own_beside_this_one(
-    cluster, tmp_path
-):
+def test_serve_without_an_address_starts_a_cluster_of_its_own_beside_this_one(cluster, tmp_path):
     """Ray joins the newest `ray start` cluster on the machine unless told otherwise: livecam
     serve without --address failed on that (num_cpus with an existing cluster)."""
     _, env = cluster

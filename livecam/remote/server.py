@@ -446,6 +446,11 @@ def start_app(
             f" (not {host}:{port}): run with --host {listening[0]} --port {listening[1]}, or "
             "shut it down there first (`serve shutdown`)"
         )
+    if name in serve.status().applications:  # serve.run would replace it without a word
+        raise EngineError(
+            f"another livecam serve runs on this cluster (Serve application {name!r}): "
+            "its clients would lose it; stop it first"
+        )
     app = build_app(engine, replicas, token, models_dir, random_weights)
     serve.run(app, name=name, route_prefix=route)
     shown = f"[{host}]" if ":" in host else host
@@ -514,7 +519,7 @@ def run_server(opts: ServeOptions, say: Any = print) -> int:
 def join_cluster(address: str) -> None:
     """ray.init on an existing cluster; EngineError, saying what to do, where that fails."""
     host, _, port = address.rpartition(":")
-    if host and port.isdigit():  # HOST:PORT (not "auto"): Ray would retry for minutes
+    if "://" not in address and host and port.isdigit():  # HOST:PORT: Ray retries for minutes
         try:
             socket.create_connection((host.strip("[]"), int(port)), JOIN_CHECK_S).close()
         except OSError as exc:
