@@ -45,7 +45,7 @@ def run_live(url: str, token_file: Path, seconds: float) -> tuple[Snapshot, Link
 
 def start_serve(
     token_file: Path, port: int, *options: str, env: dict[str, str] | None = None,
-    timeout: float = 120.0,
+    timeout: float = 300.0,
 ) -> tuple[subprocess.Popen, str]:  # fmt: skip
     """`livecam serve` in a process of its own, and its output up to the line with its URL
     (all of it, if it ended first; what came, if `timeout` passed first: then it is killed)."""
