@@ -33,7 +33,13 @@ from livecam.audio.ring import AudioRing
 from livecam.avatar.model import Avatar
 from livecam.avatar.store import load_avatar
 from livecam.engines.musetalk.engine import MuseTalkEngine, MuseTalkOptions
-from livecam.engines.musetalk.forward import MERGED_SIZES, FastPaths, Forward, SharedForward
+from livecam.engines.musetalk.forward import (
+    MERGED_SIZES,
+    FastPaths,
+    Forward,
+    SharedForward,
+    warm_shapes,
+)
 from livecam.engines.musetalk.models import MuseTalkModels, random_models
 
 log = logging.getLogger(__name__)
@@ -191,10 +197,8 @@ class Suite:
         """One stream's fps alone, then a bisection: the most streams held, every trial."""
         base = self.engine(FastPaths(), shared, (STREAM_BATCH,))  # calls of 4, never padded
         base.set_tier(tier)
-        feats = torch.zeros((1, 50, self.models.whisper.dim), device=self.device)
         sizes = MERGED_SIZES if shared.forward.fixed_shapes else (1,)  # capture them all first
-        for size in sizes:
-            shared.forward(*base.model_inputs(feats.expand(size, -1, -1)), tier)
+        warm_shapes(shared.forward, self.models, (tier,), sizes)
         single = self._fps(base, _long_ring(self.audio, 60), STREAM_BATCH, start=50)
         tried: dict[int, dict[str, Any]] = {}
         held, failed = 0, max_streams + 1  # bisect between the most held and the least failed
