@@ -433,15 +433,18 @@ class _RoundTrips:
     at the earliest: a lost packet holds up the replies behind it until it is resent."""
 
     def __init__(self, worker: _Worker, rtt: float, busy: float = 0.001,
-                 held: tuple[float, float] = (0.0, 0.0), fastest: float = 0.0) -> None:  # fmt: skip
+                 held: tuple[float, float] = (0.0, 0.0), fastest: float = 0.0,
+                 measured: bool = True) -> None:  # fmt: skip
+        """measured: the round trip is known from the start (else from the first reply)."""
         self.p, self.rtt, self.busy, self.held = worker.p, rtt, busy, held
         self.in_flight: list[float] = []  # answer times of the calls not yet collected
+        self.answered: list[float] = []  # when collected
         self.most = 0  # calls in flight at once, at most
         self.sent: list[tuple[list[int], float, str]] = []  # (frames, time, engine tier) a call
         engine = self.p.look.engine
         engine.submit = self.submit
-        # as the remote engine: from the fastest recent round trip
-        engine.calls_in_flight = lambda period: math.ceil((fastest or rtt) / period)
+        # as the remote engine: the fastest recent round trip
+        engine.round_trip_s = lambda: (fastest or rtt) if measured or self.answered else None
 
     def submit(self, ring, frames):
         engine, now = self.p.look.engine, self.p.fake.t
@@ -467,6 +470,7 @@ class _FakeCall:
             return None
         clock.wait(max(left, 0.0))
         self.trips.in_flight.remove(self.answer_at)
+        self.trips.answered.append(clock.t)
         return self.faces
 
 
@@ -539,6 +543,18 @@ def test_calls_held_up_behind_a_lost_packet_do_not_hold_back_the_next_ones(pipel
     assert all(k > due for k, due, _ in worker.pushed[-FPS:])  # on time again
 
 
+def test_before_the_first_reply_one_call_at_a_time(pipeline) -> None:
+    """A generator that takes half a second a call: until its first reply tells what a call
+    costs, no second call goes out (one a frame would queue 15 there); then they overlap."""
+    pipeline.scheduler.observe = lambda mode, seconds, **_: False  # every frame, batch 1
+    worker = _Worker(pipeline, 2.0)
+    trips = _RoundTrips(worker, 0.5, measured=False)
+    worker.run()
+    (_, first, _), (_, second, _) = trips.sent[:2]
+    assert second >= trips.answered[0] == pytest.approx(first + 0.5, abs=0.02)
+    assert trips.most > 1  # once the round trip is known
+
+
 def test_a_call_goes_out_as_soon_as_its_audio_is_in_at_the_modes_tier(pipeline) -> None:
     """With room for another call, a batch is sent within 2 ms (the worker's shortest wait)
     of the capture block that completes its audio, even while it waits on earlier replies;
@@ -548,7 +564,7 @@ def test_a_call_goes_out_as_soon_as_its_audio_is_in_at_the_modes_tier(pipeline) 
     pipeline.playout_delay = 0.25  # covers the round trip: no frame is skipped
     worker = _Worker(pipeline, 3.0)
     trips = _RoundTrips(worker, rtt=0.15)
-    pipeline.look.engine.calls_in_flight = lambda period: runner.MAX_IN_FLIGHT  # never full
+    pipeline.look.engine.round_trip_s = lambda: 60.0  # room for any number of calls
     worker.run()
     engine, origin = pipeline.look.engine, pipeline.clock.origin()
     assert len(trips.sent) > 1.2 * FPS  # two frames a call for 3 s, less the start
@@ -576,13 +592,17 @@ def test_room_for_a_call_at_the_modes_pace_up_to_the_cap(pipeline) -> None:
 
     assert not pipeline._room_for_a_call(engine, mode, out())  # a plain engine is called
     _RoundTrips(_Worker(pipeline, 1.0), rtt=0.1)
-    periods: list[float] = []
-    engine.calls_in_flight = lambda period: periods.append(period) or 3
+    engine.round_trip_s = lambda: 2.5 * period  # 3 periods' calls out
     assert pipeline._room_for_a_call(engine, mode, out(0, 1, 2))  # one more to catch up
     assert not pipeline._room_for_a_call(engine, mode, out(0, 0.5, 1, 2))
     assert pipeline._room_for_a_call(engine, mode, out(0, 1, 2, 3.5))  # held up since
-    assert periods[0] == pytest.approx(period)
-    engine.calls_in_flight = lambda period: 50  # whatever it asks for
+    engine.round_trip_s = lambda: 0.1 * period  # a fast network: one a period
+    assert pipeline._room_for_a_call(engine, mode, out(0.5, 2))
+    assert not pipeline._room_for_a_call(engine, mode, out(0, 0.5))
+    engine.round_trip_s = lambda: None  # before the first reply: one at a time
+    assert pipeline._room_for_a_call(engine, mode, out())
+    assert not pipeline._room_for_a_call(engine, mode, out(3))
+    engine.round_trip_s = lambda: 50 * period  # whatever the round trip
     assert pipeline._room_for_a_call(engine, mode, out(*[0] * (runner.MAX_IN_FLIGHT - 1)))
     assert not pipeline._room_for_a_call(engine, mode, out(*[0] * runner.MAX_IN_FLIGHT))
 

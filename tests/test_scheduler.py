@@ -108,6 +108,22 @@ def test_cost_priors_for_unmeasured_tiers_and_batches():
     assert s.utilisation(Mode("full", 2, 4), 0.06) == pytest.approx(0.06 * FPS / 8)
 
 
+def test_a_remote_engines_first_call_replaces_the_prior():
+    """A call of 4.5 frame times: a remote engine's first reply sets the cost, and the step
+    down goes at once to a mode that keeps up (calls at a pace planned on the prior would
+    queue at its generator); a local engine's first call is averaged in as any other."""
+    local, remote = (Scheduler(FPS, ("full", "tiny"), (1,), base_delay_s=0.08,
+                               initial_cost_s=0.01) for _ in range(2))  # fmt: skip
+    assert local.observe(Mode("full", 1, 1), 0.15, now=0.0)
+    assert remote.observe(Mode("full", 1, 1), 0.15, now=0.0, latency=0.2)
+    assert local.cost("full", 1) == pytest.approx(0.01 + 0.2 * (0.15 - 0.01))
+    assert local.utilisation(local.mode, 0.15) > 1  # it will step down again
+    assert remote.cost("full", 1) == 0.15
+    assert remote.utilisation(remote.mode) <= TARGET_UTILISATION  # in one step
+    remote.observe(Mode("full", 1, 1), 0.1, now=0.1, latency=0.15)  # later: a moving average
+    assert remote.cost("full", 1) == pytest.approx(0.15 + 0.2 * (0.1 - 0.15))
+
+
 def test_playout_delay_before_and_after_the_first_measurements():
     s = Scheduler(FPS, ("full",), (1, 2), base_delay_s=0.08, initial_cost_s=0.01)
     assert s.playout_delay == pytest.approx(0.08 + 1.3 * 0.01)  # the estimate, with margin

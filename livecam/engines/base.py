@@ -60,7 +60,7 @@ class PipelinedEngine(Protocol):
         """Start on `frames` (as `generate` would) and return at once."""
         ...
 
-    def calls_in_flight(self, period_s: float) -> int:
-        """How many calls to keep in flight when one goes out every `period_s`: enough to
-        cover the round trip, not more (more only queue up at the generator)."""
+    def round_trip_s(self) -> float | None:
+        """The network's round trip (not the generator's queue), which calls in flight cover;
+        None before the first reply."""
         ...

@@ -224,15 +224,20 @@ class Pipeline:
     def _room_for_a_call(
         self, engine: Engine, mode: Mode, in_flight: collections.deque[InFlight]
     ) -> bool:
-        """A pipelined engine that sent no more calls in the last round trip than it wants
-        at this mode's pace: one a period as their audio comes in, and one more to catch up
-        after a late one. Calls out for longer and still unanswered (a lost packet holds
-        them up) do not count: the next ones still go out on time, not in a burst once the
-        held-up ones are answered."""
+        """A pipelined engine that sent no more calls in the last round trip than its pace
+        asks for: one a period as their audio comes in (as many as the round trip holds
+        periods), and one more to catch up after a late one. Calls out for longer and still
+        unanswered (a lost packet holds them up) do not count: the next ones still go out
+        on time, not in a burst once the held-up ones are answered. Before the first reply,
+        one call at a time: it tells the scheduler what a call costs, where a call a period
+        to a slower generator would queue there for the whole stream's start."""
         if not isinstance(engine, PipelinedEngine) or len(in_flight) >= MAX_IN_FLIGHT:
             return False
+        round_trip = engine.round_trip_s()
+        if round_trip is None:
+            return not in_flight
         period = mode.batch * mode.stride / self.cfg.fps
-        calls = engine.calls_in_flight(period)
+        calls = max(1, math.ceil(round_trip / period))
         since = time.perf_counter() - calls * period
         return sum(1 for call in in_flight if call.sent > since) <= calls
 

@@ -175,11 +175,15 @@ class Scheduler:
         calls go out meanwhile). The cost sets the mode; the latency, the playout delay.
         Returns True when the mode (and playout delay) changed."""
         key = (mode.tier, mode.batch)
-        old = self._cost.get(key, seconds)
+        first_round_trip = latency is not None and self._recent.maxlen != ROUND_TRIPS
+        # a remote engine's first call replaces the prior outright: calls sent at a pace
+        # planned on a low estimate queue at its generator and hold up every later reply
+        # (a local engine's only skip frames, and its first call may be a cold outlier)
+        old = seconds if first_round_trip else self._cost.get(key, seconds)
         self._cost[key] = old + EWMA * (seconds - old)
         now = time.monotonic() if now is None else now
         if latency is not None:
-            if self._recent.maxlen != ROUND_TRIPS:  # the first round trip: a remote engine
+            if first_round_trip:
                 self._recent = collections.deque(maxlen=ROUND_TRIPS)
             self._note_round_trip(latency, now)
         self._recent.append(seconds if latency is None else latency)

@@ -14,7 +14,6 @@ import contextlib
 import ipaddress
 import itertools
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -600,12 +599,11 @@ class RemoteEngine:
         pending = self.link.send(self.sha, self.blob, ring, frames, tier, upto)
         return RemoteCall(self, ring, frames, pending, time.perf_counter() - t0)
 
-    def calls_in_flight(self, period_s: float) -> int:
-        """The network's round trip (the fastest recent one: the rest is queueing, which more
-        calls would only lengthen) over the period between calls: one over loopback or a LAN,
-        as many as the round trip holds periods beyond."""
+    def round_trip_s(self) -> float | None:
+        """The fastest recent round trip: the rest is queueing, which more calls in flight
+        would only lengthen."""
         rtts = tuple(self.link.stats.rtt_s)
-        return max(1, math.ceil((min(rtts) if rtts else period_s) / period_s))
+        return min(rtts) if rtts else None
 
     def generate(self, ring: AudioRing, frames: Sequence[int]) -> list[np.ndarray]:
         call = self.submit(ring, frames)
