@@ -1,5 +1,7 @@
 """The scheduler's decisions, driven with synthetic engine costs (no clocks involved)."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -7,6 +9,7 @@ from livecam.pipeline.scheduler import (
     LATENCY_CEILING_S,
     LOWER_AFTER_S,
     SLOWER_AFTER_S,
+    STALE_AFTER_S,
     STEP_DOWN_AT,
     STEP_UP_AFTER_S,
     STEP_UP_BELOW,
@@ -61,6 +64,43 @@ def test_headroom_steps_back_up_only_after_a_calm_period():
     assert s.mode == low  # hysteresis: not yet
     _drive(s, lambda m: 0.1 * BUDGET, STEP_UP_AFTER_S * 4, start=end)
     assert s.mode == Mode("full", 1, 1)
+
+
+def _modes_over(s: Scheduler, cost_of, seconds: float, start: float) -> list[tuple[float, Mode]]:
+    """_drive, recording (time, mode) of each call."""
+    calls, now = [], start
+    while now < start + seconds:
+        mode = s.mode
+        calls.append((now, mode))
+        s.observe(mode, cost_of(mode), now=now)
+        now += mode.batch * mode.stride / FPS
+    return calls
+
+
+def test_after_a_load_spike_the_better_tier_is_tried_again():
+    """Something else takes the machine for 5 s: the scheduler steps down to the nearest
+    tier. Once calm, full quality's cost (measured in the spike) is stale: it is tried again
+    STALE_AFTER_S after its last measurement (it was never again, with that cost kept)."""
+    s = Scheduler(FPS, ("full", "nearest"), (1,), base_delay_s=0.08)
+    spike = _modes_over(s, lambda m: 3 * BUDGET if m.tier == "full" else 2 * BUDGET, 5, 0.0)
+    last_full = max(t for t, m in spike if m.tier == "full")
+    calm = _modes_over(s, lambda m: 0.1 * BUDGET, 30, spike[-1][0] + BUDGET)
+    back = next(t for t, m in calm if m == Mode("full", 1, 1))
+    assert last_full + STALE_AFTER_S <= back <= last_full + STALE_AFTER_S + STEP_UP_AFTER_S + 1
+    assert all(m == Mode("full", 1, 1) for t, m in calm if t >= back)  # and it stays
+
+
+def test_a_tier_still_too_slow_is_tried_once_each_stale_period():
+    """Full quality takes 1.5 frame times, nearest 0.3 (calm): full is tried again each
+    STALE_AFTER_S or so, for one call each time (its first measurement replaces the prior)."""
+    s = Scheduler(FPS, ("full", "nearest"), (1,), base_delay_s=0.08)
+    calls = _modes_over(s, lambda m: 1.5 * BUDGET if m.tier == "full" else 0.3 * BUDGET, 90, 0.0)
+    pairs = itertools.pairwise(calls)
+    tries = [t for (_, before), (t, m) in pairs if before.tier == "nearest" != m.tier]
+    assert 90 / (STALE_AFTER_S + STEP_UP_AFTER_S) - 1 <= len(tries) <= 90 / STALE_AFTER_S
+    assert min(np.diff(tries)) >= STALE_AFTER_S
+    settled = calls[next(i for i, (_, m) in enumerate(calls) if m.tier == "nearest") :]
+    assert sum(1 for _, m in settled if m.tier == "full") == len(tries)  # one call a try
 
 
 def test_playout_delay_covers_batch_wait_and_generation_time():

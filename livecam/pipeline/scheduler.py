@@ -4,7 +4,9 @@ A mode is (tier, stride, batch): generate every `stride`-th frame, `batch` frame
 call, with the engine at `tier`. The scheduler keeps a moving estimate of each call's cost,
 and the predicted utilisation of a mode is cost / (time the batch covers on the camera). It
 steps down the quality ladder quickly when the generator falls behind and back up slowly
-when there is headroom (hysteresis), and derives the playout delay from the active mode.
+when there is headroom (hysteresis), and derives the playout delay from the active mode. On
+a step up, costs measured STALE_AFTER_S ago or more are estimated afresh: measured in a load
+spike, they would keep the better modes out of reach for good.
 
 The delay covers the p95 of the recent calls: a local engine's last 30, a remote engine's
 last 300 round trips (10 s at 30 calls a second: the p95 of one second's 30 is their second
@@ -40,6 +42,7 @@ LOWER_BELOW = 0.8  # ... when the recent calls (30 or more) need less than this 
 HELD_UP_SPREADS = 3.5  # a round trip this many robust spreads over the median: a loss held it
 ROUND_TRIPS = 300  # round trips the delay covers, and that tell what is usual (10 s at 30/s)
 SLOWER_AFTER_S = 2.0  # held up this long without a break: the network got slower, not lossy
+STALE_AFTER_S = 15.0  # a cost not measured for this long is estimated afresh on a step up
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class Scheduler:
         self.ladder = [(tier, stride) for stride in STRIDES for tier in tiers]
         self.level = 0
         self._cost: dict[tuple[str, int], float] = {(tiers[0], batch_sizes[0]): initial_cost_s}
+        self._measured_at: dict[tuple[str, int], float] = {}  # each cost's last measurement
         self._recent: collections.deque[float] = collections.deque(maxlen=RECENT_CALLS)
         # a remote engine's round trips, over a longer window: its usual ones
         self._round_trips: collections.deque[float] = collections.deque(maxlen=ROUND_TRIPS)
@@ -182,6 +186,7 @@ class Scheduler:
         old = seconds if first_round_trip else self._cost.get(key, seconds)
         self._cost[key] = old + EWMA * (seconds - old)
         now = time.monotonic() if now is None else now
+        self._measured_at[key] = now
         if latency is not None:
             if first_round_trip:
                 self._recent = collections.deque(maxlen=ROUND_TRIPS)
@@ -206,7 +211,7 @@ class Scheduler:
             self._calm_since = self._calm_since or now
             if now - self._calm_since >= STEP_UP_AFTER_S:
                 self._calm_since = now
-                return self._step_up()
+                return self._step_up(now)
         else:
             self._calm_since = None
         return False
@@ -224,14 +229,25 @@ class Scheduler:
         bounded = [m for m in modes if self._predicted_delay(m) <= LATENCY_CEILING_S]
         return self._switch(last, min(bounded or modes[:1], key=self.utilisation))
 
-    def _step_up(self) -> bool:
+    def _step_up(self, now: float) -> bool:
         if self.level == 0 and self.mode.batch == self.batch_sizes[0]:
             return False
+        self._forget_stale(now)
         for level in range(self.level + 1):
             mode = self._plan(level)
             if mode is not None:
                 return self._switch(level, mode)  # False when it is the current mode
         return False
+
+    def _forget_stale(self, now: float) -> None:
+        """Costs last measured STALE_AFTER_S ago or more (a load spike that made the
+        scheduler step away from them) are estimated afresh from the current mode's, so a
+        calm generator tries them again; where they are still too slow, it steps down again
+        and tries no sooner than that long after."""
+        current = (self.mode.tier, self.mode.batch)
+        for key, at in list(self._measured_at.items()):
+            if key != current and now - at >= STALE_AFTER_S:
+                del self._cost[key], self._measured_at[key]
 
     def _switch(self, level: int, mode: Mode) -> bool:
         if mode == self.mode:
