@@ -245,6 +245,8 @@ class Scheduler:
         calm generator tries them again; where they are still too slow, it steps down again
         and tries no sooner than that long after."""
         current = (self.mode.tier, self.mode.batch)
+        if current not in self._measured_at:  # nothing fresh to estimate them from
+            return
         for key, at in list(self._measured_at.items()):
             if key != current and now - at >= STALE_AFTER_S:
                 del self._cost[key], self._measured_at[key]
