@@ -121,7 +121,8 @@ def test_gstreamer_lists_livecam_and_sees_the_face(guest):
 def test_chromium_lists_livecam_captures_it_and_sees_the_face(guest):
     chromium = result(guest, "live_run")["chromium"]
     assert chromium["answered"], (
-        f"the page never answered (steps reached: {chromium['steps']}): {chromium['log']}"
+        f"the page never answered (Chromium started {chromium['starts']} times, steps "
+        f"reached: {chromium['steps']}): {chromium['log']}"
     )
     assert "error" not in chromium, chromium
     assert chromium["labels"] == ["LiveCam"] and chromium["track"] == "LiveCam", chromium
