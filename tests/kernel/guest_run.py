@@ -184,7 +184,7 @@ def chromium_client() -> dict:
     # that has not asked for it within 240 s is started again, once, with a fresh profile
     for starts in (1, 2):
         started = time.monotonic()
-        browser = _start_chromium(url, Path(f"/dev/shm/chromium-{starts}"), starts)
+        browser = _start_chromium(url, starts)
         asked = server.fetched.wait(240 * SLOW if starts == 1 else 480 * SLOW)
         left = 480 * SLOW - (time.monotonic() - started)
         answered = asked and server.done.wait(max(left, 0.0))
@@ -205,8 +205,10 @@ def chromium_client() -> dict:
     return info
 
 
-def _start_chromium(url: str, profile: Path, start: int) -> subprocess.Popen:
-    """Headless Chromium on `url`, with a profile of its own (on a writable tmpfs)."""
+def _start_chromium(url: str, start: int) -> subprocess.Popen:
+    """Headless Chromium on `url`, with a fresh profile on a writable tmpfs; its log is
+    chromium-START.log."""
+    profile = Path(f"/dev/shm/chromium-{start}")
     return subprocess.Popen(
         ["chromium", "--headless=new", "--no-sandbox", "--disable-gpu",
          "--use-fake-ui-for-media-stream", "--no-first-run", "--disable-sync",
