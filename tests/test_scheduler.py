@@ -22,14 +22,22 @@ FPS = 30
 BUDGET = 1 / FPS
 
 
-def _drive(scheduler: Scheduler, cost_of, seconds: float, start: float = 0.0) -> float:
-    """Feed calls at the pace the current mode implies; returns the end time."""
-    now = start
+def _modes_over(
+    s: Scheduler, cost_of, seconds: float, start: float = 0.0
+) -> tuple[list[tuple[float, Mode]], float]:
+    """Feed calls at the pace the current mode implies: (time, mode) of each, and the end."""
+    calls, now = [], start
     while now < start + seconds:
-        mode = scheduler.mode
-        scheduler.observe(mode, cost_of(mode), now=now)
+        mode = s.mode
+        calls.append((now, mode))
+        s.observe(mode, cost_of(mode), now=now)
         now += mode.batch * mode.stride / FPS
-    return now
+    return calls, now
+
+
+def _drive(scheduler: Scheduler, cost_of, seconds: float, start: float = 0.0) -> float:
+    """_modes_over's end time."""
+    return _modes_over(scheduler, cost_of, seconds, start)[1]
 
 
 def test_fast_engine_stays_at_full_quality():
@@ -66,25 +74,14 @@ def test_headroom_steps_back_up_only_after_a_calm_period():
     assert s.mode == Mode("full", 1, 1)
 
 
-def _modes_over(s: Scheduler, cost_of, seconds: float, start: float) -> list[tuple[float, Mode]]:
-    """_drive, recording (time, mode) of each call."""
-    calls, now = [], start
-    while now < start + seconds:
-        mode = s.mode
-        calls.append((now, mode))
-        s.observe(mode, cost_of(mode), now=now)
-        now += mode.batch * mode.stride / FPS
-    return calls
-
-
 def test_after_a_load_spike_the_better_tier_is_tried_again():
     """Something else takes the machine for 5 s: the scheduler steps down to the nearest
     tier. Once calm, full quality's cost (measured in the spike) is stale: it is tried again
     STALE_AFTER_S after its last measurement (it was never again, with that cost kept)."""
     s = Scheduler(FPS, ("full", "nearest"), (1,), base_delay_s=0.08)
-    spike = _modes_over(s, lambda m: 3 * BUDGET if m.tier == "full" else 2 * BUDGET, 5, 0.0)
+    spike, end = _modes_over(s, lambda m: 3 * BUDGET if m.tier == "full" else 2 * BUDGET, 5)
     last_full = max(t for t, m in spike if m.tier == "full")
-    calm = _modes_over(s, lambda m: 0.1 * BUDGET, 30, spike[-1][0] + BUDGET)
+    calm, _ = _modes_over(s, lambda m: 0.1 * BUDGET, 30, end)
     back = next(t for t, m in calm if m == Mode("full", 1, 1))
     assert last_full + STALE_AFTER_S <= back <= last_full + STALE_AFTER_S + STEP_UP_AFTER_S + 1
     assert all(m == Mode("full", 1, 1) for t, m in calm if t >= back)  # and it stays
@@ -94,7 +91,7 @@ def test_a_tier_still_too_slow_is_tried_once_each_stale_period():
     """Full quality takes 1.5 frame times, nearest 0.3 (calm): full is tried again each
     STALE_AFTER_S or so, for one call each time (its first measurement replaces the prior)."""
     s = Scheduler(FPS, ("full", "nearest"), (1,), base_delay_s=0.08)
-    calls = _modes_over(s, lambda m: 1.5 * BUDGET if m.tier == "full" else 0.3 * BUDGET, 90, 0.0)
+    calls, _ = _modes_over(s, lambda m: 1.5 * BUDGET if m.tier == "full" else 0.3 * BUDGET, 90)
     pairs = itertools.pairwise(calls)
     tries = [t for (_, before), (t, m) in pairs if before.tier == "nearest" != m.tier]
     assert 90 / (STALE_AFTER_S + STEP_UP_AFTER_S) - 1 <= len(tries) <= 90 / STALE_AFTER_S
