@@ -9,6 +9,7 @@ from livecam.pipeline.scheduler import (
     LATENCY_CEILING_S,
     LOWER_AFTER_S,
     SLOWER_AFTER_S,
+    STALE_AFTER_MAX_S,
     STALE_AFTER_S,
     STEP_DOWN_AT,
     STEP_UP_AFTER_S,
@@ -87,17 +88,43 @@ def test_after_a_load_spike_the_better_tier_is_tried_again():
     assert all(m == Mode("full", 1, 1) for t, m in calm if t >= back)  # and it stays
 
 
-def test_a_tier_still_too_slow_is_tried_once_each_stale_period():
-    """Full quality takes 1.5 frame times, nearest 0.3 (calm): full is tried again each
-    STALE_AFTER_S or so, for one call each time (its first measurement replaces the prior)."""
-    s = Scheduler(FPS, ("full", "nearest"), (1,), base_delay_s=0.08)
-    calls, _ = _modes_over(s, lambda m: 1.5 * BUDGET if m.tier == "full" else 0.3 * BUDGET, 90)
+def _tries(calls: list[tuple[float, Mode]]) -> list[float]:
+    """When the full tier was tried again after the nearest."""
     pairs = itertools.pairwise(calls)
-    tries = [t for (_, before), (t, m) in pairs if before.tier == "nearest" != m.tier]
-    assert 90 / (STALE_AFTER_S + STEP_UP_AFTER_S) - 1 <= len(tries) <= 90 / STALE_AFTER_S
-    assert min(np.diff(tries)) >= STALE_AFTER_S
+    return [t for (_, before), (t, m) in pairs if before.tier == "nearest" != m.tier]
+
+
+def test_a_tier_still_too_slow_is_tried_less_often_each_time():
+    """Full quality takes 1.5 frame times, nearest 0.3 (calm): full is tried again after
+    STALE_AFTER_S, then twice as long after each try that found it too slow, up to
+    STALE_AFTER_MAX_S; one call each time (its first measurement replaces the prior)."""
+    s = Scheduler(FPS, ("full", "nearest"), (1,), base_delay_s=0.08)
+    calls, _ = _modes_over(s, lambda m: 1.5 * BUDGET if m.tier == "full" else 0.3 * BUDGET, 500)
+    tries = _tries(calls)
+    assert STALE_AFTER_S <= tries[0] <= STALE_AFTER_S + STEP_UP_AFTER_S + 1
+    periods = [min(STALE_AFTER_S * 2**k, STALE_AFTER_MAX_S) for k in range(1, len(tries))]
+    assert periods[-2:] == [STALE_AFTER_MAX_S] * 2  # (the run is long enough to reach the cap)
+    for gap, period in zip(np.diff(tries), periods, strict=True):
+        assert period <= gap <= period + STEP_UP_AFTER_S + 1
     settled = calls[next(i for i, (_, m) in enumerate(calls) if m.tier == "nearest") :]
     assert sum(1 for _, m in settled if m.tier == "full") == len(tries)  # one call a try
+
+
+def test_a_try_that_holds_resets_the_wait_for_the_next():
+    """Two failed tries (the next would wait 60 s); then full gets cheap and its try holds.
+    After the next spike, full is tried again STALE_AFTER_S after it, not 60 s."""
+    s = Scheduler(FPS, ("full", "nearest"), (1,), base_delay_s=0.08)
+    slow_full = lambda m: 1.5 * BUDGET if m.tier == "full" else 0.3 * BUDGET  # noqa: E731
+    calls, end = _modes_over(s, slow_full, 3 * STALE_AFTER_S + 2 * STEP_UP_AFTER_S + 2)
+    failed = _tries(calls)
+    assert len(failed) == 2
+    calls, end = _modes_over(s, lambda m: 0.1 * BUDGET, 5 * STALE_AFTER_S + STEP_UP_AFTER_S, end)
+    assert _tries(calls)[0] - failed[-1] >= 4 * STALE_AFTER_S
+    assert s.mode == Mode("full", 1, 1)  # and the try held
+    spike, end = _modes_over(s, lambda m: 3 * BUDGET if m.tier == "full" else 2 * BUDGET, 5, end)
+    last_full = max(t for t, m in spike if m.tier == "full")
+    calls, _ = _modes_over(s, slow_full, 30, end)
+    assert last_full + STALE_AFTER_S <= _tries(calls)[0] <= last_full + STALE_AFTER_S + 4
 
 
 def test_playout_delay_covers_batch_wait_and_generation_time():

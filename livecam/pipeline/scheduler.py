@@ -6,7 +6,9 @@ and the predicted utilisation of a mode is cost / (time the batch covers on the 
 steps down the quality ladder quickly when the generator falls behind and back up slowly
 when there is headroom (hysteresis), and derives the playout delay from the active mode. On
 a step up, costs measured STALE_AFTER_S ago or more are estimated afresh: measured in a load
-spike, they would keep the better modes out of reach for good.
+spike, they would keep the better modes out of reach for good. A mode tried that way and
+found still too slow waits twice as long for its next try (up to STALE_AFTER_MAX_S): each try
+costs a late call.
 
 The delay covers the p95 of the recent calls: a local engine's last 30, a remote engine's
 last 300 round trips (10 s at 30 calls a second: the p95 of one second's 30 is their second
@@ -43,6 +45,7 @@ HELD_UP_SPREADS = 3.5  # a round trip this many robust spreads over the median: 
 ROUND_TRIPS = 300  # round trips the delay covers, and that tell what is usual (10 s at 30/s)
 SLOWER_AFTER_S = 2.0  # held up this long without a break: the network got slower, not lossy
 STALE_AFTER_S = 15.0  # a cost not measured for this long is estimated afresh on a step up
+STALE_AFTER_MAX_S = 120.0  # ... doubled after each try that found it still too slow, up to this
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,8 @@ class Scheduler:
         self.level = 0
         self._cost: dict[tuple[str, int], float] = {(tiers[0], batch_sizes[0]): initial_cost_s}
         self._measured_at: dict[tuple[str, int], float] = {}  # each cost's last measurement
+        self._stale_after: dict[tuple[str, int], float] = {}  # doubled for each failed try
+        self._trying: tuple[tuple[str, int], float] | None = None  # a step up to a fresh cost, when
         self._recent: collections.deque[float] = collections.deque(maxlen=RECENT_CALLS)
         # a remote engine's round trips, over a longer window: its usual ones
         self._round_trips: collections.deque[float] = collections.deque(maxlen=ROUND_TRIPS)
@@ -187,6 +192,9 @@ class Scheduler:
         self._cost[key] = old + EWMA * (seconds - old)
         now = time.monotonic() if now is None else now
         self._measured_at[key] = now
+        if self._trying and now - self._trying[1] >= STALE_AFTER_S:  # the try held
+            self._stale_after.pop(self._trying[0], None)
+            self._trying = None
         if latency is not None:
             if first_round_trip:
                 self._recent = collections.deque(maxlen=ROUND_TRIPS)
@@ -217,6 +225,10 @@ class Scheduler:
         return False
 
     def _step_down(self) -> bool:
+        key = (self.mode.tier, self.mode.batch)
+        if self._trying and self._trying[0] == key:  # still too slow: try it less often
+            period = self._stale_after.get(key, STALE_AFTER_S)
+            self._stale_after[key] = min(2 * period, STALE_AFTER_MAX_S)
         for level in range(self.level, len(self.ladder)):
             mode = self._plan(level)
             if mode is not None and mode != self.mode:
@@ -236,25 +248,31 @@ class Scheduler:
         for level in range(self.level + 1):
             mode = self._plan(level)
             if mode is not None:
-                return self._switch(level, mode)  # False when it is the current mode
+                unmeasured = (mode.tier, mode.batch) not in self._cost
+                switched = self._switch(level, mode)  # False when it is the current mode
+                if switched and unmeasured:
+                    self._trying = ((mode.tier, mode.batch), now)
+                return switched
         return False
 
     def _forget_stale(self, now: float) -> None:
         """Costs last measured STALE_AFTER_S ago or more (a load spike that made the
         scheduler step away from them) are estimated afresh from the current mode's, so a
         calm generator tries them again; where they are still too slow, it steps down again
-        and tries no sooner than that long after."""
+        and tries no sooner than twice that long after (then four times, up to
+        STALE_AFTER_MAX_S), until a try holds for STALE_AFTER_S."""
         current = (self.mode.tier, self.mode.batch)
         if current not in self._measured_at:  # nothing fresh to estimate them from
             return
         for key, at in list(self._measured_at.items()):
-            if key != current and now - at >= STALE_AFTER_S:
+            if key != current and now - at >= self._stale_after.get(key, STALE_AFTER_S):
                 del self._cost[key], self._measured_at[key]
 
     def _switch(self, level: int, mode: Mode) -> bool:
         if mode == self.mode:
             return False
         self.level, self.mode = level, mode
+        self._trying = None
         self._recent.clear()
         self._derive_delay()
         self.changes += 1
