@@ -806,6 +806,14 @@ def test_an_avatar_switch_uploads_the_new_one_on_the_same_stream(server, avatars
         engine.close()
 
 
+def test_by_default_a_musetalk_pool_has_a_replica_per_gpu_of_the_cluster():
+    from livecam.remote.server import default_replicas
+
+    assert default_replicas({"CPU": 64.0, "GPU": 4.0}, "musetalk") == 4
+    assert default_replicas({"CPU": 2.0}, "musetalk") == 1  # a CPU pool
+    assert default_replicas({"CPU": 64.0, "GPU": 4.0}, "lite") == 1  # lite needs no GPU
+
+
 def test_replicas_share_the_gpus_evenly_so_that_every_one_is_placed():
     from livecam.remote.server import replica_resources
 

@@ -15,11 +15,13 @@ def serve_command(
     ],
     engine: Annotated[str, typer.Option(help="Engine the pool runs: lite | musetalk.")] = "lite",
     replicas: Annotated[
-        int,
+        int | None,
         typer.Option(
-            help="Generator replicas: one per GPU; more than the GPUs share them evenly.", min=1
+            help="Generator replicas (default: musetalk one per GPU of the cluster, else 1); "
+            "more than the GPUs share them evenly.",
+            min=1,
         ),
-    ] = 1,
+    ] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 8765,
     models_dir: Annotated[

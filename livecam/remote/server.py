@@ -379,7 +379,7 @@ class Ingress:
 class ServeOptions:
     token_file: Path
     engine: str = "lite"
-    replicas: int = 1
+    replicas: int | None = None  # None: default_replicas
     host: str = "127.0.0.1"
     port: int = 8765
     models_dir: Path | None = None
@@ -392,6 +392,11 @@ def check_engine(engine: str) -> None:
         raise EngineError(
             f"remote generation runs the {', '.join(ENGINES)} engine; {engine!r} is not served yet"
         )
+
+
+def default_replicas(cluster: dict[str, float], engine: str) -> int:
+    """musetalk: one replica per GPU of the cluster (else one, on the CPU); lite: one."""
+    return max(1, int(cluster.get("GPU", 0))) if engine == "musetalk" else 1
 
 
 def replica_resources(cluster: dict[str, float], replicas: int) -> dict[str, float]:
@@ -469,7 +474,7 @@ def serve_address() -> tuple[str, int] | None:
 
 def run_server(opts: ServeOptions, say: Any = print) -> int:
     """Runs until Ctrl-C or SIGTERM, then shuts Serve (and a local cluster) down."""
-    if opts.replicas < 1:
+    if opts.replicas is not None and opts.replicas < 1:
         raise EngineError("--replicas must be at least 1")
     check_engine(opts.engine)
     token = read_token(opts.token_file, create=True)
@@ -480,6 +485,7 @@ def run_server(opts: ServeOptions, say: Any = print) -> int:
                  logging_level="warning")  # fmt: skip
     else:
         join_cluster(opts.address)
+    replicas = opts.replicas or default_replicas(ray.cluster_resources(), opts.engine)
     serve_was_there = serve_address() is not None
     stop, up = threading.Event(), threading.Event()
 
@@ -493,7 +499,7 @@ def run_server(opts: ServeOptions, say: Any = print) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         try:
-            url = start_app(opts.engine, opts.replicas, token, opts.host, opts.port,
+            url = start_app(opts.engine, replicas, token, opts.host, opts.port,
                             opts.models_dir, random_weights=opts.random_weights)  # fmt: skip
         except KeyboardInterrupt:
             say("livecam serve: stopped before the pool was up")
@@ -502,7 +508,7 @@ def run_server(opts: ServeOptions, say: Any = print) -> int:
         up.set()
         weights = f" ({opts.random_weights}-size random weights)" if opts.random_weights else ""
         say(
-            f"livecam serve: {opts.engine}{weights} x{opts.replicas} at {url} "
+            f"livecam serve: {opts.engine}{weights} x{replicas} at {url} "
             f"(clients: livecam start --remote {url} --token-file FILE)"
         )
         while not stop.wait(0.5):  # signal handlers run between waits
