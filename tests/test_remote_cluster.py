@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -79,7 +80,7 @@ def test_two_replicas_share_the_clusters_one_gpu_and_serve_leaves_as_it_came(clu
     joined = {**env, "RAY_AUTH_MODE": "token"}
     port, other = free_port(), free_port()
     first, shown = start_serve(token_file, port, "--address", address, "--replicas", "2",
-                               env=joined)  # fmt: skip
+                               "--status-every", "1", env=joined)  # fmt: skip
     try:
         # one GPU a replica: the second could never be placed, and the pool never came up
         assert f"lite x2 at ws://127.0.0.1:{port}" in shown, shown
@@ -104,6 +105,9 @@ def test_two_replicas_share_the_clusters_one_gpu_and_serve_leaves_as_it_came(clu
     finally:
         out = _stop(first)
     assert first.returncode == 0 and "shutting down" in out, out
+    # while the bench ran, the server said what its pool did, a line a second
+    busy = re.findall(r"livecam serve: 2 streams · ([1-9]\d*) faces/s · [\d.]+ batches/s", out)
+    assert busy, out
     # the first run started Serve there, and shut it down: the next one listens where asked
     third, shown = start_serve(token_file, other, "--address", address, env=joined)
     out = _stop(third) if third.poll() is None else third.communicate()[0]

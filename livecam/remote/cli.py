@@ -41,6 +41,12 @@ def serve_command(
     tiny: Annotated[
         bool, typer.Option(help="With --random-weights: toy-size models (a dry run).")
     ] = False,
+    status_every: Annotated[
+        float,
+        typer.Option(
+            help="Print the pool's streams, faces/s and batches every S s (0: off).", min=0
+        ),
+    ] = 10.0,
 ) -> None:
     """Generate faces for remote `livecam start --remote` clients on a Ray Serve pool."""
     from livecam.terminal import console, run_action
@@ -59,7 +65,9 @@ def serve_command(
         from livecam.remote.server import ServeOptions, run_server
 
         size = ("tiny" if tiny else "full") if random_weights else None
-        opts = ServeOptions(token_file, engine, replicas, host, port, models_dir, address, size)
-        return run_server(opts, say=console.print)
+        opts = ServeOptions(token_file, engine, replicas, host, port, models_dir, address, size,
+                            status_every)  # fmt: skip
+        # one line each, never wrapped at the terminal's width: they end up in logs
+        return run_server(opts, say=lambda text: console.print(text, soft_wrap=True))
 
     run_action(action)

@@ -40,6 +40,7 @@ from livecam.remote.generator import (
     RenderRequest,
     RenderResult,
 )
+from livecam.remote.pool_status import PoolCounters, status_line
 from livecam.remote.stream import StreamState
 from livecam.remote.tokens import read_token
 from livecam.session import EngineError
@@ -51,6 +52,7 @@ ENGINES = ("lite", "musetalk")
 MAX_BATCH_STREAMS = 16  # requests merged into one generator call
 BATCH_WAIT_S = 0.0  # no waiting: requests that queued during the last call form the batch
 HELLO_TIMEOUT_S = 10.0
+STATUS_TIMEOUT_S = 5.0  # the ingress answers `livecam serve`'s status read within this
 JOIN_CHECK_S = 5.0  # --address HOST:PORT must accept a connection within this
 RETRY_FOR_S = 2.0  # a request whose replica died is retried on another for this long
 MAX_ERRORS = 16  # protocol errors on one connection before it is closed
@@ -181,7 +183,12 @@ class Ingress:
         self.streams = itertools.count(1)
         self.joinable: dict[int, Stream] = {}  # by stream id
         self.in_flight = 0  # generator calls waiting, over all streams: the remote queue
+        self.counters = PoolCounters()
         self.host = wire.host_id()  # a loopback client here gets raw faces, others JPEG
+
+    def stats(self) -> dict:
+        """The pool's counts so far (for `livecam serve`'s status lines)."""
+        return self.counters.snapshot(len(self.joinable), self.in_flight)
 
     @api.websocket(wire.PATH)
     async def stream(self, ws: WebSocket) -> None:
@@ -364,6 +371,8 @@ class Ingress:
                         result = await self.generator.render.remote((request, [avatar_ref]))
                     if result is None:  # preparing the others in its batch dropped it again
                         raise MissingAvatar(request.avatar)
+                    self.counters.count(len(result.patches), result.late, result.batch_streams,
+                                        result.seconds)  # fmt: skip
                     return result
                 except Exception as exc:
                     if time.monotonic() > deadline:
@@ -385,6 +394,7 @@ class ServeOptions:
     models_dir: Path | None = None
     address: str | None = None
     random_weights: str | None = None  # "full" | "tiny": musetalk benchmarks, no weight files
+    status_every_s: float = 10.0  # 0: no status lines
 
 
 def check_engine(engine: str) -> None:
@@ -511,8 +521,7 @@ def run_server(opts: ServeOptions, say: Any = print) -> int:
             f"livecam serve: {opts.engine}{weights} x{replicas} at {url} "
             f"(clients: livecam start --remote {url} --token-file FILE)"
         )
-        while not stop.wait(0.5):  # signal handlers run between waits
-            pass
+        report_status(stop, opts.status_every_s, say)
         say("livecam serve: shutting down")
         remove_app(serve_was_there)
     finally:
@@ -520,6 +529,29 @@ def run_server(opts: ServeOptions, say: Any = print) -> int:
             signal.signal(sig, handler)
         ray.shutdown()
     return 0
+
+
+def report_status(stop: threading.Event, every_s: float, say: Any) -> None:
+    """Until `stop`: every `every_s` (0: never), a line on what the pool did meanwhile."""
+    ingress = serve.get_app_handle(APP_NAME)
+
+    def read() -> dict | None:
+        try:
+            return ingress.stats.remote().result(timeout_s=STATUS_TIMEOUT_S)
+        except Exception as exc:  # an ingress replica restarting: the next read will tell
+            log.warning("no pool status: %s", type(exc).__name__)
+            return None
+
+    before, since = (read() if every_s else None), time.monotonic()
+    while not stop.wait(0.5):  # signal handlers run between waits
+        if not every_s or time.monotonic() - since < every_s:
+            continue
+        now, seconds = read(), time.monotonic() - since
+        since += seconds
+        line = status_line(before, now, seconds) if before and now else None
+        if line:
+            say(line)
+        before = now  # (None after a failed read: the next one starts afresh)
 
 
 def join_cluster(address: str) -> None:

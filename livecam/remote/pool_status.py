@@ -1,0 +1,54 @@
+"""What `livecam serve` says while it runs: streams, faces made, batches, late calls.
+
+The ingress counts each generator call once (where a stream sends a request on two
+connections, it is made once); `livecam serve` reads the counts every few seconds and prints
+what changed since the last read. Imports nothing heavy: the counts cross Ray as a dict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class PoolCounters:
+    calls: int = 0  # generator calls answered, made or late
+    faces: int = 0  # faces made
+    late: int = 0  # calls answered without faces: they queued past their client's wait
+    batches: float = 0.0  # each call adds 1 / the streams in its batch: whole batches
+    batch_s: float = 0.0  # ... and that share of its batch's time
+
+    def count(self, faces: int, late: bool, batch_streams: int, seconds: float) -> None:
+        self.calls += 1
+        if late:
+            self.late += 1
+            return
+        self.faces += faces
+        self.batches += 1 / batch_streams
+        self.batch_s += seconds / batch_streams
+
+    def snapshot(self, streams: int, in_flight: int) -> dict:
+        return {**asdict(self), "streams": streams, "in_flight": in_flight}
+
+
+def status_line(before: dict, after: dict, seconds: float) -> str | None:
+    """The pool over the `seconds` between two snapshots; None when nothing happened (no
+    call, and as many streams as before)."""
+    calls = after["calls"] - before["calls"]
+    if not calls and after["streams"] == before["streams"]:
+        return None
+    faces = after["faces"] - before["faces"]
+    batches = after["batches"] - before["batches"]
+    late = after["late"] - before["late"]
+    parts = [f"{after['streams']} streams", f"{faces / seconds:.0f} faces/s"]
+    if batches > 0:
+        made = calls - late
+        parts.append(
+            f"{batches / seconds:.1f} batches/s of {made / batches:.1f} streams and "
+            f"{faces / batches:.1f} frames, "
+            f"{(after['batch_s'] - before['batch_s']) / batches * 1e3:.0f} ms each"
+        )
+    if late:
+        parts.append(f"{late} of {calls} calls too late (overloaded)")
+    parts.append(f"{after['in_flight']} calls in flight")
+    return "livecam serve: " + " · ".join(parts)

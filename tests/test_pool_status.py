@@ -1,0 +1,30 @@
+"""`livecam serve`'s status lines, from the ingress's counts (the running server prints them:
+tests/test_remote_cluster.py)."""
+
+from __future__ import annotations
+
+from livecam.remote.pool_status import PoolCounters, status_line
+
+
+def test_a_status_line_tells_streams_faces_batches_and_late_calls():
+    counters = PoolCounters()
+    before = counters.snapshot(streams=2, in_flight=0)
+    for _ in range(2):  # one batch of two streams' calls, 4 frames each, 40 ms
+        counters.count(faces=4, late=False, batch_streams=2, seconds=0.04)
+    for _ in range(2):  # then one of one stream, 6 frames, 30 ms
+        counters.count(faces=6, late=False, batch_streams=1, seconds=0.03)
+        counters.count(faces=0, late=True, batch_streams=0, seconds=0.0)
+    line = status_line(before, counters.snapshot(streams=3, in_flight=5), seconds=2.0)
+    assert line == (
+        "livecam serve: 3 streams · 10 faces/s · 1.5 batches/s of 1.3 streams and 6.7 frames, "
+        "33 ms each · 2 of 6 calls too late (overloaded) · 5 calls in flight"
+    )
+
+
+def test_no_line_while_nothing_happens_and_one_when_a_stream_leaves():
+    counters = PoolCounters()
+    counters.count(faces=4, late=False, batch_streams=1, seconds=0.01)
+    before = counters.snapshot(streams=1, in_flight=0)
+    assert status_line(before, counters.snapshot(streams=1, in_flight=0), seconds=10.0) is None
+    line = status_line(before, counters.snapshot(streams=0, in_flight=0), seconds=10.0)
+    assert line == "livecam serve: 0 streams · 0 faces/s · 0 calls in flight"
