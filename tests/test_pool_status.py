@@ -28,3 +28,8 @@ def test_no_line_while_nothing_happens_and_one_when_a_stream_leaves():
     assert status_line(before, counters.snapshot(streams=1, in_flight=0), seconds=10.0) is None
     line = status_line(before, counters.snapshot(streams=0, in_flight=0), seconds=10.0)
     assert line == "livecam serve: 0 streams · 0 faces/s · 0 calls in flight"
+    line = status_line(before, counters.snapshot(streams=2, in_flight=1), seconds=10.0)
+    assert line == "livecam serve: 2 streams · 0 faces/s · 1 call in flight"
+    before = counters.snapshot(streams=0, in_flight=0)
+    line = status_line(before, counters.snapshot(streams=1, in_flight=0), seconds=10.0)
+    assert line == "livecam serve: 1 stream · 0 faces/s · 0 calls in flight"

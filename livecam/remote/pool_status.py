@@ -40,7 +40,7 @@ def status_line(before: dict, after: dict, seconds: float) -> str | None:
     faces = after["faces"] - before["faces"]
     batches = after["batches"] - before["batches"]
     late = after["late"] - before["late"]
-    parts = [f"{after['streams']} streams", f"{faces / seconds:.0f} faces/s"]
+    parts = [_count(after["streams"], "stream"), f"{faces / seconds:.0f} faces/s"]
     if batches > 0:
         made = calls - late
         parts.append(
@@ -50,5 +50,9 @@ def status_line(before: dict, after: dict, seconds: float) -> str | None:
         )
     if late:
         parts.append(f"{late} of {calls} calls too late (overloaded)")
-    parts.append(f"{after['in_flight']} calls in flight")
+    parts.append(_count(after["in_flight"], "call") + " in flight")
     return "livecam serve: " + " · ".join(parts)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
