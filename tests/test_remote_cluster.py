@@ -79,8 +79,11 @@ def test_two_replicas_share_the_clusters_one_gpu_and_serve_leaves_as_it_came(clu
     token_file.write_text(TOKEN)
     joined = {**env, "RAY_AUTH_MODE": "token"}
     port, other = free_port(), free_port()
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # as systemd's, for Type=notify
+    notify.bind(str(tmp_path / "notify"))
+    systemd = {**joined, "NOTIFY_SOCKET": str(tmp_path / "notify")}
     first, shown = start_serve(token_file, port, "--address", address, "--replicas", "2",
-                               "--status-every", "1", env=joined)  # fmt: skip
+                               "--status-every", "1", env=systemd)  # fmt: skip
     try:
         # one GPU a replica: the second could never be placed, and the pool never came up
         assert f"lite x2 at ws://127.0.0.1:{port}" in shown, shown
@@ -108,6 +111,16 @@ def test_two_replicas_share_the_clusters_one_gpu_and_serve_leaves_as_it_came(clu
     # while the bench ran, the server said what its pool did, a line a second
     busy = re.findall(r"livecam serve: 2 streams · ([1-9]\d*) faces/s · [\d.]+ batches/s", out)
     assert busy, out
+    # and told systemd: up, and where; each status line; stopping
+    notify.setblocking(False)
+    told = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            told.append(notify.recv(4096).decode())
+    notify.close()
+    assert told[0] == f"READY=1\nSTATUS=lite x2 at ws://127.0.0.1:{port}", told
+    assert any(re.match(r"STATUS=2 streams · [1-9]\d* faces/s", m) for m in told[1:-1]), told
+    assert told[-1] == "STOPPING=1", told
     # the first run started Serve there, and shut it down: the next one listens where asked
     third, shown = start_serve(token_file, other, "--address", address, env=joined)
     out = _stop(third) if third.poll() is None else third.communicate()[0]

@@ -235,3 +235,20 @@ def test_unit_escapes_percent_and_spaces():
     text = unit_text("/dev/video10", python="/home/a b/100%/python")
     assert "ExecStart='/home/a b/100%%/python' -m livecam start" in text
     assert text.count("[Service]") == 1 and TEMPLATE.read_text().count("ExecStart=") == 1
+
+
+def test_the_pools_system_unit_runs_livecam_serve_with_options_it_has(tmp_path):
+    """systemd/livecam-serve.service (copied by hand to a GPU machine) passes systemd's
+    parser, and its ExecStart asks `livecam serve` only for options it has."""
+    shipped = (REPO / "systemd" / "livecam-serve.service").read_text()
+    exec_start = next(line for line in shipped.splitlines() if line.startswith("ExecStart="))
+    program, command, *args = exec_start.removeprefix("ExecStart=").split()
+    assert program.endswith("/bin/livecam") and command == "serve"
+    usage = subprocess.run([sys.executable, "-m", "livecam", "serve", *args, "--help"],
+                           capture_output=True, text=True, timeout=60, cwd=REPO)  # fmt: skip
+    assert usage.returncode == 0, usage.stderr  # an unknown option fails (exit 2)
+    for flag in (a for a in args if a.startswith("--")):
+        assert flag in usage.stdout
+    unit = tmp_path / "livecam-serve.service"
+    unit.write_text(shipped.replace(program, f"{sys.executable} -m livecam"))
+    _verify_with_systemd(unit)

@@ -43,6 +43,7 @@ from livecam.remote.generator import (
 from livecam.remote.pool_status import PoolCounters, status_line
 from livecam.remote.stream import StreamState
 from livecam.remote.tokens import read_token
+from livecam.service.notify import Notifier
 from livecam.session import EngineError
 
 log = logging.getLogger(__name__)
@@ -497,6 +498,7 @@ def run_server(opts: ServeOptions, say: Any = print) -> int:
         join_cluster(opts.address)
     replicas = opts.replicas or default_replicas(ray.cluster_resources(), opts.engine)
     serve_was_there = serve_address() is not None
+    notifier = Notifier()
     stop, up = threading.Event(), threading.Event()
 
     def on_signal(*_: object) -> None:
@@ -517,17 +519,23 @@ def run_server(opts: ServeOptions, say: Any = print) -> int:
             return 130
         up.set()
         weights = f" ({opts.random_weights}-size random weights)" if opts.random_weights else ""
-        say(
-            f"livecam serve: {opts.engine}{weights} x{replicas} at {url} "
-            f"(clients: livecam start --remote {url} --token-file FILE)"
-        )
-        report_status(stop, opts.status_every_s, say)
+        pool = f"{opts.engine}{weights} x{replicas} at {url}"
+        say(f"livecam serve: {pool} (clients: livecam start --remote {url} --token-file FILE)")
+        notifier.ready(pool)  # under systemd (Type=notify): up, and where
+
+        def tell(line: str) -> None:
+            say(line)
+            notifier.status(line.removeprefix("livecam serve: "))
+
+        report_status(stop, opts.status_every_s, tell)
         say("livecam serve: shutting down")
+        notifier.stopping()
         remove_app(serve_was_there)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         ray.shutdown()
+        notifier.close()
     return 0
 
 
