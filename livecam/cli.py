@@ -475,13 +475,28 @@ def mute(off: Annotated[bool, typer.Option("--off", help="Unmute.")] = False) ->
 
 @app.command()
 def doctor(
+    ctx: typer.Context,
     camera: Annotated[bool, typer.Option("--camera", help="Only the virtual camera.")] = False,
+    remote: Annotated[
+        str | None,
+        typer.Option(
+            help="Also check the pool at ws://HOST:PORT (default: `remote` of [start] in "
+            "config.toml, where set)."
+        ),
+    ] = None,
+    token_file: TokenFileOpt = None,
 ) -> None:
-    """Check the camera device, microphone, tools, avatars and weights; print the fixes."""
+    """Check the camera device, microphone, tools, avatars and weights (and a remote pool);
+    print the fixes."""
     from livecam.doctor import run_checks
 
+    if remote is None:  # the pool `livecam start` would use
+        started = (ctx.find_root().default_map or {}).get("start", {})
+        remote = started.get("remote")
+        token_file = token_file or started.get("token_file")
     failed = False
-    for check in run_checks(camera_only=camera):
+    token_path = Path(token_file).expanduser() if token_file else None
+    for check in run_checks(camera_only=camera, remote=remote, token_file=token_path):
         mark = "[green]ok[/]" if check.ok else "[red]FAIL[/]" if check.required else "[yellow]--[/]"
         console.print(
             f"{mark:>16}  [bold]{check.name}[/]: {check.detail}", highlight=False, soft_wrap=True

@@ -121,10 +121,8 @@ def _marks(output: str) -> dict[str, str]:
     return out
 
 
-def test_doctor_marks_each_check_and_fails_only_on_required_ones(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from livecam import doctor
+def _healthy_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """doctor's machine checks all pass (or are optional), whatever this machine has."""
     from livecam.audio import pulse, sources
     from livecam.sinks import virtualcam
 
@@ -132,6 +130,43 @@ def test_doctor_marks_each_check_and_fails_only_on_required_ones(
     monkeypatch.setattr(virtualcam, "loopback_devices", lambda: [])
     monkeypatch.setattr(sources, "input_devices", lambda: [{"name": "Mic A"}])
     monkeypatch.setattr(pulse, "available", lambda: False)
+
+
+def test_doctor_checks_the_remote_pool_that_start_is_configured_for(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Nothing listens at the configured pool: a required check fails and says what to look
+    at; without a token file it says that; with no pool configured there is no such check.
+    (A pool that answers: tests/test_remote_serve.py.)"""
+    import socket
+
+    _healthy_machine(monkeypatch)
+    monkeypatch.setenv("LIVECAM_CONFIG", str(tmp_path / "config.toml"))
+    assert runner.invoke(app, ["doctor"]).exit_code == 0
+    assert "remote pool" not in _marks(runner.invoke(app, ["doctor"]).output)
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"ws://127.0.0.1:{probe.getsockname()[1]}"
+    token = tmp_path / "token"
+    token.write_text("t" * 32)
+    (tmp_path / "config.toml").write_text(f'[start]\nremote = "{url}"\ntoken-file = "{token}"\n')
+    result = runner.invoke(app, ["doctor"])
+    line = _marks(result.output)["remote pool"]
+    assert result.exit_code == 1, result.output
+    assert "FAIL" in line and f"cannot reach the livecam server at {url}" in line, line
+    assert "is `livecam serve` running there" in line
+    (tmp_path / "config.toml").write_text(f'[start]\nremote = "{url}"\n')
+    line = _marks(runner.invoke(app, ["doctor"]).output)["remote pool"]
+    assert "FAIL" in line and "--token-file FILE is needed" in line, line
+
+
+def test_doctor_marks_each_check_and_fails_only_on_required_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from livecam import doctor
+    from livecam.audio import sources
+
+    _healthy_machine(monkeypatch)
     real_which = doctor.shutil.which
     monkeypatch.setattr(doctor.shutil, "which", lambda n: None if n == "ffmpeg" else real_which(n))
     result = runner.invoke(app, ["doctor"])

@@ -829,3 +829,23 @@ def test_replicas_share_the_gpus_evenly_so_that_every_one_is_placed():
             assert per_gpu * share == 1.0  # whole shares: no GPU left with a useless remnant
             assert per_gpu * gpus >= replicas  # every replica has a place
             assert (per_gpu - 1) * gpus < replicas  # and no more sharing than needed
+
+
+def test_doctor_says_the_pool_takes_the_token_and_which_engine_it_runs(
+    server, tmp_path, monkeypatch
+):
+    from typer.testing import CliRunner
+
+    from livecam import terminal
+    from livecam.cli import app
+
+    monkeypatch.setattr(terminal.console, "width", 300)  # one line a check
+    lines = {}
+    for name, token in (("right", TOKEN), ("wrong", "w" * 32)):
+        (tmp_path / name).write_text(token)
+        args = ["doctor", "--remote", server, "--token-file", str(tmp_path / name)]
+        result = CliRunner().invoke(app, args)
+        lines[name] = next(x for x in result.output.splitlines() if "remote pool:" in x)
+    assert " ok " in lines["right"], lines
+    assert f"{server}: lite (full, nearest), token taken, answered in" in lines["right"], lines
+    assert "FAIL" in lines["wrong"] and "the server refused the token" in lines["wrong"], lines

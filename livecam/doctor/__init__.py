@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+from pathlib import Path
 
 from livecam.doctor.check import Check
 from livecam.engines.musetalk import INSTALL
@@ -81,7 +82,15 @@ def _avatars() -> Check:
     return Check("avatars", bool(avatars), detail)
 
 
-def run_checks(camera_only: bool = False) -> list[Check]:
+def run_checks(
+    camera_only: bool = False, remote: str | None = None, token_file: Path | None = None
+) -> list[Check]:
+    """Everything (`remote`: the pool `livecam start --remote` would use), or the camera."""
     if camera_only:
         return _camera()
-    return [*_camera(), _microphone(), *_tools(), _avatars(), *_neural()]
+    checks = [*_camera(), _microphone(), *_tools(), _avatars(), *_neural()]
+    if remote:
+        from livecam.doctor.remote import remote_check
+
+        checks.append(remote_check(remote, token_file))
+    return checks
