@@ -33,3 +33,15 @@ def test_no_line_while_nothing_happens_and_one_when_a_stream_leaves():
     before = counters.snapshot(streams=0, in_flight=0)
     line = status_line(before, counters.snapshot(streams=1, in_flight=0), seconds=10.0)
     assert line == "livecam serve: 1 stream · 0 faces/s · 0 calls in flight"
+
+
+def test_counts_of_a_restarted_ingress_start_from_zero():
+    old, new = PoolCounters(), PoolCounters()
+    for _ in range(50):
+        old.count(faces=4, late=False, batch_streams=1, seconds=0.01)
+    new.count(faces=4, late=False, batch_streams=1, seconds=0.01)
+    line = status_line(old.snapshot(1, 0), new.snapshot(1, 0), seconds=1.0)
+    assert line == (
+        "livecam serve: 1 stream · 4 faces/s · 1.0 batches/s of 1.0 streams and 4.0 frames, "
+        "10 ms each · 0 calls in flight"
+    )

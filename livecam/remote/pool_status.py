@@ -33,7 +33,10 @@ class PoolCounters:
 
 def status_line(before: dict, after: dict, seconds: float) -> str | None:
     """The pool over the `seconds` between two snapshots; None when nothing happened (no
-    call, and as many streams as before)."""
+    call, and as many streams as before). Counts that went down come from a restarted
+    ingress replica: counted from zero."""
+    if after["calls"] < before["calls"]:
+        before = {**PoolCounters().snapshot(0, 0), "streams": before["streams"]}
     calls = after["calls"] - before["calls"]
     if not calls and after["streams"] == before["streams"]:
         return None
