@@ -141,3 +141,12 @@ def test_serve_random_weights_options_are_checked_before_ray_starts(tmp_path, ar
     result = livecam("serve", "--token-file", str(tmp_path / "token"), *args)
     assert_clean_failure(result, message)
     assert not (tmp_path / "token").exists()
+
+
+def test_a_musetalk_pool_without_weights_here_is_refused_before_ray_starts(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = livecam("serve", "--token-file", str(tmp_path / "token"), "--engine", "musetalk",
+                     "--models-dir", str(tmp_path / "empty"))  # fmt: skip
+    assert_clean_failure(result, f"MuseTalk weights missing in {tmp_path / 'empty'}")
+    assert "livecam models download" in result.stderr
+    assert "Ray" not in result.stdout + result.stderr  # (its start-up says so)

@@ -153,3 +153,25 @@ def test_serve_without_an_address_starts_a_cluster_of_its_own_beside_this_one(cl
     out = _stop(proc) if proc.poll() is None else proc.communicate()[0]
     assert f"lite x1 at ws://127.0.0.1:{port}" in shown, shown + out
     assert proc.returncode == 0, out
+
+
+def test_replicas_that_fail_to_start_say_why_and_leave_the_cluster_as_it_was(cluster, tmp_path):
+    """The replicas' machines lack the weights (here, the folder is empty): Serve gives up on
+    them and says only that the deployment failed; livecam says why, and takes the failed
+    application off the cluster (the next pool deploys there as if it had not been)."""
+    address, env = cluster
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    joined = {**env, "RAY_AUTH_MODE": "token"}
+    (tmp_path / "empty").mkdir()
+    proc, out = start_serve(token_file, free_port(), "--address", address, "--engine", "musetalk",
+                            "--models-dir", str(tmp_path / "empty"), env=joined)  # fmt: skip
+    out += proc.communicate(timeout=120)[0]
+    assert proc.returncode == 1, out
+    assert "error: the pool did not start: MuseTalk weights missing in" in out, out
+    assert "livecam models download" in out
+    port = free_port()
+    again, shown = start_serve(token_file, port, "--address", address, env=joined)
+    out = _stop(again) if again.poll() is None else again.communicate()[0]
+    assert f"lite x1 at ws://127.0.0.1:{port}" in shown, shown + out
+    assert again.returncode == 0, out

@@ -468,9 +468,28 @@ def start_app(
             "its clients would lose it; stop it first"
         )
     app = build_app(engine, replicas, token, models_dir, random_weights)
-    serve.run(app, name=name, route_prefix=route)
+    try:
+        serve.run(app, name=name, route_prefix=route)
+    except RuntimeError as exc:  # Serve's "failed to update the deployments", without the cause
+        raise DeployFailed(f"the pool did not start: {deploy_failure(name) or exc}") from None
     shown = f"[{host}]" if ":" in host else host
     return f"ws://{shown}:{port}{route.rstrip('/')}"
+
+
+class DeployFailed(EngineError):
+    """The application was deployed and its replicas failed to start (it is still there)."""
+
+
+def deploy_failure(name: str) -> str | None:
+    """Why a deployment of application `name` failed: the last line of its replicas' error
+    (livecam's own errors without their module path), or None where Serve kept none."""
+    app = serve.status().applications.get(name)
+    messages = [d.message for d in app.deployments.values() if d.message] if app else []
+    lines = [line.strip() for line in "\n".join(messages).splitlines() if line.strip()]
+    if not lines:
+        return None
+    kind, sep, text = lines[-1].partition(": ")
+    return text if sep and kind.startswith("livecam.") else lines[-1]
 
 
 def serve_address() -> tuple[str, int] | None:
@@ -489,6 +508,8 @@ def run_server(opts: ServeOptions, say: Any = print) -> int:
         raise EngineError("--replicas must be at least 1")
     check_engine(opts.engine)
     token = read_token(opts.token_file, create=True)
+    if opts.engine == "musetalk" and not opts.random_weights and not opts.address:
+        check_weights(opts.models_dir)  # (on a cluster, the replicas' machines have them)
     if not opts.address:
         check_port(opts.host, opts.port)
         # a cluster of its own, even where `ray start` runs one (--address joins that)
@@ -517,6 +538,9 @@ def run_server(opts: ServeOptions, say: Any = print) -> int:
             say("livecam serve: stopped before the pool was up")
             remove_app(serve_was_there)
             return 130
+        except DeployFailed:
+            remove_app(serve_was_there)
+            raise
         up.set()
         weights = f" ({opts.random_weights}-size random weights)" if opts.random_weights else ""
         pool = f"{opts.engine}{weights} x{replicas} at {url}"
@@ -600,6 +624,14 @@ def remove_app(serve_was_there: bool) -> None:
     serve.delete(APP_NAME)
     if not serve_was_there and not serve.status().applications:
         serve.shutdown()
+
+
+def check_weights(models_dir: Path | None) -> None:
+    """EngineError, before Ray starts, where the replicas would find no weights here."""
+    from livecam.engines.musetalk.manifest import default_models_dir, missing_weights
+
+    if missing := missing_weights(models_dir or default_models_dir()):
+        raise EngineError(missing)
 
 
 def check_port(host: str, port: int) -> None:

@@ -192,6 +192,18 @@ def missing_files(models_dir: Path, *, include_optional: bool = False) -> list[P
     return out
 
 
+def missing_weights(models_dir: Path) -> str | None:
+    """What is missing in `models_dir` and how to get it; None where nothing is."""
+    missing = missing_files(models_dir)
+    if not missing:
+        return None
+    names = ", ".join(str(p.relative_to(models_dir)) for p in missing)
+    return (
+        f"MuseTalk weights missing in {models_dir} ({names}): run `livecam models download` "
+        "(or point --models-dir / LIVECAM_MODELS_DIR at an existing MuseTalk models folder)"
+    )
+
+
 def has_component(models_dir: Path, name: str) -> bool:
     comp = component(name)
     return all(comp.present_path(models_dir, f) is not None for f in comp.files)

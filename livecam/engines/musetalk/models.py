@@ -22,7 +22,7 @@ from livecam.engines.musetalk.architecture import (
     TINY_VAE,
     TINY_WHISPER,
 )
-from livecam.engines.musetalk.manifest import component, has_component, missing_files
+from livecam.engines.musetalk.manifest import component, has_component, missing_weights
 from livecam.features.whisper import WhisperAudio, offline_features, streaming_features
 
 log = logging.getLogger(__name__)
@@ -76,13 +76,8 @@ def _place(models: dict[str, Any], device: torch.device, dtype: torch.dtype) -> 
 def load_models(
     models_dir: Path, device: str | None = None, dtype: torch.dtype | None = None
 ) -> MuseTalkModels:
-    missing = missing_files(models_dir)
-    if missing:
-        names = ", ".join(str(p.relative_to(models_dir)) for p in missing)
-        raise MissingWeights(
-            f"MuseTalk weights missing in {models_dir} ({names}): run `livecam models download` "
-            "(or point --models-dir / LIVECAM_MODELS_DIR at an existing MuseTalk models folder)"
-        )
+    if missing := missing_weights(models_dir):
+        raise MissingWeights(missing)
     dev = pick_device(device)
     dtype = pick_dtype(dev, dtype)
     parts: dict[str, Any] = {
