@@ -3,7 +3,9 @@ tests/test_remote_cluster.py)."""
 
 from __future__ import annotations
 
-from livecam.remote.pool_status import PoolCounters, status_line
+import threading
+
+from livecam.remote.pool_status import PoolCounters, report_status, status_line
 
 
 def test_a_status_line_tells_streams_faces_batches_and_late_calls():
@@ -45,3 +47,28 @@ def test_counts_of_a_restarted_ingress_start_from_zero():
         "livecam serve: 1 stream · 4 faces/s · 1.0 batches/s of 1.0 streams and 4.0 frames, "
         "10 ms each · 0 calls in flight"
     )
+
+
+def test_a_failed_read_gives_no_line_and_the_next_one_starts_afresh():
+    """Reads every 0.5 s: counts of 0, then 1 call (a line), then no answer, then 3 calls
+    (no line: the 2 calls since the last good read span two periods), then nothing new."""
+    counts = []
+    for calls in (0, 1, None, 3, 3, 3):
+        if calls is None:
+            counts.append(None)
+            continue
+        counters = PoolCounters()
+        for _ in range(calls):
+            counters.count(faces=2, late=False, batch_streams=1, seconds=0.01)
+        counts.append(counters.snapshot(streams=1, in_flight=0))
+    reads = iter(counts)
+    stop, said = threading.Event(), []
+
+    def read():
+        found = next(reads, counts[-1])
+        if found is counts[-1]:
+            stop.set()
+        return found
+
+    report_status(stop, 0.5, read, said.append)
+    assert len(said) == 1 and said[0].startswith("livecam serve: 1 stream · "), said

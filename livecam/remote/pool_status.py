@@ -7,6 +7,9 @@ what changed since the last read. Imports nothing heavy: the counts cross Ray as
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 
@@ -55,6 +58,26 @@ def status_line(before: dict, after: dict, seconds: float) -> str | None:
         parts.append(f"{late} of {calls} calls too late (overloaded)")
     parts.append(_count(after["in_flight"], "call") + " in flight")
     return "livecam serve: " + " · ".join(parts)
+
+
+def report_status(
+    stop: threading.Event,
+    every_s: float,
+    read: Callable[[], dict | None],
+    say: Callable[[str], None],
+) -> None:
+    """Until `stop`: every `every_s` (0: never), a line on what the pool did meanwhile, from
+    two `read`s of its counts (None: it did not answer; the next read starts afresh)."""
+    before, since = (read() if every_s else None), time.monotonic()
+    while not stop.wait(0.5):  # (signal handlers run between waits)
+        if not every_s or time.monotonic() - since < every_s:
+            continue
+        now, seconds = read(), time.monotonic() - since
+        since += seconds
+        line = status_line(before, now, seconds) if before and now else None
+        if line:
+            say(line)
+        before = now
 
 
 def _count(n: int, noun: str) -> str:

@@ -40,7 +40,7 @@ from livecam.remote.generator import (
     RenderRequest,
     RenderResult,
 )
-from livecam.remote.pool_status import PoolCounters, status_line
+from livecam.remote.pool_status import PoolCounters, report_status
 from livecam.remote.stream import StreamState
 from livecam.remote.tokens import read_token
 from livecam.service.notify import Notifier
@@ -551,7 +551,7 @@ def run_server(opts: ServeOptions, say: Any = print) -> int:
             say(line)
             notifier.status(line.removeprefix("livecam serve: "))
 
-        report_status(stop, opts.status_every_s, tell)
+        report_status(stop, opts.status_every_s, _pool_stats, tell)
         say("livecam serve: shutting down")
         notifier.stopping()
         remove_app(serve_was_there)
@@ -563,27 +563,14 @@ def run_server(opts: ServeOptions, say: Any = print) -> int:
     return 0
 
 
-def report_status(stop: threading.Event, every_s: float, say: Any) -> None:
-    """Until `stop`: every `every_s` (0: never), a line on what the pool did meanwhile."""
-    ingress = serve.get_app_handle(APP_NAME)
-
-    def read() -> dict | None:
-        try:
-            return ingress.stats.remote().result(timeout_s=STATUS_TIMEOUT_S)
-        except Exception as exc:  # an ingress replica restarting: the next read will tell
-            log.warning("no pool status: %s", type(exc).__name__)
-            return None
-
-    before, since = (read() if every_s else None), time.monotonic()
-    while not stop.wait(0.5):  # signal handlers run between waits
-        if not every_s or time.monotonic() - since < every_s:
-            continue
-        now, seconds = read(), time.monotonic() - since
-        since += seconds
-        line = status_line(before, now, seconds) if before and now else None
-        if line:
-            say(line)
-        before = now  # (None after a failed read: the next one starts afresh)
+def _pool_stats() -> dict | None:
+    """The ingress's counts; None where it does not answer (a replica restarting)."""
+    try:
+        ingress = serve.get_app_handle(APP_NAME)
+        return ingress.stats.remote().result(timeout_s=STATUS_TIMEOUT_S)
+    except Exception as exc:
+        log.warning("no pool status: %s", type(exc).__name__)
+        return None
 
 
 def join_cluster(address: str) -> None:
