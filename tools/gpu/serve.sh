@@ -6,7 +6,8 @@
 # replica on the GPU, every batch shape captured before the first stream), then for each N in
 # STREAMS (default 4 6 8 10 12) N live 25-fps streams of `livecam bench --remote`, 4 to a
 # client process, SOAK seconds (default 20) each: how many streams the GPU holds, every frame
-# made there. Reports: $OUT/streams.json (summary), $OUT/streams-N.json, $OUT/serve.log.
+# made there. Reports: $OUT/streams.json (summary), $OUT/streams-N.json, $OUT/serve.log (the
+# pool's status line every 5 s: batches/s, streams and frames a batch, ms a batch).
 # COMPILE=1: the server compiles its decoders (LIVECAM_TORCH_COMPILE=1, about a minute more at
 # start); REPLICAS=2: two generator replicas share the GPU (one's kernels run while the other
 # is on the CPU). Their reports are named streams-compiled*.json, streams-r2*.json (and
@@ -33,7 +34,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.
 
 token=$(mktemp -u /tmp/livecam-token.XXXXXX)
 setsid "$python" -m livecam serve --engine musetalk --random-weights ${TINY:+--tiny} \
-  --replicas "$replicas" --token-file "$token" --port "$port" >"$out/serve$tag.log" 2>&1 &
+  --replicas "$replicas" --token-file "$token" --port "$port" --status-every 5 \
+  >"$out/serve$tag.log" 2>&1 &
 server=$!
 stop_server() { kill -INT -- "-$server" 2>/dev/null; wait "$server"; }
 trap stop_server EXIT
