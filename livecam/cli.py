@@ -490,10 +490,9 @@ def doctor(
     print the fixes."""
     from livecam.doctor import run_checks
 
-    if remote is None:  # the pool `livecam start` would use
-        started = (ctx.find_root().default_map or {}).get("start", {})
-        remote = started.get("remote")
-        token_file = token_file or started.get("token_file")
+    started = (ctx.find_root().default_map or {}).get("start", {})  # as `livecam start` would
+    remote = remote or started.get("remote")
+    token_file = token_file or started.get("token_file")
     failed = False
     token_path = Path(token_file).expanduser() if token_file else None
     for check in run_checks(camera_only=camera, remote=remote, token_file=token_path):
