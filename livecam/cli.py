@@ -494,7 +494,7 @@ def doctor(
     remote = remote or started.get("remote")
     token_file = token_file or started.get("token_file")
     failed = False
-    token_path = Path(token_file).expanduser() if token_file else None
+    token_path = Path(token_file) if token_file else None  # as `start` reads it: no ~
     for check in run_checks(camera_only=camera, remote=remote, token_file=token_path):
         mark = "[green]ok[/]" if check.ok else "[red]FAIL[/]" if check.required else "[yellow]--[/]"
         console.print(

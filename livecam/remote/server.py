@@ -551,7 +551,8 @@ def run_server(opts: ServeOptions, say: Any = print) -> int:
             say(line)
             notifier.status(line.removeprefix("livecam serve: "))
 
-        report_status(stop, opts.status_every_s, _pool_stats, tell)
+        ingress = serve.get_app_handle(APP_NAME)
+        report_status(stop, opts.status_every_s, lambda: _pool_stats(ingress), tell)
         say("livecam serve: shutting down")
         notifier.stopping()
         remove_app(serve_was_there)
@@ -563,10 +564,9 @@ def run_server(opts: ServeOptions, say: Any = print) -> int:
     return 0
 
 
-def _pool_stats() -> dict | None:
+def _pool_stats(ingress: Any) -> dict | None:
     """The ingress's counts; None where it does not answer (a replica restarting)."""
     try:
-        ingress = serve.get_app_handle(APP_NAME)
         return ingress.stats.remote().result(timeout_s=STATUS_TIMEOUT_S)
     except Exception as exc:
         log.warning("no pool status: %s", type(exc).__name__)
