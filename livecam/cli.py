@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import sys
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -133,21 +135,34 @@ def main(
 
 def _check_config(ctx: typer.Context, path: Path, defaults: dict[str, dict]) -> None:
     """Each configured value through its option's type and checks, so a bad one names the
-    file and the key (click would blame the flag)."""
+    file and the key (click would blame the flag); `~` in a path is your home."""
     from livecam.config import ConfigError
 
     for command, values in defaults.items():
-        params = {p.name: p for p in ctx.command.commands[command].params}  # type: ignore[attr-defined]
+        cmd = ctx.command.commands[command]  # type: ignore[attr-defined]
+        params, paths = {p.name: p for p in cmd.params}, _path_options(cmd.callback)
         for name, value in values.items():
             param, where = params[name], f"{path}: [{command}] {name.replace('_', '-')}"
             if isinstance(value, dict | list | datetime.date | datetime.time):
                 # a str option would take str() of it: "{'a': 1}" as an avatar name
                 raise ConfigError(f"{where} = {value!r}: expected one string, number or "
                                   "true/false")  # fmt: skip
+            if name in paths and isinstance(value, str):
+                value = values[name] = os.path.expanduser(value)  # as a shell would
             try:
                 param.process_value(ctx, value)  # its type, range and callback
             except typer.BadParameter as exc:
                 raise ConfigError(f"{where} = {value!r}: {exc.message}") from None
+
+
+def _path_options(callback: Callable) -> set[str]:
+    """The names of a command's options that take a path."""
+
+    def types(hint: object) -> set[object]:
+        return {hint}.union(*(types(arg) for arg in typing.get_args(hint)))
+
+    hints = typing.get_type_hints(callback, include_extras=True)
+    return {name for name, hint in hints.items() if Path in types(hint)}
 
 
 AvatarOpt = Annotated[str, typer.Option(help="Avatar name (see `livecam avatars list`).")]
@@ -161,7 +176,7 @@ FpsOpt = Annotated[float, typer.Option(help="Camera frame rate.", callback=_chec
 SizeOpt = Annotated[str, typer.Option(help="Camera frame size WIDTHxHEIGHT.", callback=_check_size)]
 IdleOpt = Annotated[bool, typer.Option("--idle/--no-idle", help="Blinks and head sway.")]
 RemoteOpt = Annotated[
-    str | None, typer.Option(help="Generate on `livecam serve` at ws://HOST:PORT (lite engine).")
+    str | None, typer.Option(help="Faces from the `livecam serve` pool at ws://HOST:PORT.")
 ]
 _RUN_SECONDS = _in_range(0, MAX_RUN_SECONDS, low_open=True)
 _LOAD = _in_range(0, MAX_LOAD_FACTOR)
@@ -494,7 +509,7 @@ def doctor(
     remote = remote or started.get("remote")
     token_file = token_file or started.get("token_file")
     failed = False
-    token_path = Path(token_file) if token_file else None  # as `start` reads it: no ~
+    token_path = Path(token_file) if token_file else None
     for check in run_checks(camera_only=camera, remote=remote, token_file=token_path):
         mark = "[green]ok[/]" if check.ok else "[red]FAIL[/]" if check.required else "[yellow]--[/]"
         console.print(

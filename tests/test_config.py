@@ -36,6 +36,16 @@ def test_render_takes_its_defaults_from_the_file_and_flags_win(config, tmp_path)
     assert _video(out) == (256, 192, "10/1")
 
 
+def test_a_path_in_the_file_may_start_at_home(config, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_clip(tmp_path / "a.wav", read_audio(JFK)[:16_000])
+    config.write_text('[render]\naudio = "~/a.wav"\nout = "~/a.mp4"\nsize = "320x240"\n')
+    result = CliRunner().invoke(app, ["render"])
+    assert result.exit_code == 0, result.output
+    assert _video(tmp_path / "a.mp4")[:2] == (320, 240)
+    assert not (tmp_path / "~").exists() and not Path("~").exists()
+
+
 def test_start_uses_the_configured_avatar(config):
     config.write_text('[start]\navatar = "nobody"\nvirtual-mic = false\n')
     args = ["start", "--audio", str(JFK), "--sink", "memory", "--no-dashboard"]
