@@ -3,7 +3,9 @@ damaged or made for another image, landmarks or VAE."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -260,12 +262,29 @@ def test_the_cache_is_written_under_the_lock_of_its_avatar(cache: Path, vae) -> 
 
 
 def test_a_failed_cache_write_still_gives_the_data_and_says_why(
-    cache: Path, vae, caplog: pytest.LogCaptureFixture
+    cache: Path, vae, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     avatar = load_avatar("astronaut")
+
+    def full(*_: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(avatar_latents.cachefile, "save_arrays", full)
     with caplog.at_level("WARNING", logger="livecam.engines.musetalk.avatar_latents"):
-        data = prepare_latents("nobody", avatar.image, avatar.landmarks, vae, "vae-a")
+        data = prepare_latents("astronaut", avatar.image, avatar.landmarks, vae, "vae-a")
     assert data.latents.shape == (1, 8, 32, 32)
     assert [r.getMessage() for r in caplog.records] == [
-        "could not cache musetalk data of avatar 'nobody': avatar 'nobody' has no cache folder"
+        "could not cache musetalk data of avatar 'astronaut': [Errno 28] No space left on device"
     ]
+    assert not (avatar_dir("astronaut") / MANIFEST).exists()
+
+
+def test_an_avatar_without_a_cache_folder_keeps_its_data_in_memory_quietly(
+    cache: Path, vae, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A remote client's upload has no folder here: nothing to cache into, nothing to say."""
+    avatar = load_avatar("astronaut")
+    with caplog.at_level("DEBUG", logger="livecam.engines.musetalk.avatar_latents"):
+        data = prepare_latents("remote-0123", avatar.image, avatar.landmarks, vae, "vae-a")
+    assert data.latents.shape == (1, 8, 32, 32) and not caplog.records
+    assert not (cache / "avatars" / "remote-0123").exists()

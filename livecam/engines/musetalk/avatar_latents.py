@@ -178,6 +178,8 @@ def prepare_latents(
     box = face_box(landmarks, image.shape)
     crop = crop_face(image, box)
     data = AvatarLatents(box, crop, encode_latents(vae, crop), blend_mask(landmarks, box))
+    if folder is None:  # nowhere to keep it (a remote client's upload): in memory only
+        return data
     try:
         _save(name, key, data)
     except OSError as exc:  # a read-only or full cache is not fatal: the data is in memory
