@@ -30,7 +30,7 @@ from livecam.remote import protocol as wire  # noqa: E402
 from livecam.remote.client import RemoteRefused, _decode, open_remote, stream_url  # noqa: E402
 from livecam.remote.generator import paste  # noqa: E402
 from tests.conftest import JFK, REPO  # noqa: E402
-from tests.remote_server import FPS, TOKEN, free_port, start_serve  # noqa: E402
+from tests.remote_server import FPS, TOKEN, Relay, free_port, start_serve  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -746,6 +746,44 @@ def test_musetalk_clients_get_their_own_avatars_faces(musetalk_server, avatars, 
         for k, (a, b) in enumerate(zip(got[i], expected, strict=True)):
             diff = np.abs(a.astype(int) - b)  # batch shapes differ: float rounding only
             assert diff.max() <= 12 and diff.mean() < 0.05, (i, k, diff.max(), diff.mean())
+
+
+def test_a_client_started_before_its_musetalk_pool_plans_with_it_once_reached(
+    musetalk_server, tmp_path
+):
+    """`livecam start --remote` while the pool is not up yet: local lite frames on the lite
+    plan; once the pool is reached, the musetalk engine's tiers and look-ahead, so each
+    request carries the audio that engine needs (one planned with the lite look-ahead is
+    refused, and the stream would reconnect over and over with local frames only)."""
+    from urllib.parse import urlsplit
+
+    from livecam.live import LiveOptions, build_pipeline, close_engine
+
+    pool = urlsplit(musetalk_server)
+    relay = Relay((pool.hostname, pool.port))
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    opts = LiveOptions(avatar="astronaut", sink="memory", audio_file=JFK, loop=True, width=320,
+                       height=240, fps=25.0, dashboard=False, token_file=token_file,
+                       remote=f"ws://127.0.0.1:{relay.port}{pool.path}")  # fmt: skip
+    pipeline = build_pipeline(opts)
+    engine = pipeline.engine
+    assert engine.name == "lite (remote)" and engine.warnings
+    pipeline.start()
+    try:
+        time.sleep(1.5)
+        relay.start()
+        time.sleep(12.0)
+        snap = pipeline.snapshot()
+    finally:
+        pipeline.stop()
+        close_engine(engine)
+        relay.close()
+    assert pipeline.error is None and snap.frames_shown > 0
+    assert engine.name == "musetalk (remote)" and not engine.warnings
+    assert pipeline.scheduler.tiers == ("full", "tiny")
+    stats = engine.link.stats
+    assert stats.reconnects == 1 and stats.remote_frames > 0, stats
 
 
 def test_a_musetalk_replica_warms_every_merged_batch_shape_of_every_tier():

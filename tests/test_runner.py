@@ -445,6 +445,7 @@ class _RoundTrips:
         engine.submit = self.submit
         # as the remote engine: the fastest recent round trip
         engine.round_trip_s = lambda: (fastest or rtt) if measured or self.answered else None
+        engine.follow_server = lambda: False  # its server runs what it planned with
 
     def submit(self, ring, frames):
         engine, now = self.p.look.engine, self.p.fake.t
@@ -543,6 +544,61 @@ def test_calls_held_up_behind_a_lost_packet_do_not_hold_back_the_next_ones(pipel
     assert all(k > due for k, due, _ in worker.pushed[-FPS:])  # on time again
 
 
+def test_an_engine_whose_server_runs_another_plan_is_planned_afresh(
+    pipeline, caplog, monkeypatch
+) -> None:
+    """A remote engine starts on the local plan (its server unreachable) and reaches a server
+    that runs another engine after a second: from then on the scheduler steps that engine's
+    tiers, calls wait for its longer look-ahead, the delay covers it, and the calls planned
+    before it are shown but not taken as its cost."""
+    caplog.set_level("INFO", logger=runner.__name__)
+    worker = _Worker(pipeline, 3.0)
+    trips = _RoundTrips(worker, 0.05)
+    engine, before = pipeline.look.engine, pipeline.scheduler
+    local_needed, extra = engine.samples_needed, SAMPLE_RATE // 10  # 100 ms more look-ahead
+    reached_at = pipeline.fake.t + 1.0
+
+    def follow_server() -> bool:
+        if pipeline.fake.t < reached_at or engine.tiers == ("nearest",):
+            return False
+        engine.tiers, engine.batch_sizes = ("nearest",), (1, 2)
+        engine.samples_needed = lambda k: local_needed(k) + extra
+        return True
+
+    engine.follow_server = follow_server
+    submit, sent = engine.submit, []
+
+    def spy(ring, frames):
+        sent.append((frames[-1], ring.end, pipeline.fake.t))
+        return submit(ring, frames)
+
+    engine.submit = spy
+    observed = []
+
+    class Recording(runner.Scheduler):
+        def observe(self, mode, seconds, **kwargs):
+            observed.append(mode)
+            return super().observe(mode, seconds, **kwargs)
+
+    monkeypatch.setattr(runner, "Scheduler", Recording)
+    worker.run()
+    after = pipeline.scheduler
+    assert after is not before and (after.tiers, after.batch_sizes) == (("nearest",), (1, 2))
+    assert after.base_delay_s == pytest.approx(before.base_delay_s + 0.1)
+    assert pipeline.playout_delay >= after.base_delay_s
+    late_calls = [(k, end) for k, end, t in sent if t >= reached_at]
+    assert len(late_calls) > FPS  # it went on calling, at the new engine's tier,
+    assert {tier for _, t, tier in trips.sent if t >= reached_at} == {"nearest"}
+    assert all(end >= engine.samples_needed(k) for k, end in late_calls)  # with its audio in
+    answered = list(zip(trips.sent, trips.answered, strict=False))  # the last ones unanswered
+    assert any(t < reached_at <= done for (_, t, _), done in answered)
+    # the new scheduler learnt only from the calls it planned
+    assert len(observed) == sum(1 for (_, t, _), _ in answered if t >= reached_at)
+    frames = [k for k, _, _ in worker.pushed]
+    assert frames == sorted(frames) and frames[-1] > 2.5 * FPS
+    assert "tiers nearest" in caplog.text
+
+
 def test_before_the_first_reply_one_call_at_a_time(pipeline) -> None:
     """A generator that takes half a second a call: until its first reply tells what a call
     costs, no second call goes out (one a frame would queue 15 there); then they overlap."""
@@ -586,7 +642,9 @@ def test_room_for_a_call_at_the_modes_pace_up_to_the_cap(pipeline) -> None:
 
     def out(*periods_ago: float) -> collections.deque:  # calls sent then, not answered yet
         return collections.deque(
-            runner.InFlight(range(1), mode, pipeline.look, None, now - p * period)
+            runner.InFlight(
+                range(1), mode, pipeline.look, None, now - p * period, pipeline.scheduler
+            )
             for p in periods_ago
         )
 

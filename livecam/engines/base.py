@@ -64,3 +64,9 @@ class PipelinedEngine(Protocol):
         """The network's round trip (not the generator's queue), which calls in flight cover;
         None before the first reply."""
         ...
+
+    def follow_server(self) -> bool:
+        """Take up the tiers, batch sizes and look-ahead of the engine the server it reached
+        since runs (it was unreachable at the start, or came back running another); True
+        where they changed: the pipeline then plans afresh."""
+        ...

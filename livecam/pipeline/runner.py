@@ -72,6 +72,7 @@ class InFlight:
     look: Look
     call: Call
     sent: float  # perf_counter()
+    scheduler: Scheduler  # the one that planned it
 
 
 class Pipeline:
@@ -187,6 +188,7 @@ class Pipeline:
         next_frame = 0
         in_flight: collections.deque[InFlight] = collections.deque()
         while not self._stop.is_set():
+            self._follow_engine()
             now = time.monotonic()
             mode, look = self.scheduler.mode, self.look
             due = self._due_frame(now)
@@ -202,7 +204,7 @@ class Pipeline:
                 if engine.tier != mode.tier:
                     engine.set_tier(mode.tier)
                 in_flight.append(InFlight(batch, mode, look, engine.submit(self.ring, batch),
-                                          time.perf_counter()))  # fmt: skip
+                                          time.perf_counter(), self.scheduler))  # fmt: skip
                 next_frame = batch[-1] + 1
             elif in_flight:  # the oldest reply, or the next batch's audio, whichever is first
                 wait = 0.02 if ready else needed / SAMPLE_RATE - self.clock.stream_time(now)
@@ -220,6 +222,19 @@ class Pipeline:
             else:
                 wait = needed / SAMPLE_RATE - self.clock.stream_time(now)
                 self._stop.wait(min(max(wait, 0.002), 0.02))
+
+    def _follow_engine(self) -> None:
+        """A remote engine that reached a server running another engine than it planned with
+        (the local one's, while the server was unreachable at the start): the scheduler and
+        the playout delay start afresh from its tiers, batch sizes and look-ahead."""
+        engine = self.look.engine
+        if not (isinstance(engine, PipelinedEngine) and engine.follow_server()):
+            return
+        self.scheduler = Scheduler(self.cfg.fps, engine.tiers, engine.batch_sizes,
+                                   self._base_delay())  # fmt: skip
+        self.playout_delay = self.scheduler.playout_delay
+        log.info("generating with %s: tiers %s, playout delay %.0f ms from now", engine.name,
+                 ", ".join(engine.tiers), self.playout_delay * 1e3)  # fmt: skip
 
     def _room_for_a_call(
         self, engine: Engine, mode: Mode, in_flight: collections.deque[InFlight]
@@ -256,13 +271,15 @@ class Pipeline:
         if faces is not None:
             in_flight.popleft()
             latency = time.perf_counter() - call.sent
-            self._made(call.frames, faces, call.mode, call.look, call.call.busy_s, latency)
+            planned = call.mode if call.scheduler is self.scheduler else None  # not a replan's
+            self._made(call.frames, faces, planned, call.look, call.call.busy_s, latency)
 
-    def _made(self, frames: range, faces: list[np.ndarray], mode: Mode, look: Look,
+    def _made(self, frames: range, faces: list[np.ndarray], mode: Mode | None, look: Look,
               seconds: float, latency: float | None = None) -> None:  # fmt: skip
-        """Generated faces into the buffer; the call's cost (and latency) to the scheduler.
-        Faces whose frame is due already are counted late (a remote reply that a lost packet
-        held up): the camera showed the mouth before them."""
+        """Generated faces into the buffer; the call's cost (and latency) to the scheduler,
+        unless planned before the engine changed (`mode` None). Faces whose frame is due
+        already are counted late (a remote reply that a lost packet held up): the camera
+        showed the mouth before them."""
         self.counters.time_stage("generate", seconds / len(frames))
         due = self._due_frame(time.monotonic())
         self.counters.frames_late += sum(1 for k in frames if k <= due)
@@ -270,7 +287,7 @@ class Pipeline:
         self.counters.frames_generated += len(frames)
         for _ in frames:
             self.counters.generated_rate.tick()
-        if self.scheduler.observe(mode, seconds, latency=latency):
+        if mode is not None and self.scheduler.observe(mode, seconds, latency=latency):
             new = self.scheduler.mode
             self.playout_delay = self.scheduler.playout_delay
             log.info(

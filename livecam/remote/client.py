@@ -388,12 +388,20 @@ class Link:
             return
 
     def send(
-        self, sha: str, blob: bytes, ring: AudioRing, frames: list[int], tier: str, upto: int
+        self,
+        server: ServerEngine,
+        sha: str,
+        blob: bytes,
+        ring: AudioRing,
+        frames: list[int],
+        tier: str,
+        upto: int,
     ) -> Pending | None:
-        """Ask for faces; the request in flight, or None (then the caller makes local frames)."""
+        """Ask for faces, planned for `server`; the request in flight, or None (then the
+        caller makes local frames): not connected, or connected to another server since."""
         with self._lock:
             conn = self._conn
-            if conn is None:
+            if conn is None or self.server is not server:
                 return None
             request_id = next(self._ids)
             try:
@@ -554,23 +562,57 @@ def _decode(
     return out
 
 
+Plan = ServerEngine | LiteEngine  # tiers, batch sizes, response and look-ahead
+
+
+def _outline(plan: Plan) -> tuple:
+    """What the pipeline plans with; two periods of a look-ahead table fix it for every frame."""
+    needed = tuple(plan.samples_needed(k) for k in range(2 * wire.MAX_PERIOD))
+    return plan.tiers, plan.batch_sizes, plan.response_s, needed
+
+
 class RemoteEngine:
     """The Engine contract over a Link; a local lite engine on the same avatar stands in while
     the server is unreachable and makes the idle faces (the client holds the avatar)."""
 
-    def __init__(self, link: Link, avatar: Avatar, fallback: LiteEngine) -> None:
-        """Takes the server's tiers, batch sizes and look-ahead when it answered already
-        (else the local engine's: the pipeline plans with them from the start)."""
+    def __init__(
+        self, link: Link, avatar: Avatar, fallback: LiteEngine, plan: Plan | None = None
+    ) -> None:
+        """Plans with the server's tiers, batch sizes and look-ahead where it answered already
+        (else the local engine's until `follow_server`)."""
         self.link, self.avatar, self.local = link, avatar, fallback
-        server = link.server
-        self.name = f"{server.name if server else 'lite'} (remote)"
-        self.tiers = server.tiers if server else fallback.tiers
-        self.batch_sizes = server.batch_sizes if server else fallback.batch_sizes
-        self.response_s = server.response_s if server else fallback.response_s
-        self._needed = server.samples_needed if server else fallback.samples_needed
+        self.plan: Plan = plan or link.server or fallback
         self.tier = self.tiers[0]
         self.sha, self.blob = wire.avatar_blob(avatar)
         self._base = np.ascontiguousarray(avatar.image)
+
+    @property
+    def name(self) -> str:
+        return f"{self.plan.name} (remote)"
+
+    @property
+    def tiers(self) -> tuple[str, ...]:
+        return self.plan.tiers
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        return self.plan.batch_sizes
+
+    @property
+    def response_s(self) -> float:
+        return self.plan.response_s
+
+    def follow_server(self) -> bool:
+        """Plan with the engine of the server the link has reached since (unreachable at the
+        start, or back with another engine); True where that changed the plan."""
+        server = self.link.server
+        if server is None or server is self.plan:
+            return False
+        changed = _outline(server) != _outline(self.plan)
+        self.plan = server
+        if self.tier not in self.tiers:
+            self.tier = self.tiers[0]
+        return changed
 
     @property
     def warnings(self) -> tuple[str, ...]:
@@ -586,7 +628,7 @@ class RemoteEngine:
         self.tier = tier
 
     def samples_needed(self, frame: int) -> int:
-        return self._needed(frame)
+        return self.plan.samples_needed(frame)
 
     def submit(self, ring: AudioRing, frames: Sequence[int]) -> RemoteCall:
         """Send the request for `frames` and return at once (several may be in flight)."""
@@ -594,9 +636,9 @@ class RemoteEngine:
         frames = list(frames)
         self.local.analysis.feed(ring, frames[-1])  # cheap; keeps local frames ready
         upto = self.samples_needed(frames[-1])
-        server = self.link.server
-        tier = self.tier if server is None or self.tier in server.tiers else server.tiers[0]
-        pending = self.link.send(self.sha, self.blob, ring, frames, tier, upto)
+        pending = None
+        if isinstance(self.plan, ServerEngine):  # else: local frames until it follows one
+            pending = self.link.send(self.plan, self.sha, self.blob, ring, frames, self.tier, upto)
         return RemoteCall(self, ring, frames, pending, time.perf_counter() - t0)
 
     def round_trip_s(self) -> float | None:
@@ -620,7 +662,7 @@ class RemoteEngine:
         return self.local.generate_silent(frames)
 
     def for_avatar(self, avatar: Avatar) -> RemoteEngine:
-        return RemoteEngine(self.link, avatar, self.local.for_avatar(avatar))
+        return RemoteEngine(self.link, avatar, self.local.for_avatar(avatar), self.plan)
 
     def close(self) -> None:
         self.link.close()
