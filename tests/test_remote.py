@@ -10,6 +10,7 @@ import socket
 import stat
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from livecam.audio.ring import AudioRing
 from livecam.avatar.store import load_avatar
 from livecam.engines.lite import LiteEngine, MouthTrack
 from livecam.remote import protocol as wire
-from livecam.remote.client import RemoteError, open_remote, stream_url
+from livecam.remote.client import Link, RemoteError, open_remote, stream_url
 from livecam.remote.generator import LiteGenerator, RenderRequest, paste
 from livecam.remote.stream import StreamState
 from livecam.remote.tokens import TokenError, read_token
@@ -289,6 +290,37 @@ def test_remote_connections_auto_is_two_over_a_network_and_one_on_loopback():
         auto_connections("http://gpu.example")
     with pytest.raises(ValueError, match="connections must be 1 or 2"):
         Link("ws://127.0.0.1:9", "t", 30.0, True, connections=3)
+
+
+def test_connections_lost_soon_after_they_are_made_are_tried_again_ever_more_slowly(
+    monkeypatch,
+):
+    """A server that refuses each request (the connection is lost at once, again and again)
+    is not hammered: each quick loss starts the next backoff a step further up, to its top;
+    a connection that held a while starts it from the bottom again."""
+    from livecam.remote import client
+
+    link = Link("ws://127.0.0.1:9", "t" * 32, 30.0, True, connections=1)
+    ready = {"stream": 1}
+    monkeypatch.setattr(link, "_open", lambda: (types.SimpleNamespace(close=lambda: None),
+                                               ready, object()))  # fmt: skip
+    waits: list[float] = []
+    monkeypatch.setattr(link._closed, "wait", lambda s: waits.append(s) or False)
+
+    def lose(held_s: float) -> None:
+        link._connected_at -= held_s
+        link._lose(link._conn, ConnectionError("refused"))
+        link._reconnecting.join(5)
+        assert link._conn is not None
+
+    link.connect()
+    for _ in range(6):
+        lose(0.1)
+    lose(client.STEADY_S + 1)
+    lose(0.1)
+    b = client.BACKOFF_S
+    assert waits == [b[1], b[2], b[3], b[4], b[4], b[4], b[0], b[1]]
+    assert link.stats.reconnects == 8
 
 
 def test_a_garbled_reply_is_refused_not_pasted():

@@ -37,6 +37,7 @@ OPEN_TIMEOUT_S = 3.0
 REPLY_TIMEOUT_S = 1.0  # live: a reply this late and the frames come from the local engine
 CONTEXT_S = 2.0  # audio sent before the first frame after (re)connecting
 BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 4.0)
+STEADY_S = 10.0  # a connection lost sooner after it was made: the next try waits a step longer
 RTT_WINDOW = 300
 KEPT_REPLIES = 16  # replies that came out of turn, kept until read
 CLOSE_DRAIN_S = 0.5  # closing waits this long at most for the replies still to come
@@ -271,6 +272,8 @@ class Link:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._reconnecting: threading.Thread | None = None
+        self._connected_at = 0.0  # monotonic
+        self._quick_losses = 0  # connections in a row lost within STEADY_S of being made
 
     def connect(self) -> None:
         """Open and authenticate a stream (and its second connection where two are asked
@@ -281,6 +284,7 @@ class Link:
             self._conn = _Connection(ws, int(header["stream"]))
             self._second = second
             self.server, self.problem = server, None
+            self._connected_at = time.monotonic()
         log.info("remote generation: stream %d on %s, %s faces%s", header["stream"], self.url,
                  header.get("encoding"), " (two connections)" if second else "")  # fmt: skip
 
@@ -373,7 +377,9 @@ class Link:
             self._reconnecting.start()
 
     def _reconnect(self) -> None:
-        for attempt in range(1 << 30):
+        """Tries with backoff; after connections lost soon after they were made (a server
+        that refuses each request), from further up the backoff: no storm of reconnects."""
+        for attempt in itertools.count(self._quick_losses):
             if self._closed.wait(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]):
                 return
             try:
@@ -500,6 +506,8 @@ class Link:
         if self._second is not None:
             self._second.ws.close()
             self._second = None
+        quick = time.monotonic() - self._connected_at < STEADY_S
+        self._quick_losses = self._quick_losses + 1 if quick else 0
         log.warning("remote generation lost (%s): local frames until it is back", exc)
         self.start_reconnecting(f"lost the livecam server at {self.url} ({exc})")
 
