@@ -99,13 +99,15 @@ class LinkStats:
 
 @dataclass(frozen=True)
 class ServerEngine:
-    """The engine a server runs, from its ready message."""
+    """The engine a server runs, from its ready message; equal for a server that came back
+    running the same engine."""
 
     name: str
     tiers: tuple[str, ...]
     batch_sizes: tuple[int, ...]
     response_s: float
-    samples_needed: Callable[[int], int]
+    needed: tuple  # the look-ahead table as sent
+    samples_needed: Callable[[int], int] = field(compare=False)
 
     @classmethod
     def from_ready(cls, header: dict) -> ServerEngine:
@@ -114,9 +116,12 @@ class ServerEngine:
             raise wire.ProtocolError("the server sent no tiers")
         if not sizes or not all(isinstance(b, int) and 0 < b <= wire.MAX_FRAMES for b in sizes):
             raise wire.ProtocolError("the server sent unusable batch sizes")
+        needed = header.get("needed")
+        samples_needed = wire.needed_from_table(needed)  # (checks it)
         return cls(wire.field(header, "engine", str), tuple(tiers), tuple(sizes),
                    float(wire.field(header, "response_s", (int, float))),
-                   wire.needed_from_table(header.get("needed")))  # fmt: skip
+                   (needed["period"], needed["shift"], tuple(needed["table"])),
+                   samples_needed)  # fmt: skip
 
 
 def _newer(header: dict, request_id: int) -> bool:
@@ -403,11 +408,11 @@ class Link:
         tier: str,
         upto: int,
     ) -> Pending | None:
-        """Ask for faces, planned for `server`; the request in flight, or None (then the
-        caller makes local frames): not connected, or connected to another server since."""
+        """Ask for faces, planned for `server`'s engine; the request in flight, or None (then
+        the caller makes local frames): not connected, or the server runs another engine."""
         with self._lock:
             conn = self._conn
-            if conn is None or self.server is not server:
+            if conn is None or self.server != server:
                 return None
             request_id = next(self._ids)
             try:
@@ -614,7 +619,7 @@ class RemoteEngine:
         """Plan with the engine of the server the link has reached since (unreachable at the
         start, or back with another engine); True where that changed the plan."""
         server = self.link.server
-        if server is None or server is self.plan:
+        if server is None or server == self.plan:
             return False
         changed = _outline(server) != _outline(self.plan)
         self.plan = server
