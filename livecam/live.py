@@ -66,8 +66,14 @@ class LiveOptions:
 
 
 def build_pipeline(opts: LiveOptions) -> Pipeline:
-    """Everything is loaded and opened here, before any frame flows: errors surface early."""
+    """Everything is loaded and opened here, before any frame flows: errors surface early,
+    the cheap ones (avatar, audio input) before an engine loads weights or reaches a pool."""
     avatar = load_avatar(opts.avatar)
+    ring, clock = AudioRing(RING_SECONDS * SAMPLE_RATE), AudioClock()
+    if opts.audio_file is not None:
+        source = FileSource(ring, clock, opts.audio_file, loop=opts.loop)
+    else:
+        source = MicSource(ring, clock, opts.mic)
     if opts.remote:
         engine = build_remote(opts.remote, opts.token_file, avatar, opts.fps, opts.idle_motion,
                               remote_only=opts.remote_only,
@@ -84,11 +90,6 @@ def build_pipeline(opts: LiveOptions) -> Pipeline:
     if opts.simulate_load:
         engine = SimulatedLoad(engine, opts.simulate_load, opts.fps)
     compositor = build_compositor(avatar, opts.width, opts.height, opts.fps, opts.idle_motion)
-    ring, clock = AudioRing(RING_SECONDS * SAMPLE_RATE), AudioClock()
-    if opts.audio_file is not None:
-        source = FileSource(ring, clock, opts.audio_file, loop=opts.loop)
-    else:
-        source = MicSource(ring, clock, opts.mic)
     sink, warnings = open_sink(
         opts.sink,
         SinkSettings(

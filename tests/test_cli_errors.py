@@ -70,6 +70,10 @@ def test_empty_audio_file(tmp_path):
 def test_missing_audio_file(tmp_path):
     result = livecam("start", "--audio", str(tmp_path / "nope.wav"), "--sink", "memory")
     assert_clean_failure(result, "audio file not found")
+    # told before an engine loads its weights (here there are none) or reaches its pool
+    result = livecam("start", "--audio", str(tmp_path / "nope.wav"), "--sink", "memory",
+                     "--engine", "musetalk", "--models-dir", str(tmp_path / "none"))  # fmt: skip
+    assert_clean_failure(result, "audio file not found")
 
 
 def test_missing_camera_device():
