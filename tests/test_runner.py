@@ -559,9 +559,9 @@ def test_an_engine_whose_server_runs_another_plan_is_planned_afresh(
     reached_at = pipeline.fake.t + 1.0
 
     def follow_server() -> bool:
-        if pipeline.fake.t < reached_at or engine.tiers == ("nearest",):
+        if pipeline.fake.t < reached_at or engine.tiers[0] == "nearest":
             return False
-        engine.tiers, engine.batch_sizes = ("nearest",), (1, 2)
+        engine.tiers, engine.batch_sizes = ("nearest", "full"), (1, 2)
         engine.samples_needed = lambda k: local_needed(k) + extra
         return True
 
@@ -573,9 +573,13 @@ def test_an_engine_whose_server_runs_another_plan_is_planned_afresh(
         return submit(ring, frames)
 
     engine.submit = spy
-    observed = []
+    observed, delays = [], []
 
     class Recording(runner.Scheduler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            delays.append(self.playout_delay)
+
         def observe(self, mode, seconds, **kwargs):
             observed.append(mode)
             return super().observe(mode, seconds, **kwargs)
@@ -583,7 +587,8 @@ def test_an_engine_whose_server_runs_another_plan_is_planned_afresh(
     monkeypatch.setattr(runner, "Scheduler", Recording)
     worker.run()
     after = pipeline.scheduler
-    assert after is not before and (after.tiers, after.batch_sizes) == (("nearest",), (1, 2))
+    assert after is not before and after.tiers == ("nearest", "full")
+    assert after.batch_sizes == (1, 2)
     assert after.base_delay_s == pytest.approx(before.base_delay_s + 0.1)
     assert pipeline.playout_delay >= after.base_delay_s
     late_calls = [(k, end) for k, end, t in sent if t >= reached_at]
@@ -596,7 +601,11 @@ def test_an_engine_whose_server_runs_another_plan_is_planned_afresh(
     assert len(observed) == sum(1 for (_, t, _), _ in answered if t >= reached_at)
     frames = [k for k, _, _ in worker.pushed]
     assert frames == sorted(frames) and frames[-1] > 2.5 * FPS
-    assert "tiers nearest" in caplog.text
+    (delay,) = delays
+    assert (
+        f"generating with lite: tiers nearest, full, playout delay {delay * 1e3:.0f} ms from now"
+        in caplog.messages
+    )
 
 
 def test_before_the_first_reply_one_call_at_a_time(pipeline) -> None:
