@@ -289,7 +289,13 @@ def render(
     from livecam.audio.files import read_audio
     from livecam.avatar.store import load_avatar
     from livecam.live import close_engine
-    from livecam.session import build_compositor, build_engine, build_remote, render_audio
+    from livecam.session import (
+        build_compositor,
+        build_engine,
+        build_remote,
+        remote_token,
+        render_audio,
+    )
     from livecam.sinks import SinkSettings, open_sink
 
     width, height = _parse_size(size)
@@ -299,7 +305,7 @@ def render(
         face = load_avatar(avatar)
         if remote:
             # offline: wait for the server (30 s a call) rather than fall back to local frames
-            eng = build_remote(remote, token_file, face, fps, idle, remote_only=True,
+            eng = build_remote(remote, remote_token(token_file), face, fps, idle, remote_only=True,
                                reply_timeout_s=30.0,
                                connections=_connections(remote_connections))  # fmt: skip
         else:

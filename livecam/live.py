@@ -28,7 +28,7 @@ from livecam.pipeline.runner import Look, Pipeline, PipelineConfig
 from livecam.pipeline.stats import Snapshot
 from livecam.service.heartbeat import Heartbeat, status_line
 from livecam.service.notify import Notifier
-from livecam.session import build_compositor, build_engine, build_remote
+from livecam.session import build_compositor, build_engine, build_remote, remote_token
 from livecam.sinks import SinkSettings, open_sink
 
 log = logging.getLogger(__name__)
@@ -67,15 +67,17 @@ class LiveOptions:
 
 def build_pipeline(opts: LiveOptions) -> Pipeline:
     """Everything is loaded and opened here, before any frame flows: errors surface early,
-    the cheap ones (avatar, audio input) before an engine loads weights or reaches a pool."""
+    the cheap ones (avatar, token file, audio input) before an engine loads weights or
+    reaches a pool."""
     avatar = load_avatar(opts.avatar)
+    token = remote_token(opts.token_file) if opts.remote else ""
     ring, clock = AudioRing(RING_SECONDS * SAMPLE_RATE), AudioClock()
     if opts.audio_file is not None:
         source = FileSource(ring, clock, opts.audio_file, loop=opts.loop)
     else:
         source = MicSource(ring, clock, opts.mic)
     if opts.remote:
-        engine = build_remote(opts.remote, opts.token_file, avatar, opts.fps, opts.idle_motion,
+        engine = build_remote(opts.remote, token, avatar, opts.fps, opts.idle_motion,
                               remote_only=opts.remote_only,
                               connections=opts.remote_connections)  # fmt: skip
     else:

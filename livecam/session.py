@@ -93,9 +93,21 @@ def build_engine(
     return builder(EngineRequest(avatar, fps, idle_motion, options, models_dir, device, streaming))
 
 
+def remote_token(token_file: Path | None) -> str:
+    """The pool's token from --token-file; EngineError where there is none to read."""
+    from livecam.remote.tokens import TokenError, read_token
+
+    if token_file is None:
+        raise EngineError("--remote needs --token-file FILE (the server's token)")
+    try:
+        return read_token(token_file)
+    except TokenError as exc:
+        raise EngineError(str(exc)) from None
+
+
 def build_remote(
     url: str,
-    token_file: Path | None,
+    token: str,
     avatar: Avatar,
     fps: float,
     idle_motion: bool = True,
@@ -107,20 +119,16 @@ def build_remote(
     """The remote engine on `livecam serve` at `url` (local lite frames while unreachable,
     unless remote_only; and for replies later than `reply_timeout_s`, default live: 1 s),
     each call on `connections` connections (None: two over a network, one on loopback).
-    Raises EngineError for a bad address, token or refusal."""
+    Raises EngineError for a bad address or a refusal (the token, say)."""
     from livecam.engines.lite import LiteEngine
     from livecam.remote.client import REPLY_TIMEOUT_S, RemoteError, open_remote
-    from livecam.remote.tokens import TokenError, read_token
 
-    if token_file is None:
-        raise EngineError("--remote needs --token-file FILE (the server's token)")
     try:
-        token = read_token(token_file)
         fallback = LiteEngine(avatar, fps, idle_motion=idle_motion)
         timeout = reply_timeout_s or REPLY_TIMEOUT_S
         return open_remote(url, token, avatar, fallback, remote_only=remote_only,
                            reply_timeout_s=timeout, connections=connections)  # fmt: skip
-    except (RemoteError, TokenError, ValueError) as exc:
+    except (RemoteError, ValueError) as exc:
         raise EngineError(str(exc)) from None
 
 

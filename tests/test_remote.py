@@ -121,6 +121,22 @@ def test_token_file_is_created_private_and_read_back(tmp_path):
         read_token(tmp_path / "short")
 
 
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
+def test_a_token_file_others_can_read_is_named_with_its_fix(tmp_path, caplog, mode):
+    path = tmp_path / "token"
+    path.write_text("t" * 32 + "\n")
+    path.chmod(mode)
+    with caplog.at_level("WARNING", logger="livecam.remote.tokens"):
+        assert read_token(path) == "t" * 32  # still used
+    assert caplog.messages == [
+        f"the token file {path} can be read by other users (mode {mode:04o}): chmod 600 {path}"
+    ]
+    path.chmod(0o600)
+    caplog.clear()
+    read_token(path)
+    assert not caplog.messages
+
+
 # -- server side without Ray --------------------------------------------------------------------
 def test_stream_state_keeps_the_sample_clock_through_gaps_and_resends():
     state = StreamState(1, 30.0, "raw", True, "lite", ("full",), MouthTrack(30.0).samples_needed)
@@ -254,7 +270,8 @@ def test_start_remote_only_exits_when_the_server_is_unreachable(tmp_path):
     token = tmp_path / "token"
     token.write_text("t" * 32)
     url = f"ws://127.0.0.1:{_free_port()}"
-    args = ["--remote", url, "--token-file", str(token), "--remote-only", "--sink", "memory"]
+    args = ["--remote", url, "--token-file", str(token), "--remote-only", "--sink", "memory",
+            "--audio", str(JFK)]  # fmt: skip
     result = CliRunner().invoke(app, ["start", *args, "--no-dashboard"])
     assert result.exit_code == 1
     assert "cannot reach the livecam server" in result.output

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import secrets
+import stat
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 MIN_TOKEN = 16
 MAX_TOKEN = 1024
@@ -39,4 +44,17 @@ def read_token(path: Path, *, create: bool = False) -> str:
             f"the token in {path} must be one line of {MIN_TOKEN} to "
             f"{MAX_TOKEN} characters without spaces"
         )
+    if problem := exposed(path):
+        log.warning("%s", problem)
     return token
+
+
+def exposed(path: Path) -> str | None:
+    """What is wrong where other users can read the token file (anyone who has the token may
+    use the pool), with the fix; None where only its owner can."""
+    with contextlib.suppress(OSError):
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            return (f"the token file {path} can be read by other users (mode {mode:04o}): "
+                    f"chmod 600 {path}")  # fmt: skip
+    return None
