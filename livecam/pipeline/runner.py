@@ -91,13 +91,7 @@ class Pipeline:
         self.sink = sink
         self.counters = Counters()
         self.warnings: list[str] = []
-        self.scheduler = Scheduler(
-            config.fps,
-            look.engine.tiers,
-            look.engine.batch_sizes,
-            self._base_delay(),
-        )
-        self.playout_delay = self.scheduler.playout_delay
+        self._plan()
         self._faces: collections.deque[Face] = collections.deque()
         self._faces_lock = threading.Lock()
         self._stop = threading.Event()
@@ -128,6 +122,14 @@ class Pipeline:
         batch sizes and look-ahead, so the scheduler and the playout delay still hold."""
         self.look = look
         log.info("avatar switched to %s", look.avatar.name)
+
+    def _plan(self) -> None:
+        """A scheduler, and its playout delay, for the engine's tiers, batch sizes and
+        look-ahead."""
+        engine = self.engine
+        self.scheduler = Scheduler(self.cfg.fps, engine.tiers, engine.batch_sizes,
+                                   self._base_delay())  # fmt: skip
+        self.playout_delay = self.scheduler.playout_delay
 
     def _base_delay(self) -> float:
         """Frame length + engine look-ahead + one capture block + margin, after k/fps."""
@@ -230,9 +232,7 @@ class Pipeline:
         engine = self.look.engine
         if not (isinstance(engine, PipelinedEngine) and engine.follow_server()):
             return
-        self.scheduler = Scheduler(self.cfg.fps, engine.tiers, engine.batch_sizes,
-                                   self._base_delay())  # fmt: skip
-        self.playout_delay = self.scheduler.playout_delay
+        self._plan()
         log.info("generating with %s: tiers %s, playout delay %.0f ms from now", engine.name,
                  ", ".join(engine.tiers), self.playout_delay * 1e3)  # fmt: skip
 
