@@ -10,8 +10,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+from livecam.pipeline.runner import Pipeline
 from livecam.pipeline.stats import Snapshot
 from livecam.remote.client import LinkStats
 from tests.conftest import JFK, REPO
@@ -26,8 +28,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_live(url: str, token_file: Path, seconds: float) -> tuple[Snapshot, LinkStats]:
-    """`livecam start --remote URL --remote-only` into a memory sink for `seconds`."""
+@contextlib.contextmanager
+def live_client(url: str, token_file: Path) -> Iterator[Pipeline]:
+    """`livecam start --remote URL --remote-only` into a memory sink, running while open."""
     from livecam.live import LiveOptions, build_pipeline, close_engine
 
     opts = LiveOptions(avatar="astronaut", sink="memory", audio_file=JFK, loop=True, width=320,
@@ -36,11 +39,17 @@ def run_live(url: str, token_file: Path, seconds: float) -> tuple[Snapshot, Link
     pipeline = build_pipeline(opts)
     pipeline.start()
     try:
-        time.sleep(seconds)
-        snap = pipeline.snapshot()
+        yield pipeline
     finally:
         pipeline.stop()
         close_engine(pipeline.engine)
+
+
+def run_live(url: str, token_file: Path, seconds: float) -> tuple[Snapshot, LinkStats]:
+    """A live client for `seconds`: what it showed, and its link's counts."""
+    with live_client(url, token_file) as pipeline:
+        time.sleep(seconds)
+        snap = pipeline.snapshot()
     return snap, pipeline.engine.link.stats
 
 

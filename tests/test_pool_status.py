@@ -3,6 +3,7 @@ tests/test_remote_cluster.py)."""
 
 from __future__ import annotations
 
+import re
 import threading
 
 from livecam.remote.pool_status import PoolCounters, report_status, status_line
@@ -49,9 +50,9 @@ def test_counts_of_a_restarted_ingress_start_from_zero():
     )
 
 
-def test_a_failed_read_gives_no_line_and_the_next_one_starts_afresh():
-    """Reads every 0.5 s: counts of 0, then 1 call (a line), then no answer, then 3 calls
-    (no line: the 2 calls since the last good read span two periods), then nothing new."""
+def test_a_failed_read_is_skipped_and_the_next_line_covers_the_time_since_the_last_good_one():
+    """Reads every 0.5 s: counts of 0, then 1 call (a line), then no answer, then 3 calls (a
+    line for the 2 calls over at least two periods), then nothing new."""
     counts = []
     for calls in (0, 1, None, 3, 3, 3):
         if calls is None:
@@ -71,4 +72,26 @@ def test_a_failed_read_gives_no_line_and_the_next_one_starts_afresh():
         return found
 
     report_status(stop, 0.5, read, said.append)
-    assert len(said) == 1 and said[0].startswith("livecam serve: 1 stream · "), said
+    assert len(said) == 2 and all(line.startswith("livecam serve: 1 stream · ") for line in said)
+    # 4 faces since the good read before the failed one, at least 1 s before: at most 4/s
+    # (over the last period alone it would say 8/s)
+    faces_per_s = int(re.search(r" (\d+) faces/s", said[1])[1])
+    assert 1 <= faces_per_s <= 4, said
+    assert "1.0 streams and 2.0 frames" in said[1], said
+
+
+def test_a_change_in_the_generator_replicas_is_said_even_when_nothing_else_changed():
+    counters = PoolCounters()
+    one = {**counters.snapshot(streams=1, in_flight=0), "replicas": 1}
+    two = {**one, "replicas": 2}
+    assert status_line(one, one, seconds=10.0) is None
+    line = status_line(one, two, seconds=10.0)
+    assert (
+        line
+        == "livecam serve: 2 generator replicas (were 1) · 1 stream · 0 faces/s · 0 calls in flight"
+    )
+    assert status_line(two, {**one, "replicas": 0}, 10.0).startswith(
+        "livecam serve: 0 generator replicas (were 2) · "
+    )
+    # a count not read on one side (None) says nothing of a change
+    assert status_line(one, {**one, "replicas": None}, seconds=10.0) is None

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ import pytest
 pytest.importorskip("ray")
 
 from tests.conftest import REPO
-from tests.remote_server import TOKEN, free_port, start_serve
+from tests.remote_server import TOKEN, free_port, live_client, start_serve
 
 RAY = Path(sys.executable).with_name("ray")
 
@@ -175,3 +176,85 @@ def test_replicas_that_fail_to_start_say_why_and_leave_the_cluster_as_it_was(clu
     out = _stop(again) if again.poll() is None else again.communicate()[0]
     assert f"lite x1 at ws://127.0.0.1:{port}" in shown, shown + out
     assert again.returncode == 0, out
+
+
+def test_a_musetalk_pool_follows_the_clusters_gpus_under_a_running_stream(cluster, tmp_path):
+    """A GPU machine joins (`ray start --address`, here a second node on this machine that
+    declares a GPU): the pool starts a second replica, and the stream already running keeps
+    its connection (a new deployment would have restarted every replica under it). The
+    machine leaves: the pool says so and the stream goes on, on the replica left."""
+    address, env = cluster
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    joined = {**env, "RAY_AUTH_MODE": "token"}
+    proc, shown = start_serve(token_file, free_port(), "--address", address, "--engine",
+                              "musetalk", "--random-weights", "--tiny", "--status-every", "1",
+                              env=joined)  # fmt: skip
+    out, worker = Output(proc), None
+    try:
+        assert "x1 (one per GPU, as GPU machines join and leave) at" in shown, shown
+        url = re.search(r"at (ws://\S+)", shown)[1]
+        with live_client(url, token_file) as client:
+            out.wait_for("livecam serve: 1 stream · ", 60)
+            worker = subprocess.Popen(
+                [str(RAY), "start", "--address", address, "--node-ip-address", "127.0.0.1",
+                 "--num-cpus", "1", "--num-gpus", "1", "--block", "--disable-usage-stats"],
+                env=joined, start_new_session=True, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            out.wait_for("livecam serve: 2 generator replicas (were 1) · 1 stream", 180)
+            link = client.engine.link.stats
+            grown = link.remote_frames
+            assert link.reconnects == 0  # the stream kept its connection through the change
+            _leave(worker)
+            out.wait_for("livecam serve: 1 generator replica (were 2) · 1 stream", 120)
+            left = link.remote_frames
+            out.wait_for("livecam serve: 1 stream · ", 30)  # a status period on one replica
+            time.sleep(3)
+            assert link.remote_frames > left > grown > 0, (grown, left, link.remote_frames)
+    finally:
+        if worker is not None:
+            _leave(worker)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+    assert proc.returncode == 0, shown + out.text()
+
+
+class Output:
+    """A process's output, read as it comes, searched from where the last search ended."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.lines: list[str] = []
+        self._seen = 0
+        self._reader = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self._reader.start()
+
+    def _read(self, proc: subprocess.Popen) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self.lines.append(line)
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            for i in range(self._seen, len(self.lines)):
+                if text in self.lines[i]:
+                    self._seen = i + 1
+                    return
+            assert time.monotonic() < deadline, f"no {text!r} in {timeout:.0f} s:\n{self.text()}"
+            time.sleep(0.2)
+
+    def text(self) -> str:
+        self._reader.join(5)
+        return "".join(self.lines)
+
+
+def _leave(node: subprocess.Popen) -> None:
+    """`ray start --block` ended: it stops its node's processes (the machine leaves)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(node.pid, signal.SIGTERM)
+    try:
+        node.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(node.pid, signal.SIGKILL)
+        node.wait()

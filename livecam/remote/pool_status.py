@@ -1,4 +1,5 @@
-"""What `livecam serve` says while it runs: streams, faces made, batches, late calls.
+"""What `livecam serve` says while it runs: streams, faces made, batches, late calls, and a
+change in the number of generator replicas.
 
 The ingress counts each generator call once (where a stream sends a request on two
 connections, it is made once); `livecam serve` reads the counts every few seconds and prints
@@ -36,17 +37,21 @@ class PoolCounters:
 
 def status_line(before: dict, after: dict, seconds: float) -> str | None:
     """The pool over the `seconds` between two snapshots; None when nothing happened (no
-    call, and as many streams as before). Counts that went down come from a restarted
-    ingress replica: counted from zero."""
+    call, as many streams and generator replicas as before). Counts that went down come from
+    a restarted ingress replica: counted from zero."""
     if after["calls"] < before["calls"]:
-        before = {**PoolCounters().snapshot(0, 0), "streams": before["streams"]}
+        before = {**before, **PoolCounters().snapshot(0, 0), "streams": before["streams"]}
     calls = after["calls"] - before["calls"]
-    if not calls and after["streams"] == before["streams"]:
+    replicas = before.get("replicas"), after.get("replicas")  # (None: not read)
+    resized = None not in replicas and replicas[0] != replicas[1]
+    if not calls and after["streams"] == before["streams"] and not resized:
         return None
     faces = after["faces"] - before["faces"]
     batches = after["batches"] - before["batches"]
     late = after["late"] - before["late"]
     parts = [_count(after["streams"], "stream"), f"{faces / seconds:.0f} faces/s"]
+    if resized:
+        parts.insert(0, f"{_count(replicas[1], 'generator replica')} (were {replicas[0]})")
     if batches > 0:
         made = calls - late
         parts.append(
@@ -67,17 +72,20 @@ def report_status(
     say: Callable[[str], None],
 ) -> None:
     """Until `stop`: every `every_s` (0: never), a line on what the pool did meanwhile, from
-    two `read`s of its counts (None: it did not answer; the next read starts afresh)."""
-    before, since = (read() if every_s else None), time.monotonic()
+    two `read`s of its counts. A read that gets None (the pool did not answer) is skipped:
+    the next line covers the time since the last good one, so no change goes unsaid."""
+    before = read() if every_s else None
+    since = due = time.monotonic()  # of `before`; of the last read
     while not stop.wait(0.5):  # (signal handlers run between waits)
-        if not every_s or time.monotonic() - since < every_s:
+        if not every_s or time.monotonic() - due < every_s:
             continue
-        now, seconds = read(), time.monotonic() - since
-        since += seconds
-        line = status_line(before, now, seconds) if before and now else None
+        now, due = read(), time.monotonic()
+        if now is None:
+            continue
+        line = status_line(before, now, due - since) if before else None
         if line:
             say(line)
-        before = now
+        before, since = now, due
 
 
 def _count(n: int, noun: str) -> str:

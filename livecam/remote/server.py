@@ -41,6 +41,7 @@ from livecam.remote.generator import (
     RenderResult,
 )
 from livecam.remote.pool_status import PoolCounters, report_status
+from livecam.remote.scaling import follow_gpus
 from livecam.remote.stream import StreamState
 from livecam.remote.tokens import read_token
 from livecam.service.notify import Notifier
@@ -410,6 +411,12 @@ def default_replicas(cluster: dict[str, float], engine: str) -> int:
     return max(1, int(cluster.get("GPU", 0))) if engine == "musetalk" else 1
 
 
+def follows_gpus(cluster: dict[str, float], engine: str, replicas: int | None) -> bool:
+    """Whether the pool keeps one replica per GPU as the cluster changes: musetalk on GPUs,
+    where --replicas did not fix the count."""
+    return engine == "musetalk" and replicas is None and cluster.get("GPU", 0) >= 1
+
+
 def replica_resources(cluster: dict[str, float], replicas: int) -> dict[str, float]:
     """A generator replica's share of the cluster: a GPU each where there are enough, else an
     equal share of one (two replicas on one GPU: one's kernels run while the other works on
@@ -427,12 +434,15 @@ def build_app(
     token: str,
     models_dir: Path | None = None,
     random_weights: str | None = None,
+    per_gpu: bool = False,
 ) -> Any:
-    """The Serve application: ingress bound to a generator pool of `replicas`."""
+    """The Serve application: ingress bound to a generator pool of `replicas` (per_gpu: to
+    start with, then one per GPU of the cluster as machines join and leave)."""
     check_engine(engine)
     actor: dict[str, Any] = replica_resources(ray.cluster_resources(), replicas)
     actor["runtime_env"] = {"env_vars": GRPC_ENV}
-    generator = Generator.options(num_replicas=replicas, ray_actor_options=actor)
+    size = {"autoscaling_config": follow_gpus(replicas)} if per_gpu else {"num_replicas": replicas}
+    generator = Generator.options(**size, ray_actor_options=actor)
     return Ingress.bind(
         generator.bind(engine, models_dir, random_weights),
         hashlib.sha256(token.encode()).hexdigest(),
@@ -449,6 +459,7 @@ def start_app(
     name: str = APP_NAME,
     route: str = "/",
     random_weights: str | None = None,
+    per_gpu: bool = False,
 ) -> str:
     """Deploy on the connected Ray cluster; returns the stream URL."""
     serve.start(
@@ -467,7 +478,7 @@ def start_app(
             f"another livecam serve runs on this cluster (Serve application {name!r}): "
             "its clients would lose it; stop it first"
         )
-    app = build_app(engine, replicas, token, models_dir, random_weights)
+    app = build_app(engine, replicas, token, models_dir, random_weights, per_gpu)
     try:
         serve.run(app, name=name, route_prefix=route)
     except RuntimeError as exc:  # Serve's "failed to update the deployments", without the cause
@@ -517,7 +528,9 @@ def run_server(opts: ServeOptions, say: Any = print) -> int:
                  logging_level="warning")  # fmt: skip
     else:
         join_cluster(opts.address)
-    replicas = opts.replicas or default_replicas(ray.cluster_resources(), opts.engine)
+    cluster = ray.cluster_resources()
+    replicas = opts.replicas or default_replicas(cluster, opts.engine)
+    per_gpu = follows_gpus(cluster, opts.engine, opts.replicas)
     serve_was_there = serve_address() is not None
     notifier = Notifier()
     stop, up = threading.Event(), threading.Event()
@@ -533,7 +546,8 @@ def run_server(opts: ServeOptions, say: Any = print) -> int:
     try:
         try:
             url = start_app(opts.engine, replicas, token, opts.host, opts.port,
-                            opts.models_dir, random_weights=opts.random_weights)  # fmt: skip
+                            opts.models_dir, random_weights=opts.random_weights,
+                            per_gpu=per_gpu)  # fmt: skip
         except KeyboardInterrupt:
             say("livecam serve: stopped before the pool was up")
             remove_app(serve_was_there)
@@ -543,7 +557,8 @@ def run_server(opts: ServeOptions, say: Any = print) -> int:
             raise
         up.set()
         weights = f" ({opts.random_weights}-size random weights)" if opts.random_weights else ""
-        pool = f"{opts.engine}{weights} x{replicas} at {url}"
+        per = " (one per GPU, as GPU machines join and leave)" if per_gpu else ""
+        pool = f"{opts.engine}{weights} x{replicas}{per} at {url}"
         say(f"livecam serve: {pool} (clients: livecam start --remote {url} --token-file FILE)")
         notifier.ready(pool)  # under systemd (Type=notify): up, and where
 
@@ -565,12 +580,17 @@ def run_server(opts: ServeOptions, say: Any = print) -> int:
 
 
 def _pool_stats(ingress: Any) -> dict | None:
-    """The ingress's counts; None where it does not answer (a replica restarting)."""
+    """The ingress's counts and the generator replicas running; None where the ingress does
+    not answer (a replica restarting)."""
     try:
-        return ingress.stats.remote().result(timeout_s=STATUS_TIMEOUT_S)
+        stats = ingress.stats.remote().result(timeout_s=STATUS_TIMEOUT_S)
+        app = serve.status().applications.get(APP_NAME)
     except Exception as exc:
         log.warning("no pool status: %s", type(exc).__name__)
         return None
+    generator = app.deployments.get(Generator.name) if app else None
+    states = generator.replica_states if generator else {}
+    return {**stats, "replicas": states.get("RUNNING", 0)}
 
 
 def join_cluster(address: str) -> None:
