@@ -202,16 +202,22 @@ def test_a_musetalk_pool_follows_the_clusters_gpus_under_a_running_stream(cluste
                 env=joined, start_new_session=True, stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )  # fmt: skip
+            joined_at = time.monotonic()
             out.wait_for("livecam serve: 2 generator replicas (were 1) · 1 stream", 180)
+            grew_s = time.monotonic() - joined_at
             link = client.engine.link.stats
             grown = link.remote_frames
             assert link.reconnects == 0  # the stream kept its connection through the change
             _leave(worker)
+            left_at = time.monotonic()
             out.wait_for("livecam serve: 1 generator replica (were 2) · 1 stream", 120)
-            left = link.remote_frames
+            left, shrank_s = link.remote_frames, time.monotonic() - left_at
             out.wait_for("livecam serve: 1 stream · ", 30)  # a status period on one replica
             time.sleep(3)
             assert link.remote_frames > left > grown > 0, (grown, left, link.remote_frames)
+            print(f"\nreplica added {grew_s:.1f} s after `ray start`, gone {shrank_s:.1f} s after "
+                  f"the node stopped; remote faces {grown}, {left}, {link.remote_frames}, "
+                  f"{link.reconnects} reconnects")  # fmt: skip
     finally:
         if worker is not None:
             _leave(worker)
