@@ -223,7 +223,9 @@ def test_a_musetalk_pool_follows_the_clusters_gpus_under_a_running_stream(cluste
             _leave(worker)
         proc.send_signal(signal.SIGINT)
         proc.wait(60)
-    assert proc.returncode == 0, shown + out.text()
+    said = shown + out.text()
+    assert proc.returncode == 0, said
+    assert "Cannot deregister autoscaling state" not in said  # Serve's noise, avoided
 
 
 class Output:

@@ -50,6 +50,7 @@ from livecam.session import EngineError
 log = logging.getLogger(__name__)
 
 APP_NAME = "livecam"
+ONE = {"min_replicas": 1, "max_replicas": 1}  # an autoscaling config that keeps one replica
 ENGINES = ("lite", "musetalk")
 MAX_BATCH_STREAMS = 16  # requests merged into one generator call
 BATCH_WAIT_S = 0.0  # no waiting: requests that queued during the last call form the batch
@@ -443,7 +444,10 @@ def build_app(
     actor["runtime_env"] = {"env_vars": GRPC_ENV}
     size = {"autoscaling_config": follow_gpus(replicas)} if per_gpu else {"num_replicas": replicas}
     generator = Generator.options(**size, ray_actor_options=actor)
-    return Ingress.bind(
+    # one ingress either way; "autoscaled" to one beside an autoscaled generator, or Serve
+    # warns at each deploy and shutdown that it cannot deregister its autoscaling state
+    ingress = Ingress.options(autoscaling_config=ONE) if per_gpu else Ingress
+    return ingress.bind(
         generator.bind(engine, models_dir, random_weights),
         hashlib.sha256(token.encode()).hexdigest(),
     )
