@@ -823,6 +823,7 @@ def test_bench_streams_remote_reports_each_stream_and_the_server_batches(server,
         assert row["remote_frames"] > 0 and row["rtt_ms"]["p95"] is not None
         assert row["latency_ms"]["p95"] >= row["latency_ms"]["p50"] > 0
         assert row["timeouts"] >= 0 and row["late_replies"] >= 0
+        assert row["reconnects"] == 0  # a steady pool: each stream kept its connection
     assert sum(report["server_batch_streams"].values()) > 0
     assert report["generated_fps_total"] > 0
 

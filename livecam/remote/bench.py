@@ -85,6 +85,7 @@ def _stream_row(pipeline: Pipeline, elapsed: float) -> dict:
             "p95": round(rtt[int(len(rtt) * 0.95)] * 1e3, 1) if rtt else None,
         }
         row["local_frames"] = link.stats.local_frames
+        row["reconnects"] = link.stats.reconnects
         row["remote_frames"] = link.stats.remote_frames
         # requests not answered in time: by the client's wait, or the server's (queued)
         row["timeouts"], row["late_replies"] = link.stats.timeouts, link.stats.late
