@@ -18,7 +18,7 @@ def test_the_pool_wants_one_replica_per_gpu_and_asks_the_cluster_every_few_secon
 
     def cluster_resources() -> dict[str, float]:
         asked.append(gpus[0])
-        return {"CPU": 8.0, "GPU": gpus[0]}
+        return {"CPU": 8.0} | ({"GPU": gpus[0]} if gpus[0] is not None else {})
 
     monkeypatch.setattr(scaling.ray, "cluster_resources", cluster_resources)
     state: dict = {"serve-internal": 1}  # Serve's own keys in the state stay
@@ -32,8 +32,10 @@ def test_the_pool_wants_one_replica_per_gpu_and_asks_the_cluster_every_few_secon
     gpus[0] = 3.0  # a machine with a GPU joined
     assert decide(100.0 + scaling.CHECK_EVERY_S / 2) == 2 and len(asked) == 1  # not asked yet
     assert decide(100.0 + scaling.CHECK_EVERY_S) == 3 and len(asked) == 2
-    gpus[0] = 0.0  # every GPU machine left: one replica waits for a GPU
+    gpus[0] = 1.0
     assert decide(100.0 + 2 * scaling.CHECK_EVERY_S) == 1
+    gpus[0] = None  # every GPU machine left (Ray then lists no GPU): one replica waits for one
+    assert decide(100.0 + 3 * scaling.CHECK_EVERY_S) == 1
     assert state["serve-internal"] == 1
 
 

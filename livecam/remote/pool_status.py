@@ -40,7 +40,7 @@ def status_line(before: dict, after: dict, seconds: float) -> str | None:
     call, as many streams and generator replicas as before). Counts that went down come from
     a restarted ingress replica: counted from zero."""
     if after["calls"] < before["calls"]:
-        before = {**before, **PoolCounters().snapshot(0, 0), "streams": before["streams"]}
+        before = {**before, **asdict(PoolCounters())}
     calls = after["calls"] - before["calls"]
     replicas = before.get("replicas"), after.get("replicas")  # (None: not read)
     resized = None not in replicas and replicas[0] != replicas[1]
