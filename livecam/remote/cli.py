@@ -17,8 +17,9 @@ def serve_command(
     replicas: Annotated[
         int | None,
         typer.Option(
-            help="Generator replicas (default: musetalk one per GPU of the cluster, else 1); "
-            "more than the GPUs share them evenly.",
+            help="Generator replicas, fixed (default: musetalk one per GPU of the cluster, "
+            "following GPU machines as they join and leave; else 1); more than the GPUs share "
+            "them evenly.",
             min=1,
         ),
     ] = None,
