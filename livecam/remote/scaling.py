@@ -8,6 +8,7 @@ the replicas it adds or removes: the others keep their streams and their warm av
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -16,15 +17,22 @@ import ray
 CHECK_EVERY_S = 5.0  # how often the controller asks the cluster for its GPUs
 MAX_REPLICAS = 1024  # Serve wants a bound; the cluster's GPUs are the real one
 
+log = logging.getLogger(__name__)
+
 
 def one_per_gpu(ctx: Any) -> tuple[int, dict[str, Any]]:
     """The replicas wanted: the cluster's GPUs (at least one). `ctx` is Serve's
-    AutoscalingContext; its policy state keeps the last count between checks."""
+    AutoscalingContext; its policy state keeps the last count between checks. Where the
+    cluster does not answer, the pool stays as it is."""
     state = dict(ctx.policy_state)
     now = ctx.current_time or time.time()
     if "gpus" not in state or now - state["checked"] >= CHECK_EVERY_S:
-        state["gpus"] = int(ray.cluster_resources().get("GPU", 0))
         state["checked"] = now
+        try:
+            state["gpus"] = int(ray.cluster_resources().get("GPU", 0))
+        except Exception as exc:  # the GCS busy or restarting: asked again at the next check
+            log.warning("the pool keeps its replicas: no GPU count from the cluster (%s)", exc)
+            state.setdefault("gpus", ctx.target_num_replicas)
     return max(1, state["gpus"]), state
 
 
