@@ -51,13 +51,7 @@ def cluster(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
             time.sleep(0.5)
         yield f"127.0.0.1:{port}", env
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+        _end_node(head)
 
 
 def _listening(port: int) -> bool:
@@ -208,7 +202,7 @@ def test_a_musetalk_pool_follows_the_clusters_gpus_under_a_running_stream(cluste
             link = client.engine.link.stats
             grown = link.remote_frames
             assert link.reconnects == 0  # the stream kept its connection through the change
-            _leave(worker)
+            _end_node(worker)
             left_at = time.monotonic()
             out.wait_for("livecam serve: 1 generator replica (were 2) · 1 stream", 120)
             left, shrank_s = link.remote_frames, time.monotonic() - left_at
@@ -220,7 +214,7 @@ def test_a_musetalk_pool_follows_the_clusters_gpus_under_a_running_stream(cluste
                   f"{link.reconnects} reconnects")  # fmt: skip
     finally:
         if worker is not None:
-            _leave(worker)
+            _end_node(worker)
         proc.send_signal(signal.SIGINT)
         proc.wait(60)
     said = shown + out.text()
@@ -257,7 +251,7 @@ class Output:
         return "".join(self.lines)
 
 
-def _leave(node: subprocess.Popen) -> None:
+def _end_node(node: subprocess.Popen) -> None:
     """`ray start --block` ended: it stops its node's processes (the machine leaves)."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(node.pid, signal.SIGTERM)
