@@ -338,15 +338,18 @@ def devices() -> None:
     """List microphones (audio input devices)."""
     from livecam.audio.sources import input_devices
 
-    table = Table("index", "name", "channels", "default rate")
-    for dev in input_devices():
-        table.add_row(
-            str(dev["index"]),
-            dev["name"],
-            str(dev["channels"]),
-            f"{dev['default_samplerate']:.0f} Hz",
-        )
-    console.print(table)
+    def action() -> None:
+        table = Table("index", "name", "channels", "default rate")
+        for dev in input_devices():
+            table.add_row(
+                str(dev["index"]),
+                dev["name"],
+                str(dev["channels"]),
+                f"{dev['default_samplerate']:.0f} Hz",
+            )
+        console.print(table)
+
+    run_action(action)
 
 
 @app.command()

@@ -19,6 +19,7 @@ def print_error(message: object) -> None:
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from livecam.audio.files import AudioFileError
+    from livecam.audio.portaudio import PortAudioMissing
     from livecam.audio.sources import AudioDeviceError
     from livecam.audio.virtual_mic import VirtualMicError
     from livecam.avatar.store import AvatarError
@@ -29,7 +30,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from livecam.sinks.base import SinkError
 
     return (AudioFileError, AudioDeviceError, AvatarError, EngineError, SinkError,
-            VirtualMicError, ControlError, ExtraMissing, TokenError)  # fmt: skip
+            VirtualMicError, ControlError, ExtraMissing, TokenError, PortAudioMissing)  # fmt: skip
 
 
 def run_action(action: Callable[[], int | None]) -> None:

@@ -118,6 +118,36 @@ def test_missing_microphone():
     assert_clean_failure(result, "no microphone matches 'no-such-microphone'", "livecam devices")
 
 
+# the CLI in a child whose sounddevice finds no PortAudio library, as where libportaudio2
+# is not installed (sounddevice looks for it with ctypes.util.find_library)
+WITHOUT_PORTAUDIO = """
+import ctypes.util, sys
+find = ctypes.util.find_library
+ctypes.util.find_library = lambda name: None if "portaudio" in name else find(name)
+from livecam.cli import app
+sys.argv[0] = "livecam"
+app()
+"""
+
+
+def without_portaudio(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", WITHOUT_PORTAUDIO, *args], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+
+
+def test_missing_portaudio_library_names_the_package():
+    fix = "sudo apt-get install libportaudio2"
+    for args in (("start", "--sink", "memory", "--no-dashboard", "--duration", "1"),
+                 ("devices",)):  # fmt: skip
+        assert_clean_failure(without_portaudio(*args), "PortAudio library not found", fix)
+    doctor = " ".join(without_portaudio("doctor").stdout.split())
+    assert f"FAIL microphone: PortAudio library not found; the microphone needs it: {fix}" in doctor
+    # an audio file needs no PortAudio
+    played = without_portaudio("start", "--audio", str(JFK), "--sink", "memory",
+                               "--no-dashboard", "--duration", "1")  # fmt: skip
+    assert played.returncode == 0, played.stderr
+
+
 def test_bad_size_option():
     result = livecam("render", "--audio", str(JFK), "--out", "/tmp/x.mp4", "--size", "big")
     assert result.returncode == 2 and "WIDTHxHEIGHT" in result.stderr + result.stdout

@@ -1,19 +1,23 @@
-"""PortAudio lists devices once; livecam rescans for a sound server or microphone that came later.
+"""PortAudio lists devices once; livecam rescans for a sound server or microphone that came later,
+and `livecam start` waits for one.
 
 Each case runs in a child process with a private PulseAudio server of its own (its own socket,
 runtime dir and home), so the user's server and the test session's PortAudio are never touched.
 """
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from livecam.audio.sources import WAITING
+from tests.conftest import JFK, REPO
 
 CHILD = textwrap.dedent(
     """
@@ -82,3 +86,56 @@ def test_a_sound_server_started_after_portaudio_is_found(private_pulse):
     assert lines["after"] in {"default", "pulse"}
     assert lines["rescan while open"] == "False"  # an open stream is never closed by a rescan
     assert lines["rescan when closed"] == "True"
+
+
+def _status(env: dict) -> dict | None:
+    result = subprocess.run([sys.executable, "-m", "livecam", "status", "--json"], env=env,
+                            capture_output=True, text=True, timeout=30)  # fmt: skip
+    return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+def _status_until(env: dict, daemon: subprocess.Popen, wanted, what: str) -> dict:
+    deadline = time.monotonic() + 60
+    while True:
+        assert daemon.poll() is None, daemon.communicate()[1]
+        status = _status(env)
+        if status is not None and wanted(status):
+            return status
+        assert time.monotonic() < deadline, f"{what}; last status: {status}"
+        time.sleep(0.3)
+
+
+def test_start_without_a_microphone_waits_for_one_and_captures_it(private_pulse, tmp_path):
+    """No sound server when the daemon starts: the camera runs on idle frames and says why;
+    a server that comes later is found and its microphone captured, with no restart."""
+    env, server = private_pulse
+    env = {**env, "LIVECAM_RUNTIME_DIR": str(tmp_path / "run")}
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "livecam", "start", "--sink", "memory", "--size", "320x240",
+         "--no-dashboard"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    pulse = None
+    try:
+        first = _status_until(env, daemon, lambda s: s["frames_shown"] > 0, "no frames shown")
+        time.sleep(2.5)  # past a look for a device
+        waiting = _status(env)
+        assert waiting["source"] == "none yet"
+        assert waiting["warnings"] == [WAITING + ": showing idle frames"]
+        assert waiting["frames_shown"] > first["frames_shown"]  # the camera runs meanwhile
+        assert waiting["frames_silent"] > 0 and waiting["frames_generated"] == 0
+        pulse = subprocess.Popen(server, env=env, stderr=subprocess.DEVNULL)
+        found = _status_until(env, daemon, lambda s: s["source"] != "none yet", "never found")
+        speech = subprocess.Popen(["paplay", "--device=livecam_private", str(JFK)], env=env)
+        heard = _status_until(env, daemon, lambda s: s["level_db"] > -40, "no speech captured")
+        assert speech.wait(timeout=30) == 0
+    finally:
+        daemon.terminate()
+        _, log = daemon.communicate(timeout=30)
+        if pulse is not None:
+            pulse.terminate()
+            pulse.wait()
+    assert daemon.returncode == 0, log
+    assert found["source"] in {"default", "pulse"}
+    assert heard["warnings"] == [] and heard["frames_generated"] > 0
+    log = " ".join(log.split())  # rich wraps the log lines
+    assert WAITING in log and f"microphone {found['source']!r} found" in log

@@ -111,3 +111,57 @@ def test_hop_track_that_fell_behind_the_ring_resumes_at_its_start() -> None:
     got = np.array([track.get(h) for h in range(first, first + len(expected))])
     assert len(expected) > 0.9 * SAMPLE_RATE / HOP_LENGTH
     assert np.array_equal(got, expected)  # the same as a stream that started there
+
+
+def test_a_microphone_that_is_not_there_yet_is_looked_for_every_retry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = types.SimpleNamespace(t=0.0)
+    monkeypatch.setattr(sources, "time", types.SimpleNamespace(monotonic=lambda: clock.t))
+    inputs: list[tuple[int, str]] = []  # what PortAudio lists
+    looked: list[float] = []
+
+    def resolve(spec: str | None) -> tuple[int, str]:
+        looked.append(clock.t)
+        if not inputs:
+            raise sources.NoMicrophone("no microphone found")
+        match = [i for i in inputs if spec is None or spec in i[1]]
+        if not match:
+            raise sources.AudioDeviceError(f"no microphone matches {spec!r}")
+        return match[0]
+
+    opened: list[int] = []
+
+    def start(self) -> None:
+        if self.device_index is None:
+            return original_start(self)
+        opened.append(self.device_index)
+        self._stream = _Stream()
+        self._last_block = clock.t  # like the real start
+
+    original_start = MicSource.start
+    monkeypatch.setattr(sources, "resolve_input_device", resolve)
+    monkeypatch.setattr(MicSource, "start", start)
+    mic = MicSource(AudioRing(SAMPLE_RATE), AudioClock(), "USB")
+    mic.start()  # nothing to open: the pipeline runs on idle frames
+    assert mic.name == "none yet" and mic.stats.problem == sources.WAITING and not opened
+
+    def at(t: float) -> None:
+        clock.t = t
+        mic.poll()
+
+    for t in np.arange(0.0, 2 * RETRY_S + 0.01, 0.25):
+        at(float(t))
+    assert looked == [0.0, RETRY_S, 2 * RETRY_S]  # at creation, then every RETRY_S
+    inputs.append((1, "Built-in Audio"))  # an input came, but not the one asked for
+    at(3 * RETRY_S)
+    assert mic.stats.problem == f"no microphone matches 'USB' ({sources.LOOKING})"
+    assert not opened
+    inputs.append((4, "USB Headset"))
+    at(3 * RETRY_S + 0.5)
+    assert not opened  # not before the retry interval
+    at(4 * RETRY_S)
+    assert opened == [4] and mic.name == "USB Headset" and mic.device_index == 4
+    # found: from now on the stall check watches it, and it is not looked for again
+    at(4 * RETRY_S + STALL_S / 2)
+    assert looked[-1] == 4 * RETRY_S and mic.stats.problem == ""

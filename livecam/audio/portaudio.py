@@ -16,8 +16,24 @@ from collections.abc import Callable
 from livecam.audio import pulse
 from livecam.constants import BLOCK, SAMPLE_RATE
 
+INSTALL = "sudo apt-get install libportaudio2"
+
 _lock = threading.Lock()
 _streams: weakref.WeakSet = weakref.WeakSet()
+
+
+class PortAudioMissing(Exception):
+    """The PortAudio library is not installed; the message names the fix."""
+
+
+def load():
+    """The sounddevice module. Importing it loads the PortAudio library, so it is imported on
+    first use, and a missing library is one error naming the package, not a traceback."""
+    try:
+        import sounddevice as sd
+    except OSError as exc:  # sounddevice: "PortAudio library not found"
+        raise PortAudioMissing(f"{exc}; the microphone needs it: {INSTALL}") from None
+    return sd
 
 
 def track(stream):
@@ -30,7 +46,7 @@ def track(stream):
 def rescan() -> bool:
     """Restart PortAudio so that it lists the devices present now; False (and nothing done)
     while one of livecam's streams is open."""
-    import sounddevice as sd
+    sd = load()
 
     with _lock:
         if any(not stream.closed for stream in _streams):
@@ -51,7 +67,7 @@ def open_stream(
     """A stream in livecam's shape: 16 kHz mono float32 in BLOCK-sample blocks, on a PortAudio
     `device` or routed to a PulseAudio/PipeWire sink (playback) or source by name; tracked, so
     no rescan closes it. Not started yet."""
-    import sounddevice as sd
+    sd = load()
 
     kind = sd.OutputStream if playback else sd.InputStream
     with contextlib.ExitStack() as routed:

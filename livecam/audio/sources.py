@@ -32,6 +32,14 @@ class AudioDeviceError(Exception):
     """No usable microphone, with a message fit for the user."""
 
 
+class NoMicrophone(AudioDeviceError):
+    """PortAudio lists no input device at all: none is plugged in, or no sound server runs."""
+
+
+LOOKING = f"looking again every {RETRY_S:.0f} s"
+WAITING = f"no microphone found (plug one in, or start PulseAudio or PipeWire); {LOOKING}"
+
+
 @dataclass
 class SourceStats:
     blocks: int = 0
@@ -59,7 +67,7 @@ def deliver(ring: AudioRing, clock: AudioClock, block: np.ndarray, now: float) -
 
 def input_devices() -> list[dict]:
     """PortAudio input devices as dicts with index, name, channels, default_samplerate."""
-    import sounddevice as sd
+    sd = portaudio.load()
 
     found = []
     for index, dev in enumerate(sd.query_devices()):
@@ -87,7 +95,7 @@ def resolve_input_device(spec: str | None) -> tuple[int | None, str]:
     if found is not None:
         return found
     if not devices:
-        raise AudioDeviceError(
+        raise NoMicrophone(
             "no microphone found: PortAudio sees no input device. Plug one in, or check that "
             "PulseAudio/PipeWire is running (`pactl list short sources`)."
         )
@@ -99,7 +107,7 @@ def resolve_input_device(spec: str | None) -> tuple[int | None, str]:
 
 
 def _pick_input(devices: list[dict], spec: str | None) -> tuple[int, str] | None:
-    import sounddevice as sd
+    sd = portaudio.load()
 
     if not devices:
         return None
@@ -134,6 +142,9 @@ class AudioSource(Protocol):
 class MicSource:
     """Captures the microphone with a sounddevice callback that only copies into the ring.
 
+    With no input device at all (none plugged in yet, the sound server not up yet) it waits
+    for one, looking every RETRY_S; the camera shows idle frames meanwhile.
+
     Its `latency_s` is measured: how long after a sound the clock's time for it (origin + n /
     rate) passes, from the host's ADC timestamps (see timing.py) or, without them, from how
     irregularly blocks arrive; the device's own figure only until either is known.
@@ -141,13 +152,20 @@ class MicSource:
 
     def __init__(self, ring: AudioRing, clock: AudioClock, device: str | None = None) -> None:
         self.ring, self.clock = ring, clock
-        self.device_index, self.name = resolve_input_device(device)
         self.stats = SourceStats(requested_latency_s=REQUESTED_LATENCY_S)
         self.finished = False  # a microphone never runs out
         self._stream = None
         self._timing = CaptureTiming()
         self._last_block = time.monotonic()
         self._next_retry = 0.0
+        self._wanted = device  # looked for again while no device is found
+        self.device_index: int | None = None  # None: waiting for a device
+        self.name = "none yet"
+        try:
+            self.device_index, self.name = resolve_input_device(device)
+        except NoMicrophone:
+            log.warning("%s", WAITING)
+            self._next_retry = self._last_block + RETRY_S
 
     def measured_latency(self) -> tuple[float, str]:
         """(seconds, how they were found): "timestamps" ("timestamps, settling" in a stream's
@@ -178,8 +196,10 @@ class MicSource:
         self._last_block = now
 
     def start(self) -> None:
-        import sounddevice as sd
-
+        if self.device_index is None:  # poll looks for one
+            self.stats.problem = WAITING
+            return
+        sd = portaudio.load()
         try:
             self._stream = portaudio.open_stream(
                 self._callback, playback=False, device=self.device_index,
@@ -195,8 +215,12 @@ class MicSource:
         self.stats.problem = ""
 
     def poll(self) -> None:
-        """Called periodically: notices a stalled or unplugged device and reopens it."""
+        """Called periodically: notices a stalled or unplugged device and reopens it, or finds
+        the first device."""
         now = time.monotonic()
+        if self.device_index is None:
+            self._look_for_device(now)
+            return
         silent_for = now - self._last_block
         if silent_for < STALL_S:
             self.stats.problem = ""
@@ -214,6 +238,24 @@ class MicSource:
             self.device_index, self.name = resolve_input_device(self.name)
             self.start()
         except AudioDeviceError as exc:
+            log.warning("%s", exc)
+
+    def _look_for_device(self, now: float) -> None:
+        if now < self._next_retry:
+            return
+        self._next_retry = now + RETRY_S
+        try:
+            self.device_index, self.name = resolve_input_device(self._wanted)
+        except NoMicrophone:
+            self.stats.problem = WAITING
+            return
+        except AudioDeviceError as exc:  # inputs came, but none is the one asked for
+            self.stats.problem = f"{exc} ({LOOKING})"
+            return
+        log.info("microphone %r found", self.name)
+        try:
+            self.start()
+        except AudioDeviceError as exc:  # the stall check reopens it
             log.warning("%s", exc)
 
     def stop(self) -> None:

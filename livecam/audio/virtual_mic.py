@@ -95,7 +95,7 @@ class VirtualMic:
         self._modules = pulse.create_fed_source(self.sink, self.source, DESCRIPTION)
 
     def _open_stream(self) -> None:
-        import sounddevice as sd
+        sd = portaudio.load()
 
         for attempt in range(2):
             try:

@@ -17,13 +17,13 @@ def _camera() -> list[Check]:
 
 
 def _microphone() -> Check:
-    try:
-        from livecam.audio.sources import input_devices
+    from livecam.audio.portaudio import PortAudioMissing
+    from livecam.audio.sources import input_devices
 
+    try:
         found = input_devices()
-    except (OSError, ImportError) as exc:
-        return Check("microphone", False, f"PortAudio unavailable ({exc}): "
-                     "sudo apt-get install libportaudio2")  # fmt: skip
+    except PortAudioMissing as exc:
+        return Check("microphone", False, str(exc))
     if not found:
         return Check("microphone", False, "no input device: plug one in, check "
                      "`pactl list short sources`")  # fmt: skip
