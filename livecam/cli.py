@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from livecam.constants import DEFAULT_AVATAR, DEFAULT_FPS, DEFAULT_HEIGHT, DEFAULT_WIDTH
@@ -29,7 +30,7 @@ from livecam.limits import (
 from livecam.models_cli import ModelsDirOpt, features_command, models_app
 from livecam.remote.cli import serve_command
 from livecam.service.cli import service_app
-from livecam.terminal import console, err_console, print_error, run_action
+from livecam.terminal import console, err_console, print_error, print_plain, run_action
 
 app = typer.Typer(
     help="Turn your microphone into a talking face on a virtual webcam. "
@@ -343,7 +344,7 @@ def devices() -> None:
         for dev in input_devices():
             table.add_row(
                 str(dev["index"]),
-                dev["name"],
+                escape(dev["name"]),
                 str(dev["channels"]),
                 f"{dev['default_samplerate']:.0f} Hz",
             )
@@ -522,7 +523,9 @@ def doctor(
     for check in run_checks(camera_only=camera, remote=remote, token_file=token_path):
         mark = "[green]ok[/]" if check.ok else "[red]FAIL[/]" if check.required else "[yellow]--[/]"
         console.print(
-            f"{mark:>16}  [bold]{check.name}[/]: {check.detail}", highlight=False, soft_wrap=True
+            f"{mark:>16}  [bold]{check.name}[/]: {escape(check.detail)}",
+            highlight=False,
+            soft_wrap=True,
         )
         failed = failed or (check.required and not check.ok)
     raise typer.Exit(1 if failed else 0)
@@ -535,9 +538,8 @@ def avatars_list() -> None:
 
     table = Table("name", "kind", "status", "source", "description")
     for info in list_avatars():
-        table.add_row(
-            info.name, info.kind, info.status, str(info.source or "unknown"), info.description
-        )
+        source = escape(str(info.source or "unknown"))
+        table.add_row(info.name, info.kind, info.status, source, escape(info.description))
     console.print(table)
 
 
@@ -556,7 +558,7 @@ def avatars_prepare(
     def action() -> None:
         prepared = prepare_avatar(name, source, force=force)
         for warning in prepared.warnings:
-            err_console.print(f"[yellow]warning:[/] {warning}")
+            err_console.print(f"[yellow]warning:[/] {escape(warning)}")
         console.print(f"avatar {name!r} ready: start it with `livecam start --avatar {name}`")
 
     run_action(action)
@@ -572,7 +574,7 @@ def avatars_show(name: str, out: Annotated[Path, typer.Option(help="Write a PNG 
         import cv2
 
         cv2.imwrite(str(out), contact_sheet(load_avatar(name)))
-        console.print(f"wrote {out}")
+        print_plain(f"wrote {out}")
 
     run_action(action)
 

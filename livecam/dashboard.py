@@ -33,13 +33,13 @@ def render(s: Snapshot) -> Panel:
     info = Table.grid(padding=(0, 2))
     info.add_column(style="bold cyan", justify="right")
     info.add_column()
-    info.add_row("avatar", s.avatar)
+    info.add_row("avatar", Text(s.avatar))  # names are shown as they are, never as markup
     every = "every frame" if s.stride == 1 else f"every {s.stride}. frame"
     info.add_row("engine", f"{s.engine} · tier {s.tier} · {every} · batch {s.batch}")
     if s.remote:
-        info.add_row("server", s.remote)
-    info.add_row("camera", s.sink)
-    info.add_row("microphone", s.source)
+        info.add_row("server", Text(s.remote))
+    info.add_row("camera", Text(s.sink))
+    info.add_row("microphone", Text(s.source))
     info.add_row("level", level_meter(s.level_db))
     info.add_row(
         "fps",

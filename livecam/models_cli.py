@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from livecam.engines.musetalk.manifest import COMPONENTS, default_models_dir
-from livecam.terminal import console, print_error
+from livecam.terminal import console, print_error, print_plain
 
 models_app = typer.Typer(help="List, download and verify the musetalk weights.",
                          no_args_is_help=True)  # fmt: skip
@@ -61,7 +62,7 @@ def models_list(models_dir: ModelsDirOpt = None) -> None:
                 comp.license,
                 "yes" if path.is_file() else "no",
             )
-    console.print(f"models dir: {root}")
+    print_plain(f"models dir: {root}")
     console.print(table)
 
 
@@ -82,7 +83,7 @@ def models_download(
         files = download(root, include_optional=optional, report=console.print, endpoint=endpoint)
     except DownloadError as exc:
         _fail(str(exc))
-    console.print(f"{len(files)} files ready in {root}: check them with `livecam models verify`")
+    print_plain(f"{len(files)} files ready in {root}: check them with `livecam models verify`")
 
 
 @models_app.command("verify")
@@ -114,7 +115,7 @@ def models_verify(
             "version, a fine-tune, or a damaged or tampered file. If you did not make them, "
             "delete them and run `livecam models download`"
         )
-    console.print(f"[green]ok[/]: the musetalk weights in {root} are usable")
+    console.print(f"[green]ok[/]: the musetalk weights in {escape(str(root))} are usable")
 
 
 def _check_fps(fps: float) -> float:
@@ -150,7 +151,8 @@ def features_command(
     except (AudioFileError, WeightsError, LimitError) as exc:
         _fail(str(exc))
     np.save(out, feats)
-    console.print(f"wrote {out}: {feats.shape} float32 ({'streaming' if streaming else 'offline'})")
+    kind = "streaming" if streaming else "offline"
+    print_plain(f"wrote {out}: {feats.shape} float32 ({kind})")
 
 
 def _check_features_size(n_samples: int, fps: float) -> None:
@@ -186,4 +188,4 @@ def models_import_whisper_ct2(
         folder = import_whisper_ct2(model_bin, _dir(models_dir), force=force)
     except (Ct2ImportError, WeightsError) as exc:
         _fail(str(exc))
-    console.print(f"wrote {folder}: the whisper encoder from {model_bin} (not the release file)")
+    print_plain(f"wrote {folder}: the whisper encoder from {model_bin} (not the release file)")

@@ -12,6 +12,11 @@ console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
 
+def print_plain(text: str) -> None:
+    """A line printed as it is: paths and names are never markup, nor broken mid-word."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
 def print_error(message: object) -> None:
     """One red "error:" line; the message is printed as is (no markup: paths, [tables])."""
     err_console.print(f"[bold red]error:[/] {escape(str(message))}", highlight=False)

@@ -186,3 +186,22 @@ def test_doctor_marks_each_check_and_fails_only_on_required_ones(
     result = runner.invoke(app, ["doctor"])
     assert result.exit_code == 0, result.output  # only optional checks are left failing
     assert "ok" in _marks(result.output)["ffmpeg"]
+
+    find_spec = doctor.importlib.util.find_spec
+    monkeypatch.setattr(doctor.importlib.util, "find_spec",
+                        lambda name: None if name == "torch" else find_spec(name))  # fmt: skip
+    result = runner.invoke(app, ["doctor"])
+    torch = _marks(result.output)["torch"]  # printed as is: "[musetalk]" is no markup tag
+    assert "--" in torch and "pip install 'livecam[musetalk]' (musetalk only)" in torch
+
+
+def test_devices_lists_names_as_they_are(monkeypatch: pytest.MonkeyPatch) -> None:
+    from livecam.audio import sources
+
+    monkeypatch.setattr(terminal.console, "width", 200)
+    device = {"index": 3, "name": "Mic [hw:1] [/dev/snd]", "channels": 1,
+              "default_samplerate": 48000.0}  # fmt: skip
+    monkeypatch.setattr(sources, "input_devices", lambda: [device])
+    result = runner.invoke(app, ["devices"])
+    assert result.exit_code == 0, result.output
+    assert "Mic [hw:1] [/dev/snd]" in result.output and "48000 Hz" in result.output

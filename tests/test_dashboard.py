@@ -95,3 +95,12 @@ def test_dashboard_shows_the_remote_server_only_when_there_is_one():
     assert "server" not in _text(_snapshot())
     line = "ws://gpu:8765/v1/stream · rtt 9/14 ms p50/p95 · remote queue 2"
     assert "rtt 9/14 ms p50/p95 · remote queue 2" in _text(_snapshot(remote=line))
+
+
+def test_dashboard_shows_device_names_as_they_are_not_as_markup():
+    # a microphone, camera or server name with brackets: never taken for (or failing as) markup
+    names = dict(source="USB Mic [bold] [/dev/snd]", sink="file [rec]/call.mp4",
+                 remote="ws://[::1]:8765/v1/stream", avatar="me")  # fmt: skip
+    text = _text(_snapshot(**names))
+    for name in names.values():
+        assert name in text, name

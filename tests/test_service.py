@@ -200,6 +200,8 @@ def test_install_writes_a_valid_unit_enables_it_and_uninstall_removes_it(user_ho
         "--user daemon-reload",
         "--user enable --now livecam.service",
     ]
+    said = " ".join(result.stdout.split())
+    assert f"installed {unit}" in said and "config.toml ([start] table)" in said
     _verify_with_systemd(unit)
     result = _livecam(env, "service", "uninstall")
     assert result.returncode == 0 and not unit.exists()

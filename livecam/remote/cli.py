@@ -50,7 +50,7 @@ def serve_command(
     ] = 10.0,
 ) -> None:
     """Generate faces for remote `livecam start --remote` clients on a Ray Serve pool."""
-    from livecam.terminal import console, run_action
+    from livecam.terminal import print_plain, run_action
 
     def action() -> int:
         from livecam.session import EngineError
@@ -69,6 +69,6 @@ def serve_command(
         opts = ServeOptions(token_file, engine, replicas, host, port, models_dir, address, size,
                             status_every)  # fmt: skip
         # one line each, never wrapped at the terminal's width: they end up in logs
-        return run_server(opts, say=lambda text: console.print(text, soft_wrap=True))
+        return run_server(opts, say=print_plain)
 
     run_action(action)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from livecam.terminal import console, print_error
+from livecam.terminal import print_error, print_plain
 
 service_app = typer.Typer(
     help="Run livecam as a systemd user service (starts with your session).", no_args_is_help=True
@@ -26,13 +26,12 @@ def service_install(
     except ServiceError as exc:
         print_error(exc)
         raise typer.Exit(1) from None
-    console.print(f"installed {outcome.unit}", highlight=False)
+    print_plain(f"installed {outcome.unit}")
     for command in outcome.done:
-        console.print(f"  ran: {command}", highlight=False)
-    console.print(
+        print_plain(f"  ran: {command}")
+    print_plain(
         "Options come from ~/.config/livecam/config.toml ([start] table). "
-        "Status: `systemctl --user status livecam`; logs: `journalctl --user -u livecam -f`.",
-        highlight=False,
+        "Status: `systemctl --user status livecam`; logs: `journalctl --user -u livecam -f`."
     )
 
 
@@ -47,8 +46,8 @@ def service_uninstall() -> None:
         print_error(exc)
         raise typer.Exit(1) from None
     if outcome is None:
-        console.print(f"not installed: there is no {unit_path()}", highlight=False)
+        print_plain(f"not installed: there is no {unit_path()}")
         return
     for command in outcome.done:
-        console.print(f"  ran: {command}", highlight=False)
-    console.print(f"removed {outcome.unit}", highlight=False)
+        print_plain(f"  ran: {command}")
+    print_plain(f"removed {outcome.unit}")
