@@ -59,7 +59,7 @@ def render(s: Snapshot) -> Panel:
         "latency",
         f"{s.latency_ms:5.0f} ms mic-to-frame (playout delay {s.playout_delay_ms:.0f} ms{seen})",
     )
-    if s.capture_requested_ms:  # a live microphone (a file has no input latency)
+    if s.capture_granted_ms:  # a microphone was opened (a file has no input latency)
         info.add_row(
             "capture",
             f"{s.capture_ms:5.0f} ms measured ({s.capture_basis}); asked "

@@ -81,6 +81,8 @@ def test_dashboard_shows_the_measured_and_the_requested_capture_latency():
     text = _text(mic)
     assert "4 ms measured (timestamps); asked 10 ms, device reports 20 ms" in text
     assert "capture" not in _text(_snapshot())  # a file source has no input latency
+    waiting = _snapshot(capture_basis="reported", capture_requested_ms=10, capture_granted_ms=0)
+    assert "capture" not in _text(waiting)  # no microphone opened yet: nothing measured
 
 
 def test_dashboard_shows_warnings_and_meter_extremes():

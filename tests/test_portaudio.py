@@ -119,12 +119,12 @@ def test_start_without_a_microphone_waits_for_one_and_captures_it(private_pulse,
         first = _status_until(env, daemon, lambda s: s["frames_shown"] > 0, "no frames shown")
         time.sleep(2.5)  # past a look for a device
         waiting = _status(env)
-        assert waiting["source"] == "none yet"
+        assert waiting["source"] == "none"
         assert waiting["warnings"] == [WAITING + ": showing idle frames"]
         assert waiting["frames_shown"] > first["frames_shown"]  # the camera runs meanwhile
         assert waiting["frames_silent"] > 0 and waiting["frames_generated"] == 0
         pulse = subprocess.Popen(server, env=env, stderr=subprocess.DEVNULL)
-        found = _status_until(env, daemon, lambda s: s["source"] != "none yet", "never found")
+        found = _status_until(env, daemon, lambda s: s["source"] != "none", "never found")
         speech = subprocess.Popen(["paplay", "--device=livecam_private", str(JFK)], env=env)
         heard = _status_until(env, daemon, lambda s: s["level_db"] > -40, "no speech captured")
         assert speech.wait(timeout=30) == 0

@@ -3,6 +3,7 @@ track falling behind the ring (explicit times, no sleeps)."""
 
 from __future__ import annotations
 
+import logging
 import types
 
 import numpy as np
@@ -51,32 +52,49 @@ class _Stream:
         self.closed = True
 
 
+class _FakeDevice:
+    """A MicSource on a fake clock whose device opens at once and delivers on demand."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.t = 0.0
+        self.opened: list[float] = []
+        monkeypatch.setattr(sources, "time", types.SimpleNamespace(monotonic=lambda: self.t))
+        monkeypatch.setattr(sources, "resolve_input_device", lambda spec: (3, "test mic"))
+        fake = self
+
+        def start(mic: MicSource) -> None:  # like the real start, without a device
+            fake.opened.append(fake.t)
+            mic._stream = _Stream()
+            mic._last_block, mic._blocks_at_start = fake.t, mic.stats.blocks
+
+        monkeypatch.setattr(MicSource, "start", start)
+        self.mic = MicSource(AudioRing(SAMPLE_RATE), AudioClock())
+        self.mic.start()
+
+    def block(self) -> None:
+        timing = types.SimpleNamespace(currentTime=0.0, inputBufferAdcTime=0.0)
+        self.mic._callback(np.ones((BLOCK, 1), np.float32), BLOCK, timing,
+                           types.SimpleNamespace(input_overflow=False))  # fmt: skip
+
+    def at(self, t: float) -> None:
+        self.t = t
+        self.mic.poll()
+
+
 def test_a_silent_microphone_is_reported_then_reopened_every_retry(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    clock = types.SimpleNamespace(t=0.0)
-    monkeypatch.setattr(sources, "time", types.SimpleNamespace(monotonic=lambda: clock.t))
-    monkeypatch.setattr(sources, "resolve_input_device", lambda spec: (3, spec or "test mic"))
-    opened: list[float] = []
-
-    def start(self) -> None:
-        opened.append(clock.t)
-        self._stream = _Stream()
-        self._last_block = clock.t  # like the real start: a fresh stream gets its own grace
-
-    monkeypatch.setattr(MicSource, "start", start)
-    mic = MicSource(AudioRing(SAMPLE_RATE), AudioClock())
-    mic.start()
+    caplog.set_level(logging.INFO, logger=sources.__name__)
+    device = _FakeDevice(monkeypatch)
+    mic, opened, at = device.mic, device.opened, device.at
     first = mic._stream
-
-    def at(t: float) -> None:
-        clock.t = t
-        mic.poll()
-
+    device.block()  # it delivered, then stopped
     at(STALL_S * 0.9)
     assert mic.stats.problem == ""
+    mic.stats.level_db = -20.0  # the last block's level
     at(STALL_S + 0.1)
     assert "delivered no audio" in mic.stats.problem and opened == [0.0]
+    assert mic.stats.level_db == -120.0  # the meter falls, not frozen at the last block
     at(REOPEN_S - 0.1)
     assert opened == [0.0]  # reported, not yet reopened
     at(REOPEN_S + 0.1)
@@ -85,13 +103,54 @@ def test_a_silent_microphone_is_reported_then_reopened_every_retry(
     for t in np.arange(REOPEN_S + 0.2, 2 * REOPEN_S + 0.1, 0.25):
         at(float(t))
     assert len(opened) == 2
+    assert (
+        mic.stats.problem
+        == f"microphone 'test mic' delivered no audio for {2 * REOPEN_S:.0f} s (unplugged?)"
+    )
     at(2 * REOPEN_S + 0.2)
     assert len(opened) == 3 and opened[2] - opened[1] >= RETRY_S
-    no_timing = types.SimpleNamespace(currentTime=0.0, inputBufferAdcTime=0.0)
-    mic._callback(np.ones((BLOCK, 1), np.float32), BLOCK, no_timing,
-                  types.SimpleNamespace(input_overflow=False))  # fmt: skip
-    at(clock.t + 0.1)
-    assert mic.stats.problem == "" and mic.ring.end == BLOCK
+    device.block()
+    at(device.t + 0.1)
+    assert mic.stats.problem == "" and mic.stats.blocks == 2
+    # one line when it stopped, one when it delivered again: not one per reopen
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "microphone 'test mic' delivers no audio (unplugged?); reopening it every "
+                    f"{REOPEN_S:.0f} s until it does"),
+        ("INFO", "microphone 'test mic' delivers again"),
+    ]  # fmt: skip
+
+
+def test_a_new_stream_has_until_the_reopen_for_its_first_block(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    device = _FakeDevice(monkeypatch)  # PulseAudio's ALSA plugin can take seconds to start
+    device.at(REOPEN_S - 0.1)
+    assert device.mic.stats.problem == "" and device.opened == [0.0]
+    device.at(REOPEN_S + 0.1)
+    assert "delivered no audio" in device.mic.stats.problem
+    assert device.opened == [0.0, REOPEN_S + 0.1]
+
+
+def test_a_microphone_unplugged_with_no_input_left_is_waited_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    device = _FakeDevice(monkeypatch)
+    inputs: list[tuple[int, str]] = []  # unplugged, and it was the only input
+
+    def resolve(spec: str | None) -> tuple[int, str]:
+        if not inputs:
+            raise sources.NoMicrophone("no microphone found")
+        return inputs[0]
+
+    monkeypatch.setattr(sources, "resolve_input_device", resolve)
+    for t in np.arange(0.1, REOPEN_S + 0.3, 0.1):
+        device.at(float(t))
+    mic = device.mic
+    assert mic.device_index is None and mic.name == "none"
+    assert mic.stats.problem == sources.WAITING
+    inputs.append((5, "USB Headset"))  # plugged in again, under a new index
+    device.at(device.t + RETRY_S)
+    assert (mic.device_index, mic.name, mic.stats.problem) == (5, "USB Headset", "")
 
 
 def test_hop_track_that_fell_behind_the_ring_resumes_at_its_start() -> None:
@@ -144,7 +203,7 @@ def test_a_microphone_that_is_not_there_yet_is_looked_for_every_retry(
     monkeypatch.setattr(MicSource, "start", start)
     mic = MicSource(AudioRing(SAMPLE_RATE), AudioClock(), "USB")
     mic.start()  # nothing to open: the pipeline runs on idle frames
-    assert mic.name == "none yet" and mic.stats.problem == sources.WAITING and not opened
+    assert mic.name == "none" and mic.stats.problem == sources.WAITING and not opened
 
     def at(t: float) -> None:
         clock.t = t

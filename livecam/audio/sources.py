@@ -158,13 +158,16 @@ class MicSource:
         self._timing = CaptureTiming()
         self._last_block = time.monotonic()
         self._next_retry = 0.0
+        self._stalled_since: float | None = None  # the last block before a stall
+        self._blocks_at_stall = 0
+        self._blocks_at_start = 0  # a stream that has not delivered yet gets REOPEN_S
         self._wanted = device  # looked for again while no device is found
         self.device_index: int | None = None  # None: waiting for a device
-        self.name = "none yet"
+        self.name = "none"
         try:
             self.device_index, self.name = resolve_input_device(device)
         except NoMicrophone:
-            log.warning("%s", WAITING)
+            self._wait_for_device()
             self._next_retry = self._last_block + RETRY_S
 
     def measured_latency(self) -> tuple[float, str]:
@@ -197,7 +200,6 @@ class MicSource:
 
     def start(self) -> None:
         if self.device_index is None:  # poll looks for one
-            self.stats.problem = WAITING
             return
         sd = portaudio.load()
         try:
@@ -211,34 +213,51 @@ class MicSource:
             self._stream = None
             raise AudioDeviceError(f"cannot open microphone {self.name!r}: {exc}") from None
         self.stats.granted_latency_s = float(self._stream.latency)
-        self._last_block = time.monotonic()
-        self.stats.problem = ""
+        self._last_block, self._blocks_at_start = time.monotonic(), self.stats.blocks
 
     def poll(self) -> None:
-        """Called periodically: notices a stalled or unplugged device and reopens it, or finds
-        the first device."""
+        """Called periodically: notices a stalled or unplugged device and reopens it (one log
+        line when it stops, one when it delivers again), or looks for a device."""
         now = time.monotonic()
         if self.device_index is None:
             self._look_for_device(now)
             return
-        silent_for = now - self._last_block
-        if silent_for < STALL_S:
-            self.stats.problem = ""
-            return
+        if self._stalled_since is not None and self.stats.blocks > self._blocks_at_stall:
+            log.info("microphone %r delivers again", self.name)
+            self._stalled_since = None
+        silent_for = now - self._last_block  # a reopened stream counts from its start
+        if self._stalled_since is None:
+            # a new stream's first block can take seconds (PulseAudio's ALSA plugin)
+            grace = STALL_S if self.stats.blocks > self._blocks_at_start else REOPEN_S
+            if silent_for < grace:
+                self.stats.problem = ""
+                return
+            self._stalled_since, self._blocks_at_stall = self._last_block, self.stats.blocks
+            log.warning("microphone %r delivers no audio (unplugged?); reopening it every "
+                        "%.0f s until it does", self.name, REOPEN_S)  # fmt: skip
         self.stats.problem = (
-            f"microphone {self.name!r} delivered no audio for {silent_for:.0f} s (unplugged?)"
+            f"microphone {self.name!r} delivered no audio for "
+            f"{now - self._stalled_since:.0f} s (unplugged?)"
         )
+        self.stats.level_db = -120.0  # not the last block's level, frozen
         if silent_for < REOPEN_S or now < self._next_retry:
             return
         self._next_retry = now + RETRY_S
-        log.warning("%s; reopening it", self.stats.problem)
         self.stop()
         portaudio.rescan()  # a microphone plugged in again may come back under a new index
         try:
             self.device_index, self.name = resolve_input_device(self.name)
             self.start()
-        except AudioDeviceError as exc:
-            log.warning("%s", exc)
+        except NoMicrophone:  # no input left at all: wait for one
+            self._wait_for_device()
+        except AudioDeviceError as exc:  # said once above; the dashboard shows the rest
+            log.debug("%s", exc)
+
+    def _wait_for_device(self) -> None:
+        self.device_index, self.name = None, "none"
+        self._stalled_since = None
+        self.stats.problem, self.stats.level_db = WAITING, -120.0
+        log.warning("%s", WAITING)
 
     def _look_for_device(self, now: float) -> None:
         if now < self._next_retry:
@@ -253,6 +272,7 @@ class MicSource:
             self.stats.problem = f"{exc} ({LOOKING})"
             return
         log.info("microphone %r found", self.name)
+        self.stats.problem = ""
         try:
             self.start()
         except AudioDeviceError as exc:  # the stall check reopens it
