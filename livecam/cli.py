@@ -325,7 +325,7 @@ def render(
             result = render_audio(samples, eng, comp, sink)
         finally:
             close_engine(eng)
-        console.print(
+        print_plain(
             f"wrote {out}: {result.frames} frames, {result.audio_seconds:.1f} s of "
             f"audio in {result.seconds:.1f} s "
             f"({result.audio_seconds / result.seconds:.1f}x real time)"
