@@ -166,9 +166,8 @@ class MicSource:
         self.name = "none"
         try:
             self.device_index, self.name = resolve_input_device(device)
-        except NoMicrophone:
-            self._wait_for_device()
-            self._next_retry = self._last_block + RETRY_S
+        except NoMicrophone:  # said when the pipeline starts, not where a later check fails
+            self.stats.problem, self._next_retry = WAITING, self._last_block + RETRY_S
 
     def measured_latency(self) -> tuple[float, str]:
         """(seconds, how they were found): "timestamps" ("timestamps, settling" in a stream's
@@ -200,6 +199,7 @@ class MicSource:
 
     def start(self) -> None:
         if self.device_index is None:  # poll looks for one
+            log.warning("%s", WAITING)
             return
         sd = portaudio.load()
         try:
