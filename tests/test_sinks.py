@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from livecam.sinks import SinkError, SinkSettings, open_sink, virtualcam
+from livecam.sinks import PREVIEW_PORTS, SinkError, SinkSettings, open_sink, virtualcam
 from livecam.sinks.memory import MemorySink
 from livecam.sinks.preview import PreviewSink
 from livecam.sinks.virtualcam import (
@@ -143,6 +144,43 @@ def test_open_sink_auto_falls_back_to_preview() -> None:
         assert any(sink.url in w for w in warnings)
     finally:
         sink.close()
+
+
+def _listening(port: int) -> socket.socket | None:
+    """A socket holding 127.0.0.1:port, as another program would; None where it is taken."""
+    sock = socket.socket()
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        return None
+    sock.listen()
+    return sock
+
+
+def test_open_sink_auto_serves_the_preview_on_the_next_free_port() -> None:
+    held = [_listening(0)]
+    first = held[0].getsockname()[1]
+    settings = SinkSettings(width=W, height=H, fps=FPS, device=fake_camera.MISSING_DEVICE,
+                            backend=FAKE, port=first)  # fmt: skip
+    try:
+        sink, warnings = open_sink("auto", settings)
+        try:
+            assert first < sink.port < first + PREVIEW_PORTS
+            assert warnings[-1] == f"showing the preview at {sink.url} (port {first} is taken)"
+        finally:
+            sink.close()
+        held += [_listening(port) for port in range(first + 1, first + PREVIEW_PORTS)]
+        if None in held:
+            pytest.skip("a port next to the test's was taken by another program")
+        with pytest.raises(SinkError, match="already in use"):  # all ten taken: say so
+            open_sink("auto", settings)
+        with pytest.raises(SinkError, match=f"port {first} .*already in use"):
+            open_sink("preview", settings)  # asked for by name: that port or nothing
+    finally:
+        for sock in held:
+            if sock is not None:
+                sock.close()
 
 
 @pytest.fixture

@@ -12,6 +12,8 @@ from livecam.sinks.base import Sink, SinkError, check_frame
 if TYPE_CHECKING:
     import numpy as np
 
+    from livecam.sinks.preview import PreviewSink
+
 __all__ = ["SINK_KINDS", "Sink", "SinkError", "SinkSettings", "check_frame", "open_sink"]
 
 
@@ -56,9 +58,11 @@ def _memory(s: SinkSettings) -> tuple[Sink, list[str]]:
     return MemorySink(s.width, s.height, s.fps), []
 
 
+PREVIEW_PORTS = 10  # auto's preview: its port or, where that is taken, one of the next ones
+
+
 def _auto(s: SinkSettings) -> tuple[Sink, list[str]]:
     """The virtual camera if it opens, else the browser preview with a warning."""
-    from livecam.sinks.preview import PreviewSink
     from livecam.sinks.virtualcam import MODPROBE, VirtualCamSink
 
     try:
@@ -67,8 +71,25 @@ def _auto(s: SinkSettings) -> tuple[Sink, list[str]]:
         reason = str(e)
     if MODPROBE not in reason:
         reason += f"; to create the LiveCam device run `{MODPROBE}`"
-    sink = PreviewSink(s.width, s.height, s.fps, host=s.host, port=s.port)
-    return sink, [f"virtual camera unavailable: {reason}", f"showing the preview at {sink.url}"]
+    sink = _fallback_preview(s)
+    taken = "" if sink.port == s.port else f" (port {s.port} is taken)"
+    shown = f"showing the preview at {sink.url}{taken}"
+    return sink, [f"virtual camera unavailable: {reason}", shown]
+
+
+def _fallback_preview(s: SinkSettings) -> PreviewSink:
+    """The preview on s.port or, where another program holds it, the next free one: a fallback
+    that nobody asked for is no reason to stop."""
+    from livecam.sinks.preview import PortInUse, PreviewSink
+
+    port = s.port
+    while True:
+        try:
+            return PreviewSink(s.width, s.height, s.fps, host=s.host, port=port)
+        except PortInUse:
+            if port == 0 or port == s.port + PREVIEW_PORTS - 1:
+                raise
+            port += 1
 
 
 OPENERS: dict[str, Callable[[SinkSettings], tuple[Sink, list[str]]]] = {

@@ -197,6 +197,10 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("preview %s: " + format, self.address_string(), *args)
 
 
+class PortInUse(SinkError):
+    """Another program listens on the preview's port."""
+
+
 class PreviewSink:
     """Serves the latest frame as MJPEG at `url`; `send` only stores a copy."""
 
@@ -208,7 +212,8 @@ class PreviewSink:
         try:
             self._server = _Server((host, port), self._store)
         except OSError as e:
-            raise SinkError(_bind_error(e, host, port)) from e
+            error = PortInUse if e.errno == errno.EADDRINUSE else SinkError
+            raise error(_bind_error(e, host, port)) from e
         self.host = host
         self.port: int = self._server.server_address[1]
         self._thread = threading.Thread(
