@@ -136,6 +136,7 @@ def _run(opts: LiveOptions, console: Console, control: ControlServer) -> int:
         pipeline.start()
         if opts.virtual_mic:
             virtual_mic.start()
+            pipeline.side_problems.append(lambda: virtual_mic.problem)
             log.info("virtual microphone %r is ready: select it in the meeting app", DESCRIPTION)
         log.info(
             "running: camera %s, microphone %s, latency ~%.0f ms",
@@ -143,7 +144,7 @@ def _run(opts: LiveOptions, console: Console, control: ControlServer) -> int:
             pipeline.source.name,
             pipeline.latency_s() * 1e3,
         )
-        _loop(pipeline, stop, deadline, console if opts.dashboard else None)
+        _loop(pipeline, virtual_mic, stop, deadline, console if opts.dashboard else None)
     finally:
         virtual_mic.stop()
         pipeline.stop()
@@ -219,7 +220,11 @@ def build_look(pipeline: Pipeline, name: str, opts: LiveOptions) -> Look:
 
 
 def _loop(
-    pipeline: Pipeline, stop: threading.Event, deadline: float | None, console: Console | None
+    pipeline: Pipeline,
+    virtual_mic: VirtualMic,
+    stop: threading.Event,
+    deadline: float | None,
+    console: Console | None,
 ) -> None:
     def done() -> bool:
         expired = deadline is not None and time.monotonic() >= deadline
@@ -230,6 +235,7 @@ def _loop(
 
     def tick() -> Snapshot:
         pipeline.source.poll()
+        virtual_mic.poll()
         snap = pipeline.snapshot()
         heartbeat.beat(snap, time.monotonic())
         return snap

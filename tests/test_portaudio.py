@@ -1,5 +1,5 @@
 """PortAudio lists devices once; livecam rescans for a sound server or microphone that came later,
-and `livecam start` waits for one.
+and `livecam start` waits for one, and gets both microphones back from a restarted server.
 
 Each case runs in a child process with a private PulseAudio server of its own (its own socket,
 runtime dir and home), so the user's server and the test session's PortAudio are never touched.
@@ -14,9 +14,11 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from livecam.audio.sources import WAITING
+from livecam.audio.virtual_mic import NAME_ENV
 from tests.conftest import JFK, REPO
 
 CHILD = textwrap.dedent(
@@ -139,3 +141,75 @@ def test_start_without_a_microphone_waits_for_one_and_captures_it(private_pulse,
     assert heard["warnings"] == [] and heard["frames_generated"] > 0
     log = " ".join(log.split())  # rich wraps the log lines
     assert WAITING in log and f"microphone {found['source']!r} found" in log
+
+
+def _start_server(server: list[str], env: dict) -> subprocess.Popen:
+    """The private server, with a microphone fed by its null sink as the default input (else
+    the default would become the LiveCam Microphone itself, the only source not a monitor)."""
+    process = subprocess.Popen(server, env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while subprocess.run(["pactl", "info"], env=env, capture_output=True).returncode != 0:
+        assert process.poll() is None and time.monotonic() < deadline, "PulseAudio did not start"
+        time.sleep(0.1)
+    remap = ["load-module", "module-remap-source", "master=livecam_private.monitor",
+             "source_name=private_mic"]  # fmt: skip
+    for command in (remap, ["set-default-source", "private_mic"]):
+        subprocess.run(["pactl", *command], env=env, capture_output=True, check=True)
+    return process
+
+
+def _loudness(env: dict, source: str, seconds: float) -> float:
+    """The loudest 0.5 s of what `source` carries over `seconds` (RMS)."""
+    recorder = subprocess.Popen(
+        ["parec", f"--device={source}", "--raw", "--format=float32le", "--channels=1",
+         "--rate=16000", "--latency-msec=20"], env=env, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    time.sleep(seconds)
+    recorder.terminate()
+    heard = np.frombuffer(recorder.communicate(timeout=30)[0], np.float32)
+    return max((float(np.sqrt(np.mean(heard[i : i + 8000] ** 2)))
+                for i in range(0, len(heard), 8000)), default=0.0)  # fmt: skip
+
+
+def test_a_restarted_sound_server_gets_both_microphones_back(private_pulse, tmp_path):
+    """The sound server dies under a running `livecam start --virtual-mic` and comes back:
+    the microphone is captured again and the LiveCam Microphone is made again and carries
+    the speech, with no restart; after the stop nothing of it is left on the server."""
+    env, server = private_pulse
+    env = {**env, "LIVECAM_RUNTIME_DIR": str(tmp_path / "run")}
+    virtual = f"livecam_test_restart_{os.getpid()}"
+    env[NAME_ENV] = virtual
+    pulse = _start_server(server, env)
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "livecam", "start", "--sink", "memory", "--size", "320x240",
+         "--no-dashboard", "--virtual-mic"], env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _status_until(env, daemon, lambda s: s["frames_shown"] > 0 and not s["warnings"],
+                      "never ran cleanly")  # fmt: skip
+        pulse.terminate()
+        pulse.wait()
+        lost = _status_until(env, daemon, lambda s: len(s["warnings"]) == 2, "loss not told")
+        pulse = _start_server(server, env)
+        _status_until(env, daemon, lambda s: not s["warnings"] and s["source"] != "none",
+                      "never came back")  # fmt: skip
+        speech = subprocess.Popen(["paplay", "--device=livecam_private", str(JFK)], env=env)
+        loudest = _loudness(env, virtual, 4.0)
+        speech.wait(timeout=30)
+        daemon.terminate()
+        _, log = daemon.communicate(timeout=30)
+        left = subprocess.run(["pactl", "list", "short", "modules"], env=env,
+                              capture_output=True, text=True).stdout  # fmt: skip
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        pulse.terminate()
+        pulse.wait()
+    assert daemon.returncode == 0, log
+    assert any("the virtual microphone 'LiveCam Microphone' stopped" in w for w in lost["warnings"])
+    assert loudest > 0.02  # the speech came through the virtual microphone made again
+    assert virtual not in left  # its sink and source were removed at the stop
+    log = " ".join(log.split())  # rich wraps the log lines: one line each way, not one a retry
+    assert log.count("'LiveCam Microphone' stopped") == 1 and log.count("plays again") == 1

@@ -175,3 +175,53 @@ def test_latency_bench_reports_measured_figures(sound_server: str):
     assert capture["basis"] == "timestamps" and 0 <= capture["measured"] < 100, capture
     assert report["virtual_mic_sync"]["detected"] >= 4
     assert report["virtual_mic_sync"]["server"] == sound_server
+
+
+def test_a_stream_that_stops_playing_is_made_again_without_flapping(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """Fake clock and devices: a stream that pauses while starting is left alone; one that
+    stops is told once and made again every RETRY_S until it plays (end to end with a real
+    server restart: tests/test_portaudio.py)."""
+    t = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr(virtual_mic, "time", types.SimpleNamespace(monotonic=lambda: t.now))
+    server = types.SimpleNamespace(up=True)
+    made: list[float] = []
+    monkeypatch.setattr(virtual_mic.pulse, "available", lambda: server.up)
+    monkeypatch.setattr(virtual_mic, "remove_stale", lambda source: 0)
+    monkeypatch.setattr(VirtualMic, "_create_devices", lambda self: made.append(t.now))
+
+    def open_stream(self) -> None:
+        self._opened_at = t.now
+
+    monkeypatch.setattr(VirtualMic, "_open_stream", open_stream)
+    mic = VirtualMic(AudioRing(SAMPLE_RATE), AudioClock(), lambda: 0.1, name="unused")
+    mic.start()
+
+    def at(now: float, played: bool = False) -> None:
+        t.now = now
+        if played:
+            _callback_output(mic, 0.05, now)
+        mic.poll()
+
+    at(0.01, played=True)  # one callback, then a pause while starting (1.9 s seen)
+    at(virtual_mic.STARTING_S - 0.1)
+    assert mic.problem == "" and made == [0.0]
+    at(virtual_mic.STARTING_S + 0.1, played=True)
+    server.up = False  # it stops playing
+    at(virtual_mic.STARTING_S + 0.1 + virtual_mic.STALL_S + 0.1)
+    assert "stopped (sound server restarted?)" in mic.problem
+    told = mic.problem
+    for _ in range(3):  # no server: looked for every RETRY_S, nothing made
+        at(t.now + virtual_mic.RETRY_S)
+    assert made == [0.0] and mic.problem == told
+    server.up = True
+    at(t.now + virtual_mic.RETRY_S)
+    assert made == [0.0, t.now] and mic.problem == told  # made again; told until it plays
+    remade = t.now
+    at(remade + 0.01, played=True)
+    assert mic.problem == ""
+    at(remade + 1.5)  # the new stream's pause while starting is no new loss
+    assert mic.problem == "" and made[-1] == remade
+    at(remade + 2.0, played=True)
+    assert mic.problem == ""

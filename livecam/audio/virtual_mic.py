@@ -28,6 +28,9 @@ NAME_ENV = "LIVECAM_VIRTUAL_MIC_NAME"  # another source name (tests never touch 
 # DAC stamps in the running median: 0.5 s, so that a jump of the stream's timeline that
 # PortAudio does not flag as an underrun is forgotten soon; still within a millisecond or two
 TIMING_BLOCKS = 50
+STALL_S = 1.0  # no output callback for this long: the stream, or its sound server, is gone
+STARTING_S = 3.0  # a new stream may pause this long (PulseAudio's ALSA plugin: 1.9 s seen)
+RETRY_S = 2.0  # then the devices and the stream are made again this often
 
 
 class VirtualMicError(Exception):
@@ -54,6 +57,9 @@ def remove_stale(source: str = SOURCE) -> int:
 class VirtualMic:
     """Plays ring audio into the LiveCam Microphone, `delay()` seconds behind capture.
 
+    `poll` watches it: where the stream stops playing (the sound server restarted, taking the
+    devices with it), devices and stream are made again, every RETRY_S until they play.
+
     The output callback asks which ring samples are due at the moment its buffer will be
     heard: PortAudio's DAC time, smoothed over the last blocks (timing.py), so the delay holds
     and never accumulates. After an underrun the stream's timeline jumps: it is measured
@@ -71,10 +77,15 @@ class VirtualMic:
         self.source = name or source_name()
         self.sink = f"{self.source}_sink"
         self.muted = False
-        self._modules: list[str] = []
+        self._devices = False  # this run's sink and source exist (as far as it knows)
         self._stream = None
         self._timing = StreamTiming(playback=True, window=TIMING_BLOCKS)
         self._played = 0  # samples the stream has asked for so far
+        self.problem = ""  # why the meeting app hears nothing from it now; empty when fine
+        self._running = False  # started and not stopped: poll keeps it playing
+        self._last_callback = 0.0
+        self._opened_at = 0.0  # the stream's
+        self._next_retry = 0.0
 
     def start(self) -> None:
         if not pulse.available():
@@ -85,14 +96,50 @@ class VirtualMic:
         try:
             self._create_devices()
         except pulse.PulseError as exc:
-            self.stop()
+            self._teardown()
             raise VirtualMicError(f"cannot create the virtual microphone: {exc}") from None
         self._open_stream()
+        self._running = True
+
+    def poll(self) -> None:
+        """Called periodically: a stream that stopped playing is made again, devices and all
+        (one log line when it stops, one when it plays again)."""
+        if not self._running:
+            return
+        now = time.monotonic()
+        # a new stream's callbacks can pause for seconds after the first (PulseAudio's plugin)
+        starting = now - self._opened_at < STARTING_S
+        called_back = self._last_callback > self._opened_at
+        if called_back and (starting or now - self._last_callback < STALL_S):
+            if self.problem:
+                log.info("the virtual microphone %r plays again", DESCRIPTION)
+                self.problem = ""
+            return
+        if starting:
+            return
+        if not self.problem:
+            self.problem = (
+                f"the virtual microphone {DESCRIPTION!r} stopped (sound server restarted?); "
+                f"making it again every {RETRY_S:.0f} s"
+            )
+            log.warning("%s", self.problem)
+        if now < self._next_retry:
+            return
+        self._next_retry = now + RETRY_S
+        self._close_stream()
+        try:
+            if pulse.available():
+                remove_stale(self.source)  # this run's, where the server kept them
+                self._create_devices()
+                self._open_stream()
+        except (pulse.PulseError, VirtualMicError) as exc:
+            log.debug("making the virtual microphone again failed: %s", exc)
 
     def _create_devices(self) -> None:
         if remove_stale(self.source):
             log.warning("removed a virtual microphone left over by an earlier run")
-        self._modules = pulse.create_fed_source(self.sink, self.source, DESCRIPTION)
+        pulse.create_fed_source(self.sink, self.source, DESCRIPTION)
+        self._devices = True
 
     def _open_stream(self) -> None:
         sd = portaudio.load()
@@ -103,6 +150,7 @@ class VirtualMic:
                     self._callback, playback=True, pulse_device=self.sink
                 )
                 self._timing, self._played = StreamTiming(playback=True, window=TIMING_BLOCKS), 0
+                self._opened_at = time.monotonic()
                 self._stream.start()
                 return
             except sd.PortAudioError as exc:
@@ -110,11 +158,12 @@ class VirtualMic:
                 # PortAudio may have listed its devices before the sound server came up
                 if attempt == 0 and portaudio.rescan():
                     continue
-                self.stop()
+                self._teardown()
                 raise VirtualMicError(f"cannot play into the virtual microphone: {exc}") from None
 
     def _callback(self, outdata, frames, time_info, status) -> None:
         now = time.monotonic()
+        self._last_callback = now
         if status.output_underflow:
             self._timing = StreamTiming(playback=True, window=TIMING_BLOCKS)
         delay = host_delay(time_info.currentTime, time_info.outputBufferDacTime, playback=True)
@@ -137,11 +186,22 @@ class VirtualMic:
 
     def _close_stream(self) -> None:
         if self._stream is not None:
-            self._stream.abort()
-            self._stream.close()
+            try:
+                self._stream.abort()
+                self._stream.close()
+            except Exception as exc:  # a stream whose server went away can fail to close
+                log.debug("closing the virtual microphone's stream failed: %s", exc)
             self._stream = None
 
     def stop(self) -> None:
+        self._running = False
+        self._teardown()
+
+    def _teardown(self) -> None:
         self._close_stream()
-        pulse.unload_all(self._modules)
-        self._modules = []
+        if self._devices:  # by name: module ids mean nothing to a restarted server
+            try:
+                remove_stale(self.source)
+            except pulse.PulseError as exc:  # no server: nothing of ours is left on it
+                log.debug("removing the virtual microphone failed: %s", exc)
+            self._devices = False

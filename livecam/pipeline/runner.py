@@ -91,6 +91,8 @@ class Pipeline:
         self.sink = sink
         self.counters = Counters()
         self.warnings: list[str] = []
+        # why a side output (the virtual microphone) is not working now; "" when it is
+        self.side_problems: list[Callable[[], str]] = []
         self._plan()
         self._faces: collections.deque[Face] = collections.deque()
         self._faces_lock = threading.Lock()
@@ -410,6 +412,7 @@ class Pipeline:
             warnings.append(self.source.stats.problem + ": showing idle frames")
         if getattr(self.sink, "problem", None):  # e.g. the camera is held by another program
             warnings.append(self.sink.problem)
+        warnings += [problem for side in self.side_problems if (problem := side())]
         if self.muted:
             warnings.append("muted: the avatar stays idle (`livecam mute --off` to speak again)")
         mode = self.scheduler.mode
