@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from livecam import live
+from livecam.audio.virtual_mic import VirtualMic
 from livecam.live import LiveOptions, build_pipeline
 from livecam.service.notify import Notifier
 from livecam.service.unit import TEMPLATE, unit_text
@@ -109,7 +110,8 @@ def test_a_wedged_output_stops_the_watchdog_but_not_the_status(notify_socket, mo
     pipeline.sink.send = wedging_send
     stop = threading.Event()
     pipeline.start()
-    loop = threading.Thread(target=live._loop, args=(pipeline, stop, None, None))
+    unused_mic = VirtualMic(pipeline.ring, pipeline.clock, pipeline.audio_delay_s)  # not started
+    loop = threading.Thread(target=live._loop, args=(pipeline, unused_mic, stop, None, None))
     loop.start()
     try:
         deadline = time.monotonic() + 20
