@@ -54,6 +54,27 @@ def read_frames(path: Path) -> list[np.ndarray]:
     return frames
 
 
+def start_recording(source: str, env: dict | None = None) -> subprocess.Popen:
+    """`parec` recording a PulseAudio/PipeWire source as 16 kHz mono float32; stop it with
+    `recorded`."""
+    return subprocess.Popen(
+        ["parec", f"--device={source}", "--raw", "--format=float32le", "--channels=1",
+         f"--rate={SAMPLE_RATE}", "--latency-msec=20"], env=env, stdout=subprocess.PIPE,
+    )  # fmt: skip
+
+
+def recorded(recorder: subprocess.Popen) -> np.ndarray:
+    """What a `start_recording` recorder heard, once stopped."""
+    recorder.terminate()
+    return np.frombuffer(recorder.communicate(timeout=30)[0], np.float32)
+
+
+def loudest_rms(audio: np.ndarray, window: int = SAMPLE_RATE // 2) -> float:
+    """The RMS of the loudest of the audio's `window`-sample stretches (0.0 for no audio)."""
+    stretches = (audio[i : i + window] for i in range(0, len(audio), window))
+    return max((float(np.sqrt(np.mean(s**2))) for s in stretches), default=0.0)
+
+
 def loudness_per_frame(audio: np.ndarray, fps: float, n_frames: int) -> np.ndarray:
     """RMS of the audio under each video frame."""
     out = np.zeros(n_frames)

@@ -14,12 +14,12 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from livecam.audio.sources import WAITING
 from livecam.audio.virtual_mic import NAME_ENV
 from tests.conftest import JFK, REPO
+from tests.helpers import loudest_rms, recorded, start_recording
 
 CHILD = textwrap.dedent(
     """
@@ -158,19 +158,6 @@ def _start_server(server: list[str], env: dict) -> subprocess.Popen:
     return process
 
 
-def _loudness(env: dict, source: str, seconds: float) -> float:
-    """The loudest 0.5 s of what `source` carries over `seconds` (RMS)."""
-    recorder = subprocess.Popen(
-        ["parec", f"--device={source}", "--raw", "--format=float32le", "--channels=1",
-         "--rate=16000", "--latency-msec=20"], env=env, stdout=subprocess.PIPE,
-    )  # fmt: skip
-    time.sleep(seconds)
-    recorder.terminate()
-    heard = np.frombuffer(recorder.communicate(timeout=30)[0], np.float32)
-    return max((float(np.sqrt(np.mean(heard[i : i + 8000] ** 2)))
-                for i in range(0, len(heard), 8000)), default=0.0)  # fmt: skip
-
-
 def test_a_restarted_sound_server_gets_both_microphones_back(private_pulse, tmp_path):
     """The sound server dies under a running `livecam start --virtual-mic` and comes back:
     the microphone is captured again and the LiveCam Microphone is made again and carries
@@ -195,7 +182,9 @@ def test_a_restarted_sound_server_gets_both_microphones_back(private_pulse, tmp_
         _status_until(env, daemon, lambda s: not s["warnings"] and s["source"] != "none",
                       "never came back")  # fmt: skip
         speech = subprocess.Popen(["paplay", "--device=livecam_private", str(JFK)], env=env)
-        loudest = _loudness(env, virtual, 4.0)
+        recorder = start_recording(virtual, env)
+        time.sleep(4.0)
+        loudest = loudest_rms(recorded(recorder))
         speech.wait(timeout=30)
         daemon.terminate()
         _, log = daemon.communicate(timeout=30)

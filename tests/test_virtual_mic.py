@@ -21,6 +21,7 @@ from livecam.bench_live import virtual_mic_offset
 from livecam.constants import SAMPLE_RATE
 from livecam.live import LiveOptions
 from tests.conftest import JFK
+from tests.helpers import loudest_rms, recorded, start_recording
 
 
 def _names(kind: str) -> list[str]:
@@ -136,14 +137,9 @@ def test_start_with_virtual_mic_end_to_end(tmp_path):
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "the virtual microphone never appeared"
             time.sleep(0.2)
-        recorder = subprocess.Popen(
-            ["parec", f"--device={name}", "--raw", "--format=float32le", "--channels=1",
-             f"--rate={SAMPLE_RATE}", "--latency-msec=20"],
-            stdout=subprocess.PIPE,
-        )  # fmt: skip
+        recorder = start_recording(name)
         _, stderr = proc.communicate(timeout=120)
-        recorder.terminate()
-        heard = np.frombuffer(recorder.communicate(timeout=30)[0], np.float32)
+        heard = recorded(recorder)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -151,8 +147,7 @@ def test_start_with_virtual_mic_end_to_end(tmp_path):
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr
     assert name not in _names("sources") and f"{name}_sink" not in _names("sinks")
-    loudest = max(np.sqrt(np.mean(heard[i : i + 8000] ** 2)) for i in range(0, len(heard), 8000))
-    assert loudest > 0.02  # the speech came through the virtual microphone
+    assert loudest_rms(heard) > 0.02  # the speech came through the virtual microphone
 
 
 @pytest.mark.usefixtures("pulse_mic")
