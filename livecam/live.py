@@ -17,6 +17,7 @@ from rich.logging import RichHandler
 
 from livecam import dashboard
 from livecam.audio.clock import AudioClock
+from livecam.audio.device_watch import DeviceWatch
 from livecam.audio.ring import AudioRing
 from livecam.audio.sources import FileSource, MicSource
 from livecam.audio.virtual_mic import DESCRIPTION, VirtualMic
@@ -75,7 +76,7 @@ def build_pipeline(opts: LiveOptions) -> Pipeline:
     if opts.audio_file is not None:
         source = FileSource(ring, clock, opts.audio_file, loop=opts.loop)
     else:
-        source = MicSource(ring, clock, opts.mic)
+        source = MicSource(ring, clock, opts.mic, avoid_own_output=opts.virtual_mic)
     if opts.remote:
         engine = build_remote(opts.remote, token, avatar, opts.fps, opts.idle_motion,
                               remote_only=opts.remote_only,
@@ -132,20 +133,23 @@ def _run(opts: LiveOptions, console: Console, control: ControlServer) -> int:
     deadline = time.monotonic() + opts.duration if opts.duration else None
     virtual_mic = VirtualMic(pipeline.ring, pipeline.clock, pipeline.audio_delay_s)
     control.handlers.update(_control_handlers(pipeline, virtual_mic, stop, opts))
+    watch = DeviceWatch([pipeline.source.poll, virtual_mic.poll])
     try:
         pipeline.start()
         if opts.virtual_mic:
             virtual_mic.start()
             pipeline.side_problems.append(lambda: virtual_mic.problem)
             log.info("virtual microphone %r is ready: select it in the meeting app", DESCRIPTION)
+        watch.start()
         log.info(
             "running: camera %s, microphone %s, latency ~%.0f ms",
             pipeline.sink.name,
             pipeline.source.name,
             pipeline.latency_s() * 1e3,
         )
-        _loop(pipeline, virtual_mic, stop, deadline, console if opts.dashboard else None)
+        _loop(pipeline, stop, deadline, console if opts.dashboard else None)
     finally:
+        watch.stop()  # first: no device is reopened behind the stops below
         virtual_mic.stop()
         pipeline.stop()
         close_engine(pipeline.engine)
@@ -221,7 +225,6 @@ def build_look(pipeline: Pipeline, name: str, opts: LiveOptions) -> Look:
 
 def _loop(
     pipeline: Pipeline,
-    virtual_mic: VirtualMic,
     stop: threading.Event,
     deadline: float | None,
     console: Console | None,
@@ -234,8 +237,6 @@ def _loop(
     heartbeat = Heartbeat(notifier)
 
     def tick() -> Snapshot:
-        pipeline.source.poll()
-        virtual_mic.poll()
         snap = pipeline.snapshot()
         heartbeat.beat(snap, time.monotonic())
         return snap

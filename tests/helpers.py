@@ -1,11 +1,15 @@
-"""Small helpers shared by tests: audio clips, the mouth-motion metric, mp4 probing."""
+"""Small helpers shared by tests: audio clips, the mouth-motion metric, mp4 probing, a systemd
+notify socket."""
 
 from __future__ import annotations
 
 import json
 import os
 import resource
+import socket
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import cv2
@@ -109,3 +113,33 @@ def run_limited(
 
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout,
                           preexec_fn=cap, env=os.environ.copy())  # fmt: skip
+
+
+class NotifySocket:
+    """A bound AF_UNIX datagram socket, as systemd's NOTIFY_SOCKET; records (time, message)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(address)
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            self.messages.append((time.monotonic(), data.decode()))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+    def with_field(self, field: str) -> list[tuple[float, str]]:
+        return [(t, m) for t, m in self.messages if field in m.splitlines()]

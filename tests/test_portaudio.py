@@ -5,11 +5,14 @@ Each case runs in a child process with a private PulseAudio server of its own (i
 runtime dir and home), so the user's server and the test session's PortAudio are never touched.
 """
 
+import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -19,7 +22,7 @@ import pytest
 from livecam.audio.sources import WAITING
 from livecam.audio.virtual_mic import NAME_ENV
 from tests.conftest import JFK, REPO
-from tests.helpers import loudest_rms, recorded, start_recording
+from tests.helpers import NotifySocket, loudest_rms, recorded, start_recording
 
 CHILD = textwrap.dedent(
     """
@@ -158,6 +161,23 @@ def _start_server(server: list[str], env: dict) -> subprocess.Popen:
     return process
 
 
+def _running_with_virtual_mic(env: dict) -> subprocess.Popen:
+    """`livecam start --virtual-mic` on the private server, once it runs with no warning."""
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "livecam", "start", "--sink", "memory", "--size", "320x240",
+         "--no-dashboard", "--virtual-mic"], env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _status_until(env, daemon, lambda s: s["frames_shown"] > 0 and not s["warnings"],
+                      "never ran cleanly")  # fmt: skip
+    except BaseException:
+        daemon.kill()
+        daemon.wait()
+        raise
+    return daemon
+
+
 def test_a_restarted_sound_server_gets_both_microphones_back(private_pulse, tmp_path):
     """The sound server dies under a running `livecam start --virtual-mic` and comes back:
     the microphone is captured again and the LiveCam Microphone is made again and carries
@@ -167,14 +187,8 @@ def test_a_restarted_sound_server_gets_both_microphones_back(private_pulse, tmp_
     virtual = f"livecam_test_restart_{os.getpid()}"
     env[NAME_ENV] = virtual
     pulse = _start_server(server, env)
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "livecam", "start", "--sink", "memory", "--size", "320x240",
-         "--no-dashboard", "--virtual-mic"], env=env, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    daemon = _running_with_virtual_mic(env)
     try:
-        _status_until(env, daemon, lambda s: s["frames_shown"] > 0 and not s["warnings"],
-                      "never ran cleanly")  # fmt: skip
         pulse.terminate()
         pulse.wait()
         lost = _status_until(env, daemon, lambda s: len(s["warnings"]) == 2, "loss not told")
@@ -202,3 +216,48 @@ def test_a_restarted_sound_server_gets_both_microphones_back(private_pulse, tmp_
     assert virtual not in left  # its sink and source were removed at the stop
     log = " ".join(log.split())  # rich wraps the log lines: one line each way, not one a retry
     assert log.count("'LiveCam Microphone' stopped") == 1 and log.count("plays again") == 1
+
+
+def test_a_hung_sound_server_stops_neither_the_dashboard_nor_the_watchdog(private_pulse, tmp_path):
+    """The sound server hangs (SIGSTOP) under `livecam start --virtual-mic`: its devices are
+    waited on from their own thread, so the status keeps coming and systemd's watchdog keeps
+    being pinged while frames go out; when the server answers again (SIGCONT), both
+    microphones play again, with no restart."""
+    env, server = private_pulse
+    folder = tempfile.mkdtemp(prefix="lc-notify-")  # short: a socket path has 108 bytes
+    listener = NotifySocket(f"{folder}/notify")
+    env = {**env, "LIVECAM_RUNTIME_DIR": str(tmp_path / "run"), "WATCHDOG_USEC": "1000000",
+           NAME_ENV: f"livecam_hung_{os.getpid()}", "NOTIFY_SOCKET": listener.address}  # fmt: skip
+    env.pop("WATCHDOG_PID", None)
+    pulse = _start_server(server, env)
+    daemon = _running_with_virtual_mic(env)
+    try:
+        pulse.send_signal(signal.SIGSTOP)
+        hung_at = time.monotonic()
+        time.sleep(8.0)  # the devices' calls wait on the server: pactl's timeout is 10 s
+        hung = _status(env)
+        pings = [t for t, _ in listener.with_field("WATCHDOG=1") if t > hung_at]
+        statuses = [t for t, m in listener.messages if m.startswith("STATUS=") and t > hung_at]
+        pulse.send_signal(signal.SIGCONT)
+        back = _status_until(env, daemon, lambda s: not s["warnings"], "never came back")
+        daemon.terminate()
+        _, log = daemon.communicate(timeout=60)
+    finally:
+        pulse.send_signal(signal.SIGCONT)
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        pulse.terminate()
+        pulse.wait()
+        listener.close()
+        shutil.rmtree(folder)
+    assert daemon.returncode == 0, log
+    # both devices say what is wrong: the one waiting on the server keeps neither from it
+    assert [w.split(" ")[:3] for w in hung["warnings"]] == [
+        ["microphone", "'default'", "has"],
+        ["the", "virtual", "microphone"],
+    ], hung["warnings"]
+    # a ping each half second while frames go out (WatchdogSec=1 s), the hang notwithstanding
+    assert len(pings) >= 12 and max(b - a for a, b in itertools.pairwise(pings)) < 1.0, pings
+    assert len(statuses) >= 6
+    assert back["source"] != "none" and back["frames_shown"] > hung["frames_shown"]

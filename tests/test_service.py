@@ -7,7 +7,6 @@ reads what the daemon sends.
 import itertools
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,40 +17,11 @@ from pathlib import Path
 import pytest
 
 from livecam import live
-from livecam.audio.virtual_mic import VirtualMic
 from livecam.live import LiveOptions, build_pipeline
 from livecam.service.notify import Notifier
 from livecam.service.unit import TEMPLATE, unit_text
 from tests.conftest import REPO, SPEECH
-
-
-class NotifySocket:
-    """A bound AF_UNIX datagram socket, as systemd's NOTIFY_SOCKET; records (time, message)."""
-
-    def __init__(self, address: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(address)
-        self.sock.settimeout(0.2)
-        self.messages: list[tuple[float, str]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(4096)
-            except TimeoutError:
-                continue
-            self.messages.append((time.monotonic(), data.decode()))
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sock.close()
-
-    def with_field(self, field: str) -> list[tuple[float, str]]:
-        return [(t, m) for t, m in self.messages if field in m.splitlines()]
+from tests.helpers import NotifySocket
 
 
 @pytest.fixture
@@ -110,8 +80,7 @@ def test_a_wedged_output_stops_the_watchdog_but_not_the_status(notify_socket, mo
     pipeline.sink.send = wedging_send
     stop = threading.Event()
     pipeline.start()
-    unused_mic = VirtualMic(pipeline.ring, pipeline.clock, pipeline.audio_delay_s)  # not started
-    loop = threading.Thread(target=live._loop, args=(pipeline, unused_mic, stop, None, None))
+    loop = threading.Thread(target=live._loop, args=(pipeline, stop, None, None))
     loop.start()
     try:
         deadline = time.monotonic() + 20

@@ -4,6 +4,7 @@ track falling behind the ring (explicit times, no sleeps)."""
 from __future__ import annotations
 
 import logging
+import re
 import types
 
 import numpy as np
@@ -103,10 +104,8 @@ def test_a_silent_microphone_is_reported_then_reopened_every_retry(
     for t in np.arange(REOPEN_S + 0.2, 2 * REOPEN_S + 0.1, 0.25):
         at(float(t))
     assert len(opened) == 2
-    assert (
-        mic.stats.problem
-        == f"microphone 'test mic' delivered no audio for {2 * REOPEN_S:.0f} s (unplugged?)"
-    )
+    said = r"microphone 'test mic' has delivered no audio since \d\d:\d\d:\d\d \(unplugged\?\)"
+    assert re.fullmatch(said, mic.stats.problem), mic.stats.problem
     at(2 * REOPEN_S + 0.2)
     assert len(opened) == 3 and opened[2] - opened[1] >= RETRY_S
     device.block()

@@ -4,6 +4,7 @@ Every test uses a virtual microphone of its own name (conftest sets LIVECAM_VIRT
 so a running user's LiveCam Microphone is never touched."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -220,3 +221,84 @@ def test_a_stream_that_stops_playing_is_made_again_without_flapping(
     assert mic.problem == "" and made[-1] == remade
     at(remade + 2.0, played=True)
     assert mic.problem == ""
+
+
+def test_a_sound_server_that_does_not_answer_is_an_error_not_a_hang(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+):
+    """pactl against a hung server waits for ever: each call gives up after TIMEOUT_S with a
+    PulseError (which the callers handle), never subprocess's own TimeoutExpired."""
+    fake = tmp_path / "pactl"
+    fake.write_text("#!/bin/sh\nsleep 30\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setattr(pulse, "TIMEOUT_S", 0.3)
+    with pytest.raises(pulse.PulseError, match=r"did not answer in 0\.3 s"):
+        pulse.pactl("list", "short", "modules")
+    assert not pulse.available()
+    pulse.unload("7")  # nothing to say: the module is unloaded when the server comes back
+
+
+def _capturing_from() -> set[str]:
+    """The names of the sources that some stream records from."""
+    names = dict(
+        line.split("\t")[:2] for line in pulse.pactl("list", "short", "sources").splitlines()
+    )
+    outputs = pulse.pactl("list", "short", "source-outputs").splitlines()
+    return {names.get(line.split("\t")[1], "") for line in outputs}
+
+
+def _until_capturing_from(wanted: str, daemon: subprocess.Popen) -> set[str]:
+    deadline = time.monotonic() + 15
+    while wanted not in (found := _capturing_from()):
+        assert daemon.poll() is None, daemon.communicate()
+        assert time.monotonic() < deadline, f"never captured from {wanted}: {found}"
+        time.sleep(0.3)
+    return found
+
+
+def test_the_livecam_microphone_made_the_default_is_never_captured(pulse_mic: str, tmp_path):
+    """The sound server follows a new default microphone with livecam's capture; where the
+    new default is the LiveCam Microphone (the user picks it for every app), livecam moves
+    its capture back to the microphone it was on, not its own output."""
+    mic, virtual, headset = f"{pulse_mic}_mic", source_name(), f"{pulse_mic}_headset"
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "livecam", "start", "--sink", "memory", "--size", "320x240",
+         "--no-dashboard", "--virtual-mic"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    module = pulse.pactl("load-module", "module-remap-source", f"master={pulse_mic}.monitor",
+                         f"source_name={headset}")  # fmt: skip
+    try:
+        while virtual not in _names("sources"):
+            assert daemon.poll() is None, daemon.communicate()
+            time.sleep(0.2)
+        started = _until_capturing_from(mic, daemon)
+        pulse.pactl("set-default-source", headset)  # a headset plugged in and chosen
+        followed = _until_capturing_from(headset, daemon)
+        time.sleep(2.5)  # livecam looks where it records every 2 s
+        pulse.pactl("set-default-source", virtual)
+        time.sleep(3.0)  # the server moves the capture at once; livecam moves it back
+        moved_back = _until_capturing_from(headset, daemon)
+        speech = subprocess.Popen(["paplay", f"--device={pulse_mic}", str(JFK)])
+        deadline, level = time.monotonic() + 30, -120.0
+        while level < -40 and time.monotonic() < deadline:
+            status = subprocess.run([sys.executable, "-m", "livecam", "status", "--json"],
+                                    capture_output=True, text=True, timeout=30)  # fmt: skip
+            level = json.loads(status.stdout)["level_db"] if status.returncode == 0 else level
+            time.sleep(0.3)
+        speech.wait(timeout=30)
+        daemon.terminate()
+        _, log = daemon.communicate(timeout=30)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        pulse.pactl("set-default-source", mic)
+        pulse.unload(module)
+    assert daemon.returncode == 0, log
+    assert virtual not in started | followed | moved_back
+    assert mic not in followed | moved_back  # one capture stream, where it belongs
+    assert level > -40  # the speech reached livecam's microphone
+    log = " ".join(log.split())  # rich wraps the log lines
+    assert log.count(f"which would capture itself; moved it back to {headset!r}") == 1, log

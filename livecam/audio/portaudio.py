@@ -18,7 +18,9 @@ from livecam.constants import BLOCK, SAMPLE_RATE
 
 INSTALL = "sudo apt-get install libportaudio2"
 
-_lock = threading.Lock()
+# held while PortAudio restarts or opens a stream: the devices are watched from threads of
+# their own (device_watch.py), and a restart must never run under another thread's open
+_lock = threading.RLock()
 _streams: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -34,6 +36,11 @@ def load():
     except OSError as exc:  # sounddevice: "PortAudio library not found"
         raise PortAudioMissing(f"{exc}; the microphone needs it: {INSTALL}") from None
     return sd
+
+
+def exclusive() -> threading.RLock:
+    """The lock to hold while reading PortAudio's device list: no restart runs meanwhile."""
+    return _lock
 
 
 def track(stream):
@@ -63,17 +70,22 @@ def open_stream(
     pulse_device: str | None = None,
     device: int | None = None,
     latency: float | str = "low",
+    properties: dict[str, str] | None = None,
 ):
     """A stream in livecam's shape: 16 kHz mono float32 in BLOCK-sample blocks, on a PortAudio
-    `device` or routed to a PulseAudio/PipeWire sink (playback) or source by name; tracked, so
-    no rescan closes it. Not started yet."""
+    `device` or routed to a PulseAudio/PipeWire sink (playback) or source by name, with
+    `properties` on the sound server's stream; tracked, so no rescan closes it. Not started
+    yet."""
     sd = load()
 
     kind = sd.OutputStream if playback else sd.InputStream
-    with contextlib.ExitStack() as routed:
+    with _lock, contextlib.ExitStack() as routed:
         if pulse_device is not None:
             variable = "PULSE_SINK" if playback else "PULSE_SOURCE"
             routed.enter_context(pulse.device_override(variable, pulse_device))
+        if properties:  # values without spaces: PULSE_PROP is "key=value key=value"
+            tagged = " ".join(f"{key}={value}" for key, value in properties.items())
+            routed.enter_context(pulse.device_override("PULSE_PROP", tagged))
         stream = kind(samplerate=SAMPLE_RATE, channels=1, dtype="float32", blocksize=BLOCK,
                       device=device, latency=latency, callback=callback)  # fmt: skip
-    return track(stream)
+        return track(stream)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -13,22 +14,60 @@ class PulseError(Exception):
     """A pactl call failed, with its message."""
 
 
-def pactl(*args: str) -> str:
-    result = subprocess.run(["pactl", *args], capture_output=True, text=True, timeout=10)
+TIMEOUT_S = 10.0  # a hung server: pactl would wait for ever
+
+
+def pactl(*args: str, timeout_s: float | None = None) -> str:
+    command = f"`pactl {' '.join(args)}`"
+    timeout_s = timeout_s or TIMEOUT_S
+    try:
+        result = subprocess.run(["pactl", *args], capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        answer = f"the sound server did not answer in {timeout_s:g} s"
+        raise PulseError(f"{command}: {answer}") from None
     if result.returncode != 0:
-        raise PulseError(f"`pactl {' '.join(args)}` failed: {result.stderr.strip()}")
+        raise PulseError(f"{command} failed: {result.stderr.strip()}")
     return result.stdout.strip()
 
 
 def unload(module: str) -> None:
-    subprocess.run(["pactl", "unload-module", module], capture_output=True, timeout=10)
+    with contextlib.suppress(PulseError):  # gone already, or no server: nothing to unload
+        pactl("unload-module", module)
 
 
 def available() -> bool:
     """A PulseAudio-compatible server answers."""
     if shutil.which("pactl") is None:
         return False
-    return subprocess.run(["pactl", "info"], capture_output=True, timeout=10).returncode == 0
+    try:
+        pactl("info")
+    except PulseError:
+        return False
+    return True
+
+
+def _listed(kind: str, timeout_s: float | None, short: bool = False) -> list[dict]:
+    """`pactl list [short] KIND` as JSON (pactl 16 and later; an older one is a PulseError)."""
+    text = pactl("-f", "json", "list", *(["short"] if short else []), kind, timeout_s=timeout_s)
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise PulseError(f"`pactl list {kind}` printed no JSON: {text[:80]!r}") from None
+
+
+def sources(timeout_s: float | None = None) -> list[str]:
+    """The server's source names, the monitors of its sinks last."""
+    names = [source["name"] for source in _listed("sources", timeout_s, short=True)]
+    return sorted(names, key=lambda name: name.endswith(".monitor"))
+
+
+def record_stream(key: str, value: str, timeout_s: float | None = None) -> tuple[int, str] | None:
+    """(index, source name) of the record stream whose property `key` is `value`, or None."""
+    names = {source["index"]: source["name"] for source in _listed("sources", timeout_s, True)}
+    for stream in _listed("source-outputs", timeout_s):
+        if stream.get("properties", {}).get(key) == value:
+            return stream["index"], names.get(stream["source"], "")
+    return None
 
 
 SERVERS = ("pulseaudio", "pipewire")
@@ -44,9 +83,10 @@ def server_kind() -> str | None:
 @contextlib.contextmanager
 def device_override(variable: str, name: str) -> Iterator[None]:
     """Route the streams opened inside to a given sink or source (PULSE_SINK/PULSE_SOURCE,
-    which libpulse reads when a stream connects); the previous value is restored after."""
+    which libpulse reads when a stream connects), or set their properties (PULSE_PROP:
+    "key=value ...", added to what it held); the previous value is restored after."""
     previous = os.environ.get(variable)
-    os.environ[variable] = name
+    os.environ[variable] = f"{previous} {name}" if variable == "PULSE_PROP" and previous else name
     try:
         yield
     finally:

@@ -2,30 +2,38 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from livecam.audio import portaudio
+from livecam.audio import portaudio, pulse
 from livecam.audio.clock import AudioClock
 from livecam.audio.files import read_audio
 from livecam.audio.ring import AudioRing
 from livecam.audio.timing import CaptureTiming, host_delay
+from livecam.audio.virtual_mic import source_name as own_source
 from livecam.constants import BLOCK, SAMPLE_RATE
 
 log = logging.getLogger(__name__)
+
+CAPTURE_TAG = "livecam.capture"  # the stream property that finds the capture on the server
+_capture_ids = itertools.count()
 
 REQUESTED_LATENCY_S = BLOCK / SAMPLE_RATE  # asked of the server: one block; it may grant more
 STALL_S = 1.0  # no audio for this long: tell the user the device stopped
 REOPEN_S = 3.0  # no audio for this long: close and reopen the device (then every RETRY_S)
 RETRY_S = 2.0
 GAP_FILL_S = 0.5  # delivery this far behind the clock resumed after a gap: fill with silence
+CHECK_TIMEOUT_S = 1.0  # asking the sound server where the capture goes, while capturing
 
 
 class AudioDeviceError(Exception):
@@ -87,11 +95,12 @@ def resolve_input_device(spec: str | None) -> tuple[int | None, str]:
     """Pick an input device by index or by (part of) its name; None means the default.
     A device PortAudio does not list yet (a sound server or a microphone that came later)
     is looked for again after a rescan."""
-    devices = input_devices()
-    found = _pick_input(devices, spec)
-    if found is None and portaudio.rescan():
+    with portaudio.exclusive():  # another thread's rescan would pull the list from under it
         devices = input_devices()
         found = _pick_input(devices, spec)
+        if found is None and portaudio.rescan():
+            devices = input_devices()
+            found = _pick_input(devices, spec)
     if found is not None:
         return found
     if not devices:
@@ -145,13 +154,26 @@ class MicSource:
     With no input device at all (none plugged in yet, the sound server not up yet) it waits
     for one, looking every RETRY_S; the camera shows idle frames meanwhile.
 
+    Through a sound server its stream carries a tag (CAPTURE_TAG). While livecam publishes
+    its virtual microphone (`avoid_own_output`), the stream is looked up every RETRY_S: a
+    server moves a stream to a new default source by itself, and where that is the virtual
+    microphone (made the default by the user, or by the server where no other microphone
+    exists) livecam would capture its own output; it is moved back.
+
     Its `latency_s` is measured: how long after a sound the clock's time for it (origin + n /
     rate) passes, from the host's ADC timestamps (see timing.py) or, without them, from how
     irregularly blocks arrive; the device's own figure only until either is known.
     """
 
-    def __init__(self, ring: AudioRing, clock: AudioClock, device: str | None = None) -> None:
+    def __init__(
+        self,
+        ring: AudioRing,
+        clock: AudioClock,
+        device: str | None = None,
+        avoid_own_output: bool = False,  # livecam publishes its virtual microphone
+    ) -> None:
         self.ring, self.clock = ring, clock
+        self.avoid_own_output = avoid_own_output
         self.stats = SourceStats(requested_latency_s=REQUESTED_LATENCY_S)
         self.finished = False  # a microphone never runs out
         self._stream = None
@@ -162,6 +184,9 @@ class MicSource:
         self._blocks_at_stall = 0
         self._blocks_at_start = 0  # a stream that has not delivered yet gets REOPEN_S
         self._wanted = device  # looked for again while no device is found
+        self._tag = f"{os.getpid()}.{next(_capture_ids)}"  # its stream's, on a sound server
+        self._captured_from = ""  # the sound server's source it was last seen on
+        self._next_check = 0.0
         self.device_index: int | None = None  # None: waiting for a device
         self.name = "none"
         try:
@@ -205,7 +230,7 @@ class MicSource:
         try:
             self._stream = portaudio.open_stream(
                 self._callback, playback=False, device=self.device_index,
-                latency=REQUESTED_LATENCY_S,
+                latency=REQUESTED_LATENCY_S, properties={CAPTURE_TAG: self._tag},
             )  # fmt: skip
             self._timing = CaptureTiming()  # a reopened device starts afresh
             self._stream.start()
@@ -231,14 +256,18 @@ class MicSource:
             grace = STALL_S if self.stats.blocks > self._blocks_at_start else REOPEN_S
             if silent_for < grace:
                 self.stats.problem = ""
+                self._keep_off_own_output(now)
                 return
             self._stalled_since, self._blocks_at_stall = self._last_block, self.stats.blocks
             log.warning("microphone %r delivers no audio (unplugged?); reopening it every "
                         "%.0f s until it does", self.name, REOPEN_S)  # fmt: skip
-        self.stats.problem = (
-            f"microphone {self.name!r} delivered no audio for "
-            f"{now - self._stalled_since:.0f} s (unplugged?)"
-        )
+            # a clock time, not a running count: a reopen waiting on a hung server would
+            # leave a count frozen on the dashboard
+            since = datetime.now() - timedelta(seconds=now - self._stalled_since)
+            self.stats.problem = (
+                f"microphone {self.name!r} has delivered no audio since "
+                f"{since:%H:%M:%S} (unplugged?)"
+            )
         self.stats.level_db = -120.0  # not the last block's level, frozen
         if silent_for < REOPEN_S or now < self._next_retry:
             return
@@ -252,6 +281,34 @@ class MicSource:
             self._wait_for_device()
         except AudioDeviceError as exc:  # said once above; the dashboard shows the rest
             log.debug("%s", exc)
+
+    def _keep_off_own_output(self, now: float) -> None:
+        """Moves the capture off livecam's own virtual microphone, where the sound server put
+        it: back to the source it was on before, or else another (microphones first)."""
+        if not self.avoid_own_output or now < self._next_check:
+            return
+        self._next_check = now + RETRY_S
+        own = own_source()
+        try:  # briefly: a hung server must not hold up the stall check
+            found = pulse.record_stream(CAPTURE_TAG, self._tag, timeout_s=CHECK_TIMEOUT_S)
+            if found is None:  # not a stream of the sound server (an ALSA device)
+                return
+            index, source = found
+            if not source.startswith(own):
+                self._captured_from = source
+                return
+            others = [s for s in pulse.sources(CHECK_TIMEOUT_S) if not s.startswith(own)]
+            if not others:
+                return
+            target = self._captured_from if self._captured_from in others else others[0]
+            pulse.pactl("move-source-output", str(index), target, timeout_s=CHECK_TIMEOUT_S)
+        except pulse.PulseError as exc:  # a server gone or hung: the stall check handles it
+            log.debug("checking where the microphone records from failed: %s", exc)
+            return
+        log.warning("the sound server moved livecam's microphone to livecam's own virtual "
+                    "microphone (made the default input?), which would capture itself; "
+                    "moved it back to %r", target)  # fmt: skip
+        self._captured_from = target
 
     def _wait_for_device(self) -> None:
         self.device_index, self.name = None, "none"

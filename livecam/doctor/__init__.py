@@ -26,7 +26,8 @@ def _microphone() -> Check:
         return Check("microphone", False, str(exc))
     if not found:
         return Check("microphone", False, "no input device: plug one in, check "
-                     "`pactl list short sources`")  # fmt: skip
+                     "`pactl list short sources` (livecam start shows idle frames and "
+                     "waits for one)")  # fmt: skip
     return Check("microphone", True, f"{len(found)} input(s), e.g. {found[0]['name']!r}")
 
 
