@@ -299,6 +299,6 @@ def test_the_livecam_microphone_made_the_default_is_never_captured(pulse_mic: st
     assert daemon.returncode == 0, log
     assert virtual not in started | followed | moved_back
     assert mic not in followed | moved_back  # one capture stream, where it belongs
-    assert level > -40  # the speech reached livecam's microphone
+    assert level > -40, log  # the speech reached livecam's microphone
     log = " ".join(log.split())  # rich wraps the log lines
     assert log.count(f"which would capture itself; moved it back to {headset!r}") == 1, log
