@@ -288,6 +288,7 @@ def test_the_livecam_microphone_made_the_default_is_never_captured(pulse_mic: st
             level = json.loads(status.stdout)["level_db"] if status.returncode == 0 else level
             time.sleep(0.3)
         speech.wait(timeout=30)
+        at_end = _capturing_from()  # some 10 s on: it stayed
         daemon.terminate()
         _, log = daemon.communicate(timeout=30)
     finally:
@@ -297,8 +298,11 @@ def test_the_livecam_microphone_made_the_default_is_never_captured(pulse_mic: st
         pulse.pactl("set-default-source", mic)
         pulse.unload(module)
     assert daemon.returncode == 0, log
-    assert virtual not in started | followed | moved_back
-    assert mic not in followed | moved_back  # one capture stream, where it belongs
+    assert virtual not in started | followed | moved_back | at_end
+    assert mic not in followed | moved_back | at_end  # one capture stream, where it belongs
     assert level > -40, log  # the speech reached livecam's microphone
     log = " ".join(log.split())  # rich wraps the log lines
-    assert log.count(f"which would capture itself; moved it back to {headset!r}") == 1, log
+    # said when moved, not at each look (every 2 s, some 7 looks here); WirePlumber may apply
+    # the new default once more after the first move back (seen under load), never again
+    moves = log.count(f"which would capture itself; moved it back to {headset!r}")
+    assert 1 <= moves <= 2, log
