@@ -257,7 +257,7 @@ def _until_capturing_from(wanted: str, daemon: subprocess.Popen) -> set[str]:
     return found
 
 
-def test_the_livecam_microphone_made_the_default_is_never_captured(pulse_mic: str, tmp_path):
+def test_the_livecam_microphone_made_the_default_is_never_captured(pulse_mic: str):
     """The sound server follows a new default microphone with livecam's capture; where the
     new default is the LiveCam Microphone (the user picks it for every app), livecam moves
     its capture back to the microphone it was on, not its own output."""
@@ -270,8 +270,10 @@ def test_the_livecam_microphone_made_the_default_is_never_captured(pulse_mic: st
     module = pulse.pactl("load-module", "module-remap-source", f"master={pulse_mic}.monitor",
                          f"source_name={headset}")  # fmt: skip
     try:
+        deadline = time.monotonic() + 60
         while virtual not in _names("sources"):
             assert daemon.poll() is None, daemon.communicate()
+            assert time.monotonic() < deadline, "the virtual microphone never appeared"
             time.sleep(0.2)
         started = _until_capturing_from(mic, daemon)
         pulse.pactl("set-default-source", headset)  # a headset plugged in and chosen
