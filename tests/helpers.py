@@ -8,6 +8,7 @@ import os
 import resource
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -143,3 +144,25 @@ class NotifySocket:
 
     def with_field(self, field: str) -> list[tuple[float, str]]:
         return [(t, m) for t, m in self.messages if field in m.splitlines()]
+
+
+def daemon_status(env: dict | None = None) -> dict | None:
+    """`livecam status --json` of the daemon that `env` points to; None while none answers."""
+    result = subprocess.run([sys.executable, "-m", "livecam", "status", "--json"], env=env,
+                            capture_output=True, text=True, timeout=30)  # fmt: skip
+    return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+def status_until(
+    env: dict | None, daemon: subprocess.Popen, wanted, what: str, timeout_s: float = 60
+) -> dict:
+    """The daemon's first status for which `wanted(status)` holds; fails with `what` (and the
+    last status) after timeout_s, or at once where the daemon exited."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert daemon.poll() is None, daemon.communicate()[1]
+        status = daemon_status(env)
+        if status is not None and wanted(status):
+            return status
+        assert time.monotonic() < deadline, f"{what}; last status: {status}"
+        time.sleep(0.3)

@@ -6,7 +6,6 @@ runtime dir and home), so the user's server and the test session's PortAudio are
 """
 
 import itertools
-import json
 import os
 import shutil
 import signal
@@ -22,7 +21,14 @@ import pytest
 from livecam.audio.sources import WAITING
 from livecam.audio.virtual_mic import NAME_ENV
 from tests.conftest import JFK, REPO
-from tests.helpers import NotifySocket, loudest_rms, recorded, start_recording
+from tests.helpers import (
+    NotifySocket,
+    daemon_status,
+    loudest_rms,
+    recorded,
+    start_recording,
+    status_until,
+)
 
 CHILD = textwrap.dedent(
     """
@@ -93,23 +99,6 @@ def test_a_sound_server_started_after_portaudio_is_found(private_pulse):
     assert lines["rescan when closed"] == "True"
 
 
-def _status(env: dict) -> dict | None:
-    result = subprocess.run([sys.executable, "-m", "livecam", "status", "--json"], env=env,
-                            capture_output=True, text=True, timeout=30)  # fmt: skip
-    return json.loads(result.stdout) if result.returncode == 0 else None
-
-
-def _status_until(env: dict, daemon: subprocess.Popen, wanted, what: str) -> dict:
-    deadline = time.monotonic() + 60
-    while True:
-        assert daemon.poll() is None, daemon.communicate()[1]
-        status = _status(env)
-        if status is not None and wanted(status):
-            return status
-        assert time.monotonic() < deadline, f"{what}; last status: {status}"
-        time.sleep(0.3)
-
-
 def test_start_without_a_microphone_waits_for_one_and_captures_it(private_pulse, tmp_path):
     """No sound server when the daemon starts: the camera runs on idle frames and says why;
     a server that comes later is found and its microphone captured, with no restart."""
@@ -121,17 +110,17 @@ def test_start_without_a_microphone_waits_for_one_and_captures_it(private_pulse,
     )  # fmt: skip
     pulse = None
     try:
-        first = _status_until(env, daemon, lambda s: s["frames_shown"] > 0, "no frames shown")
+        first = status_until(env, daemon, lambda s: s["frames_shown"] > 0, "no frames shown")
         time.sleep(2.5)  # past a look for a device
-        waiting = _status(env)
+        waiting = daemon_status(env)
         assert waiting["source"] == "none"
         assert waiting["warnings"] == [WAITING + ": showing idle frames"]
         assert waiting["frames_shown"] > first["frames_shown"]  # the camera runs meanwhile
         assert waiting["frames_silent"] > 0 and waiting["frames_generated"] == 0
         pulse = subprocess.Popen(server, env=env, stderr=subprocess.DEVNULL)
-        found = _status_until(env, daemon, lambda s: s["source"] != "none", "never found")
+        found = status_until(env, daemon, lambda s: s["source"] != "none", "never found")
         speech = subprocess.Popen(["paplay", "--device=livecam_private", str(JFK)], env=env)
-        heard = _status_until(env, daemon, lambda s: s["level_db"] > -40, "no speech captured")
+        heard = status_until(env, daemon, lambda s: s["level_db"] > -40, "no speech captured")
         assert speech.wait(timeout=30) == 0
     finally:
         daemon.terminate()
@@ -169,7 +158,7 @@ def _running_with_virtual_mic(env: dict) -> subprocess.Popen:
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        _status_until(env, daemon, lambda s: s["frames_shown"] > 0 and not s["warnings"],
+        status_until(env, daemon, lambda s: s["frames_shown"] > 0 and not s["warnings"],
                       "never ran cleanly")  # fmt: skip
     except BaseException:
         daemon.kill()
@@ -191,9 +180,9 @@ def test_a_restarted_sound_server_gets_both_microphones_back(private_pulse, tmp_
     try:
         pulse.terminate()
         pulse.wait()
-        lost = _status_until(env, daemon, lambda s: len(s["warnings"]) == 2, "loss not told")
+        lost = status_until(env, daemon, lambda s: len(s["warnings"]) == 2, "loss not told")
         pulse = _start_server(server, env)
-        _status_until(env, daemon, lambda s: not s["warnings"] and s["source"] != "none",
+        status_until(env, daemon, lambda s: not s["warnings"] and s["source"] != "none",
                       "never came back")  # fmt: skip
         speech = subprocess.Popen(["paplay", "--device=livecam_private", str(JFK)], env=env)
         recorder = start_recording(virtual, env)
@@ -235,11 +224,11 @@ def test_a_hung_sound_server_stops_neither_the_dashboard_nor_the_watchdog(privat
         pulse.send_signal(signal.SIGSTOP)
         hung_at = time.monotonic()
         time.sleep(8.0)  # the devices' calls wait on the server: pactl's timeout is 10 s
-        hung = _status(env)
+        hung = daemon_status(env)
         pings = [t for t, _ in listener.with_field("WATCHDOG=1") if t > hung_at]
         statuses = [t for t, m in listener.messages if m.startswith("STATUS=") and t > hung_at]
         pulse.send_signal(signal.SIGCONT)
-        back = _status_until(env, daemon, lambda s: not s["warnings"], "never came back")
+        back = status_until(env, daemon, lambda s: not s["warnings"], "never came back")
         daemon.terminate()
         _, log = daemon.communicate(timeout=60)
     finally:
