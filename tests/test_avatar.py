@@ -80,9 +80,7 @@ def test_landmarks_on_bundled_photos(name: str) -> None:
     det = detect_face(cv2.imread(str(PHOTOS[name])))
     assert det.landmarks.shape == (68, 2) and det.landmarks.dtype == np.float32
     x, y, w, h = det.box
-    assert w > 60 and h > 60  # the real face, not the small false one
-    if name == "astronaut":
-        assert det.faces_found >= 2  # the known false face; the largest was taken
+    assert w > 60 and h > 60 and det.faces_found == 1
     mouth = det.landmarks[48:68]
     assert (mouth[:, 1] > y + h / 2).all() and (mouth[:, 1] < y + h * 1.2).all()
     assert (mouth[:, 0] > x).all() and (mouth[:, 0] < x + w).all()
@@ -631,31 +629,21 @@ def test_prepare_over_damaged_arrays_warns_and_rebuilds(
                         message)  # fmt: skip
 
 
-def test_known_faces_come_from_the_bundled_avatar_toml_of_its_own_photo(
-    face_crop: Path,
+def test_a_photo_of_two_people_gives_the_larger_face_and_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    astronaut = store.bundled_root() / "astronaut" / "astronaut.png"
-    assert store._known_faces("astronaut", astronaut) == 2  # its detector_faces
-    assert store._known_faces("astronaut", face_crop) == 1  # another photo under its name
-    portrait = store.bundled_root() / "portrait" / "portrait.jpg"
-    assert store._known_faces("portrait", portrait) == 1  # not recorded: one
-    assert store._known_faces("nobody", face_crop) == 1
-    meta = store._bundled("astronaut")
-    assert meta is not None and Path(meta["source"]).resolve() == astronaut.resolve()
-    assert store._bundled("nobody") is None
-
-
-def test_more_faces_than_known_is_a_warning(
-    built: Avatar, caplog: pytest.LogCaptureFixture
-) -> None:
-    # the astronaut photo has a second (false) face: quiet as bundled, a warning otherwise
+    portrait, astronaut = (cv2.imread(str(PHOTOS[n])) for n in ("portrait", "astronaut"))
+    width = portrait.shape[1]  # 576: the portrait's face (178 px) beside the astronaut's (96)
+    group = np.full((720, width + 512, 3), 128, np.uint8)
+    group[:, :width], group[100:612, width:] = portrait, astronaut
+    path = tmp_path / "group.png"
+    cv2.imwrite(str(path), group)
     with caplog.at_level(logging.WARNING, logger="livecam.avatar.store"):
-        quiet = build_avatar("astronaut", PHOTOS["astronaut"], 2)
-        loud = build_avatar("astronaut", PHOTOS["astronaut"])
-    assert quiet.warnings == []
-    message = f"2 faces found in {PHOTOS['astronaut']}; using the largest one"
-    assert loud.warnings == [message]
+        avatar = build_avatar("group", path)
+    message = f"2 faces found in {path}; using the largest one"
+    assert avatar.warnings == [message]
     assert [r.getMessage() for r in caplog.records] == [message]
+    assert avatar.landmarks[:, 0].max() < width  # the portrait's face
 
 
 def test_a_failed_write_keeps_the_old_cache_and_leaves_no_version(
@@ -879,8 +867,8 @@ def test_a_bundled_avatars_cache_outlives_its_bundle(
     [
         (b'source = "p.jpg"\n[x', "cannot read {path}: "),
         (b'description = "no source"', "{path} is damaged: it needs source (a file name), and "
-         "description and detector_faces, where given, as a string and a whole number"),
-        (b'source = "p.jpg"\ndetector_faces = "2"', "{path} is damaged: it needs source"),
+         "description, where given, as a string"),
+        (b'source = "p.jpg"\ndescription = 2', "{path} is damaged: it needs source"),
     ],
 )  # fmt: skip
 def test_a_bundled_avatar_toml_that_cannot_be_used_is_named(

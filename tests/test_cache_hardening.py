@@ -326,8 +326,7 @@ DAMAGED_TOML = [
     b"source = 5",
     b'description = "no source"',
     b'source = "p.jpg"\nfaces = 2\n[x',
-    b'source = "p.jpg"\ndetector_faces = "2"',
-    b'source = "p.jpg"\ndetector_faces = true',
+    b'source = "p.jpg"\ndescription = true',
     b'source = "p.jpg"\ndescription = []',
     b'source = "\xff"',
 ]

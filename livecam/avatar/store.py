@@ -27,7 +27,7 @@ import numpy as np
 from livecam import cachefile
 from livecam.avatar import cachedir, video
 from livecam.avatar.eyes import build_eye_bank
-from livecam.avatar.landmarks import NoFaceError, detect_face
+from livecam.avatar.landmarks import LANDMARKER, NoFaceError, detect_face
 from livecam.avatar.model import Avatar, BankParams, PatchBank
 from livecam.avatar.mouth import build_mouth_bank
 from livecam.hashing import sha256_file
@@ -83,7 +83,8 @@ def avatar_dir(name: str) -> Path:
 
 def build_params() -> dict[str, Any]:
     clip = {"seconds": video.MAX_SECONDS, "rate": video.FRAME_RATE, "height": video.MAX_HEIGHT}
-    return {**BankParams().as_dict(), "max_height": MAX_HEIGHT, "video": clip}
+    return {**BankParams().as_dict(), "max_height": MAX_HEIGHT, "video": clip,
+            "landmarker": LANDMARKER}  # fmt: skip
 
 
 def _check_name(name: str) -> None:
@@ -94,7 +95,7 @@ def _check_name(name: str) -> None:
 
 
 # avatar.toml: what a bundled avatar must say, and of which type (the rest is free text)
-_BUNDLED_TYPES = {"source": str, "description": str, "detector_faces": int}
+_BUNDLED_TYPES = {"source": str, "description": str}
 
 
 def _bundled(name: str) -> dict[str, Any] | None:
@@ -112,19 +113,11 @@ def _bundled(name: str) -> dict[str, Any] | None:
         key in meta and type(meta[key]) is not kind for key, kind in _BUNDLED_TYPES.items()
     ):
         raise AvatarError(
-            f"{path} is damaged: it needs source (a file name), and description and "
-            "detector_faces, where given, as a string and a whole number"
+            f"{path} is damaged: it needs source (a file name), and description, where "
+            "given, as a string"
         )
     meta["source"] = path.parent / meta["source"]
     return meta
-
-
-def _known_faces(name: str, source: Path) -> int:
-    """Faces the detector finds in a bundled photo (avatar.toml `detector_faces`), else 1."""
-    meta = _bundled(name)
-    if meta is None or Path(meta["source"]).resolve() != source.resolve():
-        return 1
-    return meta.get("detector_faces", 1)
 
 
 def _bundled_names() -> list[str]:
@@ -174,9 +167,9 @@ def read_image(path: Path) -> np.ndarray:
     return image
 
 
-def build_avatar(name: str, source: Path, known_faces: int = 1) -> Avatar:
-    """Detect the face and render the lite banks (no cache involved). More faces than
-    `known_faces` (what a bundled avatar.toml records of its photo) get a warning."""
+def build_avatar(name: str, source: Path) -> Avatar:
+    """Detect the face and render the lite banks (no cache involved); a photo of several
+    faces gets a warning."""
     if video.is_video(source):
         return _build_video_avatar(name, source)
     image = read_image(source)
@@ -184,10 +177,11 @@ def build_avatar(name: str, source: Path, known_faces: int = 1) -> Avatar:
         det = detect_face(image)
     except NoFaceError:
         raise AvatarError(
-            f"no face found in {source}: use a photo with one clearly visible, frontal face"
+            f"no face found in {source}: use a photo with one clearly visible, frontal face "
+            "(a face smaller than 1/30 of the picture's width: crop the photo around it)"
         ) from None
     warnings = []
-    if det.faces_found > known_faces:
+    if det.faces_found > 1:
         warnings.append(f"{det.faces_found} faces found in {source}; using the largest one")
         log.warning(warnings[-1])
     params = BankParams()
@@ -368,7 +362,7 @@ def prepare_avatar(name: str, source: Path, *, force: bool = False) -> Avatar:
                 return _load_cache(name, manifest)
             except ValueError as exc:
                 log.warning("avatar %r cache damaged (%s); rebuilding", name, exc)
-    avatar = build_avatar(name, source, _known_faces(name, source))
+    avatar = build_avatar(name, source)
     _write_cache(avatar, source, kind, description)
     return avatar
 
@@ -394,7 +388,7 @@ def load_avatar(name: str) -> Avatar:
         )
     if manifest is not None or reason == "cache damaged":
         log.warning("avatar %r: %s; rebuilding from %s", name, reason, source)
-    avatar = build_avatar(name, source, _known_faces(name, source))
+    avatar = build_avatar(name, source)
     _write_cache(avatar, source, kind, description)
     return avatar
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from livecam.avatar.landmarks import detect_face, landmarks_in_box
 
-INNER_UPPER, INNER_LOWER = [61, 62, 63], [67, 66, 65]  # dlib 68-point inner lip, top / bottom
+INNER_UPPER, INNER_LOWER = [61, 62, 63], [67, 66, 65]  # 68-point layout: inner lip, top / bottom
 
 
 def read_raw(path: Path, info: dict) -> list[np.ndarray]:
