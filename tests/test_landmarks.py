@@ -109,10 +109,11 @@ def test_a_small_face_in_a_large_picture_is_found() -> None:
     assert _error(found.landmarks, expected).mean() < 0.06  # measured 2.7 %
 
 
-def test_no_face_in_noise_or_a_blank_wall() -> None:
+def test_no_face_in_noise_a_blank_wall_or_a_sliver() -> None:
     rng = np.random.default_rng(3)
     for image in (rng.integers(0, 256, (480, 640, 3), dtype=np.uint8),
-                  np.full((720, 1280, 3), 200, np.uint8)):  # fmt: skip
+                  np.full((720, 1280, 3), 200, np.uint8),
+                  np.zeros((1, 1, 3), np.uint8), np.zeros((3, 500, 3), np.uint8)):  # fmt: skip
         with pytest.raises(NoFaceError):
             detect_face(image)
 

@@ -103,10 +103,12 @@ def _load() -> tuple[cv2.dnn.Net, cv2.dnn.Net]:
     return _nets
 
 
-def _crop(image: np.ndarray, centre: np.ndarray, size: float, angle: float, out: int):
+def _crop(
+    image: np.ndarray, centre: np.ndarray, size: float, angle: float, out: int
+) -> tuple[np.ndarray, np.ndarray]:
     """The square of side `size` around `centre`, turned by -angle, as out x out px (black
     beyond the picture), and the 2x3 matrix that maps picture px to crop px."""
-    k = out / size
+    k = out / max(size, 1.0)
     cos, sin = math.cos(angle) * k, math.sin(angle) * k
     rotate = np.array([[cos, sin], [-sin, cos]])
     matrix = np.c_[rotate, out / 2 - rotate @ centre]
@@ -145,7 +147,8 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     w = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
     h = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
     inter = max(w, 0) * max(h, 0)
-    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    return inter / union if union > 0 else 0.0
 
 
 def _one_per_face(faces: list[_Face]) -> list[_Face]:

@@ -73,8 +73,8 @@ def read_clip(path: Path) -> tuple[list[np.ndarray], float]:
 
 
 def track_landmarks(frames: list[np.ndarray]) -> np.ndarray:
-    """(N, 68, 2): the detector on every frame (~0.1 s each: its box is what the landmark
-    model expects); a frame it misses reuses the previous frame's box."""
+    """(N, 68, 2): the detector on every frame (~50 ms each at 480 px on 2 cores, with the
+    landmarks); a frame it misses reuses the previous frame's box."""
     first = detect_face(frames[0])  # NoFaceError: the clip must start on a face
     box, out = first.box, [first.landmarks]
     for frame in frames[1:]:
