@@ -425,6 +425,9 @@ def test_stale_reasons_name_what_changed(face_crop: Path, tmp_path: Path) -> Non
     assert store._stale_reason(old, face_crop) == f"cache format 0 != {store.FORMAT_VERSION}"
     other = {**manifest, "params": {**params, "max_height": 1}}
     assert store._stale_reason(other, face_crop) == "build parameters changed"
+    # a cache from before the landmarker was recorded (dlib's landmarks) is rebuilt once
+    dlib_era = {**manifest, "params": {k: v for k, v in params.items() if k != "landmarker"}}
+    assert store._stale_reason(dlib_era, face_crop) == "build parameters changed"
     changed = {**manifest, "source_sha256": "0" * 64}
     assert store._stale_reason(changed, face_crop) == f"source {face_crop} changed"
     gone = tmp_path / "gone.png"
