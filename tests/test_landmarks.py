@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from livecam import doctor
 from livecam.avatar import landmarks
 from livecam.avatar.landmarks import NoFaceError, detect_face, landmarks_in_box
 from livecam.cli import app
@@ -155,8 +156,15 @@ def test_a_missing_or_damaged_model_is_one_line_that_says_to_reinstall(
     photo = str(PHOTOS["portrait"])
     result = CliRunner().invoke(app, ["avatars", "prepare", "me", "--from", photo])
     what = "missing" if damage == "missing" else "damaged"
-    expected = rf"error: face model {what}: {re.escape(str(mesh))} \(.*reinstall livecam\)\n"
-    assert result.exit_code == 1 and re.fullmatch(expected, result.stderr)
+    problem = rf"face model {what}: {re.escape(str(mesh))} \(.*reinstall livecam\)"
+    assert result.exit_code == 1 and re.fullmatch(rf"error: {problem}\n", result.stderr)
+    found = doctor._face_models()  # `livecam doctor` says the same
+    assert not found.ok and re.fullmatch(problem, found.detail)
+
+
+def test_doctor_finds_the_shipped_models_whole() -> None:
+    found = doctor._face_models()
+    assert found.ok and "sha256 verified" in found.detail
 
 
 def test_the_image_must_be_bgr_uint8() -> None:

@@ -103,6 +103,12 @@ def _load() -> tuple[cv2.dnn.Net, cv2.dnn.Net]:
     return _nets
 
 
+def check_models() -> None:
+    """Load the bundled models (once): FaceModelError if one is missing or damaged."""
+    with _lock:
+        _load()
+
+
 def _crop(
     image: np.ndarray, centre: np.ndarray, size: float, angle: float, out: int
 ) -> tuple[np.ndarray, np.ndarray]:

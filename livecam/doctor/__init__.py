@@ -83,13 +83,23 @@ def _avatars() -> Check:
     return Check("avatars", bool(avatars), detail)
 
 
+def _face_models() -> Check:
+    from livecam.avatar.landmarks import FaceModelError, check_models
+
+    try:
+        check_models()
+    except FaceModelError as exc:
+        return Check("face models", False, str(exc))
+    return Check("face models", True, "MediaPipe face landmarker (Apache-2.0), sha256 verified")
+
+
 def run_checks(
     camera_only: bool = False, remote: str | None = None, token_file: Path | None = None
 ) -> list[Check]:
     """Everything (`remote`: the pool `livecam start --remote` would use), or the camera."""
     if camera_only:
         return _camera()
-    checks = [*_camera(), _microphone(), *_tools(), _avatars(), *_neural()]
+    checks = [*_camera(), _microphone(), *_tools(), _avatars(), _face_models(), *_neural()]
     if remote:
         from livecam.doctor.remote import remote_check
 
