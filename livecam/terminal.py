@@ -27,7 +27,6 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from livecam.audio.portaudio import PortAudioMissing
     from livecam.audio.sources import AudioDeviceError
     from livecam.audio.virtual_mic import VirtualMicError
-    from livecam.avatar.landmarks import FaceModelError
     from livecam.avatar.store import AvatarError
     from livecam.control import ControlError
     from livecam.engines.musetalk import ExtraMissing
@@ -36,8 +35,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from livecam.sinks.base import SinkError
 
     return (AudioFileError, AudioDeviceError, AvatarError, EngineError, SinkError,
-            VirtualMicError, ControlError, ExtraMissing, TokenError, PortAudioMissing,
-            FaceModelError)  # fmt: skip
+            VirtualMicError, ControlError, ExtraMissing, TokenError, PortAudioMissing)  # fmt: skip
 
 
 def run_action(action: Callable[[], int | None]) -> None:

@@ -15,8 +15,9 @@ import pytest
 from typer.testing import CliRunner
 
 from livecam import doctor
-from livecam.avatar import landmarks
+from livecam.avatar import landmarks, store
 from livecam.avatar.landmarks import NoFaceError, detect_face, landmarks_in_box
+from livecam.avatar.store import AvatarError
 from livecam.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,6 +161,13 @@ def test_a_missing_or_damaged_model_is_one_line_that_says_to_reinstall(
     assert result.exit_code == 1 and re.fullmatch(rf"error: {problem}\n", result.stderr)
     found = doctor._face_models()  # `livecam doctor` says the same
     assert not found.ok and re.fullmatch(problem, found.detail)
+    clip = tmp_path / "me.mp4"  # a clip too (an AvatarError: a live avatar switch says it)
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 25, (576, 720))
+    for _ in range(3):
+        writer.write(_photo("portrait"))
+    writer.release()
+    with pytest.raises(AvatarError, match=problem):
+        store.build_avatar("me", clip)
 
 
 def test_doctor_finds_the_shipped_models_whole() -> None:

@@ -27,7 +27,7 @@ import numpy as np
 from livecam import cachefile
 from livecam.avatar import cachedir, video
 from livecam.avatar.eyes import build_eye_bank
-from livecam.avatar.landmarks import LANDMARKER, NoFaceError, detect_face
+from livecam.avatar.landmarks import LANDMARKER, FaceModelError, NoFaceError, detect_face
 from livecam.avatar.model import Avatar, BankParams, PatchBank
 from livecam.avatar.mouth import build_mouth_bank
 from livecam.hashing import sha256_file
@@ -180,6 +180,8 @@ def build_avatar(name: str, source: Path) -> Avatar:
             f"no face found in {source}: use a photo with one clearly visible, frontal face "
             "(a face smaller than 1/30 of the picture's width: crop the photo around it)"
         ) from None
+    except FaceModelError as exc:
+        raise AvatarError(str(exc)) from None
     warnings = []
     if det.faces_found > 1:
         warnings.append(f"{det.faces_found} faces found in {source}; using the largest one")
@@ -200,7 +202,7 @@ def _build_video_avatar(name: str, source: Path) -> Avatar:
             f"no face found in the first frame of {source}: start the clip on one clearly "
             "visible, frontal face"
         ) from None
-    except video.VideoError as exc:
+    except (video.VideoError, FaceModelError) as exc:
         raise AvatarError(str(exc)) from None
     image, landmarks, params = aligned[0], points[0].astype(np.float32), BankParams()
     mouth = build_mouth_bank(image, landmarks, params)
