@@ -17,6 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 from livecam.avatar import store
 from livecam.avatar.face import FaceRenderer
@@ -84,6 +85,20 @@ def test_landmarks_on_bundled_photos(name: str) -> None:
     mouth = det.landmarks[48:68]
     assert (mouth[:, 1] > y + h / 2).all() and (mouth[:, 1] < y + h * 1.2).all()
     assert (mouth[:, 0] > x).all() and (mouth[:, 0] < x + w).all()
+
+
+def test_a_phone_photo_stored_sideways_is_turned_by_its_exif_orientation(
+    tmp_path: Path,
+) -> None:
+    sideways = Image.open(PHOTOS["portrait"]).transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise to show (as phones write it)
+    path = tmp_path / "phone.jpg"
+    sideways.save(path, exif=exif.tobytes())
+    avatar = build_avatar("phone", path)
+    assert avatar.image.shape[:2] == (720, 576)  # upright, as the photo is shown
+    lm = avatar.landmarks
+    assert lm[36:48, 1].mean() < lm[30, 1] < lm[48:68, 1].mean()  # eyes, nose, mouth
 
 
 def test_no_face_raises(cache: Path, tmp_path: Path) -> None:
