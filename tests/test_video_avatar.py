@@ -83,6 +83,23 @@ def test_clip_is_aligned_and_its_motion_recovered(avatar: Avatar) -> None:
         assert drift.mean() < 1.0, (i, drift.mean())
 
 
+def test_a_phone_clip_stored_sideways_is_turned_by_its_display_matrix(
+    clip: Path, tmp_path: Path
+) -> None:
+    """Phones record sideways and say how to show it (the display matrix, ffmpeg's
+    `rotate`): the avatar is upright, as players show the clip."""
+    sideways, phone = tmp_path / "sideways.mp4", tmp_path / "phone.mp4"
+    for args in (
+        ["-i", str(clip), "-vf", "transpose=2", str(sideways)],  # stored turned left
+        ["-i", str(sideways), "-c", "copy", "-metadata:s:v:0", "rotate=-90", str(phone)],
+    ):
+        subprocess.run(["ffmpeg", "-v", "error", "-y", *args], check=True, timeout=120)
+    lm = prepare_avatar("phone", phone).landmarks
+    eyes = lm[36:48].mean(axis=0)
+    eye_distance = np.linalg.norm(lm[36:42].mean(axis=0) - lm[42:48].mean(axis=0))
+    assert lm[48:68, 1].mean() - eyes[1] > 0.5 * eye_distance  # the mouth below the eyes
+
+
 def test_cache_round_trip(avatar: Avatar) -> None:
     again = load_avatar("clip")
     assert again.frames is not None and avatar.frames is not None
