@@ -651,7 +651,7 @@ def test_a_photo_of_two_people_gives_the_larger_face_and_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     portrait, astronaut = (cv2.imread(str(PHOTOS[n])) for n in ("portrait", "astronaut"))
-    width = portrait.shape[1]  # 576: the portrait's face (178 px) beside the astronaut's (96)
+    width = portrait.shape[1]  # 576: the portrait's face (162 px box) beside the astronaut's (103)
     group = np.full((720, width + 512, 3), 128, np.uint8)
     group[:, :width], group[100:612, width:] = portrait, astronaut
     path = tmp_path / "group.png"
