@@ -101,6 +101,25 @@ def test_a_phone_photo_stored_sideways_is_turned_by_its_exif_orientation(
     assert lm[36:48, 1].mean() < lm[30, 1] < lm[48:68, 1].mean()  # eyes, nose, mouth
 
 
+@pytest.mark.parametrize(
+    "turn", [cv2.ROTATE_90_CLOCKWISE, cv2.ROTATE_180, cv2.ROTATE_90_COUNTERCLOCKWISE]
+)
+def test_a_photo_on_its_side_or_upside_down_is_turned_upright_with_a_warning(
+    turn: int, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "turned.png"  # no orientation in the file: the pixels are turned
+    cv2.imwrite(str(path), cv2.rotate(cv2.imread(str(PHOTOS["portrait"])), turn))
+    with caplog.at_level(logging.WARNING, logger="livecam.avatar.store"):
+        avatar = build_avatar("turned", path)
+    message = f"the face in {path} was on its side or upside down: the photo was turned upright"
+    assert avatar.warnings == [message] and [r.getMessage() for r in caplog.records] == [message]
+    upright = cv2.imread(str(PHOTOS["portrait"]))
+    assert avatar.image.shape == upright.shape
+    assert np.abs(avatar.image.astype(int) - upright).mean() < 1  # the photo as it was taken
+    lm = avatar.landmarks
+    assert lm[36:48, 1].mean() < lm[30, 1] < lm[48:68, 1].mean()  # eyes, nose, mouth
+
+
 def test_no_face_raises(cache: Path, tmp_path: Path) -> None:
     gradient = np.tile(np.linspace(0, 255, 320, dtype=np.uint8), (240, 1))
     image = cv2.merge([gradient, gradient, gradient])

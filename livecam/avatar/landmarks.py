@@ -122,22 +122,24 @@ def _crop(
 
 
 def _detect_in(
-    image: np.ndarray, x0: float, y0: float, side: float, min_score: float
+    image: np.ndarray, centre: np.ndarray, side: float, angle: float, min_score: float
 ) -> list[_Face]:
-    """BlazeFace on the square window at (x0, y0) of side `side`."""
-    crop, _ = _crop(image, np.array([x0 + side / 2, y0 + side / 2]), side, 0.0, DETECTOR_SIZE)
+    """BlazeFace on the square window of side `side` around `centre`, turned by -angle."""
+    crop, matrix = _crop(image, centre, side, angle, DETECTOR_SIZE)
     blob = cv2.dnn.blobFromImage(crop, 1 / 127.5, mean=(127.5,) * 3, swapRB=True)  # [-1, 1]
     detector, _ = _load()
     detector.setInput(blob)
-    raw = detector.forward("regressors")[0] / DETECTOR_SIZE  # (896, 16) in window units
+    raw = detector.forward("regressors")[0]  # (896, 16) crop px, from the anchor centres
     logits = detector.forward("classificators")[0, :, 0]
     scores = 1 / (1 + np.exp(-np.clip(logits, -50, 50)))
+    back = cv2.invertAffineTransform(matrix)
     faces = []
     for i in np.flatnonzero(scores > min_score):
-        centre = raw[i, :2] + _ANCHORS[i]
-        points = raw[i, 4:].reshape(6, 2) + _ANCHORS[i]  # eyes, nose, mouth, ears
-        box = np.r_[centre - raw[i, 2:4] / 2, raw[i, 2:4]] * side + [x0, y0, 0, 0]
-        faces.append(_Face(float(scores[i]), box, points[:2] * side + [x0, y0]))
+        anchor = _ANCHORS[i] * DETECTOR_SIZE
+        points = np.r_[raw[i, :2], raw[i, 4:8]].reshape(3, 2) + anchor  # centre, eyes
+        points = points @ back[:, :2].T + back[:, 2]
+        size = raw[i, 2:4] * side / DETECTOR_SIZE
+        faces.append(_Face(float(scores[i]), np.r_[points[0] - size / 2, size], points[1:]))
     return faces
 
 
@@ -168,10 +170,13 @@ def _one_per_face(faces: list[_Face]) -> list[_Face]:
 
 def _confirmed(image: np.ndarray, face: _Face) -> _Face | None:
     """The detector again, on a window centred on the face at the size it sees best: a face
-    scores 0.8-1 there, what only looked like one (noise, small patterns) not at all."""
+    scores 0.8-1 there, what only looked like one (noise, small patterns) not at all. And
+    on that window upside down: a face upside down may pass as one the right way up, its
+    eyes swapped (a mesh on that is nonsense), but it scores higher turned upright."""
     side = float(max(face.box[2:])) * CONFIRM_WINDOW
-    x0, y0 = face.box[:2] + face.box[2:] / 2 - side / 2
-    again = [f for f in _detect_in(image, x0, y0, side, MIN_SCORE)
+    centre = face.box[:2] + face.box[2:] / 2
+    again = [f for angle in (0.0, math.pi)
+             for f in _detect_in(image, centre, side, angle, MIN_SCORE)
              if _iou(f.box, face.box) > SAME_FACE_IOU]  # fmt: skip
     return max(again, key=lambda f: f.score, default=None)
 
@@ -183,8 +188,10 @@ def _find_faces(image: np.ndarray) -> list[_Face]:
     sides = [float(max(h, w))]
     while sides[-1] / 2 >= MIN_WINDOW:
         sides.append(sides[-1] / 2)
-    found = [f for side in sides for y in _starts(h, side) for x in _starts(w, side)
-             for f in _detect_in(image, x, y, side, CANDIDATE_SCORE)]  # fmt: skip
+    windows = [(np.array([x, y]) + side / 2, side)
+               for side in sides for y in _starts(h, side) for x in _starts(w, side)]  # fmt: skip
+    found = [f for centre, side in windows
+             for f in _detect_in(image, centre, side, 0.0, CANDIDATE_SCORE)]  # fmt: skip
     confirmed = [_confirmed(image, f) for f in _one_per_face(found)]
     return _one_per_face([f for f in confirmed if f is not None])
 

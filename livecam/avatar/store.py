@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import re
 import tomllib
@@ -27,7 +28,13 @@ import numpy as np
 from livecam import cachefile
 from livecam.avatar import cachedir, video
 from livecam.avatar.eyes import build_eye_bank
-from livecam.avatar.landmarks import LANDMARKER, FaceModelError, NoFaceError, detect_face
+from livecam.avatar.landmarks import (
+    LANDMARKER,
+    FaceDetection,
+    FaceModelError,
+    NoFaceError,
+    detect_face,
+)
 from livecam.avatar.model import Avatar, BankParams, PatchBank
 from livecam.avatar.mouth import build_mouth_bank
 from livecam.hashing import sha256_file
@@ -160,11 +167,29 @@ def read_image(path: Path) -> np.ndarray:
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise AvatarError(f"cannot read image {path}: not a readable image file")
-    if image.shape[0] > MAX_HEIGHT:
-        scale = MAX_HEIGHT / image.shape[0]
-        size = (max(1, round(image.shape[1] * scale)), MAX_HEIGHT)
-        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    return image
+    return _fit_height(image)
+
+
+def _fit_height(image: np.ndarray) -> np.ndarray:
+    if image.shape[0] <= MAX_HEIGHT:
+        return image
+    scale = MAX_HEIGHT / image.shape[0]
+    size = (max(1, round(image.shape[1] * scale)), MAX_HEIGHT)
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
+def _upright(image: np.ndarray, source: Path) -> tuple[np.ndarray, FaceDetection, list[str]]:
+    """The photo turned by quarter turns so that the face is upright (a photo on its side
+    or upside down with no orientation in its file), its face, and a warning if turned."""
+    det = detect_face(image)
+    eyes = det.landmarks[45] - det.landmarks[36]  # the person's right eye to the left
+    turns = round(math.atan2(eyes[1], eyes[0]) / (math.pi / 2)) % 4  # the face's roll
+    if turns == 0:
+        return image, det, []
+    image = _fit_height(np.ascontiguousarray(np.rot90(image, turns)))  # counterclockwise
+    turned = f"the face in {source} was on its side or upside down: the photo was turned upright"
+    log.warning(turned)
+    return image, detect_face(image), [turned]
 
 
 def build_avatar(name: str, source: Path) -> Avatar:
@@ -172,9 +197,8 @@ def build_avatar(name: str, source: Path) -> Avatar:
     faces gets a warning."""
     if video.is_video(source):
         return _build_video_avatar(name, source)
-    image = read_image(source)
     try:
-        det = detect_face(image)
+        image, det, warnings = _upright(read_image(source), source)
     except NoFaceError:
         raise AvatarError(
             f"no face found in {source}: use a photo with one clearly visible, frontal face "
@@ -182,7 +206,6 @@ def build_avatar(name: str, source: Path) -> Avatar:
         ) from None
     except FaceModelError as exc:
         raise AvatarError(str(exc)) from None
-    warnings = []
     if det.faces_found > 1:
         warnings.append(f"{det.faces_found} faces found in {source}; using the largest one")
         log.warning(warnings[-1])
