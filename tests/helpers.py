@@ -1,5 +1,5 @@
-"""Small helpers shared by tests: audio clips, the mouth-motion metric, mp4 probing, a systemd
-notify socket."""
+"""Small helpers shared by tests: audio clips, the bundled photos and the eye distance, the
+mouth-motion metric, mp4 probing, a systemd notify socket."""
 
 from __future__ import annotations
 
@@ -18,6 +18,17 @@ import numpy as np
 import soundfile as sf
 
 from livecam.constants import SAMPLE_RATE
+
+AVATARS = Path(__file__).resolve().parents[1] / "avatars"
+PHOTOS = {  # the bundled avatars' photos
+    "portrait": AVATARS / "portrait" / "portrait.jpg",
+    "astronaut": AVATARS / "astronaut" / "astronaut.png",
+}
+
+
+def eye_distance(points: np.ndarray) -> float:
+    """Between the eyes' centres, of 68 landmarks: the unit landmark errors are given in."""
+    return float(np.linalg.norm(points[36:42].mean(axis=0) - points[42:48].mean(axis=0)))
 
 
 class TouchingPickle:

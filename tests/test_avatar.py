@@ -31,12 +31,7 @@ from livecam.avatar.store import (
     prepare_avatar,
     remove_avatar,
 )
-
-AVATARS = Path(__file__).resolve().parents[1] / "avatars"
-PHOTOS = {
-    "portrait": AVATARS / "portrait" / "portrait.jpg",
-    "astronaut": AVATARS / "astronaut" / "astronaut.png",
-}
+from tests.helpers import PHOTOS
 
 
 @pytest.fixture(scope="module", params=sorted(PHOTOS))

@@ -19,10 +19,9 @@ from livecam.avatar import landmarks, store
 from livecam.avatar.landmarks import NoFaceError, detect_face, landmarks_in_box
 from livecam.avatar.store import AvatarError
 from livecam.cli import app
+from tests.helpers import PHOTOS, eye_distance
 
 REPO = Path(__file__).resolve().parents[1]
-PHOTOS = {"portrait": REPO / "avatars/portrait/portrait.jpg",
-          "astronaut": REPO / "avatars/astronaut/astronaut.png"}  # fmt: skip
 # dlib's 68-point model (the landmarker livecam had before) on the same photos
 DLIB = json.loads((REPO / "tests/data/landmarks68_dlib.json").read_text())
 REGIONS = {"jaw": slice(0, 17), "brows": slice(17, 27), "nose": slice(27, 36),
@@ -38,13 +37,9 @@ def _photo(name: str) -> np.ndarray:
     return cv2.imread(str(PHOTOS[name]))
 
 
-def _eye_distance(points: np.ndarray) -> float:
-    return float(np.linalg.norm(points[36:42].mean(axis=0) - points[42:48].mean(axis=0)))
-
-
 def _error(found: np.ndarray, expected: np.ndarray) -> np.ndarray:
     """Each point's distance, in eye distances."""
-    return np.linalg.norm(found - expected, axis=1) / _eye_distance(expected)
+    return np.linalg.norm(found - expected, axis=1) / eye_distance(expected)
 
 
 def _moved(image: np.ndarray, matrix: np.ndarray) -> np.ndarray:

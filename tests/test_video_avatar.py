@@ -16,6 +16,7 @@ from livecam.avatar.model import Avatar
 from livecam.avatar.store import load_avatar, prepare_avatar
 from livecam.session import build_compositor, build_engine
 from tests.conftest import JFK, REPO
+from tests.helpers import eye_distance
 
 N_FRAMES, RATE = 40, 25
 
@@ -96,8 +97,7 @@ def test_a_phone_clip_stored_sideways_is_turned_by_its_display_matrix(
         subprocess.run(["ffmpeg", "-v", "error", "-y", *args], check=True, timeout=120)
     lm = prepare_avatar("phone", phone).landmarks
     eyes = lm[36:48].mean(axis=0)
-    eye_distance = np.linalg.norm(lm[36:42].mean(axis=0) - lm[42:48].mean(axis=0))
-    assert lm[48:68, 1].mean() - eyes[1] > 0.5 * eye_distance  # the mouth below the eyes
+    assert lm[48:68, 1].mean() - eyes[1] > 0.5 * eye_distance(lm)  # the mouth below the eyes
 
 
 def test_cache_round_trip(avatar: Avatar) -> None:
