@@ -174,7 +174,8 @@ class _PageHandler(http.server.BaseHTTPRequestHandler):
 
 def chromium_client() -> dict:
     """Headless Chromium as a meeting app: the page lists the cameras, opens LiveCam with
-    getUserMedia (the permission prompt answered yes), counts frames, posts one back."""
+    getUserMedia (the permission prompt answered yes), counts frames, posts one back, then
+    sends the camera through a WebRTC call and posts back a frame of the far end."""
     server = _PageServer()
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/"
@@ -199,9 +200,11 @@ def chromium_client() -> dict:
                   "log": (OUT / f"chromium-{starts}.log").read_text()[-1500:]}  # fmt: skip
     if answered:
         info.update(json.loads(server.posted["/result"]))
-    if "/frame" in server.posted:
-        (OUT / "chromium.png").write_bytes(server.posted["/frame"])
-        info["file"] = "chromium.png"
+    for path, name, key in (("/frame", "chromium.png", "file"),
+                            ("/far-frame", "chromium-far.png", "far_file")):  # fmt: skip
+        if path in server.posted:
+            (OUT / name).write_bytes(server.posted[path])
+            info[key] = name
     return info
 
 
@@ -214,6 +217,7 @@ def _start_chromium(url: str, start: int) -> subprocess.Popen:
          "--use-fake-ui-for-media-stream", "--no-first-run", "--disable-sync",
          "--disable-background-networking", "--disable-component-update",
          "--disable-extensions", "--mute-audio", "--no-default-browser-check",
+         "--allow-loopback-in-peer-connection",  # the guest's only network is loopback
          # services a camera test does not need, each seconds of emulated CPU at start-up
          "--disable-features=WebGPU,Vulkan,OnDeviceModelService,OptimizationHints",
          f"--user-data-dir={profile}", url],

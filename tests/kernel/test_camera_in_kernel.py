@@ -18,6 +18,7 @@ import soundfile as sf
 from livecam.avatar.landmarks import detect_face
 from livecam.avatar.store import load_avatar
 from livecam.constants import SAMPLE_RATE
+from livecam.session import build_compositor
 from tests.conftest import SPEECH
 from tests.kernel import vm
 from tests.kernel.frames import read_raw, track_mouth
@@ -207,3 +208,64 @@ def test_bench_measures_the_camera_sink(guest):
     assert cost["device"] == "/dev/video10" and cost["wire_format"] == "I420", cost
     print(f"\ncamera sink at 1280x720 (BGR in, I420 out, emulated): {cost['ms_per_frame']} ms")
     assert 0 < cost["ms_per_frame"]["p50"] <= cost["ms_per_frame"]["p95"]
+
+
+def _composed_frame() -> np.ndarray:
+    """The 1280x720 frame livecam composes for the guest's run (--no-idle: no sway, no
+    blinks), before the camera sink converts it: what every reader should see, but the mouth."""
+    avatar = load_avatar("astronaut")
+    return build_compositor(avatar, 1280, 720, 30, idle_motion=False).compose(avatar.image, 0)
+
+
+def _colour_error(frame: np.ndarray, composed: np.ndarray) -> tuple[np.ndarray, float]:
+    """Per-channel mean difference (B, G, R) and median absolute difference of `frame` from
+    the composed frame scaled to its size."""
+    height, width = frame.shape[:2]
+    reference = cv2.resize(composed, (width, height), interpolation=cv2.INTER_AREA)
+    diff = frame.astype(np.float32) - reference
+    return diff.reshape(-1, 3).mean(axis=0), float(np.median(np.abs(diff)))
+
+
+def test_every_reader_sees_the_avatars_colours(guest):
+    # the camera sink converts BGR to I420 (BT.601, limited range) and each reader converts
+    # back: a wrong range or swapped chroma planes would show here (full-range luma read as
+    # limited: bias 4, median 11 levels; U and V swapped: bias 30 in blue, median 12). Seen:
+    # ffmpeg, Chromium and the far end bias under 1.1, median 1; GStreamer's videoconvert
+    # 2.5-3.7 darker, median 3
+    run = result(guest, "live_run")
+    composed = _composed_frame()
+    seen = {
+        "ffmpeg": read_raw(guest[1] / run["main"]["file"], run["main"])[0],
+        "gstreamer": read_raw(guest[1] / run["gstreamer"]["file"], run["gstreamer"])[-1],
+        "chromium": cv2.imread(str(guest[1] / run["chromium"]["file"])),
+        "far end of a webrtc call": cv2.imread(str(guest[1] / run["chromium"]["far_file"])),
+    }
+    for reader, frame in seen.items():
+        bias, median = _colour_error(frame, composed)
+        print(
+            f"\n{reader} {frame.shape[1]}x{frame.shape[0]}: mean difference from the "
+            f"composed frame (B, G, R) {bias.round(2)}, median |difference| {median}"
+        )
+        assert np.abs(bias).max() < 5 and median <= 4, reader
+
+
+def test_a_webrtc_call_carries_the_face(guest):
+    chromium = result(guest, "live_run")["chromium"]
+    call = chromium["call"]
+    assert "error" not in call, call
+    print(f"\nwebrtc call: {call['codec']}, sent {call['sent_width']}x{call['sent_height']} "
+          f"(limited by {call['limited_by']}), {call['frames_encoded']} frames encoded, "
+          f"{call['frames_decoded']} decoded, {call['frames_dropped']} dropped; the far end "
+          f"showed {call['frames']} frames in {call['counted_s']} s, "
+          f"{call['width']}x{call['height']}")  # fmt: skip
+    assert call["connection"] == "connected" and call["codec"].startswith("video/")
+    assert call["frames_decoded"] >= 5 and call["frames"] >= 3
+    near = cv2.imread(str(guest[1] / chromium["file"]))
+    far = cv2.imread(str(guest[1] / chromium["far_file"]))
+    assert far.shape[:2] == (call["height"], call["width"])
+    assert abs(far.shape[1] / far.shape[0] - 16 / 9) < 0.02  # scaled down, never cropped
+    # the same face at the same place in the picture, whatever size the call sent it at
+    (nx, ny, nw, _), (fx, fy, fw, _) = detect_face(near).box, detect_face(far).box
+    scale = near.shape[1] / far.shape[1]
+    assert abs((fx + fw / 2) * scale - (nx + nw / 2)) < 0.02 * near.shape[1]
+    assert abs(fy * scale - ny) < 0.02 * near.shape[0] and abs(fw * scale / nw - 1) < 0.1
