@@ -61,6 +61,11 @@ def sources(timeout_s: float | None = None) -> list[str]:
     return sorted(names, key=lambda name: name.endswith(".monitor"))
 
 
+def sinks(timeout_s: float | None = None) -> list[str]:
+    """The server's sink names."""
+    return [sink["name"] for sink in _listed("sinks", timeout_s, short=True)]
+
+
 def record_stream(key: str, value: str, timeout_s: float | None = None) -> tuple[int, str] | None:
     """(index, source name) of the record stream whose property `key` is `value`, or None."""
     names = {source["index"]: source["name"] for source in _listed("sources", timeout_s, True)}

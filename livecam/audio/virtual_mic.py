@@ -57,8 +57,9 @@ def remove_stale(source: str = SOURCE) -> int:
 class VirtualMic:
     """Plays ring audio into the LiveCam Microphone, `delay()` seconds behind capture.
 
-    `poll` watches it: where the stream stops playing (the sound server restarted, taking the
-    devices with it), devices and stream are made again, every RETRY_S until they play.
+    `poll` watches it: where the stream stops playing, it is made again every RETRY_S until
+    it plays; the devices too where they are gone (the sound server restarted), never while
+    they are there: a meeting app recording from the microphone would lose it.
 
     The output callback asks which ring samples are due at the moment its buffer will be
     heard: PortAudio's DAC time, smoothed over the last blocks (timing.py), so the delay holds
@@ -119,8 +120,8 @@ class VirtualMic:
             return
         if not self.problem:
             self.problem = (
-                f"the virtual microphone {DESCRIPTION!r} stopped (sound server restarted?); "
-                f"making it again every {RETRY_S:.0f} s"
+                f"the virtual microphone {DESCRIPTION!r} stopped playing (sound server busy "
+                f"or restarted?); starting it again every {RETRY_S:.0f} s"
             )
             log.warning("%s", self.problem)
         if now < self._next_retry:
@@ -129,11 +130,15 @@ class VirtualMic:
         self._close_stream()
         try:
             if pulse.available():
-                remove_stale(self.source)  # this run's, where the server kept them
-                self._create_devices()
+                if not self._devices_there():
+                    remove_stale(self.source)  # the half a restarted server may have kept
+                    self._create_devices()
                 self._open_stream()
         except (pulse.PulseError, VirtualMicError) as exc:
             log.debug("making the virtual microphone again failed: %s", exc)
+
+    def _devices_there(self) -> bool:
+        return self.sink in pulse.sinks() and self.source in pulse.sources()
 
     def _create_devices(self) -> None:
         if remove_stale(self.source):
