@@ -66,6 +66,14 @@ def sinks(timeout_s: float | None = None) -> list[str]:
     return [sink["name"] for sink in _listed("sinks", timeout_s, short=True)]
 
 
+def streams_into(sink: str, timeout_s: float | None = None) -> int:
+    """How many streams play into `sink` (0 where the server has no such sink)."""
+    index = next((s["index"] for s in _listed("sinks", timeout_s, short=True)
+                  if s["name"] == sink), None)  # fmt: skip
+    inputs = _listed("sink-inputs", timeout_s, short=True) if index is not None else []
+    return sum(stream["sink"] == index for stream in inputs)
+
+
 def record_stream(key: str, value: str, timeout_s: float | None = None) -> tuple[int, str] | None:
     """(index, source name) of the record stream whose property `key` is `value`, or None."""
     names = {source["index"]: source["name"] for source in _listed("sources", timeout_s, True)}

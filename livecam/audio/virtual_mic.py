@@ -57,9 +57,11 @@ def remove_stale(source: str = SOURCE) -> int:
 class VirtualMic:
     """Plays ring audio into the LiveCam Microphone, `delay()` seconds behind capture.
 
-    `poll` watches it: where the stream stops playing, it is made again every RETRY_S until
-    it plays; the devices too where they are gone (the sound server restarted), never while
-    they are there: a meeting app recording from the microphone would lose it.
+    `poll` watches it: where the stream stops playing, what is gone is made again, every
+    RETRY_S until it plays: the devices where the sound server restarted, the stream where the
+    server no longer has it. A stream the server still has is only late (a machine too busy to
+    call back for a second): a new one would lose more sound. Devices that are there are never
+    made again: a meeting app recording from the microphone would lose it.
 
     The output callback asks which ring samples are due at the moment its buffer will be
     heard: PortAudio's DAC time, smoothed over the last blocks (timing.py), so the delay holds
@@ -99,11 +101,15 @@ class VirtualMic:
         except pulse.PulseError as exc:
             self._teardown()
             raise VirtualMicError(f"cannot create the virtual microphone: {exc}") from None
-        self._open_stream()
+        try:
+            self._open_stream()
+        except VirtualMicError:
+            self._teardown()
+            raise
         self._running = True
 
     def poll(self) -> None:
-        """Called periodically: a stream that stopped playing is made again, devices and all
+        """Called periodically: what of a stream that stopped playing is gone is made again
         (one log line when it stops, one when it plays again)."""
         if not self._running:
             return
@@ -120,20 +126,24 @@ class VirtualMic:
             return
         if not self.problem:
             self.problem = (
-                f"the virtual microphone {DESCRIPTION!r} stopped playing (sound server busy "
-                f"or restarted?); starting it again every {RETRY_S:.0f} s"
+                f"the virtual microphone {DESCRIPTION!r} stopped playing (machine busy, or "
+                f"sound server restarted?); looking again every {RETRY_S:.0f} s"
             )
             log.warning("%s", self.problem)
         if now < self._next_retry:
             return
         self._next_retry = now + RETRY_S
-        self._close_stream()
         try:
-            if pulse.available():
-                if not self._devices_there():
-                    remove_stale(self.source)  # the half a restarted server may have kept
-                    self._create_devices()
-                self._open_stream()
+            if not pulse.available():  # gone for now: looked for again at the next retry
+                return
+            if not self._devices_there():
+                self._close_stream()
+                remove_stale(self.source)  # the half a restarted server may have kept
+                self._create_devices()
+            elif self._stream is not None and self._stream.active and pulse.streams_into(self.sink):
+                return  # still playing there, only late
+            self._close_stream()
+            self._open_stream()
         except (pulse.PulseError, VirtualMicError) as exc:
             log.debug("making the virtual microphone again failed: %s", exc)
 
@@ -163,7 +173,6 @@ class VirtualMic:
                 # PortAudio may have listed its devices before the sound server came up
                 if attempt == 0 and portaudio.rescan():
                     continue
-                self._teardown()
                 raise VirtualMicError(f"cannot play into the virtual microphone: {exc}") from None
 
     def _callback(self, outdata, frames, time_info, status) -> None:
