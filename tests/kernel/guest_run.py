@@ -1,7 +1,8 @@
 """Runs inside the guest (stdlib only, so it starts fast under emulation): loads
 v4l2loopback, drives `livecam start` against /dev/video10 with ffmpeg as the reader, and
 writes what it saw to OUT/results.json (one entry per scenario) plus raw frames for the host
-to check. Usage: python3 guest_run.py OUT REPO PYTHON AUDIO
+to check. A private PulseAudio runs for the LiveCam Microphone.
+Usage: python3 guest_run.py OUT REPO PYTHON AUDIO
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ ENV = {
 }  # fmt: skip (COLUMNS: unwrapped log lines)
 SLOW = float(os.environ.get("LIVECAM_GUEST_SLOWNESS", "1"))  # scales every wait
 SMALL = ("--size", "640x360")  # scenarios about the device, not the picture: cheaper frames
+PULSE_SOCKET = Path("/dev/shm/pulse/native")
 results: dict[str, dict] = {}
 
 
@@ -135,7 +137,7 @@ def gst_client() -> dict:
 
 class _PageServer(http.server.ThreadingHTTPServer):
     """Serves the test page on 127.0.0.1 (a secure context for getUserMedia) and keeps what
-    the page posts back: /frame (a PNG) and /result (JSON)."""
+    the page posts back: /frame and /far-frame (PNG) and /result (JSON)."""
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _PageHandler)
@@ -174,8 +176,9 @@ class _PageHandler(http.server.BaseHTTPRequestHandler):
 
 def chromium_client() -> dict:
     """Headless Chromium as a meeting app: the page lists the cameras, opens LiveCam with
-    getUserMedia (the permission prompt answered yes), counts frames, posts one back, then
-    sends the camera through a WebRTC call and posts back a frame of the far end."""
+    getUserMedia (the permission prompt answered yes), counts frames, posts one back, opens
+    the LiveCam Microphone, then sends both through a WebRTC call and posts back a frame of
+    the far end and the call's statistics."""
     server = _PageServer()
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/"
@@ -272,7 +275,7 @@ def live_run() -> dict:
          f"-frames:v 2 -f rawvideo -y {OUT}/before.raw; do sleep 1; done"],
     )  # fmt: skip
     t0 = time.monotonic()
-    proc, log = start_livecam("live")
+    proc, log = start_livecam("live", "--virtual-mic")
     status = running(240)
     shown_at = wait_for(lambda: "capture" in device_caps(), 120)
     first_frame_s = time.monotonic() - t0
@@ -375,10 +378,26 @@ print(json.dumps({who: [[c.name, c.ok, c.detail] for c in camera_findings(user=u
 """
 
 
+def start_pulseaudio() -> None:
+    """A sound server for the LiveCam Microphone (livecam and Chromium find it through
+    PULSE_SERVER), with a null sink for Chromium to play into."""
+    PULSE_SOCKET.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    log = (OUT / "pulseaudio.log").open("w")
+    subprocess.Popen(
+        ["pulseaudio", "-n", "--daemonize=no", "--use-pid-file=no", "--exit-idle-time=-1",
+         f"--load=module-native-protocol-unix socket={PULSE_SOCKET} auth-anonymous=1",
+         "--load=module-null-sink sink_name=speakers"],
+        stdout=log, stderr=subprocess.STDOUT, env=ENV,
+    )  # fmt: skip
+    ENV["PULSE_SERVER"] = f"unix:{PULSE_SOCKET}"
+    wait_for(lambda: sh("pactl", "info", env=ENV).returncode == 0, 60)
+
+
 def main() -> None:
     RUN.mkdir(mode=0o700, parents=True, exist_ok=True)
     for d in ("/dev/shm/home", "/dev/shm/xdg"):
         os.makedirs(d, mode=0o700, exist_ok=True)
+    start_pulseaudio()
     wanted = os.environ.get("LIVECAM_GUEST_SCENARIOS", "").split(",")
     for fn in (module, live_run, busy_device, device_returns):
         if wanted == [""] or fn.__name__ in wanted:

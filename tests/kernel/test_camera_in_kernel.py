@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from livecam.audio.virtual_mic import DESCRIPTION
 from livecam.avatar.landmarks import detect_face
 from livecam.avatar.store import load_avatar
 from livecam.constants import SAMPLE_RATE
@@ -269,3 +270,16 @@ def test_a_webrtc_call_carries_the_face(guest):
     scale = near.shape[1] / far.shape[1]
     assert abs((fx + fw / 2) * scale - (nx + nw / 2)) < 0.02 * near.shape[1]
     assert abs(fy * scale - ny) < 0.02 * near.shape[0] and abs(fw * scale / nw - 1) < 0.1
+
+
+def test_the_meeting_app_chooses_the_livecam_microphone_and_the_call_carries_it(guest):
+    chromium = result(guest, "live_run")["chromium"]
+    sound = chromium["sound"]
+    print(f"\nmicrophones the page listed: {chromium.get('mics')}; the call's sound: {sound}")
+    assert "error" not in sound, sound
+    assert DESCRIPTION in chromium["mics"] and chromium["mic"] == DESCRIPTION
+    assert sound["connection"] == "connected" and sound["codec"] == "audio/opus"
+    # what the app captured: the looped audio (a pause, then speech) delayed by livecam, with
+    # energy that silence does not have (audio level squared times seconds; seen: 0.17-1.0 in
+    # 5-7 s); and the far end received sound (emulated, 0.15-2 s of it arrive in time)
+    assert sound["energy_sent"] >= 0.05 and sound["received_s"] > 0
