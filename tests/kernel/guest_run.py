@@ -176,9 +176,9 @@ class _PageHandler(http.server.BaseHTTPRequestHandler):
 
 def chromium_client() -> dict:
     """Headless Chromium as a meeting app: the page lists the cameras, opens LiveCam with
-    getUserMedia (the permission prompt answered yes), counts frames, posts one back, opens
-    the LiveCam Microphone, then sends both through a WebRTC call and posts back a frame of
-    the far end and the call's statistics."""
+    getUserMedia (the permission prompt answered yes), counts frames, posts one back, sends
+    the camera through a WebRTC call and posts back a frame of the far end, then picks the
+    LiveCam Microphone and sends it through a call of its own; and the calls' statistics."""
     server = _PageServer()
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/"

@@ -18,9 +18,12 @@ from pathlib import Path
 # What .ci/run installs (apt) for these tests; named in every "missing" message.
 APT_PACKAGES = ("linux-image-amd64", "v4l2loopback-dkms", "qemu-system-x86", "busybox-static",
                 "v4l-utils", "ffmpeg", "gstreamer1.0-tools", "gstreamer1.0-plugins-good",
-                "gstreamer1.0-plugins-base-apps", "chromium", "iproute2")  # fmt: skip
+                "gstreamer1.0-plugins-base-apps", "chromium", "iproute2", "pulseaudio",
+                "pulseaudio-utils")  # fmt: skip
 VIRTME_NG = "virtme-ng==1.42"
-CAMERA_CLIENTS = ("ffmpeg", "v4l2-ctl", "gst-launch-1.0", "gst-device-monitor-1.0", "chromium")
+# the camera's readers, and the sound server for the LiveCam Microphone
+CAMERA_CLIENTS = ("ffmpeg", "v4l2-ctl", "gst-launch-1.0", "gst-device-monitor-1.0", "chromium",
+                  "pulseaudio", "pactl")  # fmt: skip
 TCG_CPU = "Nehalem"  # x86-64-v2 (numpy's baseline), no AVX to emulate
 
 
