@@ -192,7 +192,7 @@ def test_a_stream_that_stops_playing_is_made_again_without_flapping(
     monkeypatch.setattr(virtual_mic.pulse, "available", lambda: server.up)
     monkeypatch.setattr(virtual_mic, "remove_stale", lambda source: 0)
     monkeypatch.setattr(VirtualMic, "_create_devices", lambda self: made.append(t.now))
-    monkeypatch.setattr(VirtualMic, "_devices_there", lambda self: False)  # a restart took them
+    monkeypatch.setattr(VirtualMic, "_sink_index", lambda self: None)  # a restart took them
 
     def open_stream(self) -> None:
         self._opened_at = t.now

@@ -61,17 +61,15 @@ def sources(timeout_s: float | None = None) -> list[str]:
     return sorted(names, key=lambda name: name.endswith(".monitor"))
 
 
-def sinks(timeout_s: float | None = None) -> list[str]:
-    """The server's sink names."""
-    return [sink["name"] for sink in _listed("sinks", timeout_s, short=True)]
+def sinks(timeout_s: float | None = None) -> dict[str, int]:
+    """The server's sinks: name -> index."""
+    return {sink["name"]: sink["index"] for sink in _listed("sinks", timeout_s, short=True)}
 
 
-def streams_into(sink: str, timeout_s: float | None = None) -> int:
-    """How many streams play into `sink` (0 where the server has no such sink)."""
-    index = next((s["index"] for s in _listed("sinks", timeout_s, short=True)
-                  if s["name"] == sink), None)  # fmt: skip
-    inputs = _listed("sink-inputs", timeout_s, short=True) if index is not None else []
-    return sum(stream["sink"] == index for stream in inputs)
+def streams_into(sink_index: int, timeout_s: float | None = None) -> int:
+    """How many streams play into the sink of that index."""
+    inputs = _listed("sink-inputs", timeout_s, short=True)
+    return sum(stream["sink"] == sink_index for stream in inputs)
 
 
 def record_stream(key: str, value: str, timeout_s: float | None = None) -> tuple[int, str] | None:

@@ -136,19 +136,22 @@ class VirtualMic:
         try:
             if not pulse.available():  # gone for now: looked for again at the next retry
                 return
-            if not self._devices_there():
-                self._close_stream()
-                remove_stale(self.source)  # the half a restarted server may have kept
-                self._create_devices()
-            elif self._stream is not None and self._stream.active and pulse.streams_into(self.sink):
+            sink = self._sink_index()
+            running = self._stream is not None and self._stream.active
+            if sink is not None and running and pulse.streams_into(sink):
                 return  # still playing there, only late
             self._close_stream()
+            if sink is None:  # the devices are gone: the server restarted
+                remove_stale(self.source)  # the half of them it may have kept
+                self._create_devices()
             self._open_stream()
         except (pulse.PulseError, VirtualMicError) as exc:
             log.debug("making the virtual microphone again failed: %s", exc)
 
-    def _devices_there(self) -> bool:
-        return self.sink in pulse.sinks() and self.source in pulse.sources()
+    def _sink_index(self) -> int | None:
+        """The feed sink's index where the server has both devices, else None."""
+        index = pulse.sinks().get(self.sink)
+        return index if index is not None and self.source in pulse.sources() else None
 
     def _create_devices(self) -> None:
         if remove_stale(self.source):
